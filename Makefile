@@ -1,0 +1,37 @@
+# Orderly. `make demo` and `make test` work on a fresh machine with Go and a C compiler.
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -X main.version=$(VERSION)
+FUZZTIME ?= 10s
+
+.PHONY: all build test test-short demo lint fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/orderly ./cmd/orderly
+
+# vet + every test with the race detector (the integration and process tests
+# run an embedded Kafka-protocol broker in-process: no services needed).
+test:
+	$(GO) vet ./...
+	$(GO) test -race -shuffle on -timeout 20m ./...
+
+test-short:
+	$(GO) test -race -short ./...
+
+demo: build
+	./bin/orderly demo
+
+lint:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Each native fuzz target for a short while (longer: make fuzz FUZZTIME=5m).
+fuzz:
+	$(GO) test ./offsets  -run '^$$' -fuzz FuzzTracker -fuzztime $(FUZZTIME)
+	$(GO) test ./config   -run '^$$' -fuzz FuzzParse   -fuzztime $(FUZZTIME)
+	$(GO) test ./filters  -run '^$$' -fuzz FuzzPlan    -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf bin

@@ -1,0 +1,153 @@
+package config
+
+import (
+	"fmt"
+	"time"
+)
+
+// Config is the whole of an Orderly configuration file. The zero value is
+// not useful: build one with Load or Parse, which apply defaults and validate.
+type Config struct {
+	Kafka    Kafka    `toml:"kafka"`
+	Dispatch Dispatch `toml:"dispatch"`
+	HTTP     HTTP     `toml:"http"`
+	DLQ      DLQ      `toml:"dlq"`
+	Admin    Admin    `toml:"admin"`
+	Tracing  Tracing  `toml:"tracing"`
+	Log      Log      `toml:"log"`
+	Routes   []Route  `toml:"routes"`
+}
+
+// EmbeddedBrokers is the value of kafka.brokers that starts the in-process broker.
+const EmbeddedBrokers = "embedded"
+
+// Kafka configures the consumer group and, for brokers = "embedded", the
+// in-process broker.
+type Kafka struct {
+	Brokers            string   `toml:"brokers"`
+	GroupID            string   `toml:"group_id"`
+	Topics             []string `toml:"topics"`
+	EmbeddedListen     string   `toml:"embedded_listen"`
+	EmbeddedPartitions int      `toml:"embedded_partitions"`
+	EmbeddedDataDir    string   `toml:"embedded_data_dir"`
+	// Properties are handed to librdkafka unchanged. TOML strings, integers,
+	// floats and booleans are accepted and rendered as librdkafka expects.
+	Properties map[string]string `toml:"-"`
+	// RawProperties holds the [kafka.properties] table as decoded; Load
+	// converts it into Properties.
+	RawProperties map[string]any `toml:"properties"`
+}
+
+// Embedded reports whether the in-process broker is to be used.
+func (k Kafka) Embedded() bool { return k.Brokers == EmbeddedBrokers }
+
+// Dispatch configures ordering, back-pressure and commits.
+type Dispatch struct {
+	MaxInFlight    int      `toml:"max_in_flight"`
+	CommitInterval Duration `toml:"commit_interval"`
+	DrainTimeout   Duration `toml:"drain_timeout"`
+	Unkeyed        string   `toml:"unkeyed"`   // UnkeyedPartition or UnkeyedParallel
+	Unmatched      string   `toml:"unmatched"` // UnmatchedSkip or UnmatchedDLQ
+	// MaxLanes bounds the number of key lanes alive at once per partition.
+	MaxLanes int `toml:"max_lanes"`
+	// LaneIdle is how long an idle key lane lives before it is retired.
+	LaneIdle Duration `toml:"lane_idle"`
+}
+
+// Values of dispatch.unkeyed and dispatch.unmatched.
+const (
+	UnkeyedPartition = "partition"
+	UnkeyedParallel  = "parallel"
+	UnmatchedSkip    = "skip"
+	UnmatchedDLQ     = "dlq"
+)
+
+// HTTP configures the outgoing client.
+type HTTP struct {
+	Timeout         Duration `toml:"timeout"`
+	MaxConnsPerHost int      `toml:"max_conns_per_host"`
+	MaxConnAge      Duration `toml:"max_conn_age"`
+	IdleConnTimeout Duration `toml:"idle_conn_timeout"`
+	Retry           Retry    `toml:"retry"`
+	Breaker         Breaker  `toml:"breaker"`
+}
+
+// Retry configures per-request retries.
+type Retry struct {
+	MaxAttempts    int      `toml:"max_attempts"` // first try included; 0 = until it succeeds
+	InitialBackoff Duration `toml:"initial_backoff"`
+	MaxBackoff     Duration `toml:"max_backoff"`
+	RetryStatuses  []int    `toml:"retry_statuses"`
+}
+
+// Breaker configures the circuit breaker kept per target host:port.
+type Breaker struct {
+	Enabled             bool     `toml:"enabled"`
+	FailureRatio        float64  `toml:"failure_ratio"`
+	MinRequests         int      `toml:"min_requests"`
+	ConsecutiveFailures int      `toml:"consecutive_failures"`
+	OpenTimeout         Duration `toml:"open_timeout"`
+	HalfOpenRequests    int      `toml:"half_open_requests"`
+}
+
+// DLQ configures the dead-letter topic. An empty Topic disables it.
+type DLQ struct {
+	Topic string `toml:"topic"`
+}
+
+// Admin configures the admin HTTP server.
+type Admin struct {
+	Listen     string   `toml:"listen"`
+	Token      string   `toml:"token"`
+	DrainGrace Duration `toml:"drain_grace"`
+}
+
+// Tracing configures OpenTelemetry export.
+type Tracing struct {
+	Enabled     bool    `toml:"enabled"`
+	Endpoint    string  `toml:"endpoint"`
+	SampleRatio float64 `toml:"sample_ratio"`
+}
+
+// Log configures the slog logger.
+type Log struct {
+	Level  string `toml:"level"`  // debug, info, warn, error
+	Format string `toml:"format"` // json or text
+}
+
+// Route sends the messages it matches as a sequence of HTTP requests.
+type Route struct {
+	Name     string    `toml:"name"`
+	Topics   []string  `toml:"topics"` // empty: every consumed topic
+	When     string    `toml:"when"`   // expr-lang expression; empty: true
+	Requests []Request `toml:"requests"`
+	// Line is the line of the [[routes]] table in the file, 0 if unknown.
+	Line int `toml:"-"`
+}
+
+// Request is one templated HTTP request of a route.
+type Request struct {
+	Method  string            `toml:"method"`
+	URL     string            `toml:"url"`
+	Body    *string           `toml:"body"` // nil: the message value unchanged
+	Headers map[string]string `toml:"headers"`
+}
+
+// Duration is a time.Duration written in TOML as a Go duration string ("1s", "250ms").
+type Duration struct{ time.Duration }
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return d.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q (want a Go duration such as \"1s\" or \"250ms\")", string(b))
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes d as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }

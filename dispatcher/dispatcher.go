@@ -1,0 +1,491 @@
+// Package dispatcher moves messages from Kafka partitions to HTTP targets:
+// one poll loop owns the consumer, one worker per assigned partition plans
+// each message through the filters, and one lane per active key sends the
+// message's requests in order. Offsets are committed only behind messages
+// whose requests all succeeded or which the dead-letter topic acknowledged.
+//
+// Goroutines and their owners:
+//   - Run's goroutine is the poll loop; it alone calls the consumer (Poll,
+//     Pause, Resume, CommitOffsets, Close) and owns the partition map.
+//   - Each partition's worker and lanes are started by the poll loop when the
+//     partition is assigned and stopped (drained, then cancelled) by it on
+//     revoke or shutdown.
+//   - The log pump and the DLQ producer's event pump are started by Run and
+//     stopped before Run returns.
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/telemetry"
+)
+
+// Sender sends one HTTP request, with retries and circuit breaking. An error
+// for which httpclient.IsPermanent is true dead-letters the message; any
+// other error means the context ended and the message is abandoned.
+// *httpclient.Sender implements it.
+type Sender interface {
+	Send(ctx context.Context, req *filters.Request, idempotencyKey string) (httpclient.Result, error)
+}
+
+// Options configures a Dispatcher.
+type Options struct {
+	Config  *config.Config
+	Router  *filters.Router
+	Sender  Sender
+	Metrics *telemetry.Metrics
+	Logger  *slog.Logger // nil discards
+	// Brokers overrides Config.Kafka.Brokers (the embedded broker's actual
+	// address, for instance).
+	Brokers string
+}
+
+// Dispatcher is the service's engine. Create it with New and start it with
+// Run; Ready reports whether it should receive traffic.
+type Dispatcher struct {
+	cfg     *config.Config
+	router  *filters.Router
+	sender  Sender
+	metrics *telemetry.Metrics
+	log     *slog.Logger
+	brokers string
+
+	ctx context.Context // the partitions' parent; cancelled when Run returns
+
+	assigned atomic.Bool // a group assignment was received
+	draining atomic.Bool // shutdown began
+
+	// Owned by the poll loop.
+	consumer   *kafka.Consumer
+	parts      map[partKey]*partition
+	lastCommit time.Time
+
+	dlq *dlqWriter // nil when dlq.topic is ""
+
+	// onBegin, if set (tests only), sees each partition's in-flight count
+	// right after a message was handed to its worker.
+	onBegin func(topic string, partition int32, inFlight int)
+}
+
+type partKey struct {
+	topic     string
+	partition int32
+}
+
+// New checks the options and returns a Dispatcher. It does not connect.
+func New(o Options) (*Dispatcher, error) {
+	if o.Config == nil || o.Router == nil || o.Sender == nil || o.Metrics == nil {
+		return nil, errors.New("dispatcher: Config, Router, Sender and Metrics are required")
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	brokers := o.Brokers
+	if brokers == "" {
+		brokers = o.Config.Kafka.Brokers
+	}
+	if brokers == config.EmbeddedBrokers {
+		return nil, errors.New("dispatcher: brokers = \"embedded\" needs the embedded broker's address in Options.Brokers")
+	}
+	return &Dispatcher{
+		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers,
+		parts: make(map[partKey]*partition),
+	}, nil
+}
+
+// Ready reports whether the dispatcher has its group assignment and is not
+// shutting down. Safe for concurrent use.
+func (d *Dispatcher) Ready() bool { return d.assigned.Load() && !d.draining.Load() }
+
+// Draining reports whether shutdown began. Safe for concurrent use.
+func (d *Dispatcher) Draining() bool { return d.draining.Load() }
+
+// Run consumes until ctx ends, then stops fetching, lets in-flight work finish
+// within dispatch.drain_timeout, commits and leaves the group. It returns nil
+// after a clean shutdown and an error when the consumer cannot be created or
+// fails fatally.
+func (d *Dispatcher) Run(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d.ctx = runCtx
+
+	var pumps sync.WaitGroup
+	logs := make(chan kafka.LogEvent, 256)
+	stopLogs := make(chan struct{})
+	pumps.Go(func() { pumpLogs(d.log, logs, stopLogs) })
+	defer func() { close(stopLogs); pumps.Wait() }()
+
+	if d.cfg.DLQ.Topic != "" {
+		w, err := newDLQWriter(d.brokers, d.cfg, d.metrics, d.log, logs)
+		if err != nil {
+			return err
+		}
+		d.dlq = w
+		defer w.close()
+	}
+
+	c, err := kafka.NewConsumer(d.consumerConfig(logs))
+	if err != nil {
+		return fmt.Errorf("dispatcher: unable to create the consumer: %w", err)
+	}
+	d.consumer = c
+	if err := c.SubscribeTopics(d.cfg.Kafka.Topics, d.onRebalance); err != nil {
+		c.Close()
+		return fmt.Errorf("dispatcher: unable to subscribe to %v: %w", d.cfg.Kafka.Topics, err)
+	}
+	d.log.Info("consuming", "brokers", d.brokers, "group", d.cfg.Kafka.GroupID, "topics", d.cfg.Kafka.Topics)
+
+	runErr := d.pollLoop(ctx)
+	d.shutdown()
+	if err := c.Close(); err != nil {
+		d.log.Warn("closing the consumer", "error", err)
+	}
+	d.log.Info("stopped")
+	return runErr
+}
+
+func (d *Dispatcher) consumerConfig(logs chan kafka.LogEvent) *kafka.ConfigMap {
+	cm := kafka.ConfigMap{
+		"bootstrap.servers":             d.brokers,
+		"group.id":                      d.cfg.Kafka.GroupID,
+		"client.id":                     "orderly",
+		"enable.auto.commit":            false,
+		"enable.auto.offset.store":      false,
+		"auto.offset.reset":             "earliest",
+		"partition.assignment.strategy": "cooperative-sticky",
+		"enable.metrics.push":           false,
+		// librdkafka's default of 1000 ms caps a busy consumer far below
+		// what the dispatcher can send.
+		"fetch.queue.backoff.ms": 20,
+		// Pre-fetched messages count against memory, not against
+		// max_in_flight: keep the local queue moderate.
+		"queued.max.messages.kbytes": 16384,
+		"go.logs.channel.enable":     true,
+		"go.logs.channel":            logs,
+	}
+	for k, v := range d.cfg.Kafka.Properties {
+		cm[k] = v
+	}
+	if cm["group.protocol"] == "consumer" {
+		// KIP-848: the broker assigns; these client settings are refused.
+		if _, set := d.cfg.Kafka.Properties["partition.assignment.strategy"]; !set {
+			delete(cm, "partition.assignment.strategy")
+		}
+	}
+	return &cm
+}
+
+// pollLoop is the only caller of the consumer until shutdown.
+func (d *Dispatcher) pollLoop(ctx context.Context) error {
+	d.lastCommit = time.Now()
+	for ctx.Err() == nil {
+		switch e := d.consumer.Poll(100).(type) {
+		case *kafka.Message:
+			d.handleMessage(e)
+		case kafka.Error:
+			if e.IsFatal() {
+				return fmt.Errorf("dispatcher: fatal consumer error: %w", e)
+			}
+			if e.Code() == kafka.ErrAllBrokersDown || e.Code() == kafka.ErrTransport {
+				d.log.Warn("kafka unreachable, retrying", "brokers", d.brokers, "error", e)
+			} else {
+				d.log.Warn("consumer error", "error", e)
+			}
+		}
+		d.maybeResume()
+		if time.Since(d.lastCommit) >= d.cfg.Dispatch.CommitInterval.D() {
+			d.commit(d.ownedPartitions())
+			d.lastCommit = time.Now()
+		}
+	}
+	return nil
+}
+
+func (d *Dispatcher) handleMessage(m *kafka.Message) {
+	if m.TopicPartition.Error != nil {
+		d.log.Warn("consume error", "topic", *m.TopicPartition.Topic, "partition", m.TopicPartition.Partition,
+			"error", m.TopicPartition.Error)
+		return
+	}
+	p := d.parts[partKey{*m.TopicPartition.Topic, m.TopicPartition.Partition}]
+	if p == nil {
+		return // not ours (any more): whoever owns it consumes it
+	}
+	if err := p.tracker.Begin(int64(m.TopicPartition.Offset)); err != nil {
+		d.log.Error("offset out of order, message ignored", "topic", p.topic, "partition", p.id, "error", err)
+		return
+	}
+	p.in <- m // never blocks: the partition pauses at max_in_flight
+	if d.onBegin != nil {
+		d.onBegin(p.topic, p.id, p.tracker.InFlight())
+	}
+	if !p.paused && p.tracker.InFlight() >= d.cfg.Dispatch.MaxInFlight {
+		if err := d.consumer.Pause([]kafka.TopicPartition{p.tp}); err != nil {
+			d.log.Error("pause", "topic", p.topic, "partition", p.id, "error", err)
+			return
+		}
+		p.paused = true
+		p.pausedGauge.Set(1)
+		d.metrics.Pauses.Inc()
+		d.log.Debug("partition paused", "topic", p.topic, "partition", p.id, "in_flight", p.tracker.InFlight())
+	}
+}
+
+// maybeResume resumes paused partitions whose in-flight count fell to half
+// of max_in_flight.
+func (d *Dispatcher) maybeResume() {
+	for _, p := range d.parts {
+		if p.paused && p.tracker.InFlight() <= d.cfg.Dispatch.MaxInFlight/2 {
+			if err := d.consumer.Resume([]kafka.TopicPartition{p.tp}); err != nil {
+				d.log.Error("resume", "topic", p.topic, "partition", p.id, "error", err)
+				continue
+			}
+			p.paused = false
+			p.pausedGauge.Set(0)
+			d.log.Debug("partition resumed", "topic", p.topic, "partition", p.id)
+		}
+	}
+}
+
+func (d *Dispatcher) ownedPartitions() []*partition {
+	ps := make([]*partition, 0, len(d.parts))
+	for _, p := range d.parts {
+		ps = append(ps, p)
+	}
+	return ps
+}
+
+// commit commits the completed prefix of each given partition, where it
+// advanced. Only partitions in d.parts are ever passed: the poll loop removes
+// a partition after its final commit on revoke, so no commit is sent for a
+// partition this member no longer owns.
+func (d *Dispatcher) commit(ps []*partition) {
+	var offs []kafka.TopicPartition
+	var which []*partition
+	for _, p := range ps {
+		p.inFlightGauge.Set(float64(p.tracker.InFlight()))
+		c := p.tracker.Committable()
+		if c >= 0 && c > p.committed {
+			offs = append(offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c)})
+			which = append(which, p)
+		}
+		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
+			base := max(p.committed, c)
+			if base >= 0 {
+				p.lagGauge.Set(float64(max(high-base, 0)))
+			}
+		}
+	}
+	if len(offs) == 0 {
+		return
+	}
+	res, err := d.consumer.CommitOffsets(offs)
+	if err != nil {
+		d.metrics.CommitErrors.Inc()
+		d.log.Warn("commit failed, will retry", "error", err)
+		return
+	}
+	for i, r := range res {
+		if r.Error != nil {
+			d.metrics.CommitErrors.Inc()
+			d.log.Warn("commit failed for a partition, will retry", "topic", *r.Topic, "partition", r.Partition, "error", r.Error)
+			continue
+		}
+		p := which[i]
+		p.committed = int64(offs[i].Offset)
+		p.committedGauge.Set(float64(p.committed))
+	}
+}
+
+// onRebalance runs inside Poll, on the poll loop. The library performs the
+// (incremental) assign or unassign after it returns.
+func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
+	switch e := ev.(type) {
+	case kafka.AssignedPartitions:
+		for _, tp := range e.Partitions {
+			k := partKey{*tp.Topic, tp.Partition}
+			if d.parts[k] == nil {
+				d.parts[k] = newPartition(d, tp)
+			}
+		}
+		// The committed offsets start the committed/lag metrics where the
+		// group left off; a failure here only delays them to the first commit.
+		if res, err := c.Committed(e.Partitions, 5000); err == nil {
+			for _, tp := range res {
+				if p := d.parts[partKey{*tp.Topic, tp.Partition}]; p != nil && tp.Offset >= 0 {
+					p.committed = int64(tp.Offset)
+					p.committedGauge.Set(float64(p.committed))
+				}
+			}
+		} else {
+			d.log.Warn("unable to read committed offsets", "error", err)
+		}
+		d.metrics.Rebalances.WithLabelValues("assigned").Add(float64(len(e.Partitions)))
+		d.assigned.Store(true)
+		d.log.Info("partitions assigned", "partitions", tpString(e.Partitions), "protocol", c.GetRebalanceProtocol())
+	case kafka.RevokedPartitions:
+		lost := c.AssignmentLost()
+		kind := "revoked"
+		if lost {
+			kind = "lost"
+		}
+		d.metrics.Rebalances.WithLabelValues(kind).Add(float64(len(e.Partitions)))
+		var ps []*partition
+		for _, tp := range e.Partitions {
+			if p := d.parts[partKey{*tp.Topic, tp.Partition}]; p != nil {
+				ps = append(ps, p)
+			}
+		}
+		d.release(ps, !lost)
+		d.log.Info("partitions "+kind, "partitions", tpString(e.Partitions))
+	}
+	return nil
+}
+
+// release stops the given partitions (draining within drain_timeout),
+// commits their completed prefix unless the assignment was lost, and forgets
+// them. A paused partition is resumed first so that librdkafka does not keep
+// it paused should it come back to this member.
+func (d *Dispatcher) release(ps []*partition, commit bool) {
+	if len(ps) == 0 {
+		return
+	}
+	for _, p := range ps {
+		if p.paused {
+			_ = d.consumer.Resume([]kafka.TopicPartition{p.tp})
+			p.paused = false
+			p.pausedGauge.Set(0)
+		}
+	}
+	d.stopAll(ps)
+	if commit {
+		d.commit(ps)
+	}
+	for _, p := range ps {
+		delete(d.parts, partKey{p.topic, p.id})
+		p.forgetMetrics()
+	}
+}
+
+// stopAll stops partitions concurrently, each within drain_timeout.
+func (d *Dispatcher) stopAll(ps []*partition) {
+	var wg sync.WaitGroup
+	for _, p := range ps {
+		wg.Go(func() {
+			if !p.stop(d.cfg.Dispatch.DrainTimeout.D()) {
+				d.log.Warn("drain timeout: unfinished messages abandoned, they will be redelivered",
+					"topic", p.topic, "partition", p.id, "committable", p.tracker.Committable())
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// shutdown stops fetching, drains every partition and commits.
+func (d *Dispatcher) shutdown() {
+	d.draining.Store(true)
+	ps := d.ownedPartitions()
+	d.log.Info("draining", "partitions", len(ps), "drain_timeout", d.cfg.Dispatch.DrainTimeout.D().String())
+	if len(ps) > 0 {
+		tps := make([]kafka.TopicPartition, len(ps))
+		for i, p := range ps {
+			tps[i] = p.tp
+		}
+		if err := d.consumer.Pause(tps); err != nil {
+			d.log.Warn("pause on shutdown", "error", err)
+		}
+		for _, p := range ps {
+			p.paused = false // paused for good now; release must not resume it
+		}
+	}
+	d.release(ps, true)
+}
+
+// deliver sends the requests of one message in order and marks it done, or
+// dead-letters it. It returns false when the partition's context ended
+// before the message finished.
+func (d *Dispatcher) deliver(p *partition, it *item) bool {
+	if it.fail != nil {
+		return d.deadLetter(p, it, it.fail)
+	}
+	reqs := it.plan.Requests
+	for i := range reqs {
+		_, err := d.sender.Send(p.ctx, &reqs[i], idempotencyKey(&it.msg, i))
+		if err == nil {
+			continue
+		}
+		if !httpclient.IsPermanent(err) {
+			return false
+		}
+		f := &failure{reason: err.Error(), route: it.plan.Route, requestIndex: i}
+		var he *httpclient.Error
+		if errors.As(err, &he) {
+			f.status, f.attempts = he.Status, he.Attempts
+		}
+		d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
+			"route", it.plan.Route, "request", i, "error", err)
+		return d.deadLetter(p, it, f)
+	}
+	p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
+	return true
+}
+
+// idempotencyKey is <topic>-<partition>-<offset>-<index>.
+func idempotencyKey(m *filters.Message, index int) string {
+	b := make([]byte, 0, len(m.Topic)+32)
+	b = append(b, m.Topic...)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, int64(m.Partition), 10)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, m.Offset, 10)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, int64(index), 10)
+	return string(b)
+}
+
+func tpString(tps []kafka.TopicPartition) string {
+	b := make([]byte, 0, 16*len(tps))
+	for i, tp := range tps {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = append(b, *tp.Topic...)
+		b = append(b, '/')
+		b = strconv.AppendInt(b, int64(tp.Partition), 10)
+	}
+	return string(b)
+}
+
+// pumpLogs forwards librdkafka's log lines to slog until stop is closed.
+func pumpLogs(log *slog.Logger, logs <-chan kafka.LogEvent, stop <-chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case e := <-logs:
+			lvl := slog.LevelDebug
+			switch {
+			case e.Level <= 3:
+				lvl = slog.LevelError
+			case e.Level == 4:
+				lvl = slog.LevelWarn
+			case e.Level <= 6:
+				lvl = slog.LevelInfo
+			}
+			log.Log(context.Background(), lvl, e.Message, "component", "librdkafka", "client", e.Name, "tag", e.Tag)
+		}
+	}
+}

@@ -1,0 +1,204 @@
+package dispatcher
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/internal/testkit"
+)
+
+// TestDeliversInOrderAndCommits is the core contract: 20,000 messages over
+// 500 keys on 8 partitions, a sink with random latencies, zero loss, zero
+// per-key order violations, committed offsets at the end offsets, and a
+// second start of the group delivers nothing again.
+func TestDeliversInOrderAndCommits(t *testing.T) {
+	n, keys := 20000, 500
+	if testing.Short() {
+		n = 4000
+	}
+	h := newHarness(t, 8)
+	var mu sync.Mutex
+	rng := rand.New(rand.NewPCG(3, 4))
+	h.sink.Delay = func(*testkit.Delivery) time.Duration {
+		mu.Lock()
+		defer mu.Unlock()
+		if rng.IntN(10) == 0 {
+			return time.Duration(rng.IntN(3000)) * time.Microsecond
+		}
+		return 0
+	}
+	gen := &testkit.Generator{Keys: keys, Size: 200}
+	ctx := context.Background()
+	if err := h.prod.Produce(ctx, h.topic, gen.Records(n)); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg := h.config("core", "", "")
+	_, m, stop := h.run(cfg, nil)
+	waitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	rep := h.sink.Check(gen.Expected())
+	if !rep.OK() || rep.Duplicates != 0 {
+		t.Fatalf("first run: %s", rep)
+	}
+	waitFor(t, 30*time.Second, "commits at the end offsets", func() bool {
+		return m.Sum("orderly_committed_offset") == float64(n)
+	})
+	if err := stop(); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	committed, end := h.committed("core")
+	for i := range end {
+		if committed[i] != end[i] {
+			t.Fatalf("partition %d: committed %d, end offset %d", i, committed[i], end[i])
+		}
+	}
+	if got := m.Sum("orderly_messages_total"); got != float64(n) {
+		t.Fatalf("orderly_messages_total = %v, want %d", got, n)
+	}
+
+	// Second start of the group: a marker per key reaches the sink, the
+	// group commits to the new end, and nothing old came again.
+	markers := gen.Records(keys)
+	if err := h.prod.Produce(ctx, h.topic, markers); err != nil {
+		t.Fatal(err)
+	}
+	_, m2, stop2 := h.run(cfg, nil)
+	waitFor(t, time.Minute, "markers delivered and committed", func() bool {
+		return h.sink.Distinct() >= n+keys && m2.Sum("orderly_committed_offset") == float64(n+keys)
+	})
+	if err := stop2(); err != nil {
+		t.Fatal(err)
+	}
+	rep = h.sink.Check(gen.Expected())
+	if !rep.OK() || rep.Duplicates != 0 || rep.Delivered != n+keys {
+		t.Fatalf("second run redelivered or lost: %s", rep)
+	}
+}
+
+// TestSlowKeyDoesNotBlockOthers: key A's requests take 50 ms and its first
+// one is held until keys B and C are completely delivered; all three keys
+// share one partition. B and C finishing proves a slow key does not block
+// other keys.
+func TestSlowKeyDoesNotBlockOthers(t *testing.T) {
+	h := newHarness(t, 1)
+	const perKey = 200
+	var others atomic.Int64
+	released := make(chan struct{})
+	var gate sync.Once
+	h.sink.Delay = func(d *testkit.Delivery) time.Duration {
+		if d.Key != "A" {
+			return 0
+		}
+		select {
+		case <-released:
+		case <-time.After(30 * time.Second):
+		}
+		return 50 * time.Millisecond
+	}
+	h.sink.Status = func(d *testkit.Delivery) int {
+		if d.Key != "A" && others.Add(1) == 2*perKey {
+			gate.Do(func() { close(released) })
+		}
+		return 0
+	}
+	var recs []testkit.Record
+	expected := map[string][]int64{}
+	for i := 0; i < perKey; i++ {
+		for _, k := range []string{"A", "B", "C"} {
+			if k == "A" && i >= 20 {
+				continue
+			}
+			recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i))})
+			expected[k] = append(expected[k], int64(i))
+		}
+	}
+	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+		t.Fatal(err)
+	}
+	h.run(h.config("parallel", "", ""), nil)
+	select {
+	case <-released:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("keys B and C were not delivered while key A was held: %d of %d", others.Load(), 2*perKey)
+	}
+	if got := len(h.sink.Sequences("A")); got != 0 {
+		t.Fatalf("key A delivered %d before it was released", got)
+	}
+	waitFor(t, time.Minute, "key A delivered", func() bool { return h.sink.Distinct() == len(recs) })
+	if rep := h.sink.Check(expected); !rep.OK() {
+		t.Fatal(rep)
+	}
+}
+
+// TestBackPressure: max_in_flight = 100 and a slow sink. A partition never
+// holds more than 100 messages, is paused and resumed, and the group does
+// not rebalance although processing takes many times max.poll.interval.ms.
+func TestBackPressure(t *testing.T) {
+	h := newHarness(t, 2)
+	// 10 keys of 200 messages at 20 ms each: at least 4 s of processing,
+	// four times max.poll.interval.ms below.
+	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
+	const n = 2000
+	gen := &testkit.Generator{Keys: 10}
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("backpressure", "max_in_flight = 100", "")
+	cfg.Kafka.Properties["max.poll.interval.ms"] = "1000"
+	var peak atomic.Int64
+	start := time.Now()
+	_, m, stop := h.run(cfg, func(d *Dispatcher) {
+		d.onBegin = func(_ string, _ int32, inFlight int) {
+			for {
+				p := peak.Load()
+				if int64(inFlight) <= p || peak.CompareAndSwap(p, int64(inFlight)) {
+					return
+				}
+			}
+		}
+	})
+	waitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	elapsed := time.Since(start)
+	if got := m.Sum("orderly_rebalances_total"); got != 2 {
+		t.Fatalf("rebalance events %v, want only the initial assignment of 2 partitions (no revoke)", got)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+		t.Fatal(rep)
+	}
+	if p := peak.Load(); p != 100 {
+		t.Fatalf("peak in flight per partition = %d, want exactly the limit 100", p)
+	}
+	if got := m.Sum("orderly_partition_pauses_total"); got < 2 {
+		t.Fatalf("partitions paused %v times, want at least once each", got)
+	}
+	if elapsed < 3*time.Second {
+		t.Fatalf("processing took %s: the test no longer spans several max.poll.interval.ms", elapsed)
+	}
+	t.Logf("processing took %s with max.poll.interval.ms 1000; %v pauses", elapsed.Round(time.Millisecond),
+		m.Sum("orderly_partition_pauses_total"))
+}
+
+func eventJSON(key string, seq int64) []byte {
+	return []byte(`{"key":"` + key + `","seq":` + itoa(seq) + `}`)
+}
+
+func itoa(i int64) string {
+	if i == 0 {
+		return "0"
+	}
+	var b [20]byte
+	n := len(b)
+	for i > 0 {
+		n--
+		b[n] = byte('0' + i%10)
+		i /= 10
+	}
+	return string(b[n:])
+}

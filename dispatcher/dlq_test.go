@@ -1,0 +1,154 @@
+package dispatcher
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+
+	"github.com/orderly-dispatch/orderly/internal/testkit"
+)
+
+var dlqHeaders = []string{HeaderError, HeaderStatus, HeaderRoute, HeaderRequestIndex, HeaderAttempts,
+	HeaderOriginalTopic, HeaderOriginalPartition, HeaderOriginalOffset, HeaderOriginalTimestamp, HeaderFailedAt}
+
+// TestPermanentFailuresGoToTheDLQ: the sink answers 400 for every third
+// message of a chosen set of keys. Exactly those messages are in the DLQ with
+// every documented header; everything else is delivered in order, later
+// messages of the failing keys included.
+func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
+	h := newHarness(t, 4)
+	failing := map[string]bool{"key-3": true, "key-7": true, "key-11": true}
+	rejected := func(key string, seq int64) bool { return failing[key] && seq%3 == 0 }
+	h.sink.Status = func(d *testkit.Delivery) int {
+		if rejected(d.Key, d.Seq) {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	const n, keys = 2000, 20
+	gen := &testkit.Generator{Keys: keys}
+	recs := gen.Records(n)
+	recs[0].Headers = []kafka.Header{{Key: "trace", Value: []byte("abc")}}
+	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]int64{}
+	wantDLQ := map[string]bool{}
+	for k, seqs := range gen.Expected() {
+		for _, q := range seqs {
+			if rejected(k, q) {
+				wantDLQ[k+"/"+strconv.FormatInt(q, 10)] = true
+			} else {
+				want[k] = append(want[k], q)
+			}
+		}
+	}
+	_, m, stop := h.run(h.config("dlq", "", ""), nil)
+	waitFor(t, time.Minute, "all messages finished", func() bool {
+		return m.Sum("orderly_committed_offset") == n
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+		t.Fatalf("deliveries: %s", rep)
+	}
+	dlq := h.readAll("orderly.dlq", len(wantDLQ), 30*time.Second)
+	if len(dlq) != len(wantDLQ) {
+		t.Fatalf("DLQ holds %d records, want %d", len(dlq), len(wantDLQ))
+	}
+	for _, r := range dlq {
+		var ev struct {
+			Key string `json:"key"`
+			Seq int64  `json:"seq"`
+		}
+		if err := jsonUnmarshal(r.Value, &ev); err != nil {
+			t.Fatalf("DLQ value is not the original: %v", err)
+		}
+		id := ev.Key + "/" + strconv.FormatInt(ev.Seq, 10)
+		if !wantDLQ[id] {
+			t.Fatalf("DLQ holds %s, which the sink did not reject", id)
+		}
+		delete(wantDLQ, id)
+		if string(r.Key) != ev.Key {
+			t.Fatalf("DLQ key %q, want the original %q", r.Key, ev.Key)
+		}
+		for _, hk := range dlqHeaders {
+			if _, ok := header(r, hk); !ok {
+				t.Fatalf("DLQ record %s lacks header %s", id, hk)
+			}
+		}
+		if st, _ := header(r, HeaderStatus); st != "400" {
+			t.Fatalf("orderly.status = %q, want 400", st)
+		}
+		if rt, _ := header(r, HeaderRoute); rt != "people" {
+			t.Fatalf("orderly.route = %q", rt)
+		}
+		if ot, _ := header(r, HeaderOriginalTopic); ot != "orders" {
+			t.Fatalf("orderly.original_topic = %q", ot)
+		}
+		if a, _ := header(r, HeaderAttempts); a != "1" {
+			t.Fatalf("orderly.attempts = %q, want 1 (400 is not retried)", a)
+		}
+	}
+	if got := m.Sum("orderly_messages_total"); got != n {
+		t.Fatalf("messages counted %v, want %d", got, n)
+	}
+}
+
+// TestPoisonMessagesGoToTheDLQ: values that are not JSON on a route that
+// needs JSON are dead-lettered with the cause; the JSON ones around them,
+// same key, are delivered in order.
+func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
+	h := newHarness(t, 2)
+	var recs []testkit.Record
+	want := map[string][]int64{}
+	poison := 0
+	for i := 0; i < 300; i++ {
+		key := fmt.Sprintf("k%d", i%10)
+		seq := int64(i / 10)
+		if i%25 == 0 {
+			recs = append(recs, testkit.Record{Key: []byte(key), Value: []byte("not json {" + key)})
+			poison++
+			continue
+		}
+		recs = append(recs, testkit.Record{Key: []byte(key), Value: eventJSON(key, seq)})
+		want[key] = append(want[key], seq)
+	}
+	recs = append(recs, testkit.Record{Key: []byte("k-empty"), Value: nil})
+	poison++
+	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("poison", "", "")
+	cfg.Routes[0].Requests[0].URL = h.srv.URL + "/people/{{ .Value.key }}"
+	_, m, stop := h.run(cfg, nil)
+	waitFor(t, time.Minute, "all messages finished", func() bool {
+		return m.Sum("orderly_committed_offset") == float64(len(recs))
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.sink.Check(want); !rep.OK() {
+		t.Fatal(rep)
+	}
+	dlq := h.readAll("orderly.dlq", poison, 30*time.Second)
+	if len(dlq) != poison {
+		t.Fatalf("DLQ holds %d records, want %d", len(dlq), poison)
+	}
+	for _, r := range dlq {
+		reason, _ := header(r, HeaderError)
+		if !strings.Contains(strings.ToLower(reason), "json") {
+			t.Fatalf("orderly.error %q does not name the cause (JSON)", reason)
+		}
+	}
+	if got := m.Sum("orderly_messages_total"); got < float64(len(recs)) {
+		t.Fatalf("messages counted %v, want %d", got, len(recs))
+	}
+}

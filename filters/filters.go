@@ -1,0 +1,630 @@
+// Package filters turns Kafka messages into HTTP requests. The [[routes]] of
+// the configuration are compiled once by Compile into a Router; Router.Plan
+// then picks the first route that takes a message and renders its requests.
+//
+// # Routes
+//
+// Routes are tried in configuration order. A route takes a message when its
+// topics (empty: every topic) contain the message's topic and its `when`
+// expression is true (empty: always). The first route that takes a message
+// wins; when none does, Plan returns ErrNoRoute and the caller decides whether
+// to skip the message or dead-letter it. A route without requests takes the
+// message and sends nothing.
+//
+// # Expressions
+//
+// `when` is an expr-lang (github.com/expr-lang/expr) expression that must
+// yield a bool. It sees:
+//
+//	key        string             the record key; "" when there is none
+//	has_key    bool               whether the record has a key (a null key is not an empty one)
+//	value      any                the value decoded as JSON (map[string]any, []any, string, bool, nil, number)
+//	raw        string             the value as a string
+//	headers    map[string]string  the record headers; for a repeated header the last value wins
+//	topic      string
+//	partition  int
+//	offset     int
+//
+// Expressions are compiled against this typed environment, so an unknown name
+// (valu.type) or a result that cannot be a bool (key + "x") is a compile
+// error. In `value`, JSON integers that fit an int are ints and every other
+// number is a float64, so value.amount > 100 and value.id == 42 both work.
+//
+// An error while evaluating `when` (value.type when the value is a JSON array,
+// value.n > 1 when n is a string) makes the message a bad message for that
+// route, reported as a *BadMessageError, not a non-match: a message that a
+// route is meant to judge but cannot is never silently passed to the next
+// route. If a topic carries mixed shapes, guard: type(value) == "map" &&
+// value.type == "x" (type() costs no extra decoding).
+//
+// # Templates
+//
+// The method (when it contains "{{"), the URL, every header value and the
+// body of a request are Go text/template templates over:
+//
+//	.Key        string             the record key ("" when there is none)
+//	.Raw        string             the value as a string
+//	.Value      any                the value decoded as JSON
+//	.Headers    map[string]string  the record headers, last value wins
+//	.Topic      string
+//	.Partition  int
+//	.Offset     int
+//	.Timestamp  time.Time
+//
+// Templates run with missingkey=error: {{ .Value.id }} on a value without
+// "id" is an error, not "<no value>"; {{ index .Value "id" }} yields nil
+// instead, for use with default. An unknown top-level field ({{ .Vaule }}) is
+// a compile error. Besides the text/template builtins (urlquery, print,
+// index, ...) templates have:
+//
+//	json        the argument as JSON (no HTML escaping)
+//	pathescape  url.PathEscape of the argument
+//	default     {{ index .Value "note" | default "none" }}: the argument unless it is empty (nil, "", 0, false, empty collection)
+//	lower       strings.ToLower
+//	upper       strings.ToUpper
+//
+// Rendered values are not escaped: use pathescape or urlquery in URLs. In
+// .Value, numbers print exactly as the producer wrote them: integers that fit
+// an int are ints and every other number is a json.Number holding the
+// original literal, so an id of 12345678901234567890 stays
+// 12345678901234567890.
+//
+// A nil body (no `body` key) sends the message value unchanged; an empty
+// method is POST. Static parts are checked at compile time (absolute http(s)
+// URL, method and header names are tokens, no control characters in header
+// values). After rendering, a header value containing CR or LF is rejected as
+// header injection, and a URL or method that is not valid is rejected too,
+// each as a *BadMessageError.
+//
+// # JSON
+//
+// The value is decoded only for routes whose `when` uses `value` or whose
+// templates use .Value, at most once per Plan, and only when such a route is
+// reached. Compile works out which members the routes read (value.type,
+// .Value.customer.id) and only those are built; the rest of the document is
+// only checked. A route that needs JSON (decided at compile time, so also
+// when its `when` would not get to read `value` for this message) and meets
+// a value that is not valid JSON, or is empty, reports a *BadMessageError
+// wrapping ErrNotJSON: it is never skipped. Likewise the key, the raw string
+// and the headers map are only built for the routes that use them. See
+// json.go for the decoder and why it is not encoding/json.
+//
+// # Concurrency and memory
+//
+// A Router is immutable and safe for concurrent use. Plan never modifies the
+// Message. Every Plan returns fresh Requests and Header maps that the caller
+// owns and may modify, with one exception: a Request.Body may alias
+// Message.Value (no body template, or a body of exactly {{ .Raw }}), so the
+// caller must treat both as read-only while the request is in use.
+package filters
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"text/template/parse"
+
+	"github.com/orderly-dispatch/orderly/config"
+)
+
+// ErrNoRoute is returned by Plan when no route takes the message. The caller
+// decides whether that means skip or dead-letter (dispatch.unmatched).
+var ErrNoRoute = errors.New("no route matched the message")
+
+// ErrUnknownRoute is returned by PlanRoute for a name no route has.
+var ErrUnknownRoute = errors.New("unknown route")
+
+// ErrNotJSON is wrapped by the *BadMessageError of a route that needs the
+// value as JSON when the value is not valid JSON (or is empty).
+var ErrNotJSON = errors.New("value is not valid JSON")
+
+// ErrHeaderInjection is wrapped by the *BadMessageError of a rendered header
+// value that contains CR or LF.
+var ErrHeaderInjection = errors.New("header injection")
+
+// ErrInvalidRequest is wrapped by the *BadMessageError of a rendered method,
+// URL or header value that cannot be sent (other than header injection).
+var ErrInvalidRequest = errors.New("invalid request")
+
+// BadMessageError reports a message that the route it reached cannot handle:
+// its value is not JSON while the route needs JSON, its `when` failed to
+// evaluate, a template failed to render, or a rendered request is invalid.
+// Such a message is permanently bad for that route (the dispatcher
+// dead-letters it).
+type BadMessageError struct {
+	// Route is the name of the route.
+	Route string
+	// Index is the index of the request that failed, or -1 when the failure
+	// belongs to `when` (including a value the `when` needs as JSON). A
+	// value that only the templates need and that is not JSON is charged to
+	// the first request that uses it.
+	Index int
+	// Reason says what failed, where (when, requests[1].url, ...) and why, in
+	// one line.
+	Reason string
+	// Err is the underlying error: ErrNotJSON, ErrHeaderInjection and
+	// ErrInvalidRequest can be tested with errors.Is; expression and
+	// template errors are passed through.
+	Err error
+}
+
+// Error returns `route "<name>": <reason>`.
+func (e *BadMessageError) Error() string {
+	return "route " + strconv.Quote(e.Route) + ": " + e.Reason
+}
+
+// Unwrap returns e.Err.
+func (e *BadMessageError) Unwrap() error { return e.Err }
+
+// CompileError is one problem Compile found in one route. Compile returns all
+// of them joined with errors.Join.
+type CompileError struct {
+	Index int    // position of the route in the configuration
+	Route string // its name
+	Field string // "when", "topics", "requests[1].url", `requests[0].headers["X-Id"]`, ...
+	Err   error
+}
+
+// Error returns `routes[<index>] ("<name>").<field>: <problem>`.
+func (e *CompileError) Error() string {
+	return fmt.Sprintf("routes[%d] (%q).%s: %v", e.Index, e.Route, e.Field, e.Err)
+}
+
+// Unwrap returns e.Err.
+func (e *CompileError) Unwrap() error { return e.Err }
+
+// headerSpare is room left in every rendered Header map for what the HTTP
+// client adds (Idempotency-Key, traceparent, tracestate, User-Agent), so
+// that adding them does not grow the map.
+const headerSpare = 4
+
+// Router holds the compiled routes. It is immutable and safe for concurrent
+// use.
+type Router struct {
+	routes []route
+	byName map[string]*route
+}
+
+type route struct {
+	name      string
+	topics    []string // empty: every topic
+	when      *whenExpr
+	reqs      []request
+	needs     needs     // what rendering the requests needs
+	value     *pathTrie // what of the value the templates read
+	valueUser string    // first template that uses .Value ("requests[0].url"), for errors
+	valueReq  int       // its request index
+	// spec says how to decode the value when this route is the first to
+	// need it: what this route and every later one read, so that one
+	// decoding serves the whole Plan.
+	spec valueSpec
+}
+
+// valueSpec says what to decode of a value.
+type valueSpec struct {
+	paths *pathTrie
+	mode  decodeMode
+}
+
+type request struct {
+	method    *text // nil: methodStr
+	methodStr string
+	url       *text
+	urlFixed  bool     // the template's leading text fixes a valid scheme://host/
+	headers   []header // sorted by name
+	body      *text    // nil: the message value
+}
+
+type header struct {
+	name string // canonical
+	val  *text
+}
+
+// Compile compiles routes, in configuration order, for messages of
+// consumedTopics; every topic a route lists must be one of them. It reports
+// every problem it finds, each as a *CompileError, joined with errors.Join;
+// the Router is nil then.
+func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
+	r := &Router{
+		routes: make([]route, len(routes)),
+		byName: make(map[string]*route, len(routes)),
+	}
+	var errs []error
+	seen := make(map[string]int, len(routes))
+	for i := range routes {
+		cr := &routes[i]
+		fail := func(field string, err error) {
+			errs = append(errs, &CompileError{Index: i, Route: cr.Name, Field: field, Err: err})
+		}
+		rt := &r.routes[i]
+		rt.name = cr.Name
+		rt.valueReq = -1
+		switch prev, dup := seen[cr.Name]; {
+		case cr.Name == "":
+			fail("name", errors.New("a route needs a name"))
+		case dup:
+			fail("name", fmt.Errorf("the name is already used by routes[%d]", prev))
+		default:
+			seen[cr.Name] = i
+			r.byName[cr.Name] = rt
+		}
+		for _, t := range cr.Topics {
+			if !slices.Contains(consumedTopics, t) {
+				fail("topics", fmt.Errorf("topic %q is not consumed (kafka.topics = %q)", t, consumedTopics))
+			}
+		}
+		rt.topics = slices.Clone(cr.Topics)
+		if strings.TrimSpace(cr.When) != "" {
+			w, err := compileWhen(cr.When)
+			if err != nil {
+				fail("when", err)
+			}
+			rt.when = w
+		}
+		rt.reqs = make([]request, len(cr.Requests))
+		for j := range cr.Requests {
+			rt.compileRequest(j, &cr.Requests[j], fail)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	var spec valueSpec
+	for i := len(r.routes) - 1; i >= 0; i-- {
+		rt := &r.routes[i]
+		n, paths := rt.needs, rt.value
+		if rt.when != nil {
+			n |= rt.when.needs
+			paths = union(paths, rt.when.value)
+		}
+		spec.paths = union(paths, spec.paths)
+		if n&needValueTpl != 0 {
+			spec.mode |= modeTemplate
+		}
+		if n&needValueExpr != 0 {
+			spec.mode |= modeExpr
+		}
+		rt.spec = spec
+	}
+	return r, nil
+}
+
+func (rt *route) compileRequest(j int, cr *config.Request, fail func(string, error)) {
+	rq := &rt.reqs[j]
+	at := func(field string) string { return "requests[" + strconv.Itoa(j) + "]." + field }
+	use := func(field string, tx *text) {
+		if tx == nil {
+			return
+		}
+		rt.needs |= tx.needs()
+		rt.value = union(rt.value, tx.value)
+		if tx.needs()&needValue != 0 && rt.valueReq < 0 {
+			rt.valueReq, rt.valueUser = j, at(field)
+		}
+	}
+
+	switch m := cr.Method; {
+	case strings.Contains(m, "{{"):
+		tx, err := compileText("method", m)
+		if err != nil {
+			fail(at("method"), err)
+		}
+		rq.method = tx
+		use("method", tx)
+	case m == "":
+		rq.methodStr = http.MethodPost
+	case !validToken(m):
+		fail(at("method"), fmt.Errorf("%q is not a valid HTTP method", m))
+	default:
+		rq.methodStr = m
+	}
+
+	switch tx, err := compileText("url", cr.URL); {
+	case err != nil:
+		fail(at("url"), err)
+	case cr.URL == "":
+		fail(at("url"), errors.New("a request needs a url"))
+	case tx.static:
+		if err := checkURL(tx.str); err != nil {
+			fail(at("url"), err)
+		}
+		rq.url = tx
+	default:
+		rq.url = tx
+		rq.urlFixed = fixedOrigin(tx)
+		use("url", tx)
+	}
+
+	names := make([]string, 0, len(cr.Headers))
+	for name := range cr.Headers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	canon := make(map[string]string, len(names))
+	for _, name := range names {
+		field := at(fmt.Sprintf("headers[%q]", name))
+		cn := http.CanonicalHeaderKey(name)
+		if !validToken(name) {
+			fail(field, fmt.Errorf("%q is not a valid header name", name))
+			continue
+		}
+		if prev, dup := canon[cn]; dup {
+			fail(field, fmt.Errorf("header %q is also set as %q", name, prev))
+			continue
+		}
+		canon[cn] = name
+		tx, err := compileText(fmt.Sprintf("headers[%q]", name), cr.Headers[name])
+		if err != nil {
+			fail(field, err)
+			continue
+		}
+		if tx.static {
+			if err := checkHeaderValue(tx.str); err != nil {
+				fail(field, err)
+				continue
+			}
+		}
+		use(fmt.Sprintf("headers[%q]", name), tx)
+		rq.headers = append(rq.headers, header{name: cn, val: tx})
+	}
+	slices.SortFunc(rq.headers, func(a, b header) int { return strings.Compare(a.name, b.name) })
+
+	if cr.Body != nil {
+		tx, err := compileText("body", *cr.Body)
+		if err != nil {
+			fail(at("body"), err)
+		}
+		rq.body = tx
+		use("body", tx)
+	}
+}
+
+// Routes returns the names of the routes in configuration order.
+func (r *Router) Routes() []string {
+	names := make([]string, len(r.routes))
+	for i := range r.routes {
+		names[i] = r.routes[i].name
+	}
+	return names
+}
+
+// NeedsJSON reports whether some route decodes message values as JSON.
+func (r *Router) NeedsJSON() bool {
+	for i := range r.routes {
+		rt := &r.routes[i]
+		if rt.needs&needValue != 0 || (rt.when != nil && rt.when.needs&needValue != 0) {
+			return true
+		}
+	}
+	return false
+}
+
+// Plan returns the requests of the first route that takes m. It returns
+// ErrNoRoute when no route does, and a *BadMessageError when the first route
+// whose topics match cannot judge or render m (see the package doc); it never
+// tries further routes after such an error. Plan does not modify m; the
+// returned Plan may alias m.Value in Request.Body.
+func (r *Router) Plan(m *Message) (Plan, error) {
+	st := getState(m)
+	defer putState(st)
+	for i := range r.routes {
+		rt := &r.routes[i]
+		if len(rt.topics) > 0 && !slices.Contains(rt.topics, m.Topic) {
+			continue
+		}
+		if rt.when != nil {
+			ok, err := rt.when.eval(st, &rt.spec)
+			if err != nil {
+				where := "when"
+				if errors.Is(err, ErrNotJSON) {
+					where = "when needs the value as JSON"
+				}
+				return Plan{}, &BadMessageError{Route: rt.name, Index: -1, Reason: reasonOf(where, err), Err: err}
+			}
+			if !ok {
+				continue
+			}
+		}
+		return rt.render(st)
+	}
+	return Plan{}, ErrNoRoute
+}
+
+// PlanRoute renders the requests of the route called name for m, whatever
+// its topics and `when` say (DLQ replay uses it to send a message through a
+// chosen route). It returns ErrUnknownRoute (wrapped, with the name) when no
+// route has that name, and a *BadMessageError when the route cannot render m.
+func (r *Router) PlanRoute(name string, m *Message) (Plan, error) {
+	rt := r.byName[name]
+	if rt == nil {
+		return Plan{}, fmt.Errorf("%w %q", ErrUnknownRoute, name)
+	}
+	st := getState(m)
+	defer putState(st)
+	return rt.render(st)
+}
+
+// reasonOf formats a BadMessageError reason: where, then what.
+func reasonOf(where string, err error) string {
+	return where + ": " + err.Error()
+}
+
+// render renders every request of rt for the message in st.
+func (rt *route) render(st *state) (Plan, error) {
+	bad := func(i int, where string, err error) (Plan, error) {
+		return Plan{}, &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf(where, err), Err: err}
+	}
+	if err := st.need(rt.needs, &rt.spec); err != nil {
+		return bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
+	}
+	m := st.m
+	reqs := make([]Request, len(rt.reqs))
+	for i := range rt.reqs {
+		rq, out := &rt.reqs[i], &reqs[i]
+		at := func(field string) string { return "requests[" + strconv.Itoa(i) + "]." + field }
+
+		out.Method = rq.methodStr
+		if rq.method != nil {
+			s, err := st.renderString(rq.method)
+			if err == nil && !validToken(s) {
+				err = fmt.Errorf("%w: rendered method %q is not a valid HTTP method", ErrInvalidRequest, s)
+			}
+			if err != nil {
+				return bad(i, at("method"), err)
+			}
+			out.Method = s
+		}
+
+		u, err := st.renderString(rq.url)
+		switch {
+		case err != nil || rq.url.static:
+		case rq.urlFixed:
+			err = checkURLTail(u)
+		default:
+			err = checkURL(u)
+		}
+		if err != nil {
+			return bad(i, at("url"), err)
+		}
+		out.URL = u
+
+		h := make(http.Header, len(rq.headers)+headerSpare)
+		if len(rq.headers) > 0 {
+			// One backing array for all values; each capped so that an
+			// append by the caller cannot reach its neighbour.
+			vals := make([]string, len(rq.headers))
+			for j := range rq.headers {
+				hd := &rq.headers[j]
+				v, err := st.renderString(hd.val)
+				if err == nil && !hd.val.static {
+					err = checkHeaderValue(v)
+				}
+				if err != nil {
+					return bad(i, at(fmt.Sprintf("headers[%q]", hd.name)), err)
+				}
+				vals[j] = v
+				h[hd.name] = vals[j : j+1 : j+1]
+			}
+		}
+		out.Header = h
+
+		switch b := rq.body; {
+		case b == nil || b.raw:
+			out.Body = m.Value
+		case b.static:
+			out.Body = []byte(b.str)
+		default:
+			if err := st.render(b); err != nil {
+				return bad(i, at("body"), err)
+			}
+			if st.buf.Len() > 0 {
+				out.Body = slices.Clone(st.buf.Bytes())
+			}
+		}
+	}
+	return Plan{Route: rt.name, Requests: reqs}, nil
+}
+
+// validToken reports whether s is an RFC 9110 token (a method or header name).
+func validToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !isTokenChar(s[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+func isTokenChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}
+
+// checkHeaderValue rejects what net/http would refuse to send, CR and LF
+// (header injection) first.
+func checkHeaderValue(v string) error {
+	if strings.ContainsAny(v, "\r\n") {
+		return fmt.Errorf("%w: value contains CR or LF", ErrHeaderInjection)
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; (c < 0x20 && c != '\t') || c == 0x7f {
+			return fmt.Errorf("%w: header value contains control character %#02x", ErrInvalidRequest, c)
+		}
+	}
+	return nil
+}
+
+// fixedOrigin reports whether the leading text of a URL template fixes a
+// valid scheme and host ("http://sink:8081/orders/{{ .Value.id }}"), so that
+// checkURLTail is enough after rendering.
+func fixedOrigin(tx *text) bool {
+	nodes := tx.t.Tree.Root.Nodes
+	if len(nodes) == 0 {
+		return false
+	}
+	lead, ok := nodes[0].(*parse.TextNode)
+	if !ok {
+		return false
+	}
+	s := string(lead.Text)
+	i := strings.Index(s, "://")
+	if i < 0 {
+		return false
+	}
+	end := strings.IndexAny(s[i+3:], "/?#")
+	if end < 0 {
+		return false
+	}
+	return checkURL(s[:i+3+end]+"/") == nil
+}
+
+// checkURLTail checks a rendered URL whose origin is known to be valid: no
+// control characters, and a path without malformed %-escapes (what
+// url.Parse would reject), without the cost of url.Parse.
+func checkURLTail(s string) error {
+	path := true
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c < 0x20 || c == 0x7f:
+			return fmt.Errorf("%w: URL contains control character %#02x", ErrInvalidRequest, c)
+		case c == '?' || c == '#':
+			path = false
+		case c == '%' && path:
+			if i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
+				return fmt.Errorf("%w: URL path contains a malformed %%-escape", ErrInvalidRequest)
+			}
+		}
+	}
+	return nil
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// checkURL accepts an absolute http or https URL without control characters.
+func checkURL(s string) error {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == 0x7f {
+			return fmt.Errorf("%w: URL contains control character %#02x", ErrInvalidRequest, c)
+		}
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalidRequest, err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("%w: URL %q is not an absolute http or https URL", ErrInvalidRequest, s)
+	}
+	return nil
+}

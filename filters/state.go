@@ -1,0 +1,220 @@
+package filters
+
+import (
+	"bytes"
+	"encoding/json"
+	"strconv"
+	"sync"
+
+	"github.com/expr-lang/expr/vm"
+)
+
+// state is the scratch space of one Plan: what has been built from the
+// message so far (each at most once, and only when a route needs it), the
+// expression environment, the template data, an expr VM, the render buffer
+// and the JSON decoder. States are pooled; one is used by one goroutine at a
+// time.
+type state struct {
+	m       *Message
+	have    needs
+	key     string
+	raw     string
+	headers map[string]string // reused between messages, cleared
+	tval    any               // value decoded for templates
+	eval    any               // value decoded for expressions
+	decErr  error             // why the value does not decode, once known
+	env     exprEnv
+	data    tplData
+	vm      vm.VM
+	buf     bytes.Buffer
+	dec     decoder
+}
+
+var statePool = sync.Pool{New: func() any { return new(state) }}
+
+// maxPooledBuffer bounds the render buffer kept in a pooled state.
+const maxPooledBuffer = 64 << 10
+
+func getState(m *Message) *state {
+	st := statePool.Get().(*state)
+	st.m = m
+	return st
+}
+
+// putState returns st to the pool holding no reference to the message.
+func putState(st *state) {
+	st.m = nil
+	st.have = 0
+	st.key, st.raw = "", ""
+	if len(st.headers) > 64 {
+		st.headers = nil
+	} else {
+		clear(st.headers)
+	}
+	st.tval, st.eval, st.decErr = nil, nil, nil
+	st.env = exprEnv{}
+	st.data = tplData{}
+	clear(st.vm.Stack[:cap(st.vm.Stack)])
+	st.vm.Stack = st.vm.Stack[:0]
+	clear(st.vm.Variables)
+	if st.buf.Cap() > maxPooledBuffer {
+		st.buf = bytes.Buffer{}
+	} else {
+		st.buf.Reset()
+	}
+	statePool.Put(st)
+}
+
+// need builds what n asks for and is not built yet, decoding the value as
+// spec says. It fails only when the value is needed as JSON and does not
+// decode; the error matches ErrNotJSON.
+func (st *state) need(n needs, spec *valueSpec) error {
+	miss := n &^ st.have
+	if miss == 0 {
+		return nil
+	}
+	m := st.m
+	if miss&needKey != 0 {
+		st.key = string(m.Key)
+	}
+	if miss&needHeaders != 0 && len(m.Headers) > 0 {
+		if st.headers == nil {
+			st.headers = make(map[string]string, len(m.Headers))
+		}
+		for _, h := range m.Headers {
+			// Not valid UTF-8 stays as it is: the bytes as a string.
+			st.headers[h.Key] = string(h.Value)
+		}
+	}
+	if miss&(needRaw|needValue) != 0 && st.have&needRaw == 0 {
+		st.raw = string(m.Value) // the decoded strings are substrings of it
+		st.have |= needRaw
+	}
+	st.have |= miss &^ needValue
+	if miss&needValue == 0 {
+		return nil
+	}
+	if st.decErr != nil {
+		return st.decErr
+	}
+	if len(m.Value) == 0 {
+		st.decErr = errEmptyValue
+		return st.decErr
+	}
+	paths, mode := fullTrie, decodeMode(0)
+	if spec != nil && spec.paths != nil {
+		paths, mode = spec.paths, spec.mode
+	}
+	if miss&needValueTpl != 0 {
+		mode |= modeTemplate
+	}
+	if miss&needValueExpr != 0 {
+		mode |= modeExpr
+	}
+	t, e, err := st.dec.decode(st.raw, mode, paths)
+	if err != nil {
+		st.decErr = err
+		return err
+	}
+	if mode&modeTemplate != 0 {
+		st.tval = t
+		st.have |= needValueTpl
+	}
+	if mode&modeExpr != 0 {
+		st.eval = e
+		st.have |= needValueExpr
+	}
+	return nil
+}
+
+// renderString renders tx to a new string.
+func (st *state) renderString(tx *text) (string, error) {
+	if tx.static {
+		return tx.str, nil
+	}
+	if err := st.render(tx); err != nil {
+		return "", err
+	}
+	return st.buf.String(), nil
+}
+
+// render renders tx (not static) into st.buf: through the fast path when it
+// can, else through text/template.
+func (st *state) render(tx *text) error {
+	st.buf.Reset()
+	if tx.segs != nil && st.renderFast(tx.segs) {
+		return nil
+	}
+	st.buf.Reset()
+	// The route built the value already (the fast path reads it as well).
+	if err := st.need(tx.need, nil); err != nil {
+		return err
+	}
+	m, d := st.m, &st.data
+	d.Key = st.key
+	d.Raw = st.raw
+	d.Value = st.tval
+	d.Headers = st.headers
+	d.Topic = m.Topic
+	d.Partition = int(m.Partition)
+	d.Offset = int(m.Offset)
+	d.Timestamp = m.Timestamp
+	return tx.t.Execute(&st.buf, d)
+}
+
+// renderFast renders segs as text/template would. It reports false, leaving
+// st.buf dirty, for anything it does not print the same way (a missing key, a
+// value that is not a string, number or bool), and the caller falls back to
+// text/template for the real result or error.
+func (st *state) renderFast(segs []segment) bool {
+	m, b := st.m, &st.buf
+	for i := range segs {
+		sg := &segs[i]
+		switch sg.field {
+		case fieldText:
+			b.WriteString(sg.text)
+		case fieldKey:
+			b.Write(m.Key)
+		case fieldRaw:
+			b.Write(m.Value)
+		case fieldTopic:
+			b.WriteString(m.Topic)
+		case fieldPartition:
+			b.Write(strconv.AppendInt(b.AvailableBuffer(), int64(m.Partition), 10))
+		case fieldOffset:
+			b.Write(strconv.AppendInt(b.AvailableBuffer(), m.Offset, 10))
+		case fieldHeaders:
+			v, ok := st.headers[sg.path[0]]
+			if !ok {
+				return false
+			}
+			b.WriteString(v)
+		case fieldValue:
+			v := st.tval
+			for _, k := range sg.path {
+				obj, ok := v.(map[string]any)
+				if !ok {
+					return false
+				}
+				if v, ok = obj[k]; !ok {
+					return false
+				}
+			}
+			switch v := v.(type) {
+			case string:
+				b.WriteString(v)
+			case json.Number:
+				b.WriteString(string(v))
+			case int:
+				b.Write(strconv.AppendInt(b.AvailableBuffer(), int64(v), 10))
+			case bool:
+				b.WriteString(strconv.FormatBool(v))
+			default:
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
+}

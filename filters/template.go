@@ -1,0 +1,376 @@
+package filters
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"reflect"
+	"strings"
+	"text/template"
+	"text/template/parse"
+	"time"
+)
+
+// needs says what of a message an expression or template reads, so that
+// Plan builds only that.
+type needs uint8
+
+const (
+	needKey       needs = 1 << iota // the key as a string
+	needRaw                         // the value as a string
+	needHeaders                     // the headers map
+	needValueExpr                   // the value decoded for expressions
+	needValueTpl                    // the value decoded for templates
+
+	needValue = needValueExpr | needValueTpl
+	needAll   = needKey | needRaw | needHeaders | needValueTpl // of a template
+)
+
+// tplData is the data of every template. One lives in every pooled state.
+type tplData struct {
+	Key       string
+	Raw       string
+	Value     any
+	Headers   map[string]string
+	Topic     string
+	Partition int
+	Offset    int
+	Timestamp time.Time
+}
+
+// dataField identifies a field of tplData (or literal text) in a fast-path
+// segment.
+type dataField uint8
+
+const (
+	fieldText dataField = iota
+	fieldKey
+	fieldRaw
+	fieldValue
+	fieldHeaders
+	fieldTopic
+	fieldPartition
+	fieldOffset
+	fieldTimestamp
+)
+
+var dataFields = map[string]dataField{
+	"Key":       fieldKey,
+	"Raw":       fieldRaw,
+	"Value":     fieldValue,
+	"Headers":   fieldHeaders,
+	"Topic":     fieldTopic,
+	"Partition": fieldPartition,
+	"Offset":    fieldOffset,
+	"Timestamp": fieldTimestamp,
+}
+
+// needs is what reading the field needs.
+func (f dataField) needs() needs {
+	switch f {
+	case fieldKey:
+		return needKey
+	case fieldRaw:
+		return needRaw
+	case fieldValue:
+		return needValueTpl
+	case fieldHeaders:
+		return needHeaders
+	}
+	return 0
+}
+
+// segment is one piece of a template on the fast path: literal text, or a
+// field printed as text/template would print it.
+type segment struct {
+	field dataField
+	text  string   // fieldText
+	path  []string // fieldValue: map keys below .Value; fieldHeaders: the header
+}
+
+// text is a compiled template (or a plain string).
+type text struct {
+	static bool   // no actions: str is the result
+	str    string // the static result
+	t      *template.Template
+	// segs renders the common shapes (text and {{ .Field.path }} actions)
+	// without text/template; nil when the template has another shape. When
+	// a segment cannot be rendered (a missing key, a value printed in a way
+	// the fast path does not copy), the template is executed instead, so
+	// the result and the errors are always text/template's.
+	segs  []segment
+	raw   bool      // exactly {{ .Raw }}: the value bytes
+	need  needs     // what executing t needs
+	fast  needs     // what segs needs (no string copies of the key or value)
+	value *pathTrie // what of .Value the template reads
+}
+
+// needs is what rendering tx needs up front; the fast path needs less.
+func (tx *text) needs() needs {
+	if tx.static {
+		return 0
+	}
+	if tx.segs != nil {
+		return tx.fast
+	}
+	return tx.need
+}
+
+// funcs are the functions templates have besides the builtins.
+var funcs = template.FuncMap{
+	"json":       toJSON,
+	"pathescape": func(v any) string { return url.PathEscape(toString(v)) },
+	"default":    defaultValue,
+	"lower":      func(v any) string { return strings.ToLower(toString(v)) },
+	"upper":      func(v any) string { return strings.ToUpper(toString(v)) },
+}
+
+// compileText compiles src, named name in errors.
+func compileText(name, src string) (*text, error) {
+	if !strings.Contains(src, "{{") {
+		return &text{static: true, str: src}, nil
+	}
+	t, err := template.New(name).Option("missingkey=error").Funcs(funcs).Parse(src)
+	if err != nil {
+		return nil, err
+	}
+	if t.Tree == nil || t.Tree.Root == nil {
+		return nil, fmt.Errorf("template: %s: defines templates but renders nothing", name)
+	}
+	tx := &text{t: t}
+	var errs []error
+	for _, sub := range t.Templates() {
+		if sub.Tree == nil {
+			continue
+		}
+		a := analyzer{tree: sub.Tree}
+		ctx := dotRoot
+		if sub != t {
+			ctx = dotUnknown // called with any data: {{ template "x" .Value }}
+		}
+		a.list(sub.Tree.Root, ctx)
+		tx.need |= a.needs
+		tx.value = union(tx.value, a.value)
+		errs = append(errs, a.errs...)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if len(t.Templates()) == 1 {
+		tx.segs, tx.fast = fastSegments(t.Tree.Root)
+		tx.raw = len(tx.segs) == 1 && tx.segs[0].field == fieldRaw
+	}
+	return tx, nil
+}
+
+// fastSegments returns the segments of a template made only of text and
+// {{ .Field }} / {{ .Value.a.b }} / {{ .Headers.name }} actions, or nil.
+func fastSegments(root *parse.ListNode) ([]segment, needs) {
+	var segs []segment
+	var n needs
+	for _, node := range root.Nodes {
+		switch node := node.(type) {
+		case *parse.TextNode:
+			segs = append(segs, segment{field: fieldText, text: string(node.Text)})
+		case *parse.ActionNode:
+			p := node.Pipe
+			if len(p.Decl) > 0 || len(p.Cmds) != 1 || len(p.Cmds[0].Args) != 1 {
+				return nil, 0
+			}
+			f, ok := p.Cmds[0].Args[0].(*parse.FieldNode)
+			if !ok {
+				return nil, 0
+			}
+			field := dataFields[f.Ident[0]]
+			path := f.Ident[1:]
+			switch field {
+			case fieldValue:
+			case fieldHeaders:
+				if len(path) != 1 {
+					return nil, 0
+				}
+			case fieldKey, fieldRaw, fieldTopic, fieldPartition, fieldOffset:
+				if len(path) != 0 {
+					return nil, 0
+				}
+			default:
+				return nil, 0
+			}
+			segs = append(segs, segment{field: field, path: path})
+			if field == fieldValue || field == fieldHeaders {
+				n |= field.needs()
+			}
+		default:
+			return nil, 0
+		}
+	}
+	if len(segs) == 0 {
+		return nil, 0
+	}
+	return segs, n
+}
+
+// dotCtx says what dot is at a point of a template.
+type dotCtx uint8
+
+const (
+	dotRoot    dotCtx = iota // the template data: fields are checked
+	dotDerived               // something taken from the data (inside with/range)
+	dotUnknown               // possibly the data (a {{ define }} body)
+)
+
+// analyzer walks a template to find what it reads and to reject unknown
+// top-level fields.
+type analyzer struct {
+	tree  *parse.Tree
+	needs needs
+	value *pathTrie // the paths below .Value read (see pathTrie)
+	errs  []error
+}
+
+// all records that the whole data is read ({{ . }}, {{ $ }}).
+func (a *analyzer) all() {
+	a.needs |= needAll
+	a.value = fullTrie
+}
+
+func (a *analyzer) list(l *parse.ListNode, ctx dotCtx) {
+	if l == nil {
+		return
+	}
+	for _, n := range l.Nodes {
+		a.node(n, ctx)
+	}
+}
+
+func (a *analyzer) node(n parse.Node, ctx dotCtx) {
+	switch n := n.(type) {
+	case *parse.ListNode:
+		a.list(n, ctx)
+	case *parse.ActionNode:
+		a.node(n.Pipe, ctx)
+	case *parse.IfNode:
+		a.node(n.Pipe, ctx)
+		a.list(n.List, ctx)
+		a.list(n.ElseList, ctx)
+	case *parse.RangeNode:
+		a.node(n.Pipe, ctx)
+		a.list(n.List, dotDerived)
+		a.list(n.ElseList, ctx)
+	case *parse.WithNode:
+		a.node(n.Pipe, ctx)
+		a.list(n.List, dotDerived)
+		a.list(n.ElseList, ctx)
+	case *parse.TemplateNode:
+		if n.Pipe != nil {
+			a.node(n.Pipe, ctx)
+		}
+	case *parse.PipeNode:
+		if n == nil {
+			return
+		}
+		for _, c := range n.Cmds {
+			a.node(c, ctx)
+		}
+	case *parse.CommandNode:
+		for _, arg := range n.Args {
+			a.node(arg, ctx)
+		}
+	case *parse.ChainNode:
+		a.node(n.Node, ctx)
+	case *parse.FieldNode:
+		a.field(n, n.Ident, ctx)
+	case *parse.VariableNode:
+		if n.Ident[0] == "$" {
+			if len(n.Ident) == 1 {
+				a.all()
+			} else {
+				a.field(n, n.Ident[1:], dotRoot)
+			}
+		}
+	case *parse.DotNode:
+		if ctx != dotDerived {
+			a.all()
+		}
+	}
+}
+
+// field records a field chain read from dot (or $) in ctx. Inside with and
+// range, dot is not the data: its fields are none of the data's.
+func (a *analyzer) field(n parse.Node, ident []string, ctx dotCtx) {
+	if ctx == dotDerived {
+		return
+	}
+	f, known := dataFields[ident[0]]
+	if known {
+		a.needs |= f.needs()
+	}
+	if f == fieldValue {
+		// .Value.a.b reads a.b whole; any other use of .Value (index,
+		// json, with, range) is a chain ending at .Value: the whole value.
+		if a.value == nil {
+			a.value = &pathTrie{}
+		}
+		a.value.add(ident[1:])
+	}
+	if ctx != dotRoot {
+		return
+	}
+	switch {
+	case !known:
+		loc, _ := a.tree.ErrorContext(n)
+		a.errs = append(a.errs, fmt.Errorf("template: %s: unknown field .%s (the data has .Key, .Raw, .Value, .Headers, .Topic, .Partition, .Offset and .Timestamp)", loc, ident[0]))
+	case len(ident) > 1 && f != fieldValue && f != fieldHeaders && f != fieldTimestamp:
+		loc, _ := a.tree.ErrorContext(n)
+		a.errs = append(a.errs, fmt.Errorf("template: %s: .%s has no field or method %s", loc, ident[0], ident[1]))
+	}
+}
+
+// toJSON is the json template function.
+func toJSON(v any) (string, error) {
+	var b strings.Builder
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return "", err
+	}
+	return strings.TrimSuffix(b.String(), "\n"), nil
+}
+
+// toString prints v as a template would.
+func toString(v any) string {
+	switch v := v.(type) {
+	case nil:
+		return ""
+	case string:
+		return v
+	case json.Number:
+		return string(v)
+	case []byte:
+		return string(v)
+	}
+	return fmt.Sprint(v)
+}
+
+// defaultValue is the default template function: {{ x | default "d" }}.
+func defaultValue(def, v any) any {
+	if isEmpty(v) {
+		return def
+	}
+	return v
+}
+
+func isEmpty(v any) bool {
+	if v == nil {
+		return true
+	}
+	rv := reflect.ValueOf(v)
+	switch rv.Kind() {
+	case reflect.Array, reflect.Map, reflect.Slice, reflect.String:
+		return rv.Len() == 0
+	case reflect.Pointer, reflect.Interface:
+		return rv.IsNil()
+	}
+	return rv.IsZero()
+}

@@ -1,0 +1,165 @@
+// Package service wires Orderly's parts together as `orderly run` runs them:
+// the embedded broker (when configured), the routes, the HTTP sender, the
+// dispatcher and the admin server. The demo, the benchmark and the
+// integration tests use the same wiring.
+package service
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/admin"
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/dispatcher"
+	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/telemetry"
+)
+
+// Service is one Orderly instance. Build it with New, run it with Run, and
+// Close it afterwards.
+type Service struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	metrics *telemetry.Metrics
+	broker  *embedded.Broker // nil unless kafka.brokers = "embedded"
+	sender  *httpclient.Sender
+	disp    *dispatcher.Dispatcher
+	admin   *admin.Server // nil when admin.listen is ""
+	brokers string
+
+	draining atomic.Bool // set when shutdown begins, before the drain grace
+}
+
+// New compiles the routes, starts the embedded broker if configured and binds
+// the admin address. Nothing is consumed before Run.
+func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, log: log, metrics: telemetry.NewMetrics(), brokers: cfg.Kafka.Brokers}
+	if cfg.Kafka.Embedded() {
+		topics := append([]string(nil), cfg.Kafka.Topics...)
+		if cfg.DLQ.Topic != "" {
+			topics = append(topics, cfg.DLQ.Topic)
+		}
+		b, err := embedded.Start(embedded.Options{
+			Listen: cfg.Kafka.EmbeddedListen, Partitions: cfg.Kafka.EmbeddedPartitions, Topics: topics,
+			DataDir: cfg.Kafka.EmbeddedDataDir, MinSessionTimeout: time.Second, Logger: log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.broker = b
+		s.brokers = b.Addr()
+		log.Info("embedded broker started", "addr", b.Addr(), "topics", topics,
+			"partitions", cfg.Kafka.EmbeddedPartitions, "data_dir", cfg.Kafka.EmbeddedDataDir)
+	}
+	s.sender = httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: version, Metrics: s.metrics, Logger: log})
+	s.disp, err = dispatcher.New(dispatcher.Options{
+		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
+	})
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	if cfg.Admin.Listen != "" {
+		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Metrics: s.metrics, Logger: log})
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// Brokers returns the bootstrap address in use (the embedded broker's when embedded).
+func (s *Service) Brokers() string { return s.brokers }
+
+// Broker returns the embedded broker, or nil.
+func (s *Service) Broker() *embedded.Broker { return s.broker }
+
+// AdminAddr returns the admin server's address, or "" without one.
+func (s *Service) AdminAddr() string {
+	if s.admin == nil {
+		return ""
+	}
+	return s.admin.Addr()
+}
+
+// Metrics returns the service's metrics.
+func (s *Service) Metrics() *telemetry.Metrics { return s.metrics }
+
+// Ready reports whether the service should receive traffic.
+func (s *Service) Ready() bool { return !s.draining.Load() && s.disp.Ready() }
+
+// Run serves until ctx ends. Then readiness turns 503 at once, and after
+// admin.drain_grace (time for load balancers to notice) the dispatcher stops
+// fetching, drains within dispatch.drain_timeout and commits. The admin
+// server stays up until the dispatcher has stopped.
+func (s *Service) Run(ctx context.Context) error {
+	dctx, stopDispatch := context.WithCancel(context.Background())
+	defer stopDispatch()
+	actx, stopAdmin := context.WithCancel(context.Background())
+	defer stopAdmin()
+
+	var wg sync.WaitGroup
+	adminErr := make(chan error, 1)
+	if s.admin != nil {
+		wg.Go(func() { adminErr <- s.admin.Serve(actx) })
+		s.log.Info("admin listening", "addr", s.admin.Addr())
+	}
+	dispErr := make(chan error, 1)
+	wg.Go(func() { dispErr <- s.disp.Run(dctx) })
+
+	var err error
+	select {
+	case <-ctx.Done():
+		s.draining.Store(true)
+		s.log.Info("shutting down", "drain_grace", s.cfg.Admin.DrainGrace.D().String())
+		if g := s.cfg.Admin.DrainGrace.D(); g > 0 {
+			t := time.NewTimer(g)
+			select {
+			case <-t.C:
+			case err = <-dispErr:
+				t.Stop()
+			}
+		}
+		stopDispatch()
+		if err == nil {
+			err = <-dispErr
+		}
+	case err = <-dispErr:
+		if err == nil {
+			err = errors.New("dispatcher stopped unexpectedly")
+		}
+	case err = <-adminErr:
+		stopDispatch()
+		if derr := <-dispErr; derr != nil {
+			err = errors.Join(err, derr)
+		}
+	}
+	stopAdmin()
+	wg.Wait()
+	return err
+}
+
+// Close releases what New acquired: the sender's connections and the
+// embedded broker. Call it after Run returned.
+func (s *Service) Close() {
+	if s.sender != nil {
+		s.sender.Close()
+	}
+	if s.broker != nil {
+		s.broker.Close()
+	}
+}

@@ -190,6 +190,7 @@ topics = ["orders"]
 "session.timeout.ms" = 1000
 "heartbeat.interval.ms" = 250
 [dispatch]
+max_in_flight = 50
 commit_interval = "200ms"
 drain_timeout = "5s"
 [admin]

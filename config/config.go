@@ -99,7 +99,7 @@ func Parse(data []byte, filename string) (*Config, error) {
 	}
 	var errs Errors
 	add := func(key, msg string) { errs = append(errs, &FieldError{File: filename, Key: key, Msg: msg}) }
-	expandStrings(reflect.ValueOf(&cfg).Elem(), "", add)
+	expandStrings(reflect.ValueOf(&cfg).Elem())
 	cfg.Kafka.Properties = make(map[string]string, len(cfg.Kafka.RawProperties))
 	for k, v := range cfg.Kafka.RawProperties {
 		key := "kafka.properties." + k
@@ -108,7 +108,7 @@ func Parse(data []byte, filename string) (*Config, error) {
 			add(key, err.Error())
 			continue
 		}
-		s = expand(s, func(name string) { add(key, "${"+name+"} is not set in the environment") })
+		s = expand(s, nil)
 		if hint, owned := ownedProperties[k]; owned {
 			add(key, "set by Orderly: "+hint)
 			continue
@@ -186,11 +186,9 @@ func expand(s string, unset func(name string)) string {
 }
 
 // expandStrings expands ${NAME} in every string reachable from v. An unset
-// variable expands to "" and is reported only for admin.token-like secrets?
-// No: it expands to "" silently, since an empty value is often the intent
-// (admin.token = "${ORDERLY_ADMIN_TOKEN}" without the variable disables auth
-// on loopback); validation then judges the result.
-func expandStrings(v reflect.Value, path string, add func(key, msg string)) {
+// variable expands to "" (admin.token = "${ORDERLY_ADMIN_TOKEN}" without the
+// variable means no token); validation then judges the result.
+func expandStrings(v reflect.Value) {
 	switch v.Kind() {
 	case reflect.String:
 		if v.CanSet() {
@@ -198,17 +196,17 @@ func expandStrings(v reflect.Value, path string, add func(key, msg string)) {
 		}
 	case reflect.Pointer:
 		if !v.IsNil() {
-			expandStrings(v.Elem(), path, add)
+			expandStrings(v.Elem())
 		}
 	case reflect.Struct:
 		for i := 0; i < v.NumField(); i++ {
 			if v.Type().Field(i).IsExported() {
-				expandStrings(v.Field(i), path, add)
+				expandStrings(v.Field(i))
 			}
 		}
 	case reflect.Slice:
 		for i := 0; i < v.Len(); i++ {
-			expandStrings(v.Index(i), path, add)
+			expandStrings(v.Index(i))
 		}
 	case reflect.Map:
 		if v.Type().Elem().Kind() == reflect.String {

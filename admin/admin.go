@@ -26,7 +26,11 @@ type Options struct {
 	Ready func() bool
 	// Metrics is exported on /metrics.
 	Metrics *telemetry.Metrics
-	Logger  *slog.Logger
+	// Token guards /dlq/* (Authorization: Bearer <token>).
+	Token string
+	// DLQ serves /dlq/*; nil when the DLQ is disabled.
+	DLQ    DLQ
+	Logger *slog.Logger
 }
 
 // Server is the admin HTTP server.
@@ -41,6 +45,9 @@ type Server struct {
 func Listen(o Options) (*Server, error) {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Token == "" && o.DLQ != nil && !loopback(o.Listen) {
+		return nil, fmt.Errorf("admin: refusing to serve /dlq/* on %s without admin.token: set a token or listen on a loopback address", o.Listen)
 	}
 	ln, err := net.Listen("tcp", o.Listen)
 	if err != nil {
@@ -68,6 +75,7 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.o.Metrics.Registry, promhttp.HandlerOpts{}))
+	s.dlqRoutes(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
 	})
@@ -101,4 +109,17 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// loopback reports whether addr's host is a loopback address or localhost.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

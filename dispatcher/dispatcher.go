@@ -129,7 +129,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer func() { close(stopLogs); pumps.Wait() }()
 
 	if d.cfg.DLQ.Topic != "" {
-		w, err := newDLQWriter(d.brokers, d.cfg, d.metrics, d.log, logs)
+		w, err := newDLQWriter(d.brokers, d.cfg, d.log, logs)
 		if err != nil {
 			return err
 		}

@@ -53,6 +53,7 @@ func (d *Dispatcher) deadLetter(p *partition, it *item, f *failure) bool {
 	for {
 		err := d.dlq.write(p.ctx, rec)
 		if err == nil {
+			d.metrics.DLQProduced.Inc()
 			p.finish(it.msg.Offset, telemetry.OutcomeDeadLettered)
 			d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 				"dlq", d.dlq.topic, "reason", f.reason)
@@ -111,7 +112,7 @@ type dlqWriter struct {
 	wg    sync.WaitGroup // the event pump
 }
 
-func newDLQWriter(brokers string, cfg *config.Config, m *telemetry.Metrics, log *slog.Logger, logs chan kafka.LogEvent) (*dlqWriter, error) {
+func newDLQWriter(brokers string, cfg *config.Config, log *slog.Logger, logs chan kafka.LogEvent) (*dlqWriter, error) {
 	cm := kafka.ConfigMap{
 		"bootstrap.servers":      brokers,
 		"client.id":              "orderly-dlq",
@@ -139,7 +140,6 @@ func newDLQWriter(brokers string, cfg *config.Config, m *telemetry.Metrics, log 
 			}
 		}
 	})
-	_ = m
 	return w, nil
 }
 

@@ -30,7 +30,8 @@ type Service struct {
 	broker  *embedded.Broker // nil unless kafka.brokers = "embedded"
 	sender  *httpclient.Sender
 	disp    *dispatcher.Dispatcher
-	admin   *admin.Server // nil when admin.listen is ""
+	admin   *admin.Server        // nil when admin.listen is ""
+	dlq     *dispatcher.DLQAdmin // nil when dlq.topic is ""
 	brokers string
 
 	draining atomic.Bool // set when shutdown begins, before the drain grace
@@ -65,15 +66,22 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 			"partitions", cfg.Kafka.EmbeddedPartitions, "data_dir", cfg.Kafka.EmbeddedDataDir)
 	}
 	s.sender = httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: version, Metrics: s.metrics, Logger: log})
-	s.disp, err = dispatcher.New(dispatcher.Options{
+	dopts := dispatcher.Options{
 		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
-	})
+	}
+	s.disp, err = dispatcher.New(dopts)
 	if err != nil {
 		s.Close()
 		return nil, err
 	}
+	var dlq admin.DLQ
+	if cfg.DLQ.Topic != "" {
+		s.dlq = dispatcher.NewDLQAdmin(dopts)
+		dlq = s.dlq
+	}
 	if cfg.Admin.Listen != "" {
-		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Metrics: s.metrics, Logger: log})
+		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Metrics: s.metrics,
+			Token: cfg.Admin.Token, DLQ: dlq, Logger: log})
 		if err != nil {
 			s.Close()
 			return nil, err
@@ -156,6 +164,9 @@ func (s *Service) Run(ctx context.Context) error {
 // Close releases what New acquired: the sender's connections and the
 // embedded broker. Call it after Run returned.
 func (s *Service) Close() {
+	if s.dlq != nil {
+		s.dlq.Close()
+	}
 	if s.sender != nil {
 		s.sender.Close()
 	}

@@ -171,10 +171,10 @@ name = "people"
 	}
 	var list struct {
 		Messages []struct {
-			K                               string `json:"key"`
-			R                               string `json:"route"`
-			Status                          int    `json:"status"`
-			Attempts                        int    `json:"attempts"`
+			K        string `json:"key"`
+			R        string `json:"route"`
+			Status   int    `json:"status"`
+			Attempts int    `json:"attempts"`
 		} `json:"messages"`
 		Count int `json:"count"`
 	}

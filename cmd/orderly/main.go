@@ -3,6 +3,7 @@
 //	orderly run --config FILE        the service
 //	orderly validate --config FILE   check a configuration, exit 0 or 2
 //	orderly demo [flags]             everything in one process, with a verification summary
+//	orderly dlq list|replay|status   the admin API's DLQ endpoints
 //	orderly version
 package main
 
@@ -32,6 +33,7 @@ Usage:
   orderly run --config FILE        consume, dispatch and commit until SIGTERM/SIGINT
   orderly validate --config FILE   parse and compile the configuration; exit 0, or print every error and exit 2
   orderly demo [flags]             embedded broker + generator + HTTP sink + dispatcher, with a summary
+  orderly dlq list|replay|status   inspect and replay the dead-letter topic through the admin API
   orderly version                  print the version
 
 Run 'orderly COMMAND -h' for a command's flags.
@@ -54,6 +56,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdValidate(args[1:], stdout, stderr)
 	case "demo":
 		return cmdDemo(args[1:], stdout, stderr)
+	case "dlq":
+		return cmdDLQ(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "orderly", version)
 		return 0

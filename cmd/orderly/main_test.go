@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -42,13 +43,34 @@ func TestMain(m *testing.M) {
 // proc is a running orderly process.
 type proc struct {
 	cmd  *exec.Cmd
-	out  *bytes.Buffer
+	out  *syncBuffer
 	done chan error
 }
 
+// syncBuffer is a bytes.Buffer safe for the process's writes and the
+// test's reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (p *proc) output() string { return p.out.String() }
+
 func start(t *testing.T, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(binary, args...), out: &bytes.Buffer{}, done: make(chan error, 1)}
+	p := &proc{cmd: exec.Command(binary, args...), out: &syncBuffer{}, done: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -240,4 +262,61 @@ name = "people"
 		t.Fatalf("second exit: %v", err)
 	}
 	p2.done <- nil
+}
+
+// TestUnreachableBrokerAtStart: with no broker at the configured address,
+// orderly keeps retrying with a clear log line and readiness stays 503; once
+// a broker appears there it becomes ready and delivers.
+func TestUnreachableBrokerAtStart(t *testing.T) {
+	kafkaAddr, admin := freeAddr(t), freeAddr(t)
+	sink := testkit.NewSink()
+	srv := httptest.NewServer(sink)
+	t.Cleanup(srv.Close)
+	cfgPath := filepath.Join(t.TempDir(), "orderly.toml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
+[kafka]
+brokers = %q
+group_id = "late"
+[kafka.properties]
+"session.timeout.ms" = 1000
+"heartbeat.interval.ms" = 250
+"reconnect.backoff.max.ms" = 500
+[admin]
+listen = %q
+[[routes]]
+name = "people"
+  [[routes.requests]]
+  url = "%s/people/{{ .Key }}"
+`, kafkaAddr, admin, srv.URL)), 0o644)
+	p := start(t, "run", "--config", cfgPath)
+	waitFor(t, 30*time.Second, "a log line about the unreachable broker", func() bool {
+		return strings.Contains(p.output(), "kafka unreachable")
+	})
+	if st := httpStatus("http://" + admin + "/readyz"); st != 503 {
+		t.Fatalf("readyz %d without a broker, want 503", st)
+	}
+	b, err := embedded.Start(embedded.Options{Listen: kafkaAddr, Partitions: 2, Topics: []string{"orders", "orderly.dlq"},
+		MinSessionTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	waitFor(t, 60*time.Second, "readiness once the broker is up", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
+	gen := &testkit.Generator{Keys: 5}
+	prod, err := testkit.NewProducer(b.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prod.Close()
+	if err := prod.Produce(context.Background(), "orders", gen.Records(50)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "delivery", func() bool { return sink.Distinct() >= 50 })
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-p.done; err != nil {
+		t.Fatalf("exit: %v", err)
+	}
+	p.done <- nil
 }

@@ -21,7 +21,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
 kport=$(free_port); sport=$(free_port); aport=$(free_port)
 
-bin/sinkserver -listen "127.0.0.1:$sport" & pids+=($!)
+bin/sinkserver -listen "127.0.0.1:$sport" & pids+=($!); disown
 sed -e "s/127.0.0.1:9092/127.0.0.1:$kport/" -e "s/127.0.0.1:9464/127.0.0.1:$aport/" -e "s/127.0.0.1:8081/127.0.0.1:$sport/g" \
   -e "s#^embedded_data_dir = .*#embedded_data_dir = \"$work/kafka\"#" \
   config.example.toml > "$work/orderly.toml"

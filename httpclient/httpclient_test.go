@@ -1,0 +1,911 @@
+package httpclient
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/telemetry"
+)
+
+// --- helpers ---------------------------------------------------------------
+
+func d(v time.Duration) config.Duration { return config.Duration{Duration: v} }
+
+// baseHTTP is a fast configuration: tiny backoffs, no breaker.
+func baseHTTP() config.HTTP {
+	return config.HTTP{
+		Timeout:         d(5 * time.Second),
+		MaxConnsPerHost: 16,
+		IdleConnTimeout: d(time.Minute),
+		Retry: config.Retry{MaxAttempts: 5, InitialBackoff: d(time.Millisecond), MaxBackoff: d(5 * time.Millisecond),
+			RetryStatuses: []int{408, 425, 429, 500, 502, 503, 504}},
+	}
+}
+
+func breakerHTTP(openTimeout time.Duration) config.HTTP {
+	h := baseHTTP()
+	h.Breaker = config.Breaker{Enabled: true, FailureRatio: 0.5, MinRequests: 5,
+		OpenTimeout: d(openTimeout), HalfOpenRequests: 1}
+	return h
+}
+
+func newTestSender(t testing.TB, h config.HTTP, propagate func(context.Context, http.Header)) (*Sender, *telemetry.Metrics) {
+	t.Helper()
+	m := telemetry.NewMetrics()
+	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: m, Propagate: propagate})
+	t.Cleanup(s.Close)
+	return s, m
+}
+
+// hit is one request as the recorder saw it.
+type hit struct {
+	at     time.Time
+	header http.Header
+	body   []byte
+}
+
+// recorder is an httptest server that records requests and answers through
+// respond (nil: 200).
+type recorder struct {
+	*httptest.Server
+	mu      sync.Mutex
+	hits    []hit
+	respond func(w http.ResponseWriter, r *http.Request, n int) // n counts from 0
+}
+
+func newRecorder(t testing.TB, respond func(w http.ResponseWriter, r *http.Request, n int)) *recorder {
+	t.Helper()
+	rec := &recorder{respond: respond}
+	rec.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		rec.mu.Lock()
+		n := len(rec.hits)
+		rec.hits = append(rec.hits, hit{at: time.Now(), header: r.Header.Clone(), body: b})
+		rec.mu.Unlock()
+		if rec.respond != nil {
+			rec.respond(w, r, n)
+		}
+	}))
+	t.Cleanup(rec.Close)
+	return rec
+}
+
+// statuses answers script[n], then 200.
+func statuses(script ...int) func(http.ResponseWriter, *http.Request, int) {
+	return func(w http.ResponseWriter, _ *http.Request, n int) {
+		if n < len(script) {
+			w.WriteHeader(script[n])
+		}
+	}
+}
+
+func (r *recorder) n() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.hits)
+}
+
+func (r *recorder) get(i int) hit {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.hits[i]
+}
+
+func (r *recorder) host() string { return r.Listener.Addr().String() }
+
+func post(url string, body []byte) *filters.Request {
+	return &filters.Request{Method: http.MethodPost, URL: url, Body: body,
+		Header: http.Header{"Content-Type": {"application/json"}, "X-Tenant": {"acme"}}}
+}
+
+// waitFor polls cond every 5ms until it holds or timeout passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// metricValue sums the series of the named metric whose labels include all
+// of want (counter and gauge values; histogram sample counts).
+func metricValue(t testing.TB, m *telemetry.Metrics, name string, want map[string]string) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, mt := range mf.GetMetric() {
+			have := map[string]string{}
+			for _, lp := range mt.GetLabel() {
+				have[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range want {
+				if have[k] != v {
+					continue series
+				}
+			}
+			switch {
+			case mt.Counter != nil:
+				sum += mt.Counter.GetValue()
+			case mt.Gauge != nil:
+				sum += mt.Gauge.GetValue()
+			case mt.Histogram != nil:
+				sum += float64(mt.Histogram.GetSampleCount())
+			}
+		}
+	}
+	return sum
+}
+
+func breakerState(t testing.TB, m *telemetry.Metrics, host string) float64 {
+	return metricValue(t, m, "orderly_breaker_state", map[string]string{"host": host})
+}
+
+func transitions(t testing.TB, m *telemetry.Metrics, host, to string) float64 {
+	return metricValue(t, m, "orderly_breaker_transitions_total", map[string]string{"host": host, "to": to})
+}
+
+func asError(t testing.TB, err error) *Error {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %v (%T) is not an *httpclient.Error", err, err)
+	}
+	return e
+}
+
+// --- headers and bodies ----------------------------------------------------
+
+func TestSendSetsHeadersOnEveryAttempt(t *testing.T) {
+	rec := newRecorder(t, statuses(503, 200))
+	var calls atomic.Int32
+	propagate := func(ctx context.Context, h http.Header) {
+		if _, ok := ctx.Deadline(); !ok {
+			t.Error("Propagate got a context without the per-attempt deadline")
+		}
+		h.Set("Traceparent", fmt.Sprintf("00-trace-%d-01", calls.Add(1)))
+	}
+	s, _ := newTestSender(t, baseHTTP(), propagate)
+	r := post(rec.URL+"/orders/7", []byte(`{}`))
+	r.Header.Set("User-Agent", "spoofed")    // ours wins
+	r.Header.Set("Idempotency-Key", "stale") // ours wins
+	res, err := s.Send(context.Background(), r, "orders-3-42-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Attempts != 2 || res.Status != 200 {
+		t.Fatalf("result %+v, want 2 attempts ending in 200", res)
+	}
+	for i := range 2 {
+		h := rec.get(i).header
+		if got := h.Values("Idempotency-Key"); len(got) != 1 || got[0] != "orders-3-42-0" {
+			t.Errorf("attempt %d Idempotency-Key %q", i, got)
+		}
+		if got := h.Values("User-Agent"); len(got) != 1 || got[0] != "orderly/9.9.9" {
+			t.Errorf("attempt %d User-Agent %q", i, got)
+		}
+		if h.Get("Content-Type") != "application/json" || h.Get("X-Tenant") != "acme" {
+			t.Errorf("attempt %d lost configured headers: %v", i, h)
+		}
+		if want := fmt.Sprintf("00-trace-%d-01", i+1); h.Get("Traceparent") != want {
+			t.Errorf("attempt %d traceparent %q, want %q (Propagate runs per attempt)", i, h.Get("Traceparent"), want)
+		}
+	}
+	// The caller's request is untouched.
+	if r.Header.Get("Traceparent") != "" || r.Header.Get("User-Agent") != "spoofed" || r.Header.Get("Idempotency-Key") != "stale" {
+		t.Fatalf("Send modified the caller's headers: %v", r.Header)
+	}
+}
+
+func TestSendReplaysBodyIdentically(t *testing.T) {
+	rec := newRecorder(t, statuses(500, 502, 503, 200))
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	body := bytes.Repeat([]byte("0123456789abcdef"), 8<<10) // 128 KiB
+	orig := bytes.Clone(body)
+	res, err := s.Send(context.Background(), post(rec.URL, body), "k")
+	if err != nil || res.Attempts != 4 {
+		t.Fatalf("result %+v, err %v; want success on attempt 4", res, err)
+	}
+	for i := range 4 {
+		if h := rec.get(i); !bytes.Equal(h.body, orig) {
+			t.Fatalf("attempt %d got %d bytes, want the %d original bytes", i, len(h.body), len(orig))
+		}
+	}
+	if !bytes.Equal(body, orig) {
+		t.Fatal("Send modified the caller's body slice")
+	}
+}
+
+func TestSendWithoutBody(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, _ int) {
+		if r.ContentLength > 0 || len(r.TransferEncoding) > 0 {
+			w.WriteHeader(400)
+		}
+	})
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	for _, method := range []string{"GET", "POST", "DELETE"} {
+		if _, err := s.Send(context.Background(), &filters.Request{Method: method, URL: rec.URL}, "k"); err != nil {
+			t.Fatalf("%s without body: %v", method, err)
+		}
+	}
+}
+
+// --- statuses and attempts -------------------------------------------------
+
+func TestSendOutcomes(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		script       []int
+		maxAttempts  int
+		wantAttempts int
+		wantStatus   int
+		wantErr      error // nil: success
+	}{
+		{"503 then success", []int{503}, 5, 2, 200, nil},
+		{"retry statuses then success", []int{408, 425, 429, 500, 502, 504}, 10, 7, 200, nil},
+		{"201 is success", []int{201}, 5, 1, 201, nil},
+		{"400 is permanent", []int{400}, 5, 1, 400, ErrStatus},
+		{"404 is permanent", []int{404}, 5, 1, 404, ErrStatus},
+		{"501 is permanent", []int{501}, 5, 1, 501, ErrStatus},
+		{"302 is not followed", []int{302}, 5, 1, 302, ErrStatus},
+		{"exhausted", []int{503, 503, 503, 503}, 3, 3, 503, ErrRetriesExhausted},
+		{"single attempt", []int{500}, 1, 1, 500, ErrRetriesExhausted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if n < len(tc.script) {
+					if tc.script[n] == 302 {
+						w.Header().Set("Location", "/elsewhere")
+					}
+					w.WriteHeader(tc.script[n])
+				}
+			})
+			h := baseHTTP()
+			h.Retry.MaxAttempts = tc.maxAttempts
+			s, _ := newTestSender(t, h, nil)
+			res, err := s.Send(context.Background(), post(rec.URL, []byte("x")), "k")
+			if rec.n() != tc.wantAttempts {
+				t.Errorf("server saw %d requests, want %d", rec.n(), tc.wantAttempts)
+			}
+			if tc.wantErr == nil {
+				if err != nil || res.Attempts != tc.wantAttempts || res.Status != tc.wantStatus {
+					t.Fatalf("result %+v, err %v; want %d attempts, status %d", res, err, tc.wantAttempts, tc.wantStatus)
+				}
+				return
+			}
+			e := asError(t, err)
+			if !e.Permanent || !IsPermanent(err) || e.Attempts != tc.wantAttempts || e.Status != tc.wantStatus || !errors.Is(err, tc.wantErr) {
+				t.Fatalf("error %#v (%v); want permanent, %d attempts, status %d, wrapping %v",
+					e, err, tc.wantAttempts, tc.wantStatus, tc.wantErr)
+			}
+			if res.Attempts != e.Attempts {
+				t.Errorf("Result.Attempts %d != Error.Attempts %d", res.Attempts, e.Attempts)
+			}
+		})
+	}
+}
+
+func TestSendUnlimitedAttempts(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
+		if n < 15 {
+			w.WriteHeader(503)
+		}
+	})
+	h := baseHTTP()
+	h.Retry.MaxAttempts = 0
+	s, m := newTestSender(t, h, nil)
+	res, err := s.Send(context.Background(), post(rec.URL, nil), "k")
+	if err != nil || res.Attempts != 16 || res.Status != 200 {
+		t.Fatalf("result %+v, err %v; want success on attempt 16", res, err)
+	}
+	if got := metricValue(t, m, "orderly_http_retries_total", map[string]string{"host": rec.host()}); got != 15 {
+		t.Fatalf("retries metric %v, want 15", got)
+	}
+}
+
+func TestSendInvalidRequestIsPermanent(t *testing.T) {
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	for _, u := range []string{"http://[::1", "ftp://127.0.0.1:1/x"} {
+		_, err := s.Send(context.Background(), post(u, nil), "k")
+		if !IsPermanent(err) {
+			t.Fatalf("%s: error %v, want permanent", u, err)
+		}
+		if e := asError(t, err); e.Attempts > 1 {
+			t.Fatalf("%s: %d attempts, want at most 1", u, e.Attempts)
+		}
+	}
+}
+
+func TestSendMetrics(t *testing.T) {
+	rec := newRecorder(t, statuses(503, 503, 200))
+	s, m := newTestSender(t, baseHTTP(), nil)
+	if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); err != nil {
+		t.Fatal(err)
+	}
+	host := rec.host()
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"orderly_http_requests_total", map[string]string{"host": host, "status": "503"}, 2},
+		{"orderly_http_requests_total", map[string]string{"host": host, "status": "200"}, 1},
+		{"orderly_http_retries_total", map[string]string{"host": host}, 2},
+		{"orderly_http_request_duration_seconds", map[string]string{"host": host}, 3},
+	} {
+		if got := metricValue(t, m, c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+}
+
+// --- Retry-After -----------------------------------------------------------
+
+func TestSendRetryAfter(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		status int
+		value  func() string
+	}{
+		{"429 seconds", 429, func() string { return "1" }},
+		// HTTP-date has a resolution of one second: now+2s waits 1-2s.
+		{"503 HTTP-date", 503, func() string { return time.Now().Add(2 * time.Second).UTC().Format(http.TimeFormat) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
+				if n == 0 {
+					w.Header().Set("Retry-After", tc.value())
+					w.WriteHeader(tc.status)
+				}
+			})
+			h := baseHTTP()
+			h.Retry.MaxBackoff = d(10 * time.Second)
+			s, _ := newTestSender(t, h, nil)
+			if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); err != nil {
+				t.Fatal(err)
+			}
+			if gap := rec.get(1).at.Sub(rec.get(0).at); gap < 950*time.Millisecond {
+				t.Fatalf("second attempt came %s after the first, want >= 1s (Retry-After)", gap)
+			}
+		})
+	}
+}
+
+func TestSendRetryAfterIsCapped(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
+		if n == 0 {
+			w.Header().Set("Retry-After", "3600")
+			w.WriteHeader(429)
+		}
+	})
+	h := baseHTTP()
+	h.Retry.MaxBackoff = d(50 * time.Millisecond)
+	s, _ := newTestSender(t, h, nil)
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Send(context.Background(), post(rec.URL, nil), "k")
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Retry-After: 3600 was not capped at max_backoff")
+	}
+}
+
+func TestBackoffBounds(t *testing.T) {
+	lo, hi := 100*time.Millisecond, 2*time.Second
+	for attempt := range 200 {
+		ceiling := min(lo<<min(attempt, 30), hi)
+		for range 20 {
+			w := backoff(lo, hi, attempt, nil)
+			if w < lo || w > hi || w < ceiling/2 || w > ceiling {
+				t.Fatalf("attempt %d: wait %s outside [max(%s, %s/2), %s]", attempt, w, lo, ceiling, ceiling)
+			}
+		}
+	}
+	resp := &http.Response{StatusCode: 429, Header: http.Header{"Retry-After": {"7"}}}
+	if w := backoff(lo, hi, 0, resp); w != hi {
+		t.Fatalf("Retry-After 7s with max 2s waited %s", w)
+	}
+	resp.Header.Set("Retry-After", "1")
+	if w := backoff(lo, hi, 5, resp); w != time.Second {
+		t.Fatalf("Retry-After 1s waited %s", w)
+	}
+	resp.StatusCode = 500 // Retry-After only counts on 429 and 503
+	if w := backoff(lo, hi, 0, resp); w != lo {
+		t.Fatalf("500 with Retry-After waited %s, want the backoff %s", w, lo)
+	}
+	resp = &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {"soon"}}}
+	if w := backoff(lo, hi, 0, resp); w != lo {
+		t.Fatalf("unparsable Retry-After waited %s, want the backoff %s", w, lo)
+	}
+}
+
+// --- transport failures ----------------------------------------------------
+
+func TestSendRetriesConnectionRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens: connections are refused
+	h := baseHTTP()
+	h.Retry.MaxAttempts = 0
+	s, m := newTestSender(t, h, nil)
+	type out struct {
+		res Result
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		res, err := s.Send(context.Background(), post("http://"+addr+"/x", []byte("b")), "k")
+		done <- out{res, err}
+	}()
+	waitFor(t, 10*time.Second, "refused attempts", func() bool {
+		return metricValue(t, m, "orderly_http_requests_total", map[string]string{"host": addr, "status": "error"}) >= 3
+	})
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("port %s was taken meanwhile: %v", addr, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	select {
+	case o := <-done:
+		if o.err != nil || o.res.Attempts < 4 {
+			t.Fatalf("result %+v, err %v; want success after >= 3 refused attempts", o.res, o.err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no success after the server came up")
+	}
+}
+
+func TestSendRetriesDroppedConnection(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
+		if n == 0 { // hang up without answering: the client sees EOF
+			c, _, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				c.Close()
+			}
+		}
+	})
+	s, m := newTestSender(t, baseHTTP(), nil)
+	res, err := s.Send(context.Background(), post(rec.URL, []byte("b")), "k")
+	if err != nil || res.Attempts != 2 {
+		t.Fatalf("result %+v, err %v; want success on attempt 2", res, err)
+	}
+	if got := metricValue(t, m, "orderly_http_requests_total", map[string]string{"status": "error"}); got != 1 {
+		t.Fatalf("error attempts %v, want 1", got)
+	}
+}
+
+func TestSendRetriesPerAttemptTimeout(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		if n == 0 {
+			<-r.Context().Done() // hang until the client gives up on this attempt
+		}
+	})
+	h := baseHTTP()
+	h.Timeout = d(100 * time.Millisecond)
+	s, _ := newTestSender(t, h, nil)
+	start := time.Now()
+	res, err := s.Send(context.Background(), post(rec.URL, nil), "k")
+	if err != nil || res.Attempts != 2 {
+		t.Fatalf("result %+v, err %v; want success on attempt 2", res, err)
+	}
+	if el := time.Since(start); el < 100*time.Millisecond {
+		t.Fatalf("finished in %s, before the per-attempt timeout", el)
+	}
+}
+
+// --- cancellation ----------------------------------------------------------
+
+func TestSendCancel(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		respond func(http.ResponseWriter, *http.Request, int)
+	}{
+		{"during backoff", func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(503) }},
+		{"during an attempt", func(_ http.ResponseWriter, r *http.Request, _ int) { <-r.Context().Done() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := newRecorder(t, tc.respond)
+			h := baseHTTP()
+			h.Timeout = d(time.Minute)
+			h.Retry.MaxAttempts = 0
+			h.Retry.InitialBackoff, h.Retry.MaxBackoff = d(time.Minute), d(time.Minute)
+			s, _ := newTestSender(t, h, nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := make(chan error, 1)
+			go func() {
+				_, err := s.Send(ctx, post(rec.URL, nil), "k")
+				done <- err
+			}()
+			waitFor(t, 5*time.Second, "the first attempt", func() bool { return rec.n() >= 1 })
+			cancel()
+			select {
+			case err := <-done:
+				if IsPermanent(err) || !errors.Is(err, context.Canceled) {
+					t.Fatalf("error %v: want a non-permanent error wrapping context.Canceled", err)
+				}
+				if e := asError(t, err); e.Attempts != 1 {
+					t.Fatalf("attempts %d, want 1", e.Attempts)
+				}
+			case <-time.After(2 * time.Second):
+				t.Fatal("Send did not return promptly after cancel")
+			}
+		})
+	}
+}
+
+// --- circuit breaker -------------------------------------------------------
+
+// tripBreaker sends failing single-attempt requests until the breaker of
+// rec's host is open.
+func tripBreaker(t *testing.T, s *Sender, m *telemetry.Metrics, rec *recorder) {
+	t.Helper()
+	for i := 0; breakerState(t, m, rec.host()) != telemetry.BreakerOpen; i++ {
+		if i == 20 {
+			t.Fatal("breaker did not open after 20 failures")
+		}
+		_, err := s.Send(context.Background(), post(rec.URL, nil), "k")
+		if !IsPermanent(err) {
+			t.Fatalf("failing single attempt: %v, want permanent (exhausted)", err)
+		}
+	}
+}
+
+func TestBreakerOpenWaitsWithoutAttempts(t *testing.T) {
+	rec := newRecorder(t, statuses(503, 503, 503, 503, 503, 503, 503, 503, 503, 503))
+	h := breakerHTTP(time.Minute)
+	h.Retry.MaxAttempts = 1
+	s, m := newTestSender(t, h, nil)
+	tripBreaker(t, s, m, rec)
+	if n := rec.n(); n != 5 {
+		t.Fatalf("breaker opened after %d failures, want min_requests = 5", n)
+	}
+	if got := transitions(t, m, rec.host(), "open"); got != 1 {
+		t.Fatalf("transitions to open %v, want 1", got)
+	}
+	// While open, a Send waits: no request reaches the target, no attempt is
+	// spent, and when ctx ends the error is not permanent.
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+	defer cancel()
+	_, err := s.Send(ctx, post(rec.URL, nil), "k")
+	if IsPermanent(err) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("error %v, want non-permanent deadline exceeded", err)
+	}
+	if e := asError(t, err); e.Attempts != 0 {
+		t.Fatalf("%d attempts spent while the breaker was open", e.Attempts)
+	}
+	if rec.n() != 5 {
+		t.Fatalf("%d requests reached the target; the open breaker let some through", rec.n()-5)
+	}
+}
+
+func TestBreakerHalfOpensAndCloses(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+		if down.Load() {
+			w.WriteHeader(503)
+		}
+	})
+	const openTimeout = 200 * time.Millisecond
+	h := breakerHTTP(openTimeout)
+	h.Retry.MaxAttempts = 0
+	s, m := newTestSender(t, h, nil)
+	host := rec.host()
+
+	// One sender against a dead target: 5 failures open the breaker, then
+	// each half-open period lets exactly one probe through.
+	ctx, cancel := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() {
+		_, err := s.Send(ctx, post(rec.URL, nil), "a")
+		first <- err
+	}()
+	waitFor(t, 10*time.Second, "breaker open", func() bool { return breakerState(t, m, host) == telemetry.BreakerOpen })
+	waitFor(t, 10*time.Second, "two half-open probes", func() bool { return transitions(t, m, host, "half-open") >= 2 })
+	hits := rec.n()
+	if probes := transitions(t, m, host, "half-open"); float64(hits) > 5+probes {
+		t.Fatalf("%d requests reached the dead target with %v half-open periods; want <= 5 + one probe each", hits, probes)
+	}
+	cancel()
+	if err := <-first; IsPermanent(err) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled sender: %v, want non-permanent context.Canceled", err)
+	}
+
+	// The target recovers while the breaker is open (or half-open, if the
+	// cancelled sender's probe was cut short: an excluded probe frees its
+	// slot). Requests started now wait for the probe instead of spending
+	// attempts, and all succeed with one attempt once the breaker closed.
+	down.Store(false)
+	h1 := rec.n()
+	const waiters = 8
+	results := make(chan error, waiters)
+	for range waiters {
+		go func() {
+			res, err := s.Send(context.Background(), post(rec.URL, nil), "b")
+			if err == nil && res.Attempts != 1 {
+				err = fmt.Errorf("%d attempts, want 1", res.Attempts)
+			}
+			results <- err
+		}()
+	}
+	for range waiters {
+		select {
+		case err := <-results:
+			if err != nil {
+				t.Fatalf("request started while the breaker was open: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("requests never went through after recovery")
+		}
+	}
+	if got := rec.n() - h1; got != waiters {
+		t.Fatalf("%d requests reached the target, want %d (one each)", got, waiters)
+	}
+	waitFor(t, 5*time.Second, "breaker closed", func() bool { return breakerState(t, m, host) == telemetry.BreakerClosed })
+	if transitions(t, m, host, "closed") < 1 {
+		t.Fatal("no transition to closed counted")
+	}
+}
+
+func TestBreakerConsecutiveFailures(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(500) })
+	h := breakerHTTP(time.Minute)
+	h.Breaker.MinRequests = 1000 // ratio rule out of reach
+	h.Breaker.ConsecutiveFailures = 3
+	h.Retry.MaxAttempts = 1
+	s, m := newTestSender(t, h, nil)
+	tripBreaker(t, s, m, rec)
+	if rec.n() != 3 {
+		t.Fatalf("opened after %d failures, want 3 consecutive", rec.n())
+	}
+}
+
+func TestBreakerIgnoresClientErrors(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(400) })
+	h := breakerHTTP(time.Minute)
+	h.Breaker.ConsecutiveFailures = 2
+	s, m := newTestSender(t, h, nil)
+	for range 30 {
+		if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); !IsPermanent(err) {
+			t.Fatalf("400: %v, want permanent", err)
+		}
+	}
+	if rec.n() != 30 {
+		t.Fatalf("%d of 30 requests reached the target", rec.n())
+	}
+	if st := breakerState(t, m, rec.host()); st != telemetry.BreakerClosed {
+		t.Fatalf("breaker state %v after 400s, want closed", st)
+	}
+	if got := metricValue(t, m, "orderly_breaker_transitions_total", nil); got != 0 {
+		t.Fatalf("%v breaker transitions after 400s", got)
+	}
+}
+
+func TestBreakerIgnoresCancellation(t *testing.T) {
+	rec := newRecorder(t, func(_ http.ResponseWriter, r *http.Request, _ int) { <-r.Context().Done() })
+	h := breakerHTTP(time.Minute)
+	h.Breaker.ConsecutiveFailures = 1
+	s, m := newTestSender(t, h, nil)
+	for i := range 5 {
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { // cancel once the attempt is in flight (or after 5s)
+			for deadline := time.Now().Add(5 * time.Second); rec.n() <= i && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
+			cancel()
+		}()
+		if _, err := s.Send(ctx, post(rec.URL, nil), "k"); IsPermanent(err) || !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled send: %v", err)
+		}
+		cancel()
+	}
+	if st := breakerState(t, m, rec.host()); st != telemetry.BreakerClosed {
+		t.Fatalf("cancelled attempts opened the breaker (state %v)", st)
+	}
+}
+
+func TestBreakerDisabled(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(503) })
+	h := baseHTTP() // breaker disabled
+	h.Retry.MaxAttempts = 2
+	s, m := newTestSender(t, h, nil)
+	for range 20 {
+		if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); !IsPermanent(err) {
+			t.Fatalf("exhausted 503: %v, want permanent", err)
+		}
+	}
+	if rec.n() != 40 {
+		t.Fatalf("%d requests reached the target, want all 40", rec.n())
+	}
+	if got := metricValue(t, m, "orderly_breaker_state", nil) + metricValue(t, m, "orderly_breaker_transitions_total", nil); got != 0 {
+		t.Fatalf("breaker metrics moved with breakers disabled: %v", got)
+	}
+}
+
+// --- connections -----------------------------------------------------------
+
+// countingServer starts an httptest server (TLS if tls) that counts the
+// connections it accepted.
+func countingServer(t testing.TB, tls bool, handler http.HandlerFunc) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var conns atomic.Int64
+	srv := httptest.NewUnstartedServer(handler)
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	if tls {
+		srv.StartTLS()
+	} else {
+		srv.Start()
+	}
+	t.Cleanup(srv.Close)
+	return srv, &conns
+}
+
+// trustServer makes s trust srv's test certificate.
+func trustServer(s *Sender, srv *httptest.Server) {
+	if srv.TLS != nil {
+		s.transport.TLSClientConfig = srv.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	}
+}
+
+func TestConnAgeRetiresConnections(t *testing.T) {
+	for _, tc := range []struct {
+		age  time.Duration
+		tls  bool
+		many bool
+	}{{200 * time.Millisecond, false, true}, {200 * time.Millisecond, true, true}, {0, false, false}} {
+		t.Run(fmt.Sprintf("max_conn_age=%s/tls=%t", tc.age, tc.tls), func(t *testing.T) {
+			// A 10 KiB answer: only drained bodies keep a connection reusable.
+			payload := strings.Repeat("z", 10<<10)
+			srv, conns := countingServer(t, tc.tls, func(w http.ResponseWriter, r *http.Request) {
+				_, _ = io.Copy(io.Discard, r.Body)
+				_, _ = io.WriteString(w, payload)
+			})
+			h := baseHTTP()
+			h.MaxConnAge = d(tc.age)
+			s, m := newTestSender(t, h, nil)
+			trustServer(s, srv)
+			for end := time.Now().Add(time.Second); time.Now().Before(end); {
+				res, err := s.Send(context.Background(), post(srv.URL, []byte(`{"n":1}`)), "k")
+				if err != nil || res.Attempts != 1 {
+					// Retiring a connection must be invisible to Send.
+					t.Fatalf("result %+v, err %v; want one clean attempt", res, err)
+				}
+				time.Sleep(20 * time.Millisecond) // pacing, not an assertion
+			}
+			got := conns.Load()
+			if tc.many && got < 2 || !tc.many && got != 1 {
+				t.Fatalf("%d connections over 1s of sequential requests", got)
+			}
+			if e := metricValue(t, m, "orderly_http_requests_total", map[string]string{"status": "error"}); e != 0 {
+				t.Fatalf("%v attempts failed", e)
+			}
+		})
+	}
+}
+
+func TestConnAgeUnderConcurrency(t *testing.T) {
+	var requests atomic.Int64
+	srv, conns := countingServer(t, false, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		requests.Add(1)
+	})
+	h := baseHTTP()
+	h.MaxConnAge = d(30 * time.Millisecond)
+	s, m := newTestSender(t, h, nil)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 40 {
+				res, err := s.Send(context.Background(), post(srv.URL, []byte("body-"+strconv.Itoa(g))), "k")
+				if err == nil && res.Attempts != 1 {
+					err = fmt.Errorf("%d attempts", res.Attempts)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("goroutine %d request %d: %w", g, i, err)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if got := requests.Load(); got != 320 {
+		t.Fatalf("server saw %d requests, want exactly 320 (retiring must not duplicate)", got)
+	}
+	if got := conns.Load(); got <= 8 {
+		t.Fatalf("%d connections for 8 senders over >= 40ms each: none was retired", got)
+	}
+	if e := metricValue(t, m, "orderly_http_requests_total", map[string]string{"status": "error"}); e != 0 {
+		t.Fatalf("%v attempts failed", e)
+	}
+}
+
+// --- benchmark -------------------------------------------------------------
+
+func BenchmarkSend(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}))
+	defer srv.Close()
+	for _, bc := range []struct {
+		name string
+		h    func() config.HTTP
+	}{
+		{"plain", baseHTTP},
+		{"breaker+conn_age", func() config.HTTP {
+			h := breakerHTTP(time.Minute)
+			h.MaxConnAge = d(time.Minute)
+			return h
+		}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			s, _ := newTestSender(b, bc.h(), nil)
+			r := post(srv.URL+"/orders", []byte(`{"id":42,"type":"order.created"}`))
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := s.Send(ctx, r, "orders-0-1-0"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(bc.name+"/parallel", func(b *testing.B) {
+			s, _ := newTestSender(b, bc.h(), nil)
+			r := post(srv.URL+"/orders", []byte(`{"id":42,"type":"order.created"}`))
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := s.Send(context.Background(), r, "orders-0-1-0"); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}

@@ -1,0 +1,172 @@
+package httpclient
+
+import (
+	"net"
+	"net/http/httptrace"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sony/gobreaker/v2"
+
+	"github.com/orderly-dispatch/orderly/telemetry"
+)
+
+// Breaker window: counts roll over 10 s in 1 s buckets, so the failure ratio
+// is that of the last ~10 s and an old healthy period cannot mask a fresh
+// outage (gobreaker's Interval 0 would never forget).
+const (
+	breakerInterval = 10 * time.Second
+	breakerBucket   = time.Second
+)
+
+// target is the state kept per host:port: its breaker and metric handles.
+// Targets live as long as the Sender (one per distinct host:port a route
+// sends to, a small set).
+//
+// Lock order: the breaker's internal mutex, then target.mu (OnStateChange
+// runs under the former and takes the latter); nothing calls into the breaker
+// while holding target.mu. Sender.mu is only held to create targets.
+type target struct {
+	host     string
+	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}] // nil when breakers are disabled
+	duration prometheus.Observer
+	retries  prometheus.Counter
+	errors   prometheus.Counter
+	requests *prometheus.CounterVec // orderly_http_requests_total
+
+	mu       sync.Mutex                 // protects statuses and changed
+	statuses map[int]prometheus.Counter // orderly_http_requests_total by status
+	changed  chan struct{}              // closed and replaced on every breaker state change
+}
+
+// target returns the state of host, creating it on first use.
+func (s *Sender) target(host string) *target {
+	s.mu.RLock()
+	t := s.targets[host]
+	s.mu.RUnlock()
+	if t != nil {
+		return t
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t = s.targets[host]; t != nil {
+		return t
+	}
+	m := s.metrics
+	t = &target{
+		host:     host,
+		duration: m.HTTPDuration.WithLabelValues(host),
+		retries:  m.HTTPRetries.WithLabelValues(host),
+		errors:   m.HTTPRequests.WithLabelValues(host, "error"),
+		requests: m.HTTPRequests,
+		statuses: make(map[int]prometheus.Counter),
+		changed:  make(chan struct{}),
+	}
+	if b := s.breaker; b.Enabled {
+		t.breaker = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
+			Name:         host,
+			MaxRequests:  uint32(max(b.HalfOpenRequests, 1)),
+			Interval:     breakerInterval,
+			BucketPeriod: breakerBucket,
+			Timeout:      b.OpenTimeout.D(),
+			ReadyToTrip: func(c gobreaker.Counts) bool {
+				if b.ConsecutiveFailures > 0 && int64(c.ConsecutiveFailures) >= int64(b.ConsecutiveFailures) {
+					return true
+				}
+				// Completed attempts only: in-flight and excluded ones say nothing yet.
+				completed := int64(c.TotalSuccesses) + int64(c.TotalFailures)
+				return b.FailureRatio > 0 && completed > 0 && completed >= int64(b.MinRequests) &&
+					float64(c.TotalFailures)/float64(completed) >= b.FailureRatio
+			},
+			IsExcluded: func(err error) bool { return err == errExcluded },
+			// Called with the breaker's own lock held: no call back into it.
+			OnStateChange: func(_ string, from, to gobreaker.State) { s.breakerChanged(t, from, to) },
+		})
+		m.BreakerState.WithLabelValues(host).Set(telemetry.BreakerClosed)
+	}
+	s.targets[host] = t
+	return t
+}
+
+func (s *Sender) breakerChanged(t *target, from, to gobreaker.State) {
+	s.log.Warn("circuit breaker state changed", "host", t.host, "from", from.String(), "to", to.String())
+	s.metrics.BreakerChanges.WithLabelValues(t.host, to.String()).Inc()
+	s.metrics.BreakerState.WithLabelValues(t.host).Set(breakerGauge(to))
+	t.mu.Lock()
+	close(t.changed)
+	t.changed = make(chan struct{})
+	t.mu.Unlock()
+}
+
+// stateChanged returns a channel closed at the next breaker state change.
+func (t *target) stateChanged() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.changed
+}
+
+func (t *target) statusCounter(status int) prometheus.Counter {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c := t.statuses[status]
+	if c == nil {
+		// WithLabelValues is called under t.mu only on first sight of a status.
+		c = t.requests.WithLabelValues(t.host, strconv.Itoa(status))
+		t.statuses[status] = c
+	}
+	return c
+}
+
+func breakerGauge(st gobreaker.State) float64 {
+	switch st {
+	case gobreaker.StateOpen:
+		return telemetry.BreakerOpen
+	case gobreaker.StateHalfOpen:
+		return telemetry.BreakerHalfOpen
+	}
+	return telemetry.BreakerClosed
+}
+
+// agedConn is a dialed connection that knows its age (max_conn_age > 0).
+// Once retired it refuses to write, which makes net/http drop it and replay
+// the request on another connection (see the package doc).
+type agedConn struct {
+	net.Conn
+	born    time.Time
+	retired atomic.Bool
+}
+
+// errConnRetired is what a retired connection's Write returns; nothing has
+// been written when it does.
+var errConnRetired = &net.OpError{Op: "write", Net: "tcp", Err: errRetired{}}
+
+type errRetired struct{}
+
+func (errRetired) Error() string { return "connection retired after max_conn_age" }
+
+func (c *agedConn) Write(p []byte) (int, error) {
+	if c.retired.Load() {
+		return 0, errConnRetired
+	}
+	return c.Conn.Write(p)
+}
+
+// gotConn is the httptrace hook run when the pool hands a connection to an
+// attempt, before anything is written on it. A reused connection older than
+// max_conn_age is retired right there. Fresh connections are never retired:
+// net/http only replays requests that failed on a reused one.
+func (s *Sender) gotConn(info httptrace.GotConnInfo) {
+	if !info.Reused {
+		return
+	}
+	c := info.Conn
+	if nc, ok := c.(interface{ NetConn() net.Conn }); ok { // *tls.Conn
+		c = nc.NetConn()
+	}
+	if ac, ok := c.(*agedConn); ok && time.Since(ac.born) >= s.maxConnAge {
+		ac.retired.Store(true)
+	}
+}

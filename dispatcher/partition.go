@@ -155,7 +155,6 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 		}
 		it.fail = &failure{reason: "no route matched the message", requestIndex: -1}
 	case errors.As(err, &bad):
-		p.d.metrics.Messages.WithLabelValues(telemetry.OutcomeBad).Inc()
 		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", bad.Route, "error", err)
 		it.fail = &failure{reason: err.Error(), route: bad.Route, requestIndex: bad.Index}

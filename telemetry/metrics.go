@@ -12,7 +12,6 @@ const (
 	OutcomeDelivered    = "delivered"     // every request of the message succeeded
 	OutcomeDeadLettered = "dead_lettered" // acknowledged by the DLQ topic
 	OutcomeSkipped      = "skipped"       // matched no route, dispatch.unmatched = "skip"
-	OutcomeBad          = "bad"           // could not be decoded or rendered by its route
 	OutcomeStalled      = "stalled"       // failed permanently with no DLQ configured: its key waits
 )
 
@@ -58,7 +57,7 @@ func NewMetrics() *Metrics {
 	m := &Metrics{
 		Registry: reg,
 		Messages: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_messages_total",
-			Help: "Messages finished, by outcome (delivered, dead_lettered, skipped, bad, stalled)."}, []string{"outcome"}),
+			Help: "Messages finished, by outcome (delivered, dead_lettered, skipped, stalled)."}, []string{"outcome"}),
 		HTTPRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_requests_total",
 			Help: "HTTP attempts by target host and status code (\"error\" for transport errors)."}, []string{"host", "status"}),
 		HTTPDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "orderly_http_request_duration_seconds",

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -74,6 +75,8 @@ type Dispatcher struct {
 
 	dlq *dlqWriter // nil when dlq.topic is ""
 
+	outcomes map[string]prometheus.Counter // orderly_messages_total by outcome, resolved once
+
 	// onBegin, if set (tests only), sees each partition's in-flight count
 	// right after a message was handed to its worker.
 	onBegin func(topic string, partition int32, inFlight int)
@@ -100,10 +103,22 @@ func New(o Options) (*Dispatcher, error) {
 	if brokers == config.EmbeddedBrokers {
 		return nil, errors.New("dispatcher: brokers = \"embedded\" needs the embedded broker's address in Options.Brokers")
 	}
-	return &Dispatcher{
+	d := &Dispatcher{
 		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers,
-		parts: make(map[partKey]*partition),
-	}, nil
+		parts: make(map[partKey]*partition), outcomes: make(map[string]prometheus.Counter),
+	}
+	for _, oc := range []string{telemetry.OutcomeDelivered, telemetry.OutcomeDeadLettered, telemetry.OutcomeSkipped, telemetry.OutcomeStalled} {
+		d.outcomes[oc] = o.Metrics.Messages.WithLabelValues(oc)
+	}
+	return d, nil
+}
+
+// outcome returns the orderly_messages_total counter of an outcome.
+func (d *Dispatcher) outcome(name string) prometheus.Counter {
+	if c, ok := d.outcomes[name]; ok {
+		return c
+	}
+	return d.metrics.Messages.WithLabelValues(name)
 }
 
 // Ready reports whether the dispatcher has its group assignment and is not

@@ -42,7 +42,7 @@ type failure struct {
 // context ends. It returns false when the context ended first.
 func (d *Dispatcher) deadLetter(p *partition, it *item, f *failure) bool {
 	if d.dlq == nil {
-		p.d.metrics.Messages.WithLabelValues(telemetry.OutcomeStalled).Inc()
+		d.outcome(telemetry.OutcomeStalled).Inc()
 		d.log.Error("message cannot be delivered and dlq.topic is empty: its key stalls until restart",
 			"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "key", string(it.msg.Key), "reason", f.reason)
 		<-p.ctx.Done()

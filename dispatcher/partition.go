@@ -293,7 +293,7 @@ func (p *partition) finish(offset int64, outcome string) {
 	if err := p.tracker.Done(offset); err != nil {
 		p.d.log.Error("offset tracking", "topic", p.topic, "partition", p.id, "error", err)
 	}
-	p.d.metrics.Messages.WithLabelValues(outcome).Inc()
+	p.d.outcome(outcome).Inc()
 }
 
 // stop ends the partition: the worker stops taking messages, the lanes finish

@@ -53,6 +53,20 @@ type Options struct {
 	Brokers string
 }
 
+func (o Options) logger() *slog.Logger {
+	if o.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return o.Logger
+}
+
+func (o Options) brokers() string {
+	if o.Brokers == "" {
+		return o.Config.Kafka.Brokers
+	}
+	return o.Brokers
+}
+
 // Dispatcher is the service's engine. Create it with New and start it with
 // Run; Ready reports whether it should receive traffic.
 type Dispatcher struct {
@@ -92,14 +106,7 @@ func New(o Options) (*Dispatcher, error) {
 	if o.Config == nil || o.Router == nil || o.Sender == nil || o.Metrics == nil {
 		return nil, errors.New("dispatcher: Config, Router, Sender and Metrics are required")
 	}
-	log := o.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	brokers := o.Brokers
-	if brokers == "" {
-		brokers = o.Config.Kafka.Brokers
-	}
+	log, brokers := o.logger(), o.brokers()
 	if brokers == config.EmbeddedBrokers {
 		return nil, errors.New("dispatcher: brokers = \"embedded\" needs the embedded broker's address in Options.Brokers")
 	}

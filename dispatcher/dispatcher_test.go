@@ -39,12 +39,12 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 
 	cfg := h.config("core", "", "")
 	_, m, stop := h.run(cfg, nil)
-	waitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
 	rep := h.sink.Check(gen.Expected())
 	if !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("first run: %s", rep)
 	}
-	waitFor(t, 30*time.Second, "commits at the end offsets", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "commits at the end offsets", func() bool {
 		return m.Sum("orderly_committed_offset") == float64(n)
 	})
 	if err := stop(); err != nil {
@@ -67,7 +67,7 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, m2, stop2 := h.run(cfg, nil)
-	waitFor(t, time.Minute, "markers delivered and committed", func() bool {
+	testkit.WaitFor(t, time.Minute, "markers delivered and committed", func() bool {
 		return h.sink.Distinct() >= n+keys && m2.Sum("orderly_committed_offset") == float64(n+keys)
 	})
 	if err := stop2(); err != nil {
@@ -128,7 +128,7 @@ func TestSlowKeyDoesNotBlockOthers(t *testing.T) {
 	if got := len(h.sink.Sequences("A")); got != 0 {
 		t.Fatalf("key A delivered %d before it was released", got)
 	}
-	waitFor(t, time.Minute, "key A delivered", func() bool { return h.sink.Distinct() == len(recs) })
+	testkit.WaitFor(t, time.Minute, "key A delivered", func() bool { return h.sink.Distinct() == len(recs) })
 	if rep := h.sink.Check(expected); !rep.OK() {
 		t.Fatal(rep)
 	}
@@ -161,7 +161,7 @@ func TestBackPressure(t *testing.T) {
 			}
 		}
 	})
-	waitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
 	elapsed := time.Since(start)
 	if got := m.Sum("orderly_rebalances_total"); got != 2 {
 		t.Fatalf("rebalance events %v, want only the initial assignment of 2 partitions (no revoke)", got)

@@ -50,7 +50,7 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 		}
 	}
 	_, m, stop := h.run(h.config("dlq", "", ""), nil)
-	waitFor(t, time.Minute, "all messages finished", func() bool {
+	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == n
 	})
 	if err := stop(); err != nil {
@@ -129,7 +129,7 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 	cfg := h.config("poison", "", "")
 	cfg.Routes[0].Requests[0].URL = h.srv.URL + "/people/{{ .Value.key }}"
 	_, m, stop := h.run(cfg, nil)
-	waitFor(t, time.Minute, "all messages finished", func() bool {
+	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == float64(len(recs))
 	})
 	if err := stop(); err != nil {

@@ -28,7 +28,7 @@ func TestBrokerFaults(t *testing.T) {
 		fh := h.broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.OffsetCommit}, Group: "f-commit",
 			Err: kerr.CoordinatorLoadInProgress, Count: 5})
 		_, m, stop := h.run(h.config("f-commit", "", ""), nil)
-		waitFor(t, time.Minute, "commits to the end despite failing commits", func() bool {
+		testkit.WaitFor(t, time.Minute, "commits to the end despite failing commits", func() bool {
 			return m.Sum("orderly_committed_offset") == 1000
 		})
 		if err := stop(); err != nil {
@@ -57,7 +57,7 @@ func TestBrokerFaults(t *testing.T) {
 		fh := h.broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq",
 			Err: kerr.NotEnoughReplicas, Count: 3})
 		_, m, stop := h.run(h.config("f-dlq", "", ""), nil)
-		waitFor(t, time.Minute, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 500 })
+		testkit.WaitFor(t, time.Minute, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 500 })
 		if err := stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -85,7 +85,7 @@ func TestBrokerFaults(t *testing.T) {
 			return nil, nil, false
 		})
 		_, m, stop := h.run(h.config("f-fetch", "", ""), nil)
-		waitFor(t, time.Minute, "every message delivered", func() bool { return m.Sum("orderly_committed_offset") == 1000 })
+		testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return m.Sum("orderly_committed_offset") == 1000 })
 		if err := stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -128,7 +128,7 @@ func TestMultiRequestFailureIndex(t *testing.T) {
 	thirdReq.URL = h.srv.URL + "/third/{{ .Key }}"
 	cfg.Routes[0].Requests = append(cfg.Routes[0].Requests, second, thirdReq)
 	_, m, stop := h.run(cfg, nil)
-	waitFor(t, 30*time.Second, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 3 })
+	testkit.WaitFor(t, 30*time.Second, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 3 })
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -162,9 +162,9 @@ func TestEagerRebalance(t *testing.T) {
 	cfg := h.config("eager", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["partition.assignment.strategy"] = "range"
 	_, m1, _ := h.run(cfg, nil)
-	waitFor(t, time.Minute, "a quarter delivered", func() bool { return h.sink.Distinct() >= n/4 })
+	testkit.WaitFor(t, time.Minute, "a quarter delivered", func() bool { return h.sink.Distinct() >= n/4 })
 	_, m2, _ := h.run(cfg, nil)
-	waitFor(t, time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
 	rep := h.sink.Check(gen.Expected())
 	if !rep.OK() {
 		t.Fatal(rep)

@@ -42,7 +42,7 @@ open_timeout = "500ms"
 	cfg.HTTP.Retry.InitialBackoff.Duration = 100 * time.Millisecond
 	cfg.HTTP.Retry.MaxBackoff.Duration = time.Second
 	_, m, stop := h.run(cfg, nil)
-	waitFor(t, 2*time.Minute, "all messages finished", func() bool {
+	testkit.WaitFor(t, 2*time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == n
 	})
 	if err := stop(); err != nil {

@@ -108,16 +108,8 @@ type DLQAdmin struct {
 // NewDLQAdmin returns a DLQAdmin; it connects only when used.
 func NewDLQAdmin(o Options) *DLQAdmin {
 	ctx, cancel := context.WithCancel(context.Background())
-	log := o.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	brokers := o.Brokers
-	if brokers == "" {
-		brokers = o.Config.Kafka.Brokers
-	}
-	return &DLQAdmin{brokers: brokers, cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
-		log: log, ctx: ctx, cancel: cancel, jobs: make(map[string]*ReplayJob)}
+	return &DLQAdmin{brokers: o.brokers(), cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
+		log: o.logger(), ctx: ctx, cancel: cancel, jobs: make(map[string]*ReplayJob)}
 }
 
 // Close cancels a running job and waits for it.

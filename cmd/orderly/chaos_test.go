@@ -92,7 +92,7 @@ func TestChaosSIGKILL(t *testing.T) {
 	for k := 0; k < kills; k++ {
 		// Kill somewhere in the next stretch of progress.
 		target := e.sink.Distinct() + 2000 + rng.IntN(8000)
-		waitFor(t, 2*time.Minute, fmt.Sprintf("progress to %d before kill %d", target, k+1),
+		testkit.WaitFor(t, 2*time.Minute, fmt.Sprintf("progress to %d before kill %d", target, k+1),
 			func() bool { return e.sink.Distinct() >= target })
 		if err := p.cmd.Process.Kill(); err != nil {
 			t.Fatal(err)
@@ -102,7 +102,7 @@ func TestChaosSIGKILL(t *testing.T) {
 		t.Logf("kill %d at %d distinct deliveries", k+1, e.sink.Distinct())
 		p = start(t, "run", "--config", e.cfg)
 	}
-	waitFor(t, 3*time.Minute, "every message delivered", func() bool { return e.sink.Distinct() >= n })
+	testkit.WaitFor(t, 3*time.Minute, "every message delivered", func() bool { return e.sink.Distinct() >= n })
 	rep := e.sink.Check(e.gen.Expected())
 	t.Logf("after %d SIGKILLs: %s", kills, rep)
 	if !rep.OK() {
@@ -127,17 +127,17 @@ func TestGroupOfProcesses(t *testing.T) {
 	const n, keys, parts = 30000, 600, 8
 	e := newChaosEnv(t, parts, n, keys, "trio", "max_in_flight = 500", time.Millisecond)
 	ps := []*proc{start(t, "run", "--config", e.cfg), start(t, "run", "--config", e.cfg), start(t, "run", "--config", e.cfg)}
-	waitFor(t, 2*time.Minute, "a quarter delivered", func() bool { return e.sink.Distinct() >= n/4 })
+	testkit.WaitFor(t, 2*time.Minute, "a quarter delivered", func() bool { return e.sink.Distinct() >= n/4 })
 	if err := ps[1].cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	<-ps[1].done
 	ps[1].done <- nil
 	t.Logf("killed one of three at %d", e.sink.Distinct())
-	waitFor(t, 2*time.Minute, "half delivered", func() bool { return e.sink.Distinct() >= n/2 })
+	testkit.WaitFor(t, 2*time.Minute, "half delivered", func() bool { return e.sink.Distinct() >= n/2 })
 	start(t, "run", "--config", e.cfg)
 	t.Logf("added a fourth at %d", e.sink.Distinct())
-	waitFor(t, 3*time.Minute, "every message delivered", func() bool { return e.sink.Distinct() >= n })
+	testkit.WaitFor(t, 3*time.Minute, "every message delivered", func() bool { return e.sink.Distinct() >= n })
 	rep := e.sink.Check(e.gen.Expected())
 	t.Logf("group of processes: %s", rep)
 	if !rep.OK() {

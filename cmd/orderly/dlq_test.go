@@ -32,7 +32,7 @@ func TestDLQCommands(t *testing.T) {
 	}
 	srv := httptest.NewServer(sink)
 	defer srv.Close()
-	admin := freeAddr(t)
+	admin := testkit.FreeAddr(t)
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`
 [kafka]
 group_id = "dlqcli"
@@ -69,7 +69,7 @@ name = "people"
 	if err := prod.Produce(context.Background(), "orders", gen.Records(6)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "6 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 6 })
+	testkit.WaitFor(t, 30*time.Second, "6 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 6 })
 
 	t.Setenv("ORDERLY_ADMIN_TOKEN", "tok")
 	var out, errb bytes.Buffer

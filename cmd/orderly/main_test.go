@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -84,27 +83,6 @@ func start(t *testing.T, args ...string) *proc {
 		}
 	})
 	return p
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func httpStatus(url string) int {
@@ -201,7 +179,7 @@ func TestSIGTERMDrainsAndRestartDeliversTheRest(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	admin := freeAddr(t)
+	admin := testkit.FreeAddr(t)
 	cfgPath := filepath.Join(t.TempDir(), "orderly.toml")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
 [kafka]
@@ -226,8 +204,8 @@ name = "people"
 `, b.Addr(), admin, srv.URL)), 0o644)
 
 	p := start(t, "run", "--config", cfgPath)
-	waitFor(t, 30*time.Second, "readiness", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
-	waitFor(t, time.Minute, "a third delivered", func() bool { return sink.Distinct() >= n/3 })
+	testkit.WaitFor(t, 30*time.Second, "readiness", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
+	testkit.WaitFor(t, time.Minute, "a third delivered", func() bool { return sink.Distinct() >= n/3 })
 	sent := time.Now()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -249,7 +227,7 @@ name = "people"
 	}
 
 	p2 := start(t, "run", "--config", cfgPath)
-	waitFor(t, 2*time.Minute, "the rest delivered", func() bool { return sink.Distinct() >= n })
+	testkit.WaitFor(t, 2*time.Minute, "the rest delivered", func() bool { return sink.Distinct() >= n })
 	rep := sink.Check(gen.Expected())
 	if !rep.OK() {
 		t.Fatal(rep)
@@ -268,7 +246,7 @@ name = "people"
 // orderly keeps retrying with a clear log line and readiness stays 503; once
 // a broker appears there it becomes ready and delivers.
 func TestUnreachableBrokerAtStart(t *testing.T) {
-	kafkaAddr, admin := freeAddr(t), freeAddr(t)
+	kafkaAddr, admin := testkit.FreeAddr(t), testkit.FreeAddr(t)
 	sink := testkit.NewSink()
 	srv := httptest.NewServer(sink)
 	t.Cleanup(srv.Close)
@@ -289,7 +267,7 @@ name = "people"
   url = "%s/people/{{ .Key }}"
 `, kafkaAddr, admin, srv.URL)), 0o644)
 	p := start(t, "run", "--config", cfgPath)
-	waitFor(t, 30*time.Second, "a log line about the unreachable broker", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "a log line about the unreachable broker", func() bool {
 		return strings.Contains(p.output(), "kafka unreachable")
 	})
 	if st := httpStatus("http://" + admin + "/readyz"); st != 503 {
@@ -301,7 +279,7 @@ name = "people"
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Close)
-	waitFor(t, 60*time.Second, "readiness once the broker is up", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
+	testkit.WaitFor(t, 60*time.Second, "readiness once the broker is up", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
 	gen := &testkit.Generator{Keys: 5}
 	prod, err := testkit.NewProducer(b.Addr())
 	if err != nil {
@@ -311,7 +289,7 @@ name = "people"
 	if err := prod.Produce(context.Background(), "orders", gen.Records(50)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "delivery", func() bool { return sink.Distinct() >= 50 })
+	testkit.WaitFor(t, 30*time.Second, "delivery", func() bool { return sink.Distinct() >= 50 })
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

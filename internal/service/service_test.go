@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -19,26 +18,6 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func freeAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 type apiClient struct {
 	t     *testing.T
@@ -102,7 +81,7 @@ func TestDLQInspectAndReplay(t *testing.T) {
 	}
 	srv := httptest.NewServer(sink)
 	defer srv.Close()
-	adminAddr := freeAddr(t)
+	adminAddr := testkit.FreeAddr(t)
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`
 [kafka]
 brokers = "embedded"
@@ -157,7 +136,7 @@ name = "people"
 	if err := prod.Produce(context.Background(), "orders", recs); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "10 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 10 })
+	testkit.WaitFor(t, 30*time.Second, "10 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 10 })
 
 	api := apiClient{t: t, base: "http://" + adminAddr, token: "s3cret"}
 	if st := (apiClient{t: t, base: api.base, token: "wrong"}).do("GET", "/dlq/messages", nil, nil); st != 401 {
@@ -213,7 +192,7 @@ name = "people"
 		Replayed int    `json:"replayed"`
 		Failed   int    `json:"failed"`
 	}
-	waitFor(t, 30*time.Second, "the replay to finish", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "the replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
 		return job.State != "running"
 	})
@@ -229,7 +208,7 @@ name = "people"
 	if st := api.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 {
 		t.Fatalf("second replay: %d", st)
 	}
-	waitFor(t, 30*time.Second, "the second replay to finish", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "the second replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
 		return job.State != "running"
 	})
@@ -241,11 +220,11 @@ name = "people"
 	if err := prod.Produce(context.Background(), "orders", []testkit.Record{{Key: []byte("bad"), Value: []byte(`{"key":"bad","seq":10}`)}}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "the 11th dead letter", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 11 })
+	testkit.WaitFor(t, 30*time.Second, "the 11th dead letter", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 11 })
 	if st := api.do("POST", "/dlq/replay", map[string]any{"key": "bad"}, &started); st != 202 {
 		t.Fatalf("third replay: %d", st)
 	}
-	waitFor(t, 30*time.Second, "the third replay to finish", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "the third replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
 		return job.State != "running"
 	})

@@ -86,6 +86,7 @@ type Dispatcher struct {
 	consumer   *kafka.Consumer
 	parts      map[partKey]*partition
 	lastCommit time.Time
+	anyPaused  bool // some partition is paused
 
 	dlq *dlqWriter // nil when dlq.topic is ""
 
@@ -192,6 +193,9 @@ func (d *Dispatcher) consumerConfig(logs chan kafka.LogEvent) *kafka.ConfigMap {
 		// librdkafka's default of 1000 ms caps a busy consumer far below
 		// what the dispatcher can send.
 		"fetch.queue.backoff.ms": 20,
+		// A resumed partition joins the next fetch; a long poll on the
+		// other partitions (default 500 ms) would delay it that long.
+		"fetch.wait.max.ms": 100,
 		// Pre-fetched messages count against memory, not against
 		// max_in_flight: keep the local queue moderate.
 		"queued.max.messages.kbytes": 16384,
@@ -214,7 +218,13 @@ func (d *Dispatcher) consumerConfig(logs chan kafka.LogEvent) *kafka.ConfigMap {
 func (d *Dispatcher) pollLoop(ctx context.Context) error {
 	d.lastCommit = time.Now()
 	for ctx.Err() == nil {
-		switch e := d.consumer.Poll(100).(type) {
+		// While a partition is paused, poll briefly so that it resumes as
+		// soon as its lanes have drained to half of max_in_flight.
+		timeout := 100
+		if d.anyPaused {
+			timeout = 5
+		}
+		switch e := d.consumer.Poll(timeout).(type) {
 		case *kafka.Message:
 			d.handleMessage(e)
 		case kafka.Error:
@@ -260,6 +270,7 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 			return
 		}
 		p.paused = true
+		d.anyPaused = true
 		p.pausedGauge.Set(1)
 		d.metrics.Pauses.Inc()
 		d.log.Debug("partition paused", "topic", p.topic, "partition", p.id, "in_flight", p.tracker.InFlight())
@@ -269,17 +280,40 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 // maybeResume resumes paused partitions whose in-flight count fell to half
 // of max_in_flight.
 func (d *Dispatcher) maybeResume() {
-	for _, p := range d.parts {
-		if p.paused && p.tracker.InFlight() <= d.cfg.Dispatch.MaxInFlight/2 {
-			if err := d.consumer.Resume([]kafka.TopicPartition{p.tp}); err != nil {
-				d.log.Error("resume", "topic", p.topic, "partition", p.id, "error", err)
-				continue
-			}
-			p.paused = false
-			p.pausedGauge.Set(0)
-			d.log.Debug("partition resumed", "topic", p.topic, "partition", p.id)
-		}
+	if !d.anyPaused {
+		return
 	}
+	stillPaused := false
+	for _, p := range d.parts {
+		if !p.paused {
+			continue
+		}
+		if p.tracker.InFlight() > d.cfg.Dispatch.MaxInFlight/2 {
+			stillPaused = true
+			continue
+		}
+		if err := d.consumer.Resume([]kafka.TopicPartition{p.tp}); err != nil {
+			d.log.Error("resume", "topic", p.topic, "partition", p.id, "error", err)
+			stillPaused = true
+			continue
+		}
+		// librdkafka's fetcher notices a resume only at its next wake-up
+		// (up to a second later, measured here); a seek to the position it
+		// would fetch from anyway wakes it at once. Pause purged the
+		// prefetched messages, so that position is one past the last
+		// message handed to the worker.
+		if next, ok := p.tracker.Next(); ok {
+			tp := p.tp
+			tp.Offset = kafka.Offset(next)
+			if _, err := d.consumer.SeekPartitions([]kafka.TopicPartition{tp}); err != nil {
+				d.log.Warn("seek after resume", "topic", p.topic, "partition", p.id, "error", err)
+			}
+		}
+		p.paused = false
+		p.pausedGauge.Set(0)
+		d.log.Debug("partition resumed", "topic", p.topic, "partition", p.id)
+	}
+	d.anyPaused = stillPaused
 }
 
 func (d *Dispatcher) ownedPartitions() []*partition {

@@ -154,3 +154,12 @@ func (t *Tracker) growLocked() {
 	}
 	t.ring, t.head = r, 0
 }
+
+// Next returns one past the newest offset begun (the position to consume
+// from next), or false when nothing was begun and no start is known.
+func (t *Tracker) Next() (int64, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	last, ok := t.lastLocked()
+	return last + 1, ok
+}

@@ -113,6 +113,12 @@ func TestTrackerStartAndErrors(t *testing.T) {
 	if got := tr.Committable(); got != 101 {
 		t.Fatalf("committable = %d, want 101", got)
 	}
+	if n, ok := tr.Next(); !ok || n != 101 {
+		t.Fatalf("next = %d, %v; want 101", n, ok)
+	}
+	if _, ok := New(-1).Next(); ok {
+		t.Fatal("next known before anything was begun")
+	}
 }
 
 // TestTrackerGapsAndGrowth covers compacted offsets and a window larger than

@@ -26,6 +26,7 @@ import (
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -48,6 +49,8 @@ type Options struct {
 	Sender  Sender
 	Metrics *telemetry.Metrics
 	Logger  *slog.Logger // nil discards
+	// Tracing gives each message a CONSUMER span (nil: none).
+	Tracing *telemetry.Tracing
 	// Brokers overrides Config.Kafka.Brokers (the embedded broker's actual
 	// address, for instance).
 	Brokers string
@@ -76,6 +79,7 @@ type Dispatcher struct {
 	metrics *telemetry.Metrics
 	log     *slog.Logger
 	brokers string
+	tracing *telemetry.Tracing
 
 	ctx context.Context // the partitions' parent; cancelled when Run returns
 
@@ -112,7 +116,7 @@ func New(o Options) (*Dispatcher, error) {
 		return nil, errors.New("dispatcher: brokers = \"embedded\" needs the embedded broker's address in Options.Brokers")
 	}
 	d := &Dispatcher{
-		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers,
+		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers, tracing: o.Tracing,
 		parts: make(map[partKey]*partition), outcomes: make(map[string]prometheus.Counter),
 	}
 	for _, oc := range []string{telemetry.OutcomeDelivered, telemetry.OutcomeDeadLettered, telemetry.OutcomeSkipped, telemetry.OutcomeStalled} {
@@ -474,12 +478,18 @@ func (d *Dispatcher) shutdown() {
 // dead-letters it. It returns false when the partition's context ended
 // before the message finished.
 func (d *Dispatcher) deliver(p *partition, it *item) bool {
+	ctx, span := it.ctx, it.span
+	if span == nil { // not started by dispatch (replay): no message span
+		ctx, span = p.ctx, trace.SpanFromContext(p.ctx)
+	}
+	defer span.End()
 	if it.fail != nil {
+		telemetry.MessageDeadLettered(span, it.fail.reason)
 		return d.deadLetter(p, it, it.fail)
 	}
 	reqs := it.plan.Requests
 	for i := range reqs {
-		_, err := d.sender.Send(p.ctx, &reqs[i], idempotencyKey(&it.msg, i))
+		_, err := d.sender.Send(ctx, &reqs[i], idempotencyKey(&it.msg, i))
 		if err == nil {
 			continue
 		}
@@ -493,8 +503,10 @@ func (d *Dispatcher) deliver(p *partition, it *item) bool {
 		}
 		d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", it.plan.Route, "request", i, "error", err)
+		telemetry.MessageDeadLettered(span, f.reason)
 		return d.deadLetter(p, it, f)
 	}
+	telemetry.MessageOutcome(span, telemetry.OutcomeDelivered)
 	p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
 	return true
 }

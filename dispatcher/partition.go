@@ -9,6 +9,7 @@ import (
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -23,6 +24,9 @@ type item struct {
 	// fail, if set, is why the message cannot be sent: it goes to the DLQ
 	// (or stalls its key) when its turn in the lane comes.
 	fail *failure
+	// ctx carries the message's span (span); both nil for replayed items.
+	ctx  context.Context
+	span trace.Span
 }
 
 // laneKey names a lane. Keyed messages share the lane of their key; unkeyed
@@ -143,13 +147,17 @@ func (p *partition) work() {
 // when the partition is stopping.
 func (p *partition) dispatch(km *kafka.Message) bool {
 	it := &item{msg: toMessage(km)}
+	it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
 	plan, err := p.d.router.Plan(&it.msg)
 	var bad *filters.BadMessageError
 	switch {
 	case err == nil:
 		it.plan = plan
+		telemetry.MessageRouted(it.span, plan.Route)
 	case errors.Is(err, filters.ErrNoRoute):
 		if p.d.cfg.Dispatch.Unmatched == config.UnmatchedSkip {
+			telemetry.MessageOutcome(it.span, telemetry.OutcomeSkipped)
+			it.span.End()
 			p.finish(it.msg.Offset, telemetry.OutcomeSkipped)
 			return true
 		}
@@ -161,7 +169,11 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 	default:
 		it.fail = &failure{reason: err.Error(), requestIndex: -1}
 	}
-	return p.enqueue(p.laneKeyOf(&it.msg), it)
+	if !p.enqueue(p.laneKeyOf(&it.msg), it) {
+		it.span.End() // the partition stops: abandoned, redelivered later
+		return false
+	}
+	return true
 }
 
 func (p *partition) laneKeyOf(m *filters.Message) laneKey {

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // attemptTransport is the RoundTripper of the go-retryablehttp client: each
@@ -68,6 +70,7 @@ func (t *attemptTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 		}
 		actx = httptrace.WithClientTrace(actx, tr)
 	}
+	actx, span := s.tracing.StartAttemptURL(actx, req.Method, req.URL, st.attempts)
 	r := req.WithContext(actx)
 	if s.propagate != nil {
 		r.Header = req.Header.Clone()
@@ -81,6 +84,11 @@ func (t *attemptTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 		resp.Body = http.NoBody
 	}
 	tg.duration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		telemetry.EndAttempt(span, 0, err)
+	} else {
+		telemetry.EndAttempt(span, resp.StatusCode, nil)
+	}
 
 	outcome := error(nil)
 	switch {

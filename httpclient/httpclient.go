@@ -163,6 +163,8 @@ type Options struct {
 	// attempt's context and a private copy of the request headers, to inject
 	// trace context headers (traceparent/tracestate).
 	Propagate func(ctx context.Context, h http.Header)
+	// Tracing, if set, gives every attempt a CLIENT span (nil: none).
+	Tracing *telemetry.Tracing
 }
 
 // Result describes a delivered request.
@@ -209,6 +211,7 @@ type Sender struct {
 	metrics   *telemetry.Metrics
 	userAgent string
 	propagate func(context.Context, http.Header)
+	tracing   *telemetry.Tracing
 
 	timeout     time.Duration // per attempt; 0 = none
 	maxConnAge  time.Duration // 0 = never retire connections
@@ -241,6 +244,7 @@ func New(o Options) *Sender {
 		metrics:    o.Metrics,
 		userAgent:  "orderly/" + o.Version,
 		propagate:  o.Propagate,
+		tracing:    o.Tracing,
 		timeout:    max(h.Timeout.D(), 0),
 		maxConnAge: max(h.MaxConnAge.D(), 0),
 		breaker:    h.Breaker,

@@ -33,6 +33,7 @@ type Service struct {
 	admin   *admin.Server        // nil when admin.listen is ""
 	dlq     *dispatcher.DLQAdmin // nil when dlq.topic is ""
 	brokers string
+	tracing *telemetry.Tracing
 
 	draining atomic.Bool // set when shutdown begins, before the drain grace
 }
@@ -65,9 +66,16 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		log.Info("embedded broker started", "addr", b.Addr(), "topics", topics,
 			"partitions", cfg.Kafka.EmbeddedPartitions, "data_dir", cfg.Kafka.EmbeddedDataDir)
 	}
-	s.sender = httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: version, Metrics: s.metrics, Logger: log})
+	s.tracing, err = telemetry.SetupTracing(context.Background(), cfg.Tracing, "orderly", version)
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.sender = httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: version, Metrics: s.metrics, Logger: log,
+		Tracing: s.tracing, Propagate: s.tracing.Inject})
 	dopts := dispatcher.Options{
 		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
+		Tracing: s.tracing,
 	}
 	s.disp, err = dispatcher.New(dopts)
 	if err != nil {
@@ -172,5 +180,12 @@ func (s *Service) Close() {
 	}
 	if s.broker != nil {
 		s.broker.Close()
+	}
+	if s.tracing != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := s.tracing.Shutdown(ctx); err != nil {
+			s.log.Warn("flushing traces", "error", err)
+		}
+		cancel()
 	}
 }

@@ -34,6 +34,7 @@ Usage:
   orderly validate --config FILE   parse and compile the configuration; exit 0, or print every error and exit 2
   orderly demo [flags]             embedded broker + generator + HTTP sink + dispatcher, with a summary
   orderly dlq list|replay|status   inspect and replay the dead-letter topic through the admin API
+  orderly bench [flags]            benchmark: Orderly against a plain net/http client on a local sink
   orderly version                  print the version
 
 Run 'orderly COMMAND -h' for a command's flags.
@@ -58,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdDemo(args[1:], stdout, stderr)
 	case "dlq":
 		return cmdDLQ(args[1:], stdout, stderr)
+	case "bench":
+		return cmdBench(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "orderly", version)
 		return 0

@@ -33,5 +33,9 @@ fuzz:
 	$(GO) test ./config   -run '^$$' -fuzz FuzzParse   -fuzztime $(FUZZTIME)
 	$(GO) test ./filters  -run '^$$' -fuzz FuzzPlan    -fuzztime $(FUZZTIME)
 
+# The performance scenarios against the raw-HTTP ceiling (see README, Performance).
+bench: build
+	./bin/orderly bench -scenario all
+
 clean:
 	rm -rf bin

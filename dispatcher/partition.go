@@ -149,7 +149,6 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 	it := &item{msg: toMessage(km)}
 	it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
 	plan, err := p.d.router.Plan(&it.msg)
-	var bad *filters.BadMessageError
 	switch {
 	case err == nil:
 		it.plan = plan
@@ -162,12 +161,13 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 			return true
 		}
 		it.fail = &failure{reason: "no route matched the message", requestIndex: -1}
-	case errors.As(err, &bad):
-		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-			"route", bad.Route, "error", err)
-		it.fail = &failure{reason: err.Error(), route: bad.Route, requestIndex: bad.Index}
 	default:
 		it.fail = &failure{reason: err.Error(), requestIndex: -1}
+		if bad := badMessage(err); bad != nil {
+			it.fail.route, it.fail.requestIndex = bad.Route, bad.Index
+		}
+		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
+			"route", it.fail.route, "error", err)
 	}
 	if !p.enqueue(p.laneKeyOf(&it.msg), it) {
 		it.span.End() // the partition stops: abandoned, redelivered later
@@ -364,4 +364,14 @@ func (p *partition) forgetMetrics() {
 	m.Paused.Delete(p.labels)
 	m.Committed.Delete(p.labels)
 	m.Lag.Delete(p.labels)
+}
+
+// badMessage keeps errors.As's target off the hot path: declared in
+// dispatch, it escaped to the heap for every message.
+func badMessage(err error) *filters.BadMessageError {
+	var bad *filters.BadMessageError
+	if errors.As(err, &bad) {
+		return bad
+	}
+	return nil
 }

@@ -1,20 +1,56 @@
-// Package config loads Orderly's TOML configuration: strict decoding (an
-// unknown key is an error naming it and its line), defaults for everything
-// optional, ${NAME} expansion from the environment in string values, and
-// validation that reports every problem at once, each naming its key.
+// Package config loads Orderly's TOML configuration.
+//
+// Load (or Parse) does everything in one go and reports every problem at
+// once, as Errors, each naming its file, line and column when known, and its
+// key:
+//
+//	orderly.toml:14:1: dispatch.max_in_flihgt: unknown key (did you mean max_in_flight?)
+//	orderly.toml:31:29: http.retry.retry_statuses[2]: 1000 is not an HTTP status (100 to 599)
+//	orderly.toml:52:3: routes[0] ("order-created").requests[0].url: must not be empty
+//
+// The steps are:
+//
+//   - Strict decoding with go-toml: a syntax or type error stops there (with
+//     line and column); unknown keys are collected and reported together
+//     with the validation problems.
+//   - Defaults: the file is decoded onto Defaults(), so a key that is absent
+//     keeps its default and a key that is present, even with a zero value
+//     (max_attempts = 0, enabled = false, topic = "", sample_ratio = 0.0),
+//     keeps what the file says. Route defaults (method POST) are filled in
+//     afterwards, since an empty method has no other meaning.
+//   - Environment expansion in every string value, durations included (see
+//     below).
+//   - [kafka.properties] is converted to strings for librdkafka.
+//   - Validate checks every field.
+//
+// # Environment
+//
+// In every string value (not in keys; not in numbers or booleans, which
+// cannot come from the environment):
+//
+//	${NAME}            the variable NAME, "" when it is not set
+//	${NAME:-default}   the variable, or default when it is unset or empty
+//	$${                a literal "${"
+//
+// NAME is a letter or '_' followed by letters, digits and '_'. Any other
+// "${" is an error, so that a typo is not silently taken literally.
+// Variables that are referenced but unset are listed in Config.UnsetEnv.
+// Expansion happens after parsing, on the decoded values, so a value
+// containing quotes or newlines cannot change the structure of the file.
+//
+// `when` expressions and templates are not compiled here: package filters
+// does that.
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
-	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"reflect"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -22,54 +58,46 @@ import (
 	toml "github.com/pelletier/go-toml/v2"
 )
 
-// FieldError is one problem in a configuration file.
-type FieldError struct {
-	File      string
-	Line, Col int // 0 when unknown
-	Key       string
-	Msg       string
-}
-
-func (e *FieldError) Error() string {
-	var b strings.Builder
-	b.WriteString(e.File)
-	if e.Line > 0 {
-		fmt.Fprintf(&b, ":%d", e.Line)
-		if e.Col > 0 {
-			fmt.Fprintf(&b, ":%d", e.Col)
-		}
-	}
-	if e.Key != "" {
-		b.WriteString(": " + e.Key)
-	}
-	b.WriteString(": " + e.Msg)
-	return b.String()
-}
-
-// Errors is every problem found in a configuration file, one per line.
-type Errors []*FieldError
-
-func (es Errors) Error() string {
-	lines := make([]string, len(es))
-	for i, e := range es {
-		lines[i] = e.Error()
-	}
-	return strings.Join(lines, "\n")
-}
-
-// Defaults returns a configuration with every default of DESIGN.md and no routes.
+// Defaults returns a configuration holding every default of the schema and
+// no routes. Parse decodes the file onto it.
 func Defaults() Config {
 	return Config{
-		Kafka: Kafka{Brokers: EmbeddedBrokers, GroupID: "orderly", Topics: []string{"orders"},
-			EmbeddedListen: "127.0.0.1:9092", EmbeddedPartitions: 8},
-		Dispatch: Dispatch{MaxInFlight: 10000, CommitInterval: dur(time.Second), DrainTimeout: dur(30 * time.Second),
-			Unkeyed: UnkeyedPartition, Unmatched: UnmatchedSkip, MaxLanes: 10000, LaneIdle: dur(10 * time.Second)},
-		HTTP: HTTP{Timeout: dur(10 * time.Second), MaxConnsPerHost: 256, MaxConnAge: dur(60 * time.Second),
+		Kafka: Kafka{
+			Brokers:            EmbeddedBrokers,
+			GroupID:            "orderly",
+			Topics:             []string{"orders"},
+			EmbeddedListen:     "127.0.0.1:9092",
+			EmbeddedPartitions: 8,
+		},
+		Dispatch: Dispatch{
+			MaxInFlight:    10000,
+			CommitInterval: dur(time.Second),
+			DrainTimeout:   dur(30 * time.Second),
+			Unkeyed:        UnkeyedPartition,
+			Unmatched:      UnmatchedSkip,
+			MaxLanes:       10000,
+			LaneIdle:       dur(10 * time.Second),
+		},
+		HTTP: HTTP{
+			Timeout:         dur(10 * time.Second),
+			MaxConnsPerHost: 256,
+			MaxConnAge:      dur(60 * time.Second),
 			IdleConnTimeout: dur(90 * time.Second),
-			Retry: Retry{MaxAttempts: 10, InitialBackoff: dur(100 * time.Millisecond), MaxBackoff: dur(30 * time.Second),
-				RetryStatuses: []int{408, 425, 429, 500, 502, 503, 504}},
-			Breaker: Breaker{Enabled: true, FailureRatio: 0.5, MinRequests: 20, ConsecutiveFailures: 10,
-				OpenTimeout: dur(15 * time.Second), HalfOpenRequests: 3}},
+			Retry: Retry{
+				MaxAttempts:    10,
+				InitialBackoff: dur(100 * time.Millisecond),
+				MaxBackoff:     dur(30 * time.Second),
+				RetryStatuses:  []int{408, 425, 429, 500, 502, 503, 504},
+			},
+			Breaker: Breaker{
+				Enabled:             true,
+				FailureRatio:        0.5,
+				MinRequests:         20,
+				ConsecutiveFailures: 10,
+				OpenTimeout:         dur(15 * time.Second),
+				HalfOpenRequests:    3,
+			},
+		},
 		DLQ:     DLQ{Topic: "orderly.dlq"},
 		Admin:   Admin{Listen: "127.0.0.1:9464"},
 		Tracing: Tracing{Endpoint: "http://127.0.0.1:4318", SampleRatio: 1},
@@ -79,144 +107,114 @@ func Defaults() Config {
 
 func dur(d time.Duration) Duration { return Duration{d} }
 
-// Load reads and parses a configuration file.
+// Load reads the file at path and parses it with Parse. Every error it
+// returns is an Errors; a file that cannot be read gives one whose Err is
+// the *fs.PathError.
 func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, Errors{{File: path, Msg: "unable to read: " + err.Error()}}
+		return nil, Errors{{File: path, Msg: "unable to read the configuration: " + err.Error(), Err: err}}
 	}
 	return Parse(data, path)
 }
 
-// Parse decodes, expands, defaults and validates a configuration. Every
-// error is of type Errors.
+// Parse decodes a configuration (filename is only used in messages), applies
+// defaults, expands ${NAME} references, converts kafka.properties and
+// validates the result. It returns the configuration, or nil and an Errors
+// listing every problem found. Parse never panics on any input.
 func Parse(data []byte, filename string) (*Config, error) {
+	src := scan(filename, data)
+	if len(src.typeIssues) > 0 {
+		// Decoding would fail without a position, or quietly succeed.
+		return nil, src.render(src.typeIssues, src.routeName)
+	}
 	cfg := Defaults()
-	dec := toml.NewDecoder(strings.NewReader(string(data)))
+	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cfg); err != nil {
-		return nil, decodeErrors(filename, err)
-	}
 	var errs Errors
-	add := func(key, msg string) { errs = append(errs, &FieldError{File: filename, Key: key, Msg: msg}) }
-	expandStrings(reflect.ValueOf(&cfg).Elem())
-	cfg.Kafka.Properties = make(map[string]string, len(cfg.Kafka.RawProperties))
-	for k, v := range cfg.Kafka.RawProperties {
-		key := "kafka.properties." + k
-		s, err := propertyString(v)
-		if err != nil {
-			add(key, err.Error())
-			continue
+	if err := dec.Decode(&cfg); err != nil {
+		var missing *toml.StrictMissingError
+		if !errors.As(err, &missing) {
+			// A syntax or type error: decoding stopped part-way, so the
+			// values cannot be judged.
+			return nil, Errors{src.decodeError(err)}
 		}
-		s = expand(s, nil)
-		if hint, owned := ownedProperties[k]; owned {
-			add(key, "set by Orderly: "+hint)
-			continue
-		}
-		cfg.Kafka.Properties[k] = s
-	}
-	lines := routeLines(data)
-	for i := range cfg.Routes {
-		if i < len(lines) {
-			cfg.Routes[i].Line = lines[i]
-		}
-		for j := range cfg.Routes[i].Requests {
-			r := &cfg.Routes[i].Requests[j]
-			if r.Method == "" {
-				r.Method = http.MethodPost
-			}
-			if !strings.Contains(r.Method, "{{") {
-				r.Method = strings.ToUpper(r.Method)
-			}
+		// Everything else was decoded: report the unknown keys together
+		// with the rest.
+		for i := range missing.Errors {
+			errs = append(errs, src.unknownKey(&missing.Errors[i], cfg.routeName))
 		}
 	}
-	errs = append(errs, cfg.validate(filename)...)
+	cfg.src = src
+	cfg.UnsetEnv = src.unset
+	expandValue(reflect.ValueOf(&cfg).Elem())
+	cfg.setDefaults()
+	errs = append(errs, src.render(src.envIssues, cfg.routeName)...)
+	if err := cfg.Validate(); err != nil {
+		var verrs Errors
+		if errors.As(err, &verrs) {
+			errs = append(errs, verrs...)
+		} else {
+			errs = append(errs, &FieldError{File: filename, Msg: err.Error(), Err: err})
+		}
+	}
 	if len(errs) > 0 {
 		return nil, errs
 	}
 	return &cfg, nil
 }
 
-// ownedProperties are librdkafka settings Orderly manages itself.
+// setDefaults fills in what has a default but no meaningful zero value
+// (Watermill's setDefaults): the method of a request, the line of a route,
+// and Properties from RawProperties (leaving out values Validate rejects).
+func (c *Config) setDefaults() {
+	for i := range c.Routes {
+		r := &c.Routes[i]
+		if r.Line == 0 && c.src != nil {
+			if at, ok := c.src.keys[keyPath{}.key("routes").at(i).id()]; ok {
+				r.Line = at.line
+			}
+		}
+		for j := range r.Requests {
+			rq := &r.Requests[j]
+			switch {
+			case rq.Method == "":
+				rq.Method = http.MethodPost
+			case !strings.Contains(rq.Method, "{{"):
+				rq.Method = strings.ToUpper(rq.Method)
+			}
+		}
+	}
+	if c.Kafka.Properties == nil {
+		c.Kafka.Properties = make(map[string]string, len(c.Kafka.RawProperties))
+		for k, v := range c.Kafka.RawProperties {
+			if s, err := propertyString(v); err == nil {
+				c.Kafka.Properties[k] = s
+			}
+		}
+	}
+}
+
+// routeName returns the name of routes[i], or "".
+func (c *Config) routeName(i int) string {
+	if i >= 0 && i < len(c.Routes) {
+		return c.Routes[i].Name
+	}
+	return ""
+}
+
+// ownedProperties are the librdkafka properties Orderly sets itself, with
+// what to do instead.
 var ownedProperties = map[string]string{
-	"bootstrap.servers":        "use kafka.brokers",
-	"group.id":                 "use kafka.group_id",
-	"enable.auto.commit":       "Orderly commits only completed work",
-	"enable.auto.offset.store": "Orderly stores offsets only for completed work",
+	"bootstrap.servers":        "set kafka.brokers instead",
+	"group.id":                 "set kafka.group_id instead",
+	"enable.auto.commit":       "Orderly manages it: it commits only offsets whose messages are finished",
+	"enable.auto.offset.store": "Orderly manages it: it stores only offsets whose messages are finished",
 }
 
-func decodeErrors(file string, err error) error {
-	var sm *toml.StrictMissingError
-	if errors.As(err, &sm) {
-		errs := make(Errors, 0, len(sm.Errors))
-		for _, e := range sm.Errors {
-			row, col := e.Position()
-			errs = append(errs, &FieldError{File: file, Line: row, Col: col, Key: strings.Join(e.Key(), "."), Msg: "unknown key"})
-		}
-		return errs
-	}
-	var de *toml.DecodeError
-	if errors.As(err, &de) {
-		row, col := de.Position()
-		return Errors{{File: file, Line: row, Col: col, Key: strings.Join(de.Key(), "."),
-			Msg: strings.TrimPrefix(de.Error(), "toml: ")}}
-	}
-	return Errors{{File: file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}}
-}
-
-var envRef = regexp.MustCompile(`\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
-
-// expand replaces ${NAME} with the environment variable NAME ("" and a
-// call to unset when it is not set); $${ stands for a literal ${.
-func expand(s string, unset func(name string)) string {
-	if !strings.Contains(s, "${") {
-		return s
-	}
-	return envRef.ReplaceAllStringFunc(s, func(m string) string {
-		if m == "$${" {
-			return "${"
-		}
-		name := m[2 : len(m)-1]
-		v, ok := os.LookupEnv(name)
-		if !ok && unset != nil {
-			unset(name)
-		}
-		return v
-	})
-}
-
-// expandStrings expands ${NAME} in every string reachable from v. An unset
-// variable expands to "" (admin.token = "${ORDERLY_ADMIN_TOKEN}" without the
-// variable means no token); validation then judges the result.
-func expandStrings(v reflect.Value) {
-	switch v.Kind() {
-	case reflect.String:
-		if v.CanSet() {
-			v.SetString(expand(v.String(), nil))
-		}
-	case reflect.Pointer:
-		if !v.IsNil() {
-			expandStrings(v.Elem())
-		}
-	case reflect.Struct:
-		for i := 0; i < v.NumField(); i++ {
-			if v.Type().Field(i).IsExported() {
-				expandStrings(v.Field(i))
-			}
-		}
-	case reflect.Slice:
-		for i := 0; i < v.Len(); i++ {
-			expandStrings(v.Index(i))
-		}
-	case reflect.Map:
-		if v.Type().Elem().Kind() == reflect.String {
-			for _, k := range v.MapKeys() {
-				v.SetMapIndex(k, reflect.ValueOf(expand(v.MapIndex(k).String(), nil)))
-			}
-		}
-	}
-}
-
+// propertyString renders a [kafka.properties] value as librdkafka expects:
+// strings as they are, integers in decimal, floats without an exponent,
+// booleans as "true"/"false".
 func propertyString(v any) (string, error) {
 	switch x := v.(type) {
 	case string:
@@ -225,234 +223,244 @@ func propertyString(v any) (string, error) {
 		return strconv.FormatBool(x), nil
 	case int64:
 		return strconv.FormatInt(x, 10), nil
+	case int:
+		return strconv.Itoa(x), nil
 	case float64:
 		if math.IsInf(x, 0) || math.IsNaN(x) {
 			return "", errors.New("must be a finite number")
 		}
 		return strconv.FormatFloat(x, 'f', -1, 64), nil
+	case map[string]any:
+		return "", errors.New(`is a table: librdkafka properties are flat; quote a dotted name ("security.protocol" = "SSL", not security.protocol = "SSL")`)
+	case []any:
+		return "", errors.New(`is an array: librdkafka takes lists as one comma-separated string ("a,b")`)
 	default:
-		return "", fmt.Errorf("must be a string, number or boolean, not %T", v)
+		return "", fmt.Errorf("must be a string, number or boolean, not %s", tomlKind(v))
 	}
 }
 
-// routeLines returns the line of each [[routes]] header, in order.
-func routeLines(data []byte) []int {
-	var lines []int
-	for i, l := range strings.Split(string(data), "\n") {
-		if t := strings.TrimSpace(l); strings.HasPrefix(t, "[[routes]]") || strings.HasPrefix(t, "[[ routes ]]") {
-			lines = append(lines, i+1)
-		}
+func tomlKind(v any) string {
+	switch v.(type) {
+	case toml.LocalDate, toml.LocalDateTime, toml.LocalTime, time.Time:
+		return "a date or time (quote it)"
 	}
-	return lines
+	return fmt.Sprintf("%T", v)
 }
 
-// validate checks every field and returns every problem.
-func (c *Config) validate(file string) Errors {
+// render turns scan issues into errors.
+func (s *source) render(issues []issue, routeName func(int) string) Errors {
 	var errs Errors
-	bad := func(key, format string, args ...any) {
-		errs = append(errs, &FieldError{File: file, Key: key, Msg: fmt.Sprintf(format, args...)})
-	}
-	badAt := func(line int, key, format string, args ...any) {
-		errs = append(errs, &FieldError{File: file, Line: line, Key: key, Msg: fmt.Sprintf(format, args...)})
-	}
-
-	k := &c.Kafka
-	switch {
-	case strings.TrimSpace(k.Brokers) == "":
-		bad("kafka.brokers", `must be "host:port,..." or "embedded"`)
-	case !k.Embedded():
-		for _, b := range strings.Split(k.Brokers, ",") {
-			if err := hostPort(strings.TrimSpace(b)); err != nil {
-				bad("kafka.brokers", "%q: %v", strings.TrimSpace(b), err)
-			}
-		}
-	}
-	if strings.TrimSpace(k.GroupID) == "" {
-		bad("kafka.group_id", "must not be empty")
-	}
-	if len(k.Topics) == 0 {
-		bad("kafka.topics", "must name at least one topic")
-	}
-	for i, t := range k.Topics {
-		if strings.TrimSpace(t) == "" {
-			bad(fmt.Sprintf("kafka.topics[%d]", i), "must not be empty")
-		} else if slices.Index(k.Topics, t) != i {
-			bad(fmt.Sprintf("kafka.topics[%d]", i), "%q is listed twice", t)
-		}
-	}
-	if k.Embedded() {
-		if err := hostPort(k.EmbeddedListen); err != nil {
-			bad("kafka.embedded_listen", "%q: %v", k.EmbeddedListen, err)
-		}
-		if k.EmbeddedPartitions < 1 || k.EmbeddedPartitions > 10000 {
-			bad("kafka.embedded_partitions", "must be between 1 and 10000, not %d", k.EmbeddedPartitions)
-		}
-	}
-
-	d := &c.Dispatch
-	if d.MaxInFlight < 1 {
-		bad("dispatch.max_in_flight", "must be at least 1, not %d", d.MaxInFlight)
-	}
-	if d.CommitInterval.D() <= 0 {
-		bad("dispatch.commit_interval", "must be positive")
-	}
-	if d.DrainTimeout.D() < 0 {
-		bad("dispatch.drain_timeout", "must not be negative")
-	}
-	if d.Unkeyed != UnkeyedPartition && d.Unkeyed != UnkeyedParallel {
-		bad("dispatch.unkeyed", `must be "partition" or "parallel", not %q`, d.Unkeyed)
-	}
-	if d.Unmatched != UnmatchedSkip && d.Unmatched != UnmatchedDLQ {
-		bad("dispatch.unmatched", `must be "skip" or "dlq", not %q`, d.Unmatched)
-	} else if d.Unmatched == UnmatchedDLQ && c.DLQ.Topic == "" {
-		bad("dispatch.unmatched", `"dlq" needs dlq.topic`)
-	}
-	if d.MaxLanes < 1 {
-		bad("dispatch.max_lanes", "must be at least 1, not %d", d.MaxLanes)
-	}
-	if d.LaneIdle.D() <= 0 {
-		bad("dispatch.lane_idle", "must be positive")
-	}
-
-	h := &c.HTTP
-	if h.Timeout.D() <= 0 {
-		bad("http.timeout", "must be positive")
-	}
-	if h.MaxConnsPerHost < 0 {
-		bad("http.max_conns_per_host", "must not be negative (0 = unlimited)")
-	}
-	if h.MaxConnAge.D() < 0 {
-		bad("http.max_conn_age", "must not be negative (0 = never)")
-	}
-	if h.IdleConnTimeout.D() < 0 {
-		bad("http.idle_conn_timeout", "must not be negative")
-	}
-	r := &h.Retry
-	if r.MaxAttempts < 0 {
-		bad("http.retry.max_attempts", "must not be negative (0 = until it succeeds)")
-	}
-	if r.InitialBackoff.D() <= 0 {
-		bad("http.retry.initial_backoff", "must be positive")
-	}
-	if r.MaxBackoff.D() < r.InitialBackoff.D() {
-		bad("http.retry.max_backoff", "must be at least http.retry.initial_backoff (%s)", r.InitialBackoff.D())
-	}
-	for i, s := range r.RetryStatuses {
-		if s < 100 || s > 599 {
-			bad(fmt.Sprintf("http.retry.retry_statuses[%d]", i), "%d is not an HTTP status", s)
-		} else if s >= 200 && s < 300 {
-			bad(fmt.Sprintf("http.retry.retry_statuses[%d]", i), "%d is a success", s)
-		}
-	}
-	b := &h.Breaker
-	if b.FailureRatio <= 0 || b.FailureRatio > 1 {
-		bad("http.breaker.failure_ratio", "must be in (0, 1], not %g", b.FailureRatio)
-	}
-	if b.MinRequests < 1 {
-		bad("http.breaker.min_requests", "must be at least 1")
-	}
-	if b.ConsecutiveFailures < 0 {
-		bad("http.breaker.consecutive_failures", "must not be negative (0 = off)")
-	}
-	if b.OpenTimeout.D() <= 0 {
-		bad("http.breaker.open_timeout", "must be positive")
-	}
-	if b.HalfOpenRequests < 1 {
-		bad("http.breaker.half_open_requests", "must be at least 1")
-	}
-
-	if c.DLQ.Topic != "" && slices.Contains(k.Topics, c.DLQ.Topic) {
-		bad("dlq.topic", "%q is also consumed (kafka.topics): dead letters would loop", c.DLQ.Topic)
-	}
-	if c.Admin.Listen != "" {
-		if err := hostPort(c.Admin.Listen); err != nil {
-			bad("admin.listen", "%q: %v", c.Admin.Listen, err)
-		}
-	}
-	if c.Admin.DrainGrace.D() < 0 {
-		bad("admin.drain_grace", "must not be negative")
-	}
-	if c.Tracing.Enabled {
-		if u, err := url.Parse(c.Tracing.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			bad("tracing.endpoint", "%q is not an http(s) URL", c.Tracing.Endpoint)
-		}
-	}
-	if c.Tracing.SampleRatio < 0 || c.Tracing.SampleRatio > 1 {
-		bad("tracing.sample_ratio", "must be in [0, 1], not %g", c.Tracing.SampleRatio)
-	}
-	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
-	default:
-		bad("log.level", `must be "debug", "info", "warn" or "error", not %q`, c.Log.Level)
-	}
-	if c.Log.Format != "json" && c.Log.Format != "text" {
-		bad("log.format", `must be "json" or "text", not %q`, c.Log.Format)
-	}
-
-	if len(c.Routes) == 0 {
-		bad("routes", "at least one [[routes]] is needed")
-	}
-	names := map[string]int{}
-	for i, rt := range c.Routes {
-		key := fmt.Sprintf("routes[%d]", i)
-		if rt.Name != "" {
-			key += fmt.Sprintf(" (%q)", rt.Name)
-		}
-		if strings.TrimSpace(rt.Name) == "" {
-			badAt(rt.Line, key+".name", "must not be empty")
-		} else if j, dup := names[rt.Name]; dup {
-			badAt(rt.Line, key+".name", "%q is also the name of routes[%d]", rt.Name, j)
-		} else {
-			names[rt.Name] = i
-		}
-		for j, t := range rt.Topics {
-			if !slices.Contains(k.Topics, t) {
-				badAt(rt.Line, fmt.Sprintf("%s.topics[%d]", key, j), "%q is not consumed (kafka.topics)", t)
-			}
-		}
-		if len(rt.Requests) == 0 {
-			badAt(rt.Line, key+".requests", "at least one [[routes.requests]] is needed")
-		}
-		for j, rq := range rt.Requests {
-			rk := fmt.Sprintf("%s.requests[%d]", key, j)
-			if !strings.Contains(rq.Method, "{{") && !token(rq.Method) {
-				badAt(rt.Line, rk+".method", "%q is not an HTTP method", rq.Method)
-			}
-			if strings.TrimSpace(rq.URL) == "" {
-				badAt(rt.Line, rk+".url", "must not be empty")
-			}
-			for name := range rq.Headers {
-				if !token(name) {
-					badAt(rt.Line, fmt.Sprintf("%s.headers.%q", rk, name), "is not a valid header name")
-				}
-			}
-		}
+	for _, is := range issues {
+		errs = append(errs, &FieldError{File: s.file, Line: is.at.line, Col: is.at.col,
+			Key: is.p.display(routeName), Msg: is.msg})
 	}
 	return errs
 }
 
-func hostPort(s string) error {
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return errors.New("want host:port")
+var typeMismatch = regexp.MustCompile(`^cannot decode TOML (\w+) into `)
+
+// decodeError turns a go-toml syntax or type error into a FieldError.
+func (s *source) decodeError(err error) *FieldError {
+	var de *toml.DecodeError
+	if !errors.As(err, &de) {
+		return &FieldError{File: s.file, Msg: strings.TrimPrefix(err.Error(), "toml: "), Err: err}
 	}
-	_ = host
-	p, err := strconv.Atoi(port)
-	if err != nil || p < 0 || p > 65535 {
-		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
+	line, col := de.Position()
+	fe := &FieldError{File: s.file, Line: line, Col: col, Msg: strings.TrimPrefix(de.Error(), "toml: "), Err: err}
+	key := []string(de.Key())
+	if len(key) == 0 {
+		return fe // a syntax error
 	}
-	return nil
+	p := s.pathAt(line, col, key)
+	if p == nil {
+		p = keyPath{}.key(key...)
+	}
+	fe.Key = p.display(s.routeName)
+	if m := typeMismatch.FindStringSubmatch(fe.Msg); m != nil {
+		if t, _ := typeAt(p); describe(t) != "" {
+			fe.Msg = "must be " + describe(t) + ", not a TOML " + m[1]
+		}
+	}
+	return fe
 }
 
-func token(s string) bool {
+// unknownKey turns one of go-toml's strict-mode errors into a FieldError,
+// with a suggestion when the key is close to a known one.
+func (s *source) unknownKey(de *toml.DecodeError, routeName func(int) string) *FieldError {
+	line, col := de.Position()
+	key := []string(de.Key())
+	p := s.pathAt(line, col, key)
+	if p == nil {
+		p = keyPath{}.key(key...)
+	}
+	what := "key"
+	if strings.Contains(de.Error(), "table") {
+		what = "table"
+	}
+	msg := "unknown " + what
+	if at, ok := s.keys[p.id()]; ok {
+		line, col = at.line, at.col // a table: its header, not its name
+	}
+	if len(p) > 0 {
+		if alt := suggest(p); alt != "" {
+			msg += " (did you mean " + alt + "?)"
+		}
+	}
+	return &FieldError{File: s.file, Line: line, Col: col, Key: p.display(routeName), Msg: msg, Err: de}
+}
+
+// suggest returns the known key next to the last key of p that is closest
+// to it, if it is close enough to be a typo.
+func suggest(p keyPath) string {
+	last := p[len(p)-1]
+	if last.index >= 0 {
+		return ""
+	}
+	parent, _ := typeAt(p[:len(p)-1])
+	if parent == nil || parent.Kind() != reflect.Struct || parent == durationType {
+		return ""
+	}
+	best, bestD := "", 3
+	for i := 0; i < parent.NumField(); i++ {
+		tag := strings.Split(parent.Field(i).Tag.Get("toml"), ",")[0]
+		if tag == "" || tag == "-" {
+			continue
+		}
+		if d := editDistance(strings.ToLower(last.name), tag); d < bestD {
+			best, bestD = tag, d
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b (bytes).
+func editDistance(a, b string) int {
+	if len(a) > 64 || len(b) > 64 {
+		return math.MaxInt
+	}
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// envRef is one ${NAME} reference found by expand.
+type envRef struct {
+	name       string
+	set        bool // the variable is set (possibly to "")
+	hasDefault bool // ${NAME:-default}
+}
+
+// expand replaces ${NAME} and ${NAME:-default} with values from the
+// environment and $${ with a literal ${. On a malformed reference it returns
+// s unchanged and an error.
+func expand(s string) (string, []envRef, error) {
+	if !strings.Contains(s, "${") {
+		return s, nil, nil
+	}
+	var b strings.Builder
+	var refs []envRef
+	for i := 0; i < len(s); {
+		switch {
+		case strings.HasPrefix(s[i:], "$${"):
+			b.WriteString("${")
+			i += 3
+		case strings.HasPrefix(s[i:], "${"):
+			end := strings.IndexByte(s[i:], '}')
+			if end < 0 {
+				return s, refs, malformed(s[i:])
+			}
+			body := s[i+2 : i+end]
+			name, def, hasDef := strings.Cut(body, ":-")
+			if !envName(name) {
+				return s, refs, malformed(s[i : i+end+1])
+			}
+			v, set := os.LookupEnv(name)
+			refs = append(refs, envRef{name: name, set: set, hasDefault: hasDef})
+			if hasDef && v == "" {
+				v = def
+			}
+			b.WriteString(v)
+			i += end + 1
+		default:
+			b.WriteByte(s[i])
+			i++
+		}
+	}
+	return b.String(), refs, nil
+}
+
+func malformed(ref string) error {
+	if len(ref) > 40 {
+		ref = ref[:40] + "..."
+	}
+	return fmt.Errorf("malformed environment reference %q: write ${NAME} or ${NAME:-default}, or $${ for a literal ${", ref)
+}
+
+func envName(s string) bool {
 	if s == "" {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+		if !(c == '_' || c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || i > 0 && c >= '0' && c <= '9') {
 			return false
 		}
 	}
 	return true
+}
+
+// expandValue expands ${...} in every string reachable from v: fields,
+// slice elements, pointers, and the values (not keys) of maps, including
+// strings held in interfaces (kafka.properties). Malformed references are
+// left as they are; scan reported them.
+func expandValue(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.String:
+		if v.CanSet() {
+			if s, _, err := expand(v.String()); err == nil {
+				v.SetString(s)
+			}
+		}
+	case reflect.Pointer:
+		if !v.IsNil() {
+			expandValue(v.Elem())
+		}
+	case reflect.Struct:
+		for i := 0; i < v.NumField(); i++ {
+			if v.Type().Field(i).IsExported() {
+				expandValue(v.Field(i))
+			}
+		}
+	case reflect.Slice:
+		for i := 0; i < v.Len(); i++ {
+			expandValue(v.Index(i))
+		}
+	case reflect.Map:
+		for _, k := range v.MapKeys() {
+			el := v.MapIndex(k)
+			if el.Kind() == reflect.Interface {
+				el = el.Elem()
+			}
+			if el.Kind() != reflect.String {
+				continue
+			}
+			if s, _, err := expand(el.String()); err == nil {
+				v.SetMapIndex(k, reflect.ValueOf(s).Convert(el.Type()))
+			}
+		}
+	}
 }

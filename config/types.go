@@ -16,6 +16,16 @@ type Config struct {
 	Tracing  Tracing  `toml:"tracing"`
 	Log      Log      `toml:"log"`
 	Routes   []Route  `toml:"routes"`
+
+	// UnsetEnv lists, sorted, the environment variables the file refers to
+	// with ${NAME} (without a :-default) that were not set: each expanded
+	// to "". Parse does not treat this as an error (admin.token may well be
+	// empty); callers should log it.
+	UnsetEnv []string `toml:"-"`
+
+	// src is where Parse read the configuration: Validate uses it to give
+	// file, line and column. nil for a Config built in code.
+	src *source
 }
 
 // EmbeddedBrokers is the value of kafka.brokers that starts the in-process broker.
@@ -31,10 +41,12 @@ type Kafka struct {
 	EmbeddedPartitions int      `toml:"embedded_partitions"`
 	EmbeddedDataDir    string   `toml:"embedded_data_dir"`
 	// Properties are handed to librdkafka unchanged. TOML strings, integers,
-	// floats and booleans are accepted and rendered as librdkafka expects.
+	// floats and booleans are accepted and rendered as librdkafka expects
+	// (6000 -> "6000", 0.25 -> "0.25", true -> "true"). Parse always sets
+	// it, to an empty map when there are no properties.
 	Properties map[string]string `toml:"-"`
-	// RawProperties holds the [kafka.properties] table as decoded; Load
-	// converts it into Properties.
+	// RawProperties holds the [kafka.properties] table as decoded (after
+	// ${NAME} expansion); Parse converts it into Properties.
 	RawProperties map[string]any `toml:"properties"`
 }
 
@@ -121,7 +133,8 @@ type Route struct {
 	Topics   []string  `toml:"topics"` // empty: every consumed topic
 	When     string    `toml:"when"`   // expr-lang expression; empty: true
 	Requests []Request `toml:"requests"`
-	// Line is the line of the [[routes]] table in the file, 0 if unknown.
+	// Line is the line of the route's [[routes]] header (or inline table)
+	// in the file, 0 if unknown. Parse sets it.
 	Line int `toml:"-"`
 }
 
@@ -139,11 +152,20 @@ type Duration struct{ time.Duration }
 // D returns d as a time.Duration.
 func (d Duration) D() time.Duration { return d.Duration }
 
-// UnmarshalText parses a Go duration string.
+// UnmarshalText parses a Go duration string, after expanding ${NAME}
+// references from the environment as every configuration string is.
 func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
+	s, _, err := expand(string(b))
 	if err != nil {
-		return fmt.Errorf("invalid duration %q (want a Go duration such as \"1s\" or \"250ms\")", string(b))
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		from := ""
+		if s != string(b) {
+			from = fmt.Sprintf(" (expanded from %q)", string(b))
+		}
+		return fmt.Errorf("invalid duration %q%s: want a Go duration such as \"1s\" or \"250ms\"", s, from)
 	}
 	d.Duration = v
 	return nil

@@ -136,6 +136,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(cfg.Log, stderr)
+	if len(cfg.UnsetEnv) > 0 {
+		log.Warn("the configuration refers to environment variables that are not set; they expanded to \"\"",
+			"variables", cfg.UnsetEnv)
+	}
 	svc, err := service.New(cfg, log, version)
 	if err != nil {
 		log.Error("unable to start", "error", err)

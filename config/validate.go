@@ -1,0 +1,408 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Validate checks every field of c and returns an Errors listing every
+// problem, or nil. It expects defaults to be applied already (Parse does;
+// for a Config built in code, start from Defaults). For a Config that Parse
+// returned, each problem carries the file, and the line and column of its
+// key, or of the nearest enclosing table present in the file when the key
+// itself is absent. Validate does not compile `when` expressions or
+// templates (package filters does) and does not modify c.
+func (c *Config) Validate() error {
+	v := &validator{c: c}
+	v.kafka()
+	v.dispatch()
+	v.http()
+	v.rest()
+	v.routes()
+	if len(v.errs) == 0 {
+		return nil
+	}
+	return v.errs
+}
+
+// validator collects the problems of one Config.
+type validator struct {
+	c    *Config
+	errs Errors
+}
+
+// fail reports a problem with the key at p.
+func (v *validator) fail(p keyPath, format string, args ...any) {
+	v.failAt(p, nil, format, args...)
+}
+
+// failAt reports a problem with the key at p, placed at p if the file has
+// it, else at the key alt (another key the problem involves), else at the
+// nearest table around p.
+func (v *validator) failAt(p, alt keyPath, format string, args ...any) {
+	fe := &FieldError{Key: p.display(v.c.routeName), Msg: fmt.Sprintf(format, args...)}
+	if src := v.c.src; src != nil {
+		fe.File = src.file
+		at, ok := src.keys[p.id()]
+		if !ok && alt != nil {
+			at, ok = src.keys[alt.id()]
+		}
+		if !ok {
+			at, ok = src.position(p)
+		}
+		if ok {
+			fe.Line, fe.Col = at.line, at.col
+		}
+	}
+	v.errs = append(v.errs, fe)
+}
+
+func key(names ...string) keyPath { return keyPath{}.key(names...) }
+
+func (v *validator) kafka() {
+	k := &v.c.Kafka
+	switch {
+	case strings.TrimSpace(k.Brokers) == "":
+		v.fail(key("kafka", "brokers"), `must be "host:port,host:port" or "embedded"`)
+	case !k.Embedded():
+		for i, b := range strings.Split(k.Brokers, ",") {
+			b = strings.TrimSpace(b)
+			if err := hostPort(b, false); err != nil {
+				v.fail(key("kafka", "brokers"), "entry %d %q: %v (or \"embedded\" alone for the in-process broker)", i+1, b, err)
+			}
+		}
+	}
+	if strings.TrimSpace(k.GroupID) == "" {
+		v.fail(key("kafka", "group_id"), "must not be empty")
+	}
+	if len(k.Topics) == 0 {
+		v.fail(key("kafka", "topics"), "must name at least one topic")
+	}
+	seen := map[string]int{}
+	for i, t := range k.Topics {
+		p := key("kafka", "topics").at(i)
+		if err := topicName(t); err != nil {
+			v.fail(p, "%v", err)
+		} else if j, dup := seen[t]; dup {
+			v.fail(p, "%q is listed twice (also kafka.topics[%d])", t, j)
+		} else {
+			seen[t] = i
+		}
+	}
+	if k.Embedded() {
+		if err := hostPort(k.EmbeddedListen, true); err != nil {
+			v.fail(key("kafka", "embedded_listen"), "%q: %v", k.EmbeddedListen, err)
+		}
+		if k.EmbeddedPartitions < 1 || k.EmbeddedPartitions > 10000 {
+			v.fail(key("kafka", "embedded_partitions"), "must be from 1 to 10000, not %d", k.EmbeddedPartitions)
+		}
+	}
+
+	// Properties: RawProperties as decoded, or Properties of a Config built
+	// in code.
+	names := map[string]bool{}
+	for name := range k.RawProperties {
+		names[name] = true
+	}
+	for name := range k.Properties {
+		names[name] = true
+	}
+	for _, name := range sortedKeys(names) {
+		p := key("kafka", "properties", name)
+		if raw, ok := k.RawProperties[name]; ok {
+			if _, err := propertyString(raw); err != nil {
+				v.fail(p, "%v", err)
+				continue
+			}
+		}
+		if strings.TrimSpace(name) == "" {
+			v.fail(p, "a property needs a name")
+		} else if hint, owned := ownedProperties[name]; owned {
+			v.fail(p, "Orderly sets this librdkafka property itself: %s", hint)
+		}
+	}
+}
+
+func (v *validator) dispatch() {
+	d := &v.c.Dispatch
+	if d.MaxInFlight < 1 {
+		v.fail(key("dispatch", "max_in_flight"), "must be at least 1, not %d", d.MaxInFlight)
+	}
+	if d.CommitInterval.D() <= 0 {
+		v.fail(key("dispatch", "commit_interval"), "must be positive, not %s", d.CommitInterval.D())
+	}
+	if d.DrainTimeout.D() < 0 {
+		v.fail(key("dispatch", "drain_timeout"), "must not be negative, not %s", d.DrainTimeout.D())
+	}
+	if d.Unkeyed != UnkeyedPartition && d.Unkeyed != UnkeyedParallel {
+		v.fail(key("dispatch", "unkeyed"), `must be "partition" or "parallel", not %q`, d.Unkeyed)
+	}
+	switch {
+	case d.Unmatched != UnmatchedSkip && d.Unmatched != UnmatchedDLQ:
+		v.fail(key("dispatch", "unmatched"), `must be "skip" or "dlq", not %q`, d.Unmatched)
+	case d.Unmatched == UnmatchedDLQ && v.c.DLQ.Topic == "":
+		v.failAt(key("dispatch", "unmatched"), key("dlq", "topic"), `"dlq" needs a dead-letter topic, but dlq.topic is ""`)
+	}
+	if d.MaxLanes < 1 {
+		v.fail(key("dispatch", "max_lanes"), "must be at least 1, not %d", d.MaxLanes)
+	}
+	if d.LaneIdle.D() <= 0 {
+		v.fail(key("dispatch", "lane_idle"), "must be positive, not %s", d.LaneIdle.D())
+	}
+}
+
+func (v *validator) http() {
+	h := &v.c.HTTP
+	if h.Timeout.D() <= 0 {
+		v.fail(key("http", "timeout"), "must be positive, not %s", h.Timeout.D())
+	}
+	if h.MaxConnsPerHost < 0 {
+		v.fail(key("http", "max_conns_per_host"), "must not be negative (0 = unlimited), not %d", h.MaxConnsPerHost)
+	}
+	if h.MaxConnAge.D() < 0 {
+		v.fail(key("http", "max_conn_age"), `must not be negative ("0s" = never), not %s`, h.MaxConnAge.D())
+	}
+	if h.IdleConnTimeout.D() <= 0 {
+		v.fail(key("http", "idle_conn_timeout"), "must be positive, not %s", h.IdleConnTimeout.D())
+	}
+
+	r := &h.Retry
+	if r.MaxAttempts < 0 {
+		v.fail(key("http", "retry", "max_attempts"), "must not be negative (0 = until it succeeds), not %d", r.MaxAttempts)
+	}
+	if r.InitialBackoff.D() <= 0 {
+		v.fail(key("http", "retry", "initial_backoff"), "must be positive, not %s", r.InitialBackoff.D())
+	} else if r.MaxBackoff.D() < r.InitialBackoff.D() {
+		v.failAt(key("http", "retry", "max_backoff"), key("http", "retry", "initial_backoff"), "%s is less than http.retry.initial_backoff (%s)", r.MaxBackoff.D(), r.InitialBackoff.D())
+	}
+	for i, s := range r.RetryStatuses {
+		p := key("http", "retry", "retry_statuses").at(i)
+		switch {
+		case s < 100 || s > 599:
+			v.fail(p, "%d is not an HTTP status (100 to 599)", s)
+		case s >= 200 && s < 300:
+			v.fail(p, "%d is a success, it cannot be retried", s)
+		}
+	}
+
+	b := &h.Breaker
+	if !(b.FailureRatio > 0 && b.FailureRatio <= 1) {
+		v.fail(key("http", "breaker", "failure_ratio"), "must be more than 0 and at most 1, not %g", b.FailureRatio)
+	}
+	if b.MinRequests < 1 {
+		v.fail(key("http", "breaker", "min_requests"), "must be at least 1, not %d", b.MinRequests)
+	}
+	if b.ConsecutiveFailures < 0 {
+		v.fail(key("http", "breaker", "consecutive_failures"), "must not be negative (0 = off), not %d", b.ConsecutiveFailures)
+	}
+	if b.OpenTimeout.D() <= 0 {
+		v.fail(key("http", "breaker", "open_timeout"), "must be positive, not %s", b.OpenTimeout.D())
+	}
+	if b.HalfOpenRequests < 1 {
+		v.fail(key("http", "breaker", "half_open_requests"), "must be at least 1, not %d", b.HalfOpenRequests)
+	}
+}
+
+// rest checks dlq, admin, tracing and log.
+func (v *validator) rest() {
+	c := v.c
+	if t := c.DLQ.Topic; t != "" {
+		if err := topicName(t); err != nil {
+			v.fail(key("dlq", "topic"), "%v", err)
+		} else if i := index(c.Kafka.Topics, t); i >= 0 {
+			v.failAt(key("dlq", "topic"), key("kafka", "topics").at(i), "%q is also consumed (kafka.topics[%d]): dead letters would be dispatched again, in a loop", t, i)
+		}
+	}
+
+	a := &c.Admin
+	if a.Listen != "" {
+		if err := hostPort(a.Listen, true); err != nil {
+			v.fail(key("admin", "listen"), "%q: %v (or \"\" to disable the admin server)", a.Listen, err)
+		} else if a.Token == "" && c.DLQ.Topic != "" && !loopback(a.Listen) {
+			v.failAt(key("admin", "token"), key("admin", "listen"), "must be set: /dlq/* would be open to anyone on %s (set a token, e.g. \"${ORDERLY_ADMIN_TOKEN}\", or listen on a loopback address)", a.Listen)
+		}
+	}
+	if a.DrainGrace.D() < 0 {
+		v.fail(key("admin", "drain_grace"), "must not be negative, not %s", a.DrainGrace.D())
+	}
+
+	t := &c.Tracing
+	if t.Enabled {
+		if u, err := url.Parse(t.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			v.fail(key("tracing", "endpoint"), "%q is not an http:// or https:// URL (OTLP over HTTP, e.g. \"http://127.0.0.1:4318\")", t.Endpoint)
+		}
+	}
+	if !(t.SampleRatio >= 0 && t.SampleRatio <= 1) {
+		v.fail(key("tracing", "sample_ratio"), "must be from 0 to 1, not %g", t.SampleRatio)
+	}
+
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		v.fail(key("log", "level"), `must be "debug", "info", "warn" or "error", not %q`, c.Log.Level)
+	}
+	if c.Log.Format != "json" && c.Log.Format != "text" {
+		v.fail(key("log", "format"), `must be "json" or "text", not %q`, c.Log.Format)
+	}
+}
+
+func (v *validator) routes() {
+	c := v.c
+	if len(c.Routes) == 0 {
+		v.fail(key("routes"), "at least one [[routes]] table is needed: without routes nothing would be sent")
+	}
+	names := map[string]int{}
+	for i := range c.Routes {
+		rt := &c.Routes[i]
+		rp := key("routes").at(i)
+		switch j, dup := names[rt.Name]; {
+		case strings.TrimSpace(rt.Name) == "":
+			v.fail(rp.key("name"), "every route needs a name (it labels metrics, logs and dead letters)")
+		case dup:
+			v.fail(rp.key("name"), "%q is also the name of routes[%d]", rt.Name, j)
+		default:
+			names[rt.Name] = i
+		}
+		for j, t := range rt.Topics {
+			if index(c.Kafka.Topics, t) < 0 {
+				v.fail(rp.key("topics").at(j), "%q is not consumed (kafka.topics = %s)", t, quoteList(c.Kafka.Topics))
+			}
+		}
+		if len(rt.Requests) == 0 {
+			v.fail(rp.key("requests"), "at least one [[routes.requests]] is needed")
+		}
+		for j := range rt.Requests {
+			v.request(rp.key("requests").at(j), &rt.Requests[j])
+		}
+	}
+}
+
+func (v *validator) request(p keyPath, rq *Request) {
+	if m := rq.Method; !strings.Contains(m, "{{") && !httpToken(m) {
+		v.fail(p.key("method"), "%q is not an HTTP method (GET, POST, PUT, PATCH, DELETE, ...)", m)
+	}
+	switch u := rq.URL; {
+	case strings.TrimSpace(u) == "":
+		v.fail(p.key("url"), "must not be empty")
+	case !strings.Contains(u, "{{"):
+		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+			v.fail(p.key("url"), "%q is not an absolute http:// or https:// URL", u)
+		}
+	}
+	canon := map[string]string{}
+	for _, name := range sortedKeys(rq.Headers) {
+		hp := p.key("headers", name)
+		if !httpToken(name) {
+			v.fail(hp, "is not a valid header name")
+			continue
+		}
+		c := http.CanonicalHeaderKey(name)
+		if other, dup := canon[c]; dup {
+			v.fail(hp, "is the same header as %q (names are case-insensitive)", other)
+			continue
+		}
+		canon[c] = name
+	}
+}
+
+// hostPort checks a host:port address. A listen address may leave the host
+// out (every interface) and use port 0 (any free port).
+func hostPort(s string, listen bool) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New("want host:port")
+	}
+	if host == "" && !listen {
+		return errors.New("want host:port, the host is missing")
+	}
+	n, err := strconv.Atoi(port)
+	lo := 1
+	if listen {
+		lo = 0
+	}
+	if err != nil || n < lo || n > 65535 {
+		return fmt.Errorf("port %q is not a number from %d to 65535", port, lo)
+	}
+	return nil
+}
+
+// loopback reports whether the host of addr is a loopback address or
+// localhost, as the admin server judges it.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// topicName checks a Kafka topic name: 1 to 249 of [a-zA-Z0-9._-], not "."
+// or "..".
+func topicName(t string) error {
+	switch {
+	case t == "":
+		return errors.New("a topic name must not be empty")
+	case t == "." || t == "..":
+		return fmt.Errorf("%q is not a valid topic name", t)
+	case len(t) > 249:
+		return fmt.Errorf("topic name is %d characters long, Kafka allows 249", len(t))
+	}
+	for i := 0; i < len(t); i++ {
+		c := t[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("%q is not a valid topic name (letters, digits, '.', '_' and '-' only)", t)
+		}
+	}
+	return nil
+}
+
+// httpToken reports whether s is an RFC 9110 token (a method or header name).
+func httpToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// quoteList renders list as a TOML array of strings.
+func quoteList(list []string) string {
+	q := make([]string, len(list))
+	for i, s := range list {
+		q[i] = strconv.Quote(s)
+	}
+	return "[" + strings.Join(q, ", ") + "]"
+}
+
+func index(list []string, s string) int {
+	for i, x := range list {
+		if x == s {
+			return i
+		}
+	}
+	return -1
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}

@@ -29,9 +29,9 @@ lint:
 
 # Each native fuzz target for a short while (longer: make fuzz FUZZTIME=5m).
 fuzz:
-	$(GO) test ./offsets  -run '^$$' -fuzz FuzzTracker -fuzztime $(FUZZTIME)
-	$(GO) test ./config   -run '^$$' -fuzz FuzzParse   -fuzztime $(FUZZTIME)
-	$(GO) test ./filters  -run '^$$' -fuzz FuzzPlan    -fuzztime $(FUZZTIME)
+	scripts/fuzz.sh ./offsets FuzzTracker $(FUZZTIME)
+	scripts/fuzz.sh ./config  FuzzParse   $(FUZZTIME)
+	scripts/fuzz.sh ./filters FuzzPlan    $(FUZZTIME)
 
 # The performance scenarios against the raw-HTTP ceiling (see README, Performance).
 bench: build

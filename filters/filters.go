@@ -92,15 +92,19 @@
 // # Concurrency and memory
 //
 // A Router is immutable and safe for concurrent use. Plan never modifies the
-// Message. Every Plan returns fresh Requests and Header maps that the caller
-// owns and may modify, with one exception: a Request.Body may alias
-// Message.Value (no body template, or a body of exactly {{ .Raw }}), so the
-// caller must treat both as read-only while the request is in use.
+// Message. Every Plan returns a fresh Requests slice, but what the requests
+// hold may be shared and is read-only: a Request.Body may alias
+// Message.Value (no body template, or a body of exactly {{ .Raw }}), and the
+// Header map of a request whose headers are all static is one map shared by
+// every Plan of that route (the HTTP client builds each outgoing header set
+// from it; a Plan costs no map then). Headers with templates are rendered
+// into a fresh map per Plan.
 package filters
 
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -177,11 +181,6 @@ func (e *CompileError) Error() string {
 // Unwrap returns e.Err.
 func (e *CompileError) Unwrap() error { return e.Err }
 
-// headerSpare is room left in every rendered Header map for what the HTTP
-// client adds (Idempotency-Key, traceparent, tracestate, User-Agent), so
-// that adding them does not grow the map.
-const headerSpare = 4
-
 // Router holds the compiled routes. It is immutable and safe for concurrent
 // use.
 type Router struct {
@@ -215,8 +214,12 @@ type request struct {
 	methodStr string
 	url       *text
 	urlFixed  bool     // the template's leading text fixes a valid scheme://host/
+	target    string   // host:port when the URL is static or urlFixed, else "" (found per Plan)
 	headers   []header // sorted by name
-	body      *text    // nil: the message value
+	// staticHeader, when every header is static, is the Header map every
+	// Plan shares (read-only); nil otherwise.
+	staticHeader http.Header
+	body         *text // nil: the message value
 }
 
 type header struct {
@@ -329,13 +332,17 @@ func (rt *route) compileRequest(j int, cr *config.Request, fail func(string, err
 	case cr.URL == "":
 		fail(at("url"), errors.New("a request needs a url"))
 	case tx.static:
-		if err := checkURL(tx.str); err != nil {
+		u, err := checkURL(tx.str)
+		if err != nil {
 			fail(at("url"), err)
+		} else {
+			rq.target = TargetOf(u)
 		}
 		rq.url = tx
 	default:
 		rq.url = tx
-		rq.urlFixed = fixedOrigin(tx)
+		rq.target = fixedOrigin(tx)
+		rq.urlFixed = rq.target != ""
 		use("url", tx)
 	}
 
@@ -372,6 +379,12 @@ func (rt *route) compileRequest(j int, cr *config.Request, fail func(string, err
 		rq.headers = append(rq.headers, header{name: cn, val: tx})
 	}
 	slices.SortFunc(rq.headers, func(a, b header) int { return strings.Compare(a.name, b.name) })
+	if len(rq.headers) > 0 && !slices.ContainsFunc(rq.headers, func(h header) bool { return !h.val.static }) {
+		rq.staticHeader = make(http.Header, len(rq.headers))
+		for _, h := range rq.headers {
+			rq.staticHeader[h.name] = []string{h.val.str}
+		}
+	}
 
 	if cr.Body != nil {
 		tx, err := compileText("body", *cr.Body)
@@ -480,22 +493,29 @@ func (rt *route) render(st *state) (Plan, error) {
 		}
 
 		u, err := st.renderString(rq.url)
+		out.Target = rq.target
 		switch {
 		case err != nil || rq.url.static:
 		case rq.urlFixed:
 			err = checkURLTail(u)
 		default:
-			err = checkURL(u)
+			var pu *url.URL
+			if pu, err = checkURL(u); err == nil {
+				out.Target = TargetOf(pu)
+			}
 		}
 		if err != nil {
 			return bad(i, at("url"), err)
 		}
 		out.URL = u
 
-		h := make(http.Header, len(rq.headers)+headerSpare)
-		if len(rq.headers) > 0 {
-			// One backing array for all values; each capped so that an
-			// append by the caller cannot reach its neighbour.
+		switch {
+		case rq.staticHeader != nil:
+			out.Header = rq.staticHeader
+		case len(rq.headers) > 0:
+			h := make(http.Header, len(rq.headers))
+			// One backing array for all values; each capped so that no
+			// append can reach its neighbour.
 			vals := make([]string, len(rq.headers))
 			for j := range rq.headers {
 				hd := &rq.headers[j]
@@ -509,8 +529,8 @@ func (rt *route) render(st *state) (Plan, error) {
 				vals[j] = v
 				h[hd.name] = vals[j : j+1 : j+1]
 			}
+			out.Header = h
 		}
-		out.Header = h
 
 		switch b := rq.body; {
 		case b == nil || b.raw:
@@ -564,28 +584,48 @@ func checkHeaderValue(v string) error {
 	return nil
 }
 
-// fixedOrigin reports whether the leading text of a URL template fixes a
-// valid scheme and host ("http://sink:8081/orders/{{ .Value.id }}"), so that
-// checkURLTail is enough after rendering.
-func fixedOrigin(tx *text) bool {
+// fixedOrigin returns the target (host:port) when the leading text of a URL
+// template fixes a valid scheme and host ("http://sink:8081/orders/{{
+// .Value.id }}"), so that checkURLTail is enough after rendering; "" when it
+// does not.
+func fixedOrigin(tx *text) string {
 	nodes := tx.t.Tree.Root.Nodes
 	if len(nodes) == 0 {
-		return false
+		return ""
 	}
 	lead, ok := nodes[0].(*parse.TextNode)
 	if !ok {
-		return false
+		return ""
 	}
 	s := string(lead.Text)
 	i := strings.Index(s, "://")
 	if i < 0 {
-		return false
+		return ""
 	}
 	end := strings.IndexAny(s[i+3:], "/?#")
 	if end < 0 {
-		return false
+		return ""
 	}
-	return checkURL(s[:i+3+end]+"/") == nil
+	u, err := checkURL(s[:i+3+end] + "/")
+	if err != nil {
+		return ""
+	}
+	return TargetOf(u)
+}
+
+// TargetOf returns the host:port of an absolute URL, the port made explicit
+// from the scheme (80 for http, 443 for https) when the URL has none.
+func TargetOf(u *url.URL) string {
+	if u.Port() != "" {
+		return u.Host
+	}
+	switch u.Scheme {
+	case "https":
+		return net.JoinHostPort(u.Hostname(), "443")
+	case "http":
+		return net.JoinHostPort(u.Hostname(), "80")
+	}
+	return u.Host
 }
 
 // checkURLTail checks a rendered URL whose origin is known to be valid: no
@@ -612,19 +652,20 @@ func isHex(c byte) bool {
 	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
-// checkURL accepts an absolute http or https URL without control characters.
-func checkURL(s string) error {
+// checkURL accepts an absolute http or https URL without control characters
+// and returns it parsed.
+func checkURL(s string) (*url.URL, error) {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; c < 0x20 || c == 0x7f {
-			return fmt.Errorf("%w: URL contains control character %#02x", ErrInvalidRequest, c)
+			return nil, fmt.Errorf("%w: URL contains control character %#02x", ErrInvalidRequest, c)
 		}
 	}
 	u, err := url.Parse(s)
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalidRequest, err)
+		return nil, fmt.Errorf("%w: %v", ErrInvalidRequest, err)
 	}
 	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("%w: URL %q is not an absolute http or https URL", ErrInvalidRequest, s)
+		return nil, fmt.Errorf("%w: URL %q is not an absolute http or https URL", ErrInvalidRequest, s)
 	}
-	return nil
+	return u, nil
 }

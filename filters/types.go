@@ -23,12 +23,18 @@ type Message struct {
 	Timestamp time.Time
 }
 
-// Request is one rendered HTTP request, ready to be sent.
+// Request is one rendered HTTP request, ready to be sent. Header and Body
+// may be shared with other Requests and with the Message (see the package
+// doc): treat them as read-only.
 type Request struct {
 	Method string
 	URL    string
 	Header http.Header
 	Body   []byte
+	// Target is the URL's host:port (the port made explicit from the
+	// scheme): the unit of connection limits, circuit breakers and metric
+	// labels. Plan always sets it.
+	Target string
 }
 
 // Plan is what a route makes of a message: its name and the requests to send

@@ -7,19 +7,15 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptrace"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
-
-// attemptTransport is the RoundTripper of the go-retryablehttp client: each
-// RoundTrip is one attempt, guarded by the target's breaker. It has no
-// CloseIdleConnections method on purpose (see the package doc).
-type attemptTransport struct{ s *Sender }
-
-var _ http.RoundTripper = (*attemptTransport)(nil)
 
 // Breaker outcomes reported through TwoStepCircuitBreaker's done callback.
 var (
@@ -27,68 +23,31 @@ var (
 	errExcluded      = errors.New("attempt excluded") // neither success nor failure
 )
 
-// RoundTrip makes one attempt. It returns the response with its body already
-// drained and closed (replaced by http.NoBody); status and headers remain
-// for CheckRetry and Backoff.
-func (t *attemptTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	s := t.s
-	ctx := req.Context()
-	st, _ := ctx.Value(stateKey{}).(*sendState)
-	if st == nil || st.target == nil { // not sent through Send; keep it working anyway
-		st = &sendState{target: s.target(hostKey(req.URL))}
+// Attempt makes the next attempt of c and says what comes next: Delivered,
+// Retry after Step.After, Failed (permanent) or Canceled (ctx ended). It
+// waits while the target's breaker refuses (without counting an attempt) and
+// for the round trip itself, never for a backoff: that wait is the caller's.
+// A request that cannot be built at all fails at once.
+func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
+	if c.tg == nil {
+		if err := s.prepare(c); err != nil {
+			return Step{Outcome: Failed, Err: &Error{Permanent: true, Err: err}}
+		}
 	}
-	tg := st.target
-
+	tg := c.tg
 	var done func(error)
 	if tg.breaker != nil {
 		var err error
 		if done, err = s.admit(ctx, tg); err != nil {
-			if req.Body != nil {
-				_ = req.Body.Close()
-			}
-			return nil, err
+			return Step{Outcome: Canceled, Err: &Error{Status: c.status, Attempts: c.attempts,
+				Err: fmt.Errorf("unable to send %s: %w", c.what(), err)}}
 		}
 	}
-
-	st.attempts++
-	if st.attempts > 1 {
+	c.attempts++
+	if c.attempts > 1 {
 		tg.retries.Inc()
 	}
-	actx := ctx
-	if s.timeout > 0 {
-		var cancel context.CancelFunc
-		actx, cancel = context.WithTimeout(ctx, s.timeout)
-		defer cancel()
-	}
-	if s.connTrace != nil {
-		tr := s.connTrace
-		if httptrace.ContextClientTrace(actx) != nil {
-			// WithClientTrace composes into (mutates) its argument when the
-			// context already holds a trace: give it a private copy.
-			c := *s.connTrace
-			tr = &c
-		}
-		actx = httptrace.WithClientTrace(actx, tr)
-	}
-	actx, span := s.tracing.StartAttemptURL(actx, req.Method, req.URL, st.attempts)
-	r := req.WithContext(actx)
-	if s.propagate != nil {
-		r.Header = req.Header.Clone()
-		s.propagate(actx, r.Header)
-	}
-
-	start := time.Now()
-	resp, err := s.transport.RoundTrip(r)
-	if err == nil {
-		drain(resp.Body)
-		resp.Body = http.NoBody
-	}
-	tg.duration.Observe(time.Since(start).Seconds())
-	if err != nil {
-		telemetry.EndAttempt(span, 0, err)
-	} else {
-		telemetry.EndAttempt(span, resp.StatusCode, nil)
-	}
+	resp, err := s.roundTrip(ctx, c)
 
 	outcome := error(nil)
 	switch {
@@ -105,12 +64,95 @@ func (t *attemptTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 	}
 	if err != nil {
 		tg.errors.Inc()
-		st.status, st.lastErr = 0, err
-		return nil, err
+		c.status = 0
+	} else {
+		tg.statusCounter(resp.StatusCode).Inc()
+		c.status = resp.StatusCode
 	}
-	tg.statusCounter(resp.StatusCode).Inc()
-	st.status, st.lastErr = resp.StatusCode, nil
-	return resp, nil
+	return s.verdict(ctx, c, resp, err)
+}
+
+// roundTrip sends one attempt of c and returns the response with its body
+// drained and closed (replaced by http.NoBody); status and headers remain.
+func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error) {
+	actx := ctx
+	if s.timeout > 0 {
+		var cancel context.CancelFunc
+		actx, cancel = context.WithTimeout(ctx, s.timeout)
+		defer cancel() // after the drain: the body is read under the same limit
+	}
+	if s.connTrace != nil {
+		tr := s.connTrace
+		if httptrace.ContextClientTrace(actx) != nil {
+			// WithClientTrace composes into (mutates) its argument when the
+			// context already holds a trace: give it a private copy.
+			cp := *s.connTrace
+			tr = &cp
+		}
+		actx = httptrace.WithClientTrace(actx, tr)
+	}
+	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
+	h := c.header
+	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
+		h = h.Clone()
+		s.propagate(actx, h)
+	}
+
+	start := time.Now()
+	resp, err := s.transport.RoundTrip(c.newRequest(actx, h))
+	if err == nil {
+		drain(resp.Body)
+		resp.Body = http.NoBody
+	}
+	c.tg.duration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		// As http.Client reports it: "Post "http://host/path": ...".
+		err = &url.Error{Op: urlErrorOp(c.req.Method), URL: safeURL(c.u), Err: err}
+		telemetry.EndAttempt(span, 0, err)
+	} else {
+		telemetry.EndAttempt(span, resp.StatusCode, nil)
+	}
+	return resp, err
+}
+
+// verdict classifies the attempt just made.
+func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err error) Step {
+	if ctx.Err() != nil {
+		return Step{Outcome: Canceled, Err: c.canceled(ctx)}
+	}
+	fail := func(err error) Step {
+		return Step{Outcome: Failed, Err: &Error{Status: c.status, Attempts: c.attempts, Permanent: true, Err: err}}
+	}
+	if err != nil {
+		// Decides which transport errors are hopeless (bad scheme, invalid
+		// header, untrusted certificate); the rest are retried.
+		if retry, _ := retryablehttp.ErrorPropagatedRetryPolicy(ctx, nil, err); !retry {
+			return fail(fmt.Errorf("unable to send %s: %w", c.what(), err))
+		}
+	} else {
+		if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+			return Step{Outcome: Delivered}
+		}
+		if !s.retryable(resp.StatusCode) {
+			return fail(fmt.Errorf("%w: %s answered %d", ErrStatus, c.what(), resp.StatusCode))
+		}
+	}
+	if s.maxAttempts > 0 && c.attempts >= s.maxAttempts {
+		if err != nil {
+			return fail(fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, c.attempts, err))
+		}
+		return fail(fmt.Errorf("%w after %d attempts: %s answered %d", ErrRetriesExhausted, c.attempts, c.what(), resp.StatusCode))
+	}
+	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1, resp)}
+}
+
+// urlErrorOp is the Op of a *url.Error for method, as http.Client spells
+// it ("Post", "Get").
+func urlErrorOp(method string) string {
+	if method == "" {
+		return "Get"
+	}
+	return method[:1] + strings.ToLower(method[1:])
 }
 
 // admit waits until tg's breaker admits a request and returns its done
@@ -147,10 +189,11 @@ func (s *Sender) admit(ctx context.Context, tg *target) (func(error), error) {
 	}
 }
 
-// backoff is the go-retryablehttp Backoff policy. On 429 and 503 a
-// Retry-After header (seconds or HTTP-date) decides, capped at hi. Otherwise
-// the wait is exponential with equal jitter: ceiling = lo*2^attempt capped at
-// hi, wait uniformly in [ceiling/2, ceiling], never below lo.
+// backoff is the wait before attempt number attempt+2 (attempt counts the
+// failed attempts before the last one). On 429 and 503 a Retry-After header
+// (seconds or HTTP-date) decides, capped at hi. Otherwise the wait is
+// exponential with equal jitter: ceiling = lo*2^attempt capped at hi, wait
+// uniformly in [ceiling/2, ceiling], never below lo.
 func backoff(lo, hi time.Duration, attempt int, resp *http.Response) time.Duration {
 	hi = max(hi, lo)
 	if resp != nil && (resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {

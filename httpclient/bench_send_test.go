@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/filters"
 )
 
 // Benchmarks of request building and sending, complementing BenchmarkSend:
@@ -152,8 +153,10 @@ func benchPlainPost(c *http.Client, url string, body []byte) error {
 	return nil
 }
 
-// BenchmarkHostKey is the per-request target lookup key.
-func BenchmarkHostKey(b *testing.B) {
+// BenchmarkTargetLookup is the per-call target lookup: the host:port key
+// from a parsed URL (what prepare does for a hand-built request without a
+// Target) and the Sender's map.
+func BenchmarkTargetLookup(b *testing.B) {
 	s, _ := newTestSender(b, baseHTTP(), nil)
 	req, err := http.NewRequest(http.MethodGet, "http://sink.invalid:8080/people/key-17", nil)
 	if err != nil {
@@ -161,6 +164,6 @@ func BenchmarkHostKey(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		_ = s.target(hostKey(req.URL))
+		_ = s.target(filters.TargetOf(req.URL))
 	}
 }

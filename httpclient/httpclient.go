@@ -1,42 +1,52 @@
 // Package httpclient sends the HTTP requests Orderly renders from Kafka
-// messages. One Sender serves the whole process and every key lane; it is
-// safe for concurrent use.
+// messages. One Sender serves the whole process; it is safe for concurrent
+// use.
 //
-// # What one Send does
+// # Attempts and calls
 //
-// Send turns a filters.Request into a go-retryablehttp Request and runs it
-// through one shared retryablehttp.Client. The client owns the attempt loop:
+// The unit of work is one attempt. A Call is the delivery of one
+// filters.Request: Sender.Attempt makes its next attempt and says what comes
+// next (a Step): Delivered, Retry after a backoff, Failed for good, or
+// Canceled because ctx ended. The caller owns the waiting between attempts,
+// so that a request in backoff holds no goroutine: the dispatcher parks the
+// key lane on a timer and its sender goroutine serves another key
+// meanwhile. Sender.Send is the blocking loop over the same attempts, for
+// callers that can afford to wait (DLQ replay, tools).
 //
-//   - RetryMax is http.retry.max_attempts-1 (max_attempts counts the first
-//     try; 0 means unbounded, i.e. until success or ctx is done);
-//   - CheckRetry retries a status in retry_statuses and every transport
-//     error that go-retryablehttp considers recoverable (connection refused or
-//     reset, EOF, per-attempt timeout, ...; not a bad URL scheme, an invalid
-//     header or an untrusted certificate); anything else ends the loop;
-//   - Backoff is exponential with equal jitter, kept within
+// The policy, per attempt:
+//
+//   - http.retry.max_attempts counts the first try; 0 means unbounded, i.e.
+//     until success or ctx is done;
+//   - a status in retry_statuses, and every transport error that
+//     go-retryablehttp's ErrorPropagatedRetryPolicy considers recoverable
+//     (connection refused or reset, EOF, per-attempt timeout, ...; not a bad
+//     URL scheme, an invalid header or an untrusted certificate) is retried;
+//     anything else ends the call;
+//   - the backoff is exponential with equal jitter, kept within
 //     [initial_backoff, max_backoff]; on 429 and 503 a Retry-After header
 //     (seconds or HTTP-date, parsed by go-retryablehttp) replaces it, capped
 //     at max_backoff;
-//   - the body is a []byte that go-retryablehttp replays through a fresh
-//     bytes.Reader (and GetBody) on every attempt; the caller's slice is never
-//     consumed or modified;
+//   - the body is replayed from the request's []byte on every attempt (and
+//     through GetBody); the caller's slice is never consumed or modified;
 //   - redirects are not followed: a 3xx is an answer like any other.
 //
-// The client's RoundTripper (attemptTransport) is where one attempt happens:
+// go-retryablehttp supplies the policy pieces (error classification,
+// Retry-After parsing); its Client.Do loop is not used, because it sleeps
+// inside the sending goroutine between attempts.
+//
+// One attempt:
 //
 //  1. wait until the target's circuit breaker admits a request (see below);
 //  2. count the attempt, derive the per-attempt context (http.timeout);
-//  3. call Options.Propagate on a copy of the headers (trace context);
+//  3. when the context carries a trace (a span, or a traceparent passed
+//     through), call Options.Propagate on a private copy of the headers;
 //  4. round trip on the tuned *http.Transport, then drain (up to 64 KiB) and
 //     close the response body so the connection goes back to the pool;
 //  5. record metrics and report the outcome to the breaker.
 //
-// Because the breaker wait happens inside the RoundTripper before the attempt
-// is counted, an open breaker never consumes an attempt and never makes a
-// request permanent: the request simply waits (DESIGN guarantee 4). The
-// RoundTripper deliberately has no CloseIdleConnections method, so the
-// CloseIdleConnections calls go-retryablehttp makes when it gives up do not
-// tear down the shared pool.
+// Because the breaker wait happens before the attempt is counted, an open
+// breaker never consumes an attempt and never makes a request permanent: the
+// request simply waits (DESIGN guarantee 4).
 //
 // # Outcomes
 //
@@ -44,9 +54,9 @@
 // 3xx, 501, ...) is permanent at once. A retryable failure that exhausts
 // max_attempts is permanent too, with the last status or error; the
 // dispatcher dead-letters permanent failures. When ctx is done (shutdown,
-// partition revoked) Send returns promptly with an *Error that is not
-// permanent and wraps ctx.Err(); every wait (backoff, breaker) selects on
-// ctx.Done().
+// partition revoked) the attempt returns promptly with an *Error that is not
+// permanent and wraps ctx.Err(); every wait (breaker, Send's backoff) selects
+// on ctx.Done().
 //
 // # Circuit breaker
 //
@@ -65,12 +75,14 @@
 // While the breaker refuses (open, or half-open with every probe slot taken)
 // the attempt waits without being counted: it retries admission every
 // min(open_timeout/10, 100ms) and immediately on any state change of that
-// breaker, and gives up only when ctx is done. State changes are logged at
-// warn (host, from, to), counted in orderly_breaker_transitions_total{host,to}
-// (to is "closed", "half-open" or "open") and mirrored in
-// orderly_breaker_state{host} (0 closed, 1 half-open, 2 open). gobreaker
-// moves from open to half-open lazily, on the next admission check, so the
-// gauge changes when a request is waiting for that host.
+// breaker, and gives up only when ctx is done. The dispatcher runs a bounded
+// set of sender goroutines per target, so this wait holds only that target's
+// senders. State changes are logged at warn (host, from, to), counted in
+// orderly_breaker_transitions_total{host,to} (to is "closed", "half-open" or
+// "open") and mirrored in orderly_breaker_state{host} (0 closed, 1
+// half-open, 2 open). gobreaker moves from open to half-open lazily, on the
+// next admission check, so the gauge changes when a request is waiting for
+// that host.
 //
 // # Connections
 //
@@ -88,7 +100,7 @@
 // Write fails before a byte is written; net/http then closes it and, because
 // every request carries an Idempotency-Key and a replayable body, retries the
 // request transparently on another connection (documented Transport
-// behaviour). The retry is invisible to Send: no attempt, error or breaker
+// behaviour). The retry is invisible to Attempt: no attempt, error or breaker
 // failure is recorded, and no request is ever sent twice because of it. Old
 // idle connections that are never picked again die at idle_conn_timeout.
 // No background goroutine is involved.
@@ -102,20 +114,19 @@
 package httpclient
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/go-retryablehttp"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -159,9 +170,11 @@ type Options struct {
 	Version string             // User-Agent: orderly/<Version>
 	Metrics *telemetry.Metrics // required
 	Logger  *slog.Logger       // nil = discard
-	// Propagate, if set, is called on every outgoing attempt, with the
-	// attempt's context and a private copy of the request headers, to inject
-	// trace context headers (traceparent/tracestate).
+	// Propagate, if set, is called on every attempt whose context carries a
+	// valid span context (a span of its own, or a trace passed through from
+	// the message), with the attempt's context and a private copy of the
+	// request headers, to inject trace context headers
+	// (traceparent/tracestate).
 	Propagate func(ctx context.Context, h http.Header)
 	// Tracing, if set, gives every attempt a CLIENT span (nil: none).
 	Tracing *telemetry.Tracing
@@ -173,9 +186,9 @@ type Result struct {
 	Attempts int // attempts made, the successful one included
 }
 
-// Error is the error Send returns. Permanent failures (non-retryable status,
-// retries exhausted, a request that cannot be built or sent at all) have
-// Permanent set: the dispatcher dead-letters them. An Error that is not
+// Error is the error of a failed call. Permanent failures (non-retryable
+// status, retries exhausted, a request that cannot be built or sent at all)
+// have Permanent set: the dispatcher dead-letters them. An Error that is not
 // permanent means the caller's context ended first; the request should be
 // tried again later (redelivery).
 type Error struct {
@@ -203,24 +216,26 @@ func IsPermanent(err error) bool {
 	return errors.As(err, &e) && e.Permanent
 }
 
-// Sender sends requests with retries, a circuit breaker per target and a
+// Sender makes attempts with retries, a circuit breaker per target and a
 // connection policy. It is safe for concurrent use. Build it with New and
 // call Close when done.
 type Sender struct {
 	log       *slog.Logger
 	metrics   *telemetry.Metrics
-	userAgent string
+	userAgent []string // the User-Agent header value, shared by every request (read-only)
 	propagate func(context.Context, http.Header)
 	tracing   *telemetry.Tracing
 
-	timeout     time.Duration // per attempt; 0 = none
-	maxConnAge  time.Duration // 0 = never retire connections
-	retryStatus [600]bool     // indexed by status code
-	breaker     config.Breaker
-	breakerPoll time.Duration
+	timeout        time.Duration // per attempt; 0 = none
+	maxConnAge     time.Duration // 0 = never retire connections
+	maxAttempts    int           // 0 = unbounded
+	initialBackoff time.Duration
+	maxBackoff     time.Duration
+	retryStatus    [600]bool // indexed by status code
+	breaker        config.Breaker
+	breakerPoll    time.Duration
 
 	transport *http.Transport
-	client    *retryablehttp.Client
 	connTrace *httptrace.ClientTrace // GotConn hook for max_conn_age; nil when off
 
 	mu      sync.RWMutex // protects targets
@@ -240,15 +255,16 @@ func New(o Options) *Sender {
 	}
 	h := o.HTTP
 	s := &Sender{
-		log:        log,
-		metrics:    o.Metrics,
-		userAgent:  "orderly/" + o.Version,
-		propagate:  o.Propagate,
-		tracing:    o.Tracing,
-		timeout:    max(h.Timeout.D(), 0),
-		maxConnAge: max(h.MaxConnAge.D(), 0),
-		breaker:    h.Breaker,
-		targets:    make(map[string]*target),
+		log:         log,
+		metrics:     o.Metrics,
+		userAgent:   []string{"orderly/" + o.Version},
+		propagate:   o.Propagate,
+		tracing:     o.Tracing,
+		timeout:     max(h.Timeout.D(), 0),
+		maxConnAge:  max(h.MaxConnAge.D(), 0),
+		maxAttempts: max(h.Retry.MaxAttempts, 0),
+		breaker:     h.Breaker,
+		targets:     make(map[string]*target),
 	}
 	statuses := h.Retry.RetryStatuses
 	if statuses == nil {
@@ -266,43 +282,19 @@ func New(o Options) *Sender {
 		s.breakerPoll = min(s.breaker.OpenTimeout.D()/10, 100*time.Millisecond)
 		s.breakerPoll = max(s.breakerPoll, time.Millisecond)
 	}
+	s.initialBackoff = h.Retry.InitialBackoff.D()
+	if s.initialBackoff <= 0 {
+		s.initialBackoff = defaultInitialBackoff
+	}
+	s.maxBackoff = h.Retry.MaxBackoff.D()
+	if s.maxBackoff <= 0 {
+		s.maxBackoff = defaultMaxBackoff
+	}
+	s.maxBackoff = max(s.maxBackoff, s.initialBackoff)
 
 	s.transport = s.newTransport(h)
 	if s.maxConnAge > 0 {
 		s.connTrace = &httptrace.ClientTrace{GotConn: s.gotConn}
-	}
-
-	initial := h.Retry.InitialBackoff.D()
-	if initial <= 0 {
-		initial = defaultInitialBackoff
-	}
-	maxBackoff := h.Retry.MaxBackoff.D()
-	if maxBackoff <= 0 {
-		maxBackoff = defaultMaxBackoff
-	}
-	maxBackoff = max(maxBackoff, initial)
-	retryMax := math.MaxInt // max_attempts 0: until success or ctx done
-	if h.Retry.MaxAttempts > 0 {
-		retryMax = h.Retry.MaxAttempts - 1
-	}
-	s.client = &retryablehttp.Client{
-		HTTPClient: &http.Client{
-			Transport: &attemptTransport{s: s},
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return http.ErrUseLastResponse
-			},
-		},
-		RetryWaitMin: initial,
-		RetryWaitMax: maxBackoff,
-		RetryMax:     retryMax,
-		CheckRetry:   s.checkRetry,
-		Backoff:      backoff,
-		ErrorHandler: retryablehttp.PassthroughErrorHandler,
-	}
-	// go-retryablehttp formats its debug lines eagerly; only pay for that
-	// when they can be seen.
-	if log.Enabled(context.Background(), slog.LevelDebug) {
-		s.client.Logger = retryLogger{log}
 	}
 	return s
 }
@@ -345,121 +337,202 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 }
 
 // Close closes the idle connections of the Sender's pool. No background
-// goroutine outlives Send, so there is nothing else to stop. A Send after
-// Close still works, on new connections.
+// goroutine outlives an attempt, so there is nothing else to stop. An
+// attempt after Close still works, on new connections.
 func (s *Sender) Close() {
 	s.transport.CloseIdleConnections()
 }
 
-// stateKey is the context key of the *sendState of one Send.
-type stateKey struct{}
+// Call is the delivery of one request across its attempts. The zero Call is
+// not usable: start it with Reset. A Call is used by one goroutine at a time;
+// it may move between goroutines between attempts.
+type Call struct {
+	req  *filters.Request
+	idem [1]string // the Idempotency-Key header value ("" = none)
 
-// sendState is what one Send and its attempts share. It is used by one
-// goroutine at a time: the one running Send (http.Client calls the
-// RoundTripper synchronously).
-type sendState struct {
-	target    *target
-	attempts  int
-	status    int   // status of the last attempt, 0 if it had no response
-	retryable bool  // CheckRetry's verdict on the last attempt
-	lastErr   error // transport error of the last attempt
+	// Built by the first attempt; unchanged afterwards, so that attempts may
+	// share them with requests net/http may still be reading.
+	tg      *target
+	u       *url.URL
+	header  http.Header // configured headers + Idempotency-Key + User-Agent
+	host    string      // a configured Host header
+	getBody func() (io.ReadCloser, error)
+
+	attempts int
+	status   int // of the last attempt, 0 if it had no response
 }
 
-// Send sends req, retrying as configured, and returns once it succeeded,
+// Reset starts c over for req, sent with Idempotency-Key: idempotencyKey
+// (omitted if empty). req is not modified and must stay unchanged while c is
+// in use.
+func (c *Call) Reset(req *filters.Request, idempotencyKey string) {
+	*c = Call{req: req}
+	c.idem[0] = idempotencyKey
+}
+
+// Request returns the request c delivers.
+func (c *Call) Request() *filters.Request { return c.req }
+
+// Attempts returns the attempts made so far.
+func (c *Call) Attempts() int { return c.attempts }
+
+// Status returns the status of the last attempt, 0 if it had no response.
+func (c *Call) Status() int { return c.status }
+
+// Outcome is what an attempt leaves a Call with.
+type Outcome uint8
+
+const (
+	// Delivered: the target answered 2xx; the call is complete.
+	Delivered Outcome = iota
+	// Retry: the attempt failed in a retryable way; attempt again after
+	// Step.After.
+	Retry
+	// Failed: the call failed for good; Step.Err is a permanent *Error.
+	Failed
+	// Canceled: ctx ended first; Step.Err is an *Error that is not
+	// permanent. The request should be tried again later (redelivery).
+	Canceled
+)
+
+// Step is the result of one Attempt.
+type Step struct {
+	Outcome Outcome
+	After   time.Duration // Retry: the backoff before the next attempt
+	Err     error         // Failed, Canceled: an *Error
+}
+
+// Send delivers req, retrying as configured, and returns once it succeeded,
 // failed permanently, or ctx is done. Every attempt carries req.Header,
 // Idempotency-Key: idempotencyKey (omitted if empty) and User-Agent:
 // orderly/<version>; these two override configured headers of the same name,
 // and a configured Host header sets the request's Host. req is not modified.
+// Send blocks through the backoffs; the dispatcher uses Attempt instead.
 //
 // On failure the error is an *Error (see IsPermanent) and the Result still
 // holds the attempts made and the last status.
 func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey string) (Result, error) {
-	st := &sendState{}
-	var body any // untyped nil: no body at all (not an empty chunked one)
-	if len(req.Body) > 0 {
-		body = req.Body // replayed through bytes.NewReader, never consumed
+	var c Call
+	c.Reset(req, idempotencyKey)
+	var t *time.Timer
+	defer func() {
+		if t != nil {
+			t.Stop()
+		}
+	}()
+	for {
+		st := s.Attempt(ctx, &c)
+		switch st.Outcome {
+		case Delivered:
+			return Result{Status: c.status, Attempts: c.attempts}, nil
+		case Failed, Canceled:
+			return Result{Status: c.status, Attempts: c.attempts}, st.Err
+		}
+		if t == nil {
+			t = time.NewTimer(st.After)
+		} else {
+			t.Reset(st.After)
+		}
+		select {
+		case <-ctx.Done():
+			return Result{Status: c.status, Attempts: c.attempts}, c.canceled(ctx)
+		case <-t.C:
+		}
 	}
-	rreq, err := retryablehttp.NewRequestWithContext(context.WithValue(ctx, stateKey{}, st), req.Method, req.URL, body)
-	if err != nil {
-		return Result{}, &Error{Permanent: true, Err: fmt.Errorf("unable to build %s request: %w", req.Method, err)}
-	}
-	st.target = s.target(hostKey(rreq.URL))
-	for k, v := range req.Header {
-		rreq.Header[k] = v
-	}
-	if host := req.Header.Get("Host"); host != "" {
-		rreq.Host = host
-	}
-	if idempotencyKey != "" {
-		rreq.Header.Set("Idempotency-Key", idempotencyKey)
-	}
-	rreq.Header.Set("User-Agent", s.userAgent)
-
-	resp, err := s.client.Do(rreq)
-	if resp != nil {
-		resp.Body.Close() // already drained and replaced by the attempt transport
-	}
-	res := Result{Status: st.status, Attempts: st.attempts}
-	if err == nil && resp != nil && resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return res, nil
-	}
-	what := req.Method + " " + safeURL(rreq.URL)
-	if ctx.Err() != nil {
-		return res, &Error{Status: st.status, Attempts: st.attempts,
-			Err: fmt.Errorf("unable to send %s: %w", what, ctx.Err())}
-	}
-	exhausted := st.retryable // CheckRetry wanted another attempt, RetryMax said no
-	switch {
-	case err != nil && exhausted:
-		err = fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, st.attempts, err)
-	case err != nil:
-		err = fmt.Errorf("unable to send %s: %w", what, err)
-	case resp == nil: // not expected from go-retryablehttp; never report success without a status
-		err = fmt.Errorf("unable to send %s: no response", what)
-	case exhausted:
-		err = fmt.Errorf("%w after %d attempts: %s answered %d", ErrRetriesExhausted, st.attempts, what, resp.StatusCode)
-	default:
-		err = fmt.Errorf("%w: %s answered %d", ErrStatus, what, resp.StatusCode)
-	}
-	return res, &Error{Status: st.status, Attempts: st.attempts, Permanent: true, Err: err}
 }
 
-// checkRetry is the go-retryablehttp CheckRetry policy: stop when ctx is done,
-// retry the configured statuses and recoverable transport errors.
-func (s *Sender) checkRetry(ctx context.Context, resp *http.Response, err error) (bool, error) {
-	if ctx.Err() != nil {
-		return false, ctx.Err()
+// prepare resolves the target and builds what every attempt of c shares.
+func (s *Sender) prepare(c *Call) error {
+	r := c.req
+	if !validMethod(r.Method) {
+		return fmt.Errorf("unable to build the request: invalid method %q", r.Method)
 	}
-	var retry bool
+	u, err := url.Parse(r.URL)
 	if err != nil {
-		// Decides which transport errors are hopeless (bad scheme, invalid
-		// header, untrusted certificate) and returns them; retries the rest.
-		retry, err = retryablehttp.ErrorPropagatedRetryPolicy(ctx, nil, err)
+		return fmt.Errorf("unable to build %s request: %w", r.Method, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("unable to build %s request: unsupported protocol scheme %q", r.Method, u.Scheme)
+	}
+	if u.Host == "" {
+		return fmt.Errorf("unable to build %s request: no host in URL", r.Method)
+	}
+	target := r.Target
+	if target == "" {
+		target = filters.TargetOf(u)
+	}
+	h := make(http.Header, len(r.Header)+2)
+	for k, v := range r.Header {
+		h[k] = v
+	}
+	if c.idem[0] != "" {
+		h["Idempotency-Key"] = c.idem[:]
 	} else {
-		retry = s.retryable(resp.StatusCode)
+		delete(h, "Idempotency-Key")
 	}
-	if st, ok := ctx.Value(stateKey{}).(*sendState); ok {
-		st.retryable = retry
+	h["User-Agent"] = s.userAgent
+	if host := r.Header.Get("Host"); host != "" {
+		c.host = host
 	}
-	return retry, err
+	if body := r.Body; len(body) > 0 {
+		c.getBody = func() (io.ReadCloser, error) { return newBody(body), nil }
+	}
+	c.u, c.header, c.tg = u, h, s.target(target)
+	return nil
+}
+
+// newRequest returns the *http.Request of one attempt.
+func (c *Call) newRequest(ctx context.Context, h http.Header) *http.Request {
+	r := &http.Request{Method: c.req.Method, URL: c.u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Host: c.host}
+	if b := c.req.Body; len(b) > 0 {
+		r.Body, r.ContentLength, r.GetBody = newBody(b), int64(len(b)), c.getBody
+	}
+	return r.WithContext(ctx)
+}
+
+// what names c's request in error messages, without user info or query.
+func (c *Call) what() string {
+	if c.u == nil {
+		return c.req.Method + " " + c.req.URL
+	}
+	return c.req.Method + " " + safeURL(c.u)
+}
+
+// canceled is the error of a call whose ctx ended.
+func (c *Call) canceled(ctx context.Context) error {
+	return &Error{Status: c.status, Attempts: c.attempts, Err: fmt.Errorf("unable to send %s: %w", c.what(), ctx.Err())}
+}
+
+// body is a request body over a byte slice; a fresh one per attempt, because
+// net/http may still read (or close) the previous one after RoundTrip
+// returned.
+type body struct{ bytes.Reader }
+
+func newBody(b []byte) *body {
+	r := &body{}
+	r.Reset(b)
+	return r
+}
+
+func (*body) Close() error { return nil }
+
+// validMethod reports whether m is an RFC 9110 token (as net/http checks).
+func validMethod(m string) bool {
+	if m == "" {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`()<>@,;:\"/[]?={}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Sender) retryable(status int) bool {
 	return status >= 0 && status < len(s.retryStatus) && s.retryStatus[status]
-}
-
-// hostKey is the target's host:port, the unit of breakers and metric labels.
-func hostKey(u *url.URL) string {
-	if u.Port() != "" {
-		return u.Host
-	}
-	switch u.Scheme {
-	case "https":
-		return net.JoinHostPort(u.Hostname(), "443")
-	case "http":
-		return net.JoinHostPort(u.Hostname(), "80")
-	}
-	return u.Host
 }
 
 // safeURL renders u for error messages without user info or query.
@@ -473,14 +546,3 @@ func drain(body io.ReadCloser) {
 	_, _ = io.Copy(io.Discard, io.LimitReader(body, drainLimit))
 	_ = body.Close()
 }
-
-// retryLogger adapts slog to go-retryablehttp's LeveledLogger. Everything it
-// says is per-attempt detail, so it all goes out at debug.
-type retryLogger struct{ l *slog.Logger }
-
-var _ retryablehttp.LeveledLogger = retryLogger{}
-
-func (r retryLogger) Error(msg string, kv ...any) { r.l.Debug("retryablehttp: "+msg, kv...) }
-func (r retryLogger) Info(msg string, kv ...any)  { r.l.Debug("retryablehttp: "+msg, kv...) }
-func (r retryLogger) Debug(msg string, kv ...any) { r.l.Debug("retryablehttp: "+msg, kv...) }
-func (r retryLogger) Warn(msg string, kv ...any)  { r.l.Debug("retryablehttp: "+msg, kv...) }

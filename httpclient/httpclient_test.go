@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/telemetry"
@@ -193,7 +195,11 @@ func TestSendSetsHeadersOnEveryAttempt(t *testing.T) {
 	r := post(rec.URL+"/orders/7", []byte(`{}`))
 	r.Header.Set("User-Agent", "spoofed")    // ours wins
 	r.Header.Set("Idempotency-Key", "stale") // ours wins
-	res, err := s.Send(context.Background(), r, "orders-3-42-0")
+	// Propagate runs for attempts whose context carries a trace (here one
+	// passed through from a message, as the dispatcher does).
+	sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{2},
+		TraceFlags: trace.FlagsSampled, Remote: true})
+	res, err := s.Send(trace.ContextWithRemoteSpanContext(context.Background(), sc), r, "orders-3-42-0")
 	if err != nil {
 		t.Fatal(err)
 	}

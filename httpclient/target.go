@@ -36,10 +36,12 @@ type target struct {
 	retries  prometheus.Counter
 	errors   prometheus.Counter
 	requests *prometheus.CounterVec // orderly_http_requests_total
+	// statuses caches orderly_http_requests_total by status code (100..599),
+	// resolved on first sight of a code: no lock per attempt.
+	statuses [600]atomic.Pointer[prometheus.Counter]
 
-	mu       sync.Mutex                 // protects statuses and changed
-	statuses map[int]prometheus.Counter // orderly_http_requests_total by status
-	changed  chan struct{}              // closed and replaced on every breaker state change
+	mu      sync.Mutex    // protects changed
+	changed chan struct{} // closed and replaced on every breaker state change
 }
 
 // target returns the state of host, creating it on first use.
@@ -62,7 +64,6 @@ func (s *Sender) target(host string) *target {
 		retries:  m.HTTPRetries.WithLabelValues(host),
 		errors:   m.HTTPRequests.WithLabelValues(host, "error"),
 		requests: m.HTTPRequests,
-		statuses: make(map[int]prometheus.Counter),
 		changed:  make(chan struct{}),
 	}
 	if b := s.breaker; b.Enabled {
@@ -109,14 +110,15 @@ func (t *target) stateChanged() <-chan struct{} {
 }
 
 func (t *target) statusCounter(status int) prometheus.Counter {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	c := t.statuses[status]
-	if c == nil {
-		// WithLabelValues is called under t.mu only on first sight of a status.
-		c = t.requests.WithLabelValues(t.host, strconv.Itoa(status))
-		t.statuses[status] = c
+	if status < 0 || status >= len(t.statuses) {
+		return t.requests.WithLabelValues(t.host, strconv.Itoa(status))
 	}
+	if c := t.statuses[status].Load(); c != nil {
+		return *c
+	}
+	// Two first sights may race: both resolve the same series.
+	c := t.requests.WithLabelValues(t.host, strconv.Itoa(status))
+	t.statuses[status].Store(&c)
 	return c
 }
 

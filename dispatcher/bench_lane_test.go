@@ -23,6 +23,10 @@ import (
 // benchNopSender succeeds at once without sending anything.
 type benchNopSender struct{}
 
+func (benchNopSender) Attempt(context.Context, *httpclient.Call) httpclient.Step {
+	return httpclient.Step{Outcome: httpclient.Delivered}
+}
+
 func (benchNopSender) Send(context.Context, *filters.Request, string) (httpclient.Result, error) {
 	return httpclient.Result{Status: 200, Attempts: 1}, nil
 }
@@ -66,12 +70,14 @@ name = "people"
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d.ctx = ctx
+	d.senders = newSenders(cfg.HTTP.MaxConnsPerHost, d.metrics)
 	topic := "orders"
 	p := newPartition(d, kafka.TopicPartition{Topic: &topic, Partition: 0})
 	b.Cleanup(func() {
 		if !p.stop(10 * time.Second) {
 			b.Error("the partition did not drain")
 		}
+		d.senders.close()
 		cancel()
 	})
 	return p
@@ -93,11 +99,12 @@ func waitBelow(p *partition, window int) {
 }
 
 // BenchmarkLaneHandoff measures one message from partition.enqueue through
-// its key lane to finish (deliver with a no-op sender, offset done, outcome
-// counted): the lane lookup or creation, the wake-up, the idempotency key and
-// the tracker. Messages are planned once, outside the loop. window bounds
-// the messages in flight; window=1 is a ping-pong that measures the wake-up
-// latency of a lane.
+// its key lane and the target's sender pool to finish (an attempt with a
+// no-op sender, offset done, outcome counted): the lane lookup or creation,
+// the hand-off to a sender (a wake-up when one is idle), the idempotency key
+// and the tracker. Messages are planned once, outside the loop. window
+// bounds the messages in flight; window=1 is a ping-pong that measures the
+// wake-up latency of a sender.
 func BenchmarkLaneHandoff(b *testing.B) {
 	for _, bc := range []struct{ keys, window int }{{1, 1}, {1, 1000}, {100, 1000}, {10000, 10000}} {
 		b.Run(fmt.Sprintf("keys=%d/window=%d", bc.keys, bc.window), func(b *testing.B) {
@@ -118,6 +125,7 @@ func BenchmarkLaneHandoff(b *testing.B) {
 				it := &item{msg: tmpl, plan: plan}
 				it.msg.Offset = off
 				it.msg.Key = keys[off%int64(len(keys))]
+				it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, 0, off, it.msg.Key, nil)
 				if !p.enqueue(p.laneKeyOf(&it.msg), it) {
 					b.Fatal("the partition is stopping")
 				}
@@ -173,7 +181,8 @@ func BenchmarkToMessage(b *testing.B) {
 		Key: []byte("key-17"), Value: []byte(benchValue),
 		Headers: []kafka.Header{{Key: "traceparent", Value: []byte("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")}}}
 	b.ReportAllocs()
+	var m filters.Message
 	for b.Loop() {
-		_ = toMessage(km)
+		toMessage(km, &m)
 	}
 }

@@ -7,10 +7,15 @@
 // Goroutines and their owners:
 //   - Run's goroutine is the poll loop; it alone calls the consumer (Poll,
 //     Pause, Resume, CommitOffsets, Close) and owns the partition map.
-//   - Each partition's worker and lanes are started by the poll loop when the
-//     partition is assigned and stopped (drained, then cancelled) by it on
-//     revoke or shutdown.
-//   - The log pump and the DLQ producer's event pump are started by Run and
+//   - Each partition's worker is started by the poll loop when the partition
+//     is assigned and stopped by it on revoke or shutdown, after which the
+//     partition's lanes are drained, then abandoned (see partition.stop).
+//   - Lanes are not goroutines. The sender goroutines (senders.go), at most
+//     http.max_conns_per_host per target, are started on demand by whoever
+//     hands them a lane, exit when idle, and are waited for by Run after the
+//     last partition stopped. Retry timers and DLQ acknowledgements move
+//     lanes on from the timer's goroutine and the DLQ writer's pump.
+//   - The log pump and the DLQ producer's event pumps are started by Run and
 //     stopped before Run returns.
 package dispatcher
 
@@ -26,7 +31,6 @@ import (
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.opentelemetry.io/otel/trace"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -34,11 +38,13 @@ import (
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// Sender sends one HTTP request, with retries and circuit breaking. An error
-// for which httpclient.IsPermanent is true dead-letters the message; any
-// other error means the context ended and the message is abandoned.
-// *httpclient.Sender implements it.
+// Sender makes HTTP attempts with circuit breaking and says what comes next
+// (see httpclient.Step): the dispatcher waits out backoffs itself, holding no
+// goroutine. Send is the blocking loop DLQ replay uses; an error for which
+// httpclient.IsPermanent is true dead-letters the message, any other error
+// means the context ended. *httpclient.Sender implements it.
 type Sender interface {
+	Attempt(ctx context.Context, c *httpclient.Call) httpclient.Step
 	Send(ctx context.Context, req *filters.Request, idempotencyKey string) (httpclient.Result, error)
 }
 
@@ -92,7 +98,8 @@ type Dispatcher struct {
 	lastCommit time.Time
 	anyPaused  bool // some partition is paused
 
-	dlq *dlqWriter // nil when dlq.topic is ""
+	dlq     *dlqWriter // nil when dlq.topic is ""
+	senders *senders   // the sender pools, one per target
 
 	outcomes map[string]prometheus.Counter // orderly_messages_total by outcome, resolved once
 
@@ -148,6 +155,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d.ctx = runCtx
+	d.senders = newSenders(d.cfg.HTTP.MaxConnsPerHost, d.metrics)
 
 	var pumps sync.WaitGroup
 	logs := make(chan kafka.LogEvent, 256)
@@ -177,6 +185,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	runErr := d.pollLoop(ctx)
 	d.shutdown()
+	d.senders.close()
 	if err := c.Close(); err != nil {
 		d.log.Warn("closing the consumer", "error", err)
 	}
@@ -474,41 +483,17 @@ func (d *Dispatcher) shutdown() {
 	d.release(ps, true)
 }
 
-// deliver sends the requests of one message in order and marks it done, or
-// dead-letters it. It returns false when the partition's context ended
-// before the message finished.
-func (d *Dispatcher) deliver(p *partition, it *item) bool {
-	ctx, span := it.ctx, it.span
-	if span == nil { // not started by dispatch (replay): no message span
-		ctx, span = p.ctx, trace.SpanFromContext(p.ctx)
+// failed turns the permanent error of request it.next into the message's
+// failure.
+func (d *Dispatcher) failed(p *partition, it *item, err error) *failure {
+	f := &failure{reason: err.Error(), route: it.plan.Route, requestIndex: it.next}
+	var he *httpclient.Error
+	if errors.As(err, &he) {
+		f.status, f.attempts = he.Status, he.Attempts
 	}
-	defer span.End()
-	if it.fail != nil {
-		telemetry.MessageDeadLettered(span, it.fail.reason)
-		return d.deadLetter(p, it, it.fail)
-	}
-	reqs := it.plan.Requests
-	for i := range reqs {
-		_, err := d.sender.Send(ctx, &reqs[i], idempotencyKey(&it.msg, i))
-		if err == nil {
-			continue
-		}
-		if !httpclient.IsPermanent(err) {
-			return false
-		}
-		f := &failure{reason: err.Error(), route: it.plan.Route, requestIndex: i}
-		var he *httpclient.Error
-		if errors.As(err, &he) {
-			f.status, f.attempts = he.Status, he.Attempts
-		}
-		d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-			"route", it.plan.Route, "request", i, "error", err)
-		telemetry.MessageDeadLettered(span, f.reason)
-		return d.deadLetter(p, it, f)
-	}
-	telemetry.MessageOutcome(span, telemetry.OutcomeDelivered)
-	p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
-	return true
+	d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
+		"route", it.plan.Route, "request", it.next, "error", err)
+	return f
 }
 
 // idempotencyKey is <topic>-<partition>-<offset>-<index>.

@@ -37,42 +37,62 @@ type failure struct {
 	attempts     int
 }
 
-// deadLetter writes the message to the DLQ and marks it done once the DLQ
-// acknowledged it. Without a DLQ the key stalls until the partition's
-// context ends. It returns false when the context ended first.
-func (d *Dispatcher) deadLetter(p *partition, it *item, f *failure) bool {
-	if d.dlq == nil {
-		d.outcome(telemetry.OutcomeStalled).Inc()
-		d.log.Error("message cannot be delivered and dlq.topic is empty: its key stalls until restart",
-			"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "key", string(it.msg.Key), "reason", f.reason)
-		<-p.ctx.Done()
-		return false
+// stall records that a message failed permanently with no DLQ configured:
+// its lane stays parked (parkStalled) until the partition stops, and the
+// message is redelivered to the partition's next owner.
+func (d *Dispatcher) stall(p *partition, it *item) {
+	telemetry.MessageDeadLettered(it.span, it.fail.reason)
+	d.outcome(telemetry.OutcomeStalled).Inc()
+	d.log.Error("message cannot be delivered and dlq.topic is empty: its key stalls until restart",
+		"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "key", string(it.msg.Key), "reason", it.fail.reason)
+}
+
+// deadLetter writes l's head message it to the DLQ; l is parked (parkDLQ)
+// until the DLQ acknowledges it. Then the message is done and l moves on; a
+// failed write is retried after a backoff, the key waiting meanwhile.
+func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
+	if it.dlqBackoff == 0 {
+		telemetry.MessageDeadLettered(it.span, it.fail.reason)
 	}
-	rec := dlqRecord(d.dlq.topic, it, f, time.Now())
-	backoff := d.cfg.HTTP.Retry.InitialBackoff.D()
-	for {
-		err := d.dlq.write(p.ctx, rec)
-		if err == nil {
-			d.metrics.DLQProduced.Inc()
-			p.finish(it.msg.Offset, telemetry.OutcomeDeadLettered)
-			d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-				"dlq", d.dlq.topic, "reason", f.reason)
-			return true
-		}
-		if p.ctx.Err() != nil {
-			return false
-		}
+	d.dlq.produce(dlqRecord(d.dlq.topic, it, it.fail, time.Now()), func(err error) { d.dlqAcked(p, l, it, err) })
+}
+
+// dlqAcked handles the DLQ's answer for l's head message it.
+func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
+	p.mu.Lock()
+	if l.abandoned || l.parked != parkDLQ || len(l.q) == 0 || l.q[0] != it {
+		p.mu.Unlock()
+		return
+	}
+	if err != nil {
+		it.dlqBackoff = min(max(2*it.dlqBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
+		p.mu.Unlock()
 		d.metrics.DLQErrors.Inc()
 		d.log.Error("dlq write failed, retrying: the key waits", "topic", p.topic, "partition", p.id,
-			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", backoff.String())
-		t := time.NewTimer(backoff)
-		select {
-		case <-p.ctx.Done():
-			t.Stop()
-			return false
-		case <-t.C:
+			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", it.dlqBackoff.String())
+		p.mu.Lock()
+		if !l.abandoned && l.parked == parkDLQ {
+			l.parked = parkBackoff
+			if l.retry == nil {
+				l.retry = time.AfterFunc(it.dlqBackoff, func() { p.unpark(l, parkBackoff) })
+			} else {
+				l.retry.Reset(it.dlqBackoff)
+			}
 		}
-		backoff = min(2*backoff, d.cfg.HTTP.Retry.MaxBackoff.D())
+		p.mu.Unlock()
+		return
+	}
+	l.parked, l.running = parkNone, true
+	l.q[0] = nil
+	l.q = l.q[1:]
+	p.mu.Unlock()
+	d.metrics.DLQProduced.Inc()
+	it.span.End()
+	p.finish(it.msg.Offset, telemetry.OutcomeDeadLettered)
+	d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
+		"dlq", d.dlq.topic, "reason", it.fail.reason)
+	if pl := p.advance(l); pl != nil {
+		pl.push(l)
 	}
 }
 
@@ -109,7 +129,8 @@ type dlqWriter struct {
 	topic string
 	p     *kafka.Producer
 	log   *slog.Logger
-	wg    sync.WaitGroup // the event pump
+	acks  chan kafka.Event // delivery reports of produce
+	wg    sync.WaitGroup   // the event and acknowledgement pumps
 }
 
 func newDLQWriter(brokers string, cfg *config.Config, log *slog.Logger, logs chan kafka.LogEvent) (*dlqWriter, error) {
@@ -132,7 +153,7 @@ func newDLQWriter(brokers string, cfg *config.Config, log *slog.Logger, logs cha
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: unable to create the DLQ producer: %w", err)
 	}
-	w := &dlqWriter{topic: cfg.DLQ.Topic, p: p, log: log}
+	w := &dlqWriter{topic: cfg.DLQ.Topic, p: p, log: log, acks: make(chan kafka.Event, 1024)}
 	w.wg.Go(func() {
 		for ev := range p.Events() {
 			if e, ok := ev.(kafka.Error); ok {
@@ -140,7 +161,34 @@ func newDLQWriter(brokers string, cfg *config.Config, log *slog.Logger, logs cha
 			}
 		}
 	})
+	w.wg.Go(func() {
+		for ev := range w.acks {
+			m, ok := ev.(*kafka.Message)
+			if !ok {
+				continue
+			}
+			done, ok := m.Opaque.(func(error))
+			if !ok {
+				continue
+			}
+			if m.TopicPartition.Error != nil {
+				done(fmt.Errorf("unable to write to %s: %w", w.topic, m.TopicPartition.Error))
+			} else {
+				done(nil)
+			}
+		}
+	})
 	return w, nil
+}
+
+// produce writes rec without waiting; done is called once with the outcome,
+// from the writer's acknowledgement pump (or at once if librdkafka refuses
+// the record).
+func (w *dlqWriter) produce(rec *kafka.Message, done func(error)) {
+	rec.Opaque = done
+	if err := w.p.Produce(rec, w.acks); err != nil {
+		done(fmt.Errorf("unable to produce to %s: %w", w.topic, err))
+	}
 }
 
 // write produces rec and waits for its delivery report or ctx.
@@ -164,10 +212,12 @@ func (w *dlqWriter) write(ctx context.Context, rec *kafka.Message) error {
 	}
 }
 
-// close flushes outstanding records (briefly) and stops the producer.
+// close flushes outstanding records (briefly) and stops the producer and
+// the pumps. Nothing may produce meanwhile.
 func (w *dlqWriter) close() {
 	w.p.Flush(5000)
 	w.p.Close()
+	close(w.acks)
 	w.wg.Wait()
 }
 

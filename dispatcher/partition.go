@@ -13,6 +13,7 @@ import (
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
@@ -21,10 +22,15 @@ import (
 type item struct {
 	msg  filters.Message
 	plan filters.Plan
+	// next is the index of the request being delivered; call its delivery.
+	next int
+	call httpclient.Call
 	// fail, if set, is why the message cannot be sent: it goes to the DLQ
 	// (or stalls its key) when its turn in the lane comes.
 	fail *failure
-	// ctx carries the message's span (span); both nil for replayed items.
+	// dlqBackoff is the wait before the next DLQ write after a failed one.
+	dlqBackoff time.Duration
+	// ctx carries the message's span (span) and ends with the partition.
 	ctx  context.Context
 	span trace.Span
 }
@@ -44,21 +50,32 @@ const (
 	laneSingle
 )
 
-// lane delivers the messages of one key in order, one at a time.
-type lane struct {
-	key laneKey
-	// q, idle and retired are protected by partition.mu.
-	q       []*item
-	idle    bool // waiting for work: may be retired by the worker at the lane cap
-	retired bool // removed from the map while idle: exit at once
-	wake    chan struct{}
-}
+// parkKind says where a busy lane that no goroutine holds is waiting.
+type parkKind uint8
 
-func (l *lane) poke() {
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+const (
+	parkNone    parkKind = iota // in a sender pool's queue, or held by a goroutine
+	parkBackoff                 // on its retry timer (HTTP backoff or DLQ write retry)
+	parkDLQ                     // for the DLQ's acknowledgement of its head message
+	parkStalled                 // its head message failed and there is no DLQ: until the partition stops
+)
+
+// lane delivers the messages of one key in order, one at a time. A lane is
+// not a goroutine: while it has work (busy) it is in exactly one place at a
+// time — a sender pool's queue, a goroutine that moves it on (a sender, the
+// partition worker, its retry timer, the DLQ writer's acknowledgement), or
+// parked — and only the goroutine holding it touches its head message.
+type lane struct {
+	p   *partition
+	key laneKey
+	// Protected by p.mu.
+	q         []*item // in order; q[0] is being delivered
+	busy      bool    // has work (q non-empty)
+	running   bool    // held by a goroutine right now
+	abandoned bool    // the partition stopped: whoever holds or finds the lane drops it
+	parked    parkKind
+	retry     *time.Timer // the backoff timer, reused
+	idleSince time.Time   // when it last ran out of work
 }
 
 // partition is the state of one assigned partition: its completion tracker,
@@ -75,19 +92,21 @@ type partition struct {
 	in      chan *kafka.Message // poll loop -> worker; never holds more than max_in_flight
 
 	// ctx ends the partition's work: cancelled after the drain on revoke
-	// or shutdown, so in-flight sends and DLQ writes give up.
+	// or shutdown, so in-flight attempts and breaker waits give up.
 	ctx    context.Context
 	cancel context.CancelFunc
 	// stopWorker tells the worker to stop taking messages.
 	stopWorker chan struct{}
 	workerDone chan struct{}
-	lanesWG    sync.WaitGroup // one per lane goroutine
 
-	mu       sync.Mutex // protects lanes, draining, waiting and every lane's q/idle/retired
+	mu       sync.Mutex // protects the fields below and every lane's fields
 	lanes    map[laneKey]*lane
-	draining bool       // lanes exit as soon as their queue is empty
-	waiting  bool       // the worker waits for a lane to become idle (lane cap)
-	laneFree *sync.Cond // signalled when a lane goes idle or exits while waiting
+	busy     int           // lanes with work
+	idleCh   chan struct{} // closed when busy drops to 0 (set by waitIdle)
+	draining bool          // the worker takes no more messages
+	dead     bool          // stopped: lanes are abandoned wherever they are
+	waiting  bool          // the worker waits for a lane to become idle (lane cap)
+	laneFree *sync.Cond    // signalled when a lane goes idle while waiting
 
 	// Owned by the poll loop.
 	paused    bool
@@ -128,9 +147,12 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 }
 
 // work is the partition's worker goroutine: it plans each message and hands
-// it to the lane of its key, in arrival order.
+// it to the lane of its key, in arrival order, and retires lanes idle for
+// dispatch.lane_idle.
 func (p *partition) work() {
 	defer close(p.workerDone)
+	sweep := time.NewTicker(p.d.cfg.Dispatch.LaneIdle.D())
+	defer sweep.Stop()
 	for {
 		select {
 		case <-p.stopWorker:
@@ -139,6 +161,8 @@ func (p *partition) work() {
 			if !p.dispatch(m) {
 				return
 			}
+		case now := <-sweep.C:
+			p.retireIdle(now)
 		}
 	}
 }
@@ -146,7 +170,8 @@ func (p *partition) work() {
 // dispatch plans one message and enqueues it on its lane. It returns false
 // when the partition is stopping.
 func (p *partition) dispatch(km *kafka.Message) bool {
-	it := &item{msg: toMessage(km)}
+	it := &item{}
+	toMessage(km, &it.msg)
 	it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
 	plan, err := p.d.router.Plan(&it.msg)
 	switch {
@@ -186,31 +211,36 @@ func (p *partition) laneKeyOf(m *filters.Message) laneKey {
 	return laneKey{kind: laneUnkeyed}
 }
 
-// enqueue appends it to the lane of k, creating the lane if needed. At the
-// lane cap it retires an idle lane or waits for one to become idle. It
-// returns false when the partition stops meanwhile.
+// enqueue appends it to the lane of k, creating the lane if needed, and sets
+// an idle lane going. At the lane cap it retires an idle lane or waits for
+// one to become idle. It returns false when the partition stops meanwhile.
 func (p *partition) enqueue(k laneKey, it *item) bool {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	for {
 		if p.draining {
+			p.mu.Unlock()
 			return false
 		}
 		if l := p.lanes[k]; l != nil {
 			l.q = append(l.q, it)
-			l.idle = false
-			l.poke()
+			if l.busy {
+				p.mu.Unlock()
+				return true
+			}
+			l.busy, l.running = true, true
+			p.busy++
+			p.mu.Unlock()
+			if pl := p.advance(l); pl != nil {
+				pl.push(l)
+			}
 			return true
 		}
 		if len(p.lanes) < p.d.cfg.Dispatch.MaxLanes {
-			l := &lane{key: k, q: []*item{it}, wake: make(chan struct{}, 1)}
-			p.lanes[k] = l
-			p.lanesWG.Add(1)
+			p.lanes[k] = &lane{p: p, key: k}
 			p.d.metrics.ActiveLanes.Inc()
-			go p.runLane(l)
-			return true
+			continue
 		}
-		if p.retireIdleLocked() {
+		if p.retireOneLocked() {
 			continue
 		}
 		p.waiting = true
@@ -219,84 +249,202 @@ func (p *partition) enqueue(k laneKey, it *item) bool {
 	}
 }
 
-// retireIdleLocked removes one idle lane from the map and tells it to exit.
-func (p *partition) retireIdleLocked() bool {
+// retireOneLocked removes one idle lane from the map.
+func (p *partition) retireOneLocked() bool {
 	for k, l := range p.lanes {
-		if l.idle && len(l.q) == 0 {
-			delete(p.lanes, k)
-			l.retired = true
-			l.poke()
+		if !l.busy {
+			p.removeLocked(k, l)
 			return true
 		}
 	}
 	return false
 }
 
-// runLane is a lane's goroutine: it delivers the lane's messages in order and
-// exits when idle for dispatch.lane_idle, when retired, when the partition
-// drains and its queue is empty, or when the partition's context ends.
-func (p *partition) runLane(l *lane) {
-	defer p.lanesWG.Done()
-	defer p.d.metrics.ActiveLanes.Dec()
-	idle := time.NewTimer(p.d.cfg.Dispatch.LaneIdle.D())
-	defer idle.Stop()
-	single := l.key.kind == laneSingle
-	for {
-		p.mu.Lock()
-		if len(l.q) == 0 {
-			if l.retired {
-				p.mu.Unlock()
-				return
-			}
-			if p.draining || single {
-				p.removeLaneLocked(l)
-				p.mu.Unlock()
-				return
-			}
-			l.idle = true
-			if p.waiting {
-				p.laneFree.Signal()
-			}
-			p.mu.Unlock()
-			idle.Reset(p.d.cfg.Dispatch.LaneIdle.D())
-			select {
-			case <-l.wake:
-				continue
-			case <-p.ctx.Done():
-			case <-idle.C:
-			}
-			p.mu.Lock()
-			if len(l.q) == 0 && !l.retired {
-				p.removeLaneLocked(l)
-				p.mu.Unlock()
-				return
-			}
-			p.mu.Unlock()
-			continue
-		}
-		it := l.q[0]
-		l.q[0] = nil
-		l.q = l.q[1:]
-		p.mu.Unlock()
-		if !p.d.deliver(p, it) {
-			// The partition's context ended: abandon this message and the
-			// rest of the lane; they are not committed, so whoever owns
-			// the partition next receives them again.
-			p.mu.Lock()
-			p.removeLaneLocked(l)
-			p.mu.Unlock()
-			return
+// retireIdle removes the lanes idle for dispatch.lane_idle.
+func (p *partition) retireIdle(now time.Time) {
+	limit := p.d.cfg.Dispatch.LaneIdle.D()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for k, l := range p.lanes {
+		if !l.busy && now.Sub(l.idleSince) >= limit {
+			p.removeLocked(k, l)
 		}
 	}
 }
 
-func (p *partition) removeLaneLocked(l *lane) {
-	if p.lanes[l.key] == l {
-		delete(p.lanes, l.key)
+func (p *partition) removeLocked(k laneKey, l *lane) {
+	if p.lanes[k] == l {
+		delete(p.lanes, k)
+		p.d.metrics.ActiveLanes.Dec()
 	}
-	l.q = nil
+}
+
+// attempt makes the next attempt of l's head message (the caller, a sender,
+// holds l) and returns the pool l waits in next, or nil when l went
+// elsewhere (idle, parked, dropped).
+func (p *partition) attempt(l *lane) *pool {
+	p.mu.Lock()
+	if l.abandoned {
+		p.mu.Unlock()
+		return nil
+	}
+	if p.dead {
+		p.abandonLocked(l)
+		p.mu.Unlock()
+		return nil
+	}
+	l.running = true
+	it := l.q[0]
+	p.mu.Unlock()
+
+	st := p.d.sender.Attempt(it.ctx, &it.call)
+	switch st.Outcome {
+	case httpclient.Delivered:
+		it.next++
+	case httpclient.Retry:
+		p.park(l, st.After)
+		return nil
+	case httpclient.Failed:
+		it.fail = p.d.failed(p, it, st.Err)
+	case httpclient.Canceled:
+		// The partition's context ended: abandon this message and the rest
+		// of the lane; they are not committed, so whoever owns the
+		// partition next receives them again.
+		p.mu.Lock()
+		p.abandonLocked(l)
+		p.mu.Unlock()
+		return nil
+	}
+	return p.advance(l)
+}
+
+// advance moves l (held by the caller) on from its head message: past
+// messages that are finished, to the DLQ writer or to stalling for a failed
+// one, or to the pool of the target of the next request to send, which it
+// returns (the caller pushes l there). It returns nil when l went idle,
+// parked or was dropped.
+func (p *partition) advance(l *lane) *pool {
+	p.mu.Lock()
+	for {
+		if p.dead {
+			p.abandonLocked(l)
+			p.mu.Unlock()
+			return nil
+		}
+		if len(l.q) == 0 {
+			p.idleLocked(l)
+			p.mu.Unlock()
+			return nil
+		}
+		it := l.q[0]
+		switch {
+		case it.fail != nil:
+			l.running = false
+			if p.d.dlq == nil {
+				l.parked = parkStalled
+				p.mu.Unlock()
+				p.d.stall(p, it)
+				return nil
+			}
+			l.parked = parkDLQ // before the write: its acknowledgement may come at once
+			p.mu.Unlock()
+			p.d.deadLetter(p, l, it)
+			return nil
+		case it.next < len(it.plan.Requests):
+			rq := &it.plan.Requests[it.next]
+			if it.call.Request() != rq {
+				it.call.Reset(rq, idempotencyKey(&it.msg, it.next))
+			}
+			l.running = false
+			p.mu.Unlock()
+			return p.d.senders.pool(rq.Target)
+		}
+		// Every request succeeded.
+		l.q[0] = nil
+		l.q = l.q[1:]
+		p.mu.Unlock()
+		telemetry.MessageOutcome(it.span, telemetry.OutcomeDelivered)
+		it.span.End()
+		p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
+		p.mu.Lock()
+	}
+}
+
+// park puts l (held by the caller) on its retry timer for d; when it fires,
+// l moves on from where it was.
+func (p *partition) park(l *lane, d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.dead {
+		p.abandonLocked(l)
+		return
+	}
+	l.running = false
+	l.parked = parkBackoff
+	if l.retry == nil {
+		l.retry = time.AfterFunc(d, func() { p.unpark(l, parkBackoff) })
+	} else {
+		l.retry.Reset(d)
+	}
+}
+
+// unpark takes l back from where it was parked (kind) and moves it on.
+// A lane abandoned or no longer parked there is left alone.
+func (p *partition) unpark(l *lane, kind parkKind) {
+	p.mu.Lock()
+	if l.abandoned || l.parked != kind {
+		p.mu.Unlock()
+		return
+	}
+	l.parked, l.running = parkNone, true
+	p.mu.Unlock()
+	if pl := p.advance(l); pl != nil {
+		pl.push(l)
+	}
+}
+
+// idleLocked records that l ran out of work.
+func (p *partition) idleLocked(l *lane) {
+	l.busy, l.running = false, false
+	l.q = l.q[:0]
+	l.idleSince = time.Now()
+	p.busyDoneLocked()
+	if l.key.kind == laneSingle {
+		p.removeLocked(l.key, l)
+	}
 	if p.waiting {
 		p.laneFree.Signal()
+	}
+}
+
+// abandonLocked drops l and what it holds, wherever it is: the messages are
+// not committed and will be redelivered to the partition's next owner. A
+// goroutine that holds or later finds l sees l.abandoned and lets it go.
+func (p *partition) abandonLocked(l *lane) {
+	if l.abandoned {
+		return
+	}
+	l.abandoned = true
+	if l.retry != nil {
+		l.retry.Stop()
+	}
+	for _, it := range l.q {
+		it.span.End()
+	}
+	l.q = nil
+	if l.busy {
+		l.busy = false
+		p.busyDoneLocked()
+	}
+	l.running = false
+	p.removeLocked(l.key, l)
+}
+
+func (p *partition) busyDoneLocked() {
+	p.busy--
+	if p.busy == 0 && p.idleCh != nil {
+		close(p.idleCh)
+		p.idleCh = nil
 	}
 }
 
@@ -310,37 +458,68 @@ func (p *partition) finish(offset int64, outcome string) {
 
 // stop ends the partition: the worker stops taking messages, the lanes finish
 // what they hold within timeout, then everything left is abandoned. It
-// returns once every goroutine of the partition has exited; whether the lanes
-// drained in time is reported.
+// returns once no goroutine works for the partition any more; whether the
+// lanes drained in time is reported.
 func (p *partition) stop(timeout time.Duration) (drained bool) {
 	close(p.stopWorker)
 	p.mu.Lock()
 	p.draining = true // also releases a worker waiting at the lane cap
-	for _, l := range p.lanes {
-		l.poke()
-	}
 	p.laneFree.Broadcast()
 	p.mu.Unlock()
 	<-p.workerDone
 
-	done := make(chan struct{})
-	go func() { p.lanesWG.Wait(); close(done) }()
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case <-done:
-		drained = true
-	case <-t.C:
+	drained = p.waitIdle(timeout)
+	p.mu.Lock()
+	p.dead = true
+	p.cancel() // in-flight attempts and breaker waits end now
+	for _, l := range p.lanes {
+		if l.busy && !l.running {
+			p.abandonLocked(l) // queued, parked or stalled: nobody to wait for
+		}
 	}
-	p.cancel()
-	<-done
+	p.mu.Unlock()
+	p.waitIdle(-1) // the lanes held by senders, which see the cancelled context
+	p.mu.Lock()
+	for k, l := range p.lanes {
+		p.removeLocked(k, l)
+	}
+	p.mu.Unlock()
 	p.inFlightGauge.Set(0)
 	return drained
 }
 
-// toMessage converts a librdkafka message into the filters' view of it.
-func toMessage(km *kafka.Message) filters.Message {
-	m := filters.Message{
+// waitIdle waits until no lane has work, for at most timeout (negative:
+// without limit), and reports whether that happened.
+func (p *partition) waitIdle(timeout time.Duration) bool {
+	p.mu.Lock()
+	if p.busy == 0 {
+		p.mu.Unlock()
+		return true
+	}
+	if timeout == 0 {
+		p.mu.Unlock()
+		return false
+	}
+	ch := make(chan struct{})
+	p.idleCh = ch
+	p.mu.Unlock()
+	if timeout < 0 {
+		<-ch
+		return true
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-ch:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// toMessage fills m with the filters' view of a librdkafka message.
+func toMessage(km *kafka.Message, m *filters.Message) {
+	*m = filters.Message{
 		Topic:     *km.TopicPartition.Topic,
 		Partition: km.TopicPartition.Partition,
 		Offset:    int64(km.TopicPartition.Offset),
@@ -354,7 +533,6 @@ func toMessage(km *kafka.Message) filters.Message {
 			m.Headers[i] = filters.Header{Key: h.Key, Value: h.Value}
 		}
 	}
-	return m
 }
 
 // forgetMetrics drops the partition's series: another member reports them now.

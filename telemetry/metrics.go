@@ -40,6 +40,8 @@ type Metrics struct {
 	Committed        *prometheus.GaugeVec // topic, partition
 	Lag              *prometheus.GaugeVec // topic, partition
 	ActiveLanes      prometheus.Gauge
+	Senders          *prometheus.GaugeVec   // host
+	QueuedLanes      *prometheus.GaugeVec   // host
 	Rebalances       *prometheus.CounterVec // kind: assigned, revoked, lost
 	CommitErrors     prometheus.Counter
 	DLQProduced      prometheus.Counter
@@ -80,6 +82,10 @@ func NewMetrics() *Metrics {
 			Help: "High watermark minus committed offset per partition."}, pl),
 		ActiveLanes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_active_lanes",
 			Help: "Key lanes alive across all partitions."}),
+		Senders: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_senders",
+			Help: "Sender goroutines per target host (at most http.max_conns_per_host)."}, []string{"host"}),
+		QueuedLanes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_queued_lanes",
+			Help: "Key lanes with a request ready for a target host, waiting for one of its senders."}, []string{"host"}),
 		Rebalances: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_rebalances_total",
 			Help: "Partition assignment changes by kind (assigned, revoked, lost)."}, []string{"kind"}),
 		CommitErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_errors_total",
@@ -94,7 +100,7 @@ func NewMetrics() *Metrics {
 			Help: "Replay jobs running (0 or 1)."}),
 	}
 	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.BreakerState, m.BreakerChanges,
-		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Rebalances, m.CommitErrors,
+		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive)
 	return m
 }

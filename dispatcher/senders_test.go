@@ -1,0 +1,177 @@
+package dispatcher
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/internal/testkit"
+)
+
+// Tests of the sender pools (senders.go): bounded senders per target, a lane
+// in backoff holds no sender, a failing target holds only its own senders,
+// and a stop abandons parked lanes at once.
+
+// poolPeak returns the most senders the pool of target had alive at once.
+func poolPeak(d *Dispatcher, target string) int {
+	pl := d.senders.pool(target)
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return pl.peak
+}
+
+// hostOf is the host:port of an httptest server.
+func hostOf(srv *httptest.Server) string { return strings.TrimPrefix(srv.URL, "http://") }
+
+// TestSendersBoundedPerTarget: 100 keys with work and max_conns_per_host = 3:
+// never more than 3 senders for the target and never more than 3 requests
+// at the sink at once, everything delivered in order.
+func TestSendersBoundedPerTarget(t *testing.T) {
+	h := newHarness(t, 4)
+	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
+	gen := &testkit.Generator{Keys: 100}
+	const n = 1500
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("bounded", "", "")
+	cfg.HTTP.MaxConnsPerHost = 3
+	d, m, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+		t.Fatal(rep)
+	}
+	if peak := poolPeak(d, hostOf(h.srv)); peak < 1 || peak > 3 {
+		t.Fatalf("the target had up to %d senders, want 1..3", peak)
+	}
+	if got := h.sink.MaxInFlight(); got > 3 {
+		t.Fatalf("the sink saw %d requests at once, want at most 3", got)
+	}
+	if got := m.Sum("orderly_http_senders"); got != 0 {
+		t.Fatalf("orderly_http_senders = %v after the stop, want 0", got)
+	}
+}
+
+// TestBackoffHoldsNoSender: one sender for the target; key "slow" is told to
+// come back in a minute (503, Retry-After: 60). Every other key is delivered
+// meanwhile by that one sender, and the stop does not wait for the backoff:
+// the parked lane is abandoned and "slow" stays uncommitted.
+func TestBackoffHoldsNoSender(t *testing.T) {
+	h := newHarness(t, 1)
+	var slowAttempts atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/slow") {
+			slowAttempts.Add(1)
+			w.Header().Set("Retry-After", "60")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		h.sink.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	var recs []testkit.Record
+	expected := map[string][]int64{}
+	recs = append(recs, testkit.Record{Key: []byte("slow"), Value: eventJSON("slow", 0)})
+	for i := range 50 {
+		k := fmt.Sprintf("k%d", i%10)
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i/10))})
+		expected[k] = append(expected[k], int64(i/10))
+	}
+	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("backoff", "", "")
+	cfg.Dispatch.DrainTimeout.Duration = 100 * time.Millisecond
+	cfg.HTTP.MaxConnsPerHost = 1
+	cfg.HTTP.Retry.MaxAttempts = 0
+	cfg.HTTP.Retry.MaxBackoff.Duration = time.Minute
+	cfg.Routes[0].Requests[0].URL = srv.URL + "/people/{{ .Key }}"
+	d, m, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the other keys delivered", func() bool { return h.sink.Distinct() >= 50 })
+	if got := slowAttempts.Load(); got != 1 {
+		t.Fatalf("key slow was tried %d times before its Retry-After passed, want 1", got)
+	}
+	if rep := h.sink.Check(expected); !rep.OK() {
+		t.Fatal(rep)
+	}
+	if peak := poolPeak(d, hostOf(srv)); peak != 1 {
+		t.Fatalf("the target had up to %d senders, want 1", peak)
+	}
+	start := time.Now()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("stopped %s after the stop began, with key slow parked for a minute", time.Since(start).Round(time.Millisecond))
+	if got := m.Sum("orderly_messages_total"); got != 50 {
+		t.Fatalf("orderly_messages_total = %v, want 50 (slow unfinished)", got)
+	}
+	if committed, _ := h.committed("backoff"); committed[0] > 0 {
+		t.Fatalf("committed offset %d past the unfinished message at offset 0", committed[0])
+	}
+}
+
+// TestFailingTargetHoldsOnlyItsSenders: two targets, two senders each. Target
+// X answers 503 to everything, so its breaker opens and its senders wait
+// for it; every message for target Y is delivered meanwhile, in order.
+func TestFailingTargetHoldsOnlyItsSenders(t *testing.T) {
+	h := newHarness(t, 2)
+	var xRequests atomic.Int64
+	x := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		xRequests.Add(1)
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(x.Close)
+	var recs []testkit.Record
+	expected := map[string][]int64{}
+	for i := range 400 {
+		k := fmt.Sprintf("y%d", i%40)
+		if i%4 == 0 {
+			k = fmt.Sprintf("x%d", i%8)
+		}
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i))})
+		if k[0] == 'y' {
+			expected[k] = append(expected[k], int64(i))
+		}
+	}
+	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("bulkhead", "", `
+[http.breaker]
+min_requests = 5
+failure_ratio = 0.5
+open_timeout = "1m"
+`)
+	cfg.Dispatch.DrainTimeout.Duration = 100 * time.Millisecond
+	cfg.HTTP.MaxConnsPerHost = 2
+	cfg.HTTP.Retry.MaxAttempts = 0
+	// Keys starting with x go to X, the others to the sink (Y).
+	cfg.Routes[0].Requests[0].URL = `{{ if eq (printf "%.1s" .Key) "x" }}` + x.URL + `{{ else }}` + h.srv.URL + `{{ end }}/people/{{ .Key }}`
+	d, m, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "every message for target Y delivered", func() bool {
+		return h.sink.Distinct() >= 300
+	})
+	if rep := h.sink.Check(expected); !rep.OK() {
+		t.Fatal(rep)
+	}
+	if got := testutilCounter(t, m, "orderly_breaker_transitions_total", "to", "open"); got < 1 {
+		t.Fatalf("X's breaker never opened (%d requests to X)", xRequests.Load())
+	}
+	if px, py := poolPeak(d, hostOf(x)), poolPeak(d, hostOf(h.srv)); px > 2 || py > 2 || py < 1 {
+		t.Fatalf("senders: X up to %d, Y up to %d; want at most 2 each", px, py)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Sum("orderly_dlq_produced_total"); got != 0 {
+		t.Fatalf("%v messages dead-lettered while X was down", got)
+	}
+}

@@ -4,7 +4,11 @@ package main
 // pre-produces a backlog to a fresh embedded broker, drives a plain net/http
 // client against a local sink (the ceiling), then lets Orderly drain the same
 // backlog to the same kind of sink, and reports throughput, the ratio to the
-// ceiling, latencies, CPU, memory and allocations side by side.
+// ceiling, latencies, CPU, memory and allocations side by side. By default
+// the broker and Orderly each run in a child process (-broker process,
+// -dispatcher process: see bench_dispatcher.go), so that Orderly's figures
+// are those of the Orderly process alone, as deployed; the sink, the
+// recorder, the producer and the ceiling client stay in this one.
 
 import (
 	"bufio"
@@ -15,7 +19,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -37,7 +40,6 @@ import (
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/internal/embedded"
-	"github.com/orderly-dispatch/orderly/internal/service"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -60,6 +62,7 @@ type benchFlags struct {
 	liveRate    float64
 	settle      time.Duration
 	broker      string
+	dispatcher  string
 	ceiling     bool
 	timeout     time.Duration
 	json        bool
@@ -69,6 +72,10 @@ type benchFlags struct {
 	heapProfile string
 	verbose     bool
 	serveBroker bool // hidden: run only the embedded broker (the child of -broker process)
+	// hidden: run only the Orderly service of configuration file config
+	// (the child of -dispatcher process)
+	serveDispatcher bool
+	config          string
 }
 
 // benchScenario is one of the issue's targets as flag presets. Flags given
@@ -124,6 +131,7 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 	fs.Float64Var(&f.liveRate, "live-rate", 0, "live messages per second (0 = a quarter of the measured throughput: moderate load)")
 	fs.DurationVar(&f.settle, "settle", 0, "after the run, wait this long before measuring the RSS after the burst")
 	fs.StringVar(&f.broker, "broker", "auto", "where the embedded broker runs: process (a child process, so that its CPU, memory and allocations are not counted), in-process, or auto (process unless running inside a Go test binary)")
+	fs.StringVar(&f.dispatcher, "dispatcher", "auto", "where the Orderly service runs: process (a child process, so that its CPU, memory and allocations are those of Orderly alone, as deployed), in-process (with the sink and the harness), or auto (process unless running inside a Go test binary)")
 	fs.BoolVar(&f.ceiling, "ceiling", true, "also drive the plain net/http client (the ceiling)")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "give up on a run after this long (an error)")
 	fs.IntVar(&f.repeat, "repeat", 1, "do each run this many times (ceiling and Orderly side by side each time) and summarise the medians: shared machines drift")
@@ -133,6 +141,8 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.heapProfile, "heapprofile", "", "write a heap (in-use) profile when half of the backlog has been delivered (FILE) and after the run (FILE.after), each after a GC")
 	fs.BoolVar(&f.verbose, "v", false, "log the service's warnings to stderr")
 	fs.BoolVar(&f.serveBroker, "serve-broker", false, "internal: serve only the embedded broker until stdin closes")
+	fs.BoolVar(&f.serveDispatcher, "serve-dispatcher", false, "internal: run only the Orderly service of -config, answering the bench's commands on stdin, until stdin closes")
+	fs.StringVar(&f.config, "config", "", "internal: the configuration file of -serve-dispatcher")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -142,6 +152,9 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 	}
 	if f.serveBroker {
 		return serveBroker(f.partitions, stdout, stderr)
+	}
+	if f.serveDispatcher {
+		return serveDispatcher(f.config, f.verbose, os.Stdin, stdout, stderr)
 	}
 	set := map[string]bool{}
 	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
@@ -156,23 +169,28 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 	}
-	switch f.broker {
-	case "auto":
-		f.broker = "process"
-		if exe, err := os.Executable(); err != nil || strings.HasSuffix(filepath.Base(exe), ".test") {
-			f.broker = "in-process"
+	for _, w := range []struct {
+		flag  string
+		value *string
+	}{{"broker", &f.broker}, {"dispatcher", &f.dispatcher}} {
+		switch *w.value {
+		case "auto":
+			*w.value = "process"
+			if exe, err := os.Executable(); err != nil || strings.HasSuffix(filepath.Base(exe), ".test") {
+				*w.value = "in-process"
+			}
+		case "process", "in-process":
+		default:
+			fmt.Fprintf(stderr, "orderly bench: -%s %q: want process, in-process or auto\n", w.flag, *w.value)
+			return 2
 		}
-	case "process", "in-process":
-	default:
-		fmt.Fprintf(stderr, "orderly bench: -broker %q: want process, in-process or auto\n", f.broker)
-		return 2
 	}
 
 	progress := stdout
 	if f.json {
 		progress = stderr
 	}
-	b := &bencher{out: progress, stderr: stderr, broker: f.broker, multi: len(runs) > 1 || f.repeat > 1}
+	b := &bencher{out: progress, stderr: stderr, multi: len(runs) > 1 || f.repeat > 1}
 	var results []*benchResult
 	var repeated []benchRun
 	for _, r := range runs {
@@ -189,9 +207,9 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	for _, r := range repeated {
-		r.f.broker = f.broker
+		r.f.broker, r.f.dispatcher = f.broker, f.dispatcher
 		if r.hotCompare != nil {
-			r.hotCompare.f.broker = f.broker
+			r.hotCompare.f.broker, r.hotCompare.f.dispatcher = f.broker, f.dispatcher
 		}
 		res, err := b.run(r)
 		if err != nil {
@@ -224,6 +242,18 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 		printBenchMedians(stdout, results)
 	}
 	return 0
+}
+
+// sendConcurrency is how many requests Orderly can have in flight at once:
+// one sender per key lane with work, at most partitions x max_in_flight
+// messages held, and at most max_conns_per_host senders per target host:port
+// (all of the bench's requests go to one sink) when it is not 0 (unlimited).
+func (f benchFlags) sendConcurrency(keys int) int {
+	n := min(keys, f.partitions*f.maxInFlight)
+	if f.maxConns > 0 {
+		n = min(n, f.maxConns)
+	}
+	return n
 }
 
 func (f benchFlags) validate() error {
@@ -261,7 +291,8 @@ func benchRuns(f benchFlags, set map[string]bool) ([]benchRun, error) {
 	case "", "custom":
 	case "all":
 		// The memory scenario first, while this process's own baseline
-		// is still that of a fresh process.
+		// is still that of a fresh process (with -dispatcher in-process;
+		// a child process is fresh for every run).
 		picked = append([]benchScenario{benchScenarios[3]}, benchScenarios[:3]...)
 		picked = append(picked, benchScenarios[4])
 	default:
@@ -489,9 +520,21 @@ func maxRSS() int64 {
 	return ru.Maxrss * 1024 // kilobytes on Linux
 }
 
-// currentRSS is the resident set size now (/proc/self/statm), in bytes.
-func currentRSS() int64 {
-	b, err := os.ReadFile("/proc/self/statm")
+// currentRSS is this process's resident set size now, in bytes.
+func currentRSS() int64 { return processRSS(0) }
+
+// procFile is the path of a /proc file of process pid, 0 being this one.
+func procFile(pid int, name string) string {
+	if pid == 0 {
+		return "/proc/self/" + name
+	}
+	return fmt.Sprintf("/proc/%d/%s", pid, name)
+}
+
+// processRSS is the resident set size of process pid now
+// (/proc/PID/statm), in bytes; 0 if unknown.
+func processRSS(pid int) int64 {
+	b, err := os.ReadFile(procFile(pid, "statm"))
 	if err != nil {
 		return 0
 	}
@@ -501,6 +544,49 @@ func currentRSS() int64 {
 	}
 	pages, _ := strconv.ParseInt(f[1], 10, 64)
 	return pages * int64(os.Getpagesize())
+}
+
+// processPeakRSS is the peak resident set size of process pid so far
+// (VmHWM in /proc/PID/status), in bytes; 0 if unknown.
+func processPeakRSS(pid int) int64 {
+	b, err := os.ReadFile(procFile(pid, "status"))
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			f := strings.Fields(v) // "1234 kB"
+			if len(f) == 0 {
+				return 0
+			}
+			kb, _ := strconv.ParseInt(f[0], 10, 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+// processCPU is the user+system CPU time of process pid so far
+// (/proc/PID/stat, in clock ticks of 10ms); 0 if unknown.
+func processCPU(pid int) time.Duration {
+	data, err := os.ReadFile(procFile(pid, "stat"))
+	if err != nil {
+		return 0
+	}
+	s := string(data)
+	// Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	const clkTck = 100 // USER_HZ on Linux
+	return time.Duration(ut+st) * time.Second / clkTck
 }
 
 func mallocs() uint64 {
@@ -518,21 +604,22 @@ type snapshot struct {
 
 func snap() snapshot { return snapshot{at: time.Now(), cpu: cpuTime(), mallocs: mallocs()} }
 
-// rssSampler samples the current RSS every interval until stopped.
+// rssSampler samples a process's current RSS every interval until stopped.
 type rssSampler struct {
 	stop    chan struct{}
 	done    chan struct{}
+	once    sync.Once
 	samples []int64
 }
 
-func sampleRSS(every time.Duration) *rssSampler {
+func sampleRSS(every time.Duration, rss func() int64) *rssSampler {
 	s := &rssSampler{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
-			s.samples = append(s.samples, currentRSS())
+			s.samples = append(s.samples, rss())
 			select {
 			case <-s.stop:
 				return
@@ -543,9 +630,10 @@ func sampleRSS(every time.Duration) *rssSampler {
 	return s
 }
 
-// end stops sampling and returns the median and the maximum sample.
+// end stops sampling and returns the median and the maximum sample; it may
+// be called more than once.
 func (s *rssSampler) end() (median, peak int64) {
-	close(s.stop)
+	s.once.Do(func() { close(s.stop) })
 	<-s.done
 	l := slices.Clone(s.samples)
 	slices.Sort(l)
@@ -562,11 +650,16 @@ func settleMemory() {
 
 // --- the broker as a child process -----------------------------------------
 
+// startBenchBroker starts the embedded broker with the bench topic.
+func startBenchBroker(partitions int) (*embedded.Broker, error) {
+	return embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: partitions,
+		Topics: []string{benchTopic}, MinSessionTimeout: time.Second})
+}
+
 // serveBroker is `orderly bench -serve-broker`: the embedded broker alone,
 // printing its address and serving until stdin closes.
 func serveBroker(partitions int, stdout, stderr io.Writer) int {
-	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: partitions,
-		Topics: []string{benchTopic}, MinSessionTimeout: time.Second})
+	b, err := startBenchBroker(partitions)
 	if err != nil {
 		fmt.Fprintln(stderr, "orderly bench -serve-broker:", err)
 		return 1
@@ -623,26 +716,7 @@ func startBrokerProcess(partitions int, stderr io.Writer) (*brokerProcess, error
 }
 
 // cpu returns the child's user+system CPU time so far (/proc/PID/stat).
-func (b *brokerProcess) cpu() time.Duration {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", b.cmd.Process.Pid))
-	if err != nil {
-		return 0
-	}
-	s := string(data)
-	// Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	const clkTck = 100 // USER_HZ on Linux
-	return time.Duration(ut+st) * time.Second / clkTck
-}
+func (b *brokerProcess) cpu() time.Duration { return processCPU(b.cmd.Process.Pid) }
 
 func (b *brokerProcess) close() {
 	_ = b.stdin.Close()
@@ -672,47 +746,55 @@ type benchResult struct {
 	MaxInFlight int     `json:"max_in_flight"`
 	MaxConns    int     `json:"max_conns_per_host"`
 	Broker      string  `json:"broker"`
+	Dispatcher  string  `json:"dispatcher"` // where Orderly ran: process (a child) or in-process
 
 	ProduceSeconds float64 `json:"produce_seconds"`
 
 	// The ceiling: a plain net/http client, same transport tuning, same
-	// sink, same number of requests.
+	// sink, same number of requests, at Orderly's sending concurrency.
 	CeilingConcurrency   int     `json:"ceiling_concurrency,omitempty"`
 	Ceiling              float64 `json:"ceiling_msgs_per_s,omitempty"`
 	CeilingCPUPer10k     float64 `json:"ceiling_cpu_s_per_10k,omitempty"`
-	CeilingAllocsPerMsg  float64 `json:"ceiling_allocs_per_msg,omitempty"`
+	CeilingAllocsPerMsg  float64 `json:"ceiling_allocs_per_msg,omitempty"`     // the bench process: client, sink server, recorder
+	CeilingAllocsPerReq  float64 `json:"ceiling_allocs_per_request,omitempty"` // the same per successful request
 	CeilingSinkMaxInFlow int64   `json:"ceiling_sink_max_concurrent,omitempty"`
 
 	// Orderly.
-	Seconds         float64 `json:"seconds"` // assignment to the last request received
-	Throughput      float64 `json:"msgs_per_s"`
-	Ratio           float64 `json:"ratio_to_ceiling,omitempty"`
-	LatencyBound    float64 `json:"latency_bound_msgs_per_s,omitempty"` // min(keys, partitions*max_in_flight, conns)/(latency*requests)
-	BoundRatio      float64 `json:"ratio_to_latency_bound,omitempty"`
-	StartupMS       float64 `json:"startup_ms"`       // dispatcher start to assignment
-	FirstRequestMS  float64 `json:"first_request_ms"` // assignment to the first request received
-	DispatchP50MS   float64 `json:"dispatch_p50_ms"`  // assignment to request received
-	DispatchP99MS   float64 `json:"dispatch_p99_ms"`  //
-	LiveMessages    int     `json:"live_messages"`    // messages of the live phase
-	LiveRate        float64 `json:"live_msgs_per_s"`  // their rate
-	LiveP50MS       float64 `json:"live_e2e_p50_ms"`  // produce timestamp to request received
-	LiveP99MS       float64 `json:"live_e2e_p99_ms"`  //
-	CPUPer10k       float64 `json:"cpu_s_per_10k"`    // this process, user+sys
-	BrokerCPUPer10k float64 `json:"broker_cpu_s_per_10k,omitempty"`
-	AllocsPerMsg    float64 `json:"allocs_per_msg"`
-	OwnAllocsPerMsg float64 `json:"own_allocs_per_msg,omitempty"` // minus the ceiling's per request x requests
-	SinkMaxInFlow   int64   `json:"sink_max_concurrent"`
-	Retries         float64 `json:"retries"`
-	Pauses          float64 `json:"pauses"`
+	Seconds            float64 `json:"seconds"` // assignment to the last request received
+	Throughput         float64 `json:"msgs_per_s"`
+	Ratio              float64 `json:"ratio_to_ceiling,omitempty"`
+	LatencyBound       float64 `json:"latency_bound_msgs_per_s,omitempty"` // sendConcurrency: min(keys, partitions*max_in_flight, max_conns if > 0)/(latency*requests)
+	BoundRatio         float64 `json:"ratio_to_latency_bound,omitempty"`
+	StartupMS          float64 `json:"startup_ms"`                   // dispatcher start (the child's exec with -dispatcher process) to assignment
+	FirstRequestMS     float64 `json:"first_request_ms"`             // assignment to the first request received
+	Delivered          int     `json:"delivered"`                    // messages delivered in the backlog window (hot-key runs: the hot key's too)
+	DispatchP50MS      float64 `json:"dispatch_p50_ms"`              // assignment to request received
+	DispatchP99MS      float64 `json:"dispatch_p99_ms"`              //
+	LiveMessages       int     `json:"live_messages"`                // messages of the live phase
+	LiveRate           float64 `json:"live_msgs_per_s"`              // their rate
+	LiveP50MS          float64 `json:"live_e2e_p50_ms"`              // produce timestamp to request received
+	LiveP99MS          float64 `json:"live_e2e_p99_ms"`              //
+	CPUPer10k          float64 `json:"cpu_s_per_10k"`                // the Orderly process, user+sys (in-process: this process)
+	SinkCPUPer10k      float64 `json:"sink_cpu_s_per_10k,omitempty"` // -dispatcher process: this process (sink, recorder, harness)
+	BrokerCPUPer10k    float64 `json:"broker_cpu_s_per_10k,omitempty"`
+	AllocsPerMsg       float64 `json:"allocs_per_msg"`                      // the Orderly process
+	SinkAllocsPerReq   float64 `json:"sink_allocs_per_request,omitempty"`   // -dispatcher process: this process per successful request
+	ClientAllocsPerReq float64 `json:"client_allocs_per_request,omitempty"` // -dispatcher process: ceiling_allocs_per_request - sink_allocs_per_request
+	OwnAllocsPerMsg    float64 `json:"own_allocs_per_msg,omitempty"`        // process: allocs_per_msg - client_allocs_per_request x requests; in-process: allocs_per_msg - ceiling_allocs_per_msg
+	SinkMaxInFlow      int64   `json:"sink_max_concurrent"`
+	Retries            float64 `json:"retries"`
+	Pauses             float64 `json:"pauses"`
 
-	RSSBaselineMB  float64 `json:"rss_baseline_mb"`   // before the dispatcher started, after a GC
+	// Memory of the Orderly process (with -dispatcher in-process, of this one).
+	RSSBaselineMB  float64 `json:"rss_baseline_mb"`   // process: the child right after the assignment and a GC; in-process: before the dispatcher started, after a GC
 	RSSSteadyMB    float64 `json:"rss_steady_mb"`     // median of samples every 100ms during the backlog
 	RSSPeakMB      float64 `json:"rss_peak_mb"`       // largest of those samples
 	RSSAfterMB     float64 `json:"rss_after_mb"`      // after the run (and -settle)
 	RSSAfterFreeMB float64 `json:"rss_after_free_mb"` // then after runtime.GC + debug.FreeOSMemory
-	MaxRSSMB       float64 `json:"maxrss_mb"`         // getrusage: the process's peak so far
+	MaxRSSMB       float64 `json:"maxrss_mb"`         // the process's peak so far: VmHWM of the child, or getrusage
 	HeapInUseMB    float64 `json:"heap_in_use_mb"`    // Go heap in use at the end of the backlog
 	StackInUseMB   float64 `json:"stack_in_use_mb"`   // goroutine stacks (lanes) at the end of the backlog
+	GoSysMB        float64 `json:"go_sys_mb"`         // runtime.MemStats.Sys at the end of the backlog
 	HeapAfterMB    float64 `json:"heap_after_mb"`     // Go heap in use after the run and a GC
 	StackAfterMB   float64 `json:"stack_after_mb"`    // goroutine stacks after the run
 	OrderViolation int     `json:"order_violations"`  //
@@ -747,7 +829,6 @@ func (res *benchResult) attachHotBaseline(base *benchResult) {
 
 type bencher struct {
 	out, stderr io.Writer
-	broker      string
 	multi       bool
 }
 
@@ -762,7 +843,7 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 	m := r.messages()
 	res := &benchResult{Name: r.name, Target: r.target, Messages: m, Keys: f.keys, Partitions: f.partitions,
 		Size: f.size, LatencyMS: ms(f.latency), Requests: f.requests, FailureRate: f.failureRate, HotKey: f.hotKey,
-		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, partHot: -1}
+		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, partHot: -1}
 	b.printf("\n== %s: %d messages, %d keys, %d partitions, %d B, sink latency %s, %d request(s)/message, failure rate %.2f",
 		r.name, m, f.keys, f.partitions, f.size, f.latency, f.requests, f.failureRate)
 	if f.hotKey > 0 {
@@ -771,7 +852,7 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 	if r.baselineOf > 0 {
 		b.printf(", keys 1..%d only (hot key left out)", f.keys-1)
 	}
-	b.printf(", max_in_flight %d, max_conns_per_host %d, broker %s\n", f.maxInFlight, f.maxConns, f.broker)
+	b.printf(", max_in_flight %d, max_conns_per_host %d, broker %s, dispatcher %s\n", f.maxInFlight, f.maxConns, f.broker, f.dispatcher)
 	if r.target != "" {
 		b.printf("   issue target: %s\n", r.target)
 	}
@@ -796,40 +877,53 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		}
 	}
 
-	// 2. The broker and the backlog.
-	var child *brokerProcess
+	// 2. The broker and the backlog. With -dispatcher in-process the
+	// service is built first: with -broker in-process it holds the broker.
+	var brokerChild *brokerProcess
 	brokers := config.EmbeddedBrokers
-	if f.broker == "process" {
-		child, err = startBrokerProcess(f.partitions, b.stderr)
+	inProcess := f.dispatcher == "in-process"
+	switch {
+	case f.broker == "process":
+		brokerChild, err = startBrokerProcess(f.partitions, b.stderr)
 		if err != nil {
 			return nil, err
 		}
-		defer child.close()
-		brokers = child.addr
+		defer brokerChild.close()
+		brokers = brokerChild.addr
+	case !inProcess:
+		// -broker in-process, -dispatcher process: the broker in this
+		// process, beside the sink; the child connects to it.
+		eb, err := startBenchBroker(f.partitions)
+		if err != nil {
+			return nil, fmt.Errorf("starting the broker: %w", err)
+		}
+		defer eb.Close()
+		brokers = eb.Addr()
 	}
-	cfg, err := config.Parse([]byte(benchConfig(f, brokers, sink.addr())), "bench.toml")
+	toml := benchConfig(f, brokers, sink.addr())
+	cfg, err := config.Parse([]byte(toml), "bench.toml")
 	if err != nil {
 		return nil, fmt.Errorf("bench configuration: %w", err)
 	}
-	logLevel := slog.LevelError
-	if f.verbose {
-		logLevel = slog.LevelWarn
+	var side orderlySide
+	if inProcess {
+		l, err := newLocalOrderly(cfg, f.verbose, b.stderr)
+		if err != nil {
+			return nil, err
+		}
+		defer l.shutdown()
+		side, brokers = l, l.svc.Brokers()
 	}
-	svc, err := service.New(cfg, slog.New(slog.NewTextHandler(b.stderr, &slog.HandlerOptions{Level: logLevel})), version)
-	if err != nil {
-		return nil, err
-	}
-	defer svc.Close()
 
 	gen := r.generator()
 	t0 := time.Now()
 	// The producer stays open (idle) for the live phase, so that its
 	// start-up is not measured as latency.
-	prod, err := testkit.NewProducer(svc.Brokers())
+	prod, err := testkit.NewProducer(brokers)
 	if err != nil {
 		return nil, err
 	}
-	defer prod.Close() // before the service and the broker: deferred last
+	defer prod.Close() // before an in-process service and its broker
 	if err := produceBacklog(ctx, prod, gen, m); err != nil {
 		return nil, fmt.Errorf("producing the backlog: %w", err)
 	}
@@ -843,8 +937,6 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 	}
 	rec := newRecorder(m*f.requests+liveCap*f.requests+1024, f.latency, f.failureRate, hotKeyName)
 	sink.cur.Store(rec)
-	settleMemory()
-	res.RSSBaselineMB = mb(currentRSS())
 
 	want := int64(m * f.requests)
 	done := func() bool { return rec.ok.Load() >= want }
@@ -852,49 +944,53 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		want = int64((m - hotCount(m, f.hotKey)) * f.requests)
 		done = func() bool { return rec.okOthers.Load() >= want }
 	}
+	profName := func(file string) string { return b.profileName(file, r.name) }
 
-	var stopCPU func()
-	if f.cpuProfile != "" {
-		if stopCPU, err = startCPUProfile(b.profileName(f.cpuProfile, r.name)); err != nil {
+	if inProcess {
+		// The baseline before the dispatcher starts: once started, it
+		// consumes at once.
+		settleMemory()
+		res.RSSBaselineMB = mb(currentRSS())
+		if err := startProfiles(side, f, profName); err != nil {
 			return nil, err
 		}
-	}
-	if f.memProfile != "" {
-		if err := writeProfile("allocs", b.profileName(f.memProfile, r.name)+".base"); err != nil {
+	} else {
+		c, err := newChildOrderly(toml, f.verbose, b.stderr)
+		if err != nil {
 			return nil, err
 		}
+		defer c.shutdown()
+		side = c
 	}
-	runCtx, stopRun := context.WithCancel(context.Background())
-	defer stopRun()
-	runErr := make(chan error, 1)
 	started := time.Now()
-	go func() { runErr <- svc.Run(runCtx) }()
-	shutdown := func() error {
-		stopRun()
-		if err := <-runErr; err != nil && !errors.Is(err, context.Canceled) {
-			return err
-		}
-		return nil
+	if err := side.start(ctx); err != nil {
+		return nil, err
 	}
-
 	// The partitions are assigned: every pre-produced message is consumable.
-	var childCPU0 time.Duration
-	for !svc.Ready() {
-		select {
-		case err := <-runErr:
-			return nil, fmt.Errorf("the service stopped: %v", err)
-		case <-ctx.Done():
-			_ = shutdown()
-			return nil, errors.New("timed out waiting for the partition assignment")
-		case <-time.After(time.Millisecond):
+	s0 := snap() // this process: with -dispatcher process the sink and the harness
+	cpu0 := side.cpu()
+	var brokerCPU0 time.Duration
+	if brokerChild != nil {
+		brokerCPU0 = brokerChild.cpu()
+	}
+	st0, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
+	res.StartupMS = ms(s0.at.Sub(started))
+	if !inProcess {
+		// The child is consuming already: its baseline is the process
+		// at start-up.
+		if err := side.settle(); err != nil {
+			return nil, err
+		}
+		res.RSSBaselineMB = mb(side.rss())
+		if err := startProfiles(side, f, profName); err != nil {
+			return nil, err
 		}
 	}
-	if child != nil {
-		childCPU0 = child.cpu()
-	}
-	s0 := snap()
-	res.StartupMS = ms(s0.at.Sub(started))
-	rss := sampleRSS(100 * time.Millisecond)
+	rss := sampleRSS(100*time.Millisecond, side.rss)
+	defer rss.end()
 	heapAt := want / 2
 	if f.heapProfile == "" {
 		heapAt = math.MaxInt64
@@ -902,48 +998,56 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 	for !done() {
 		if rec.ok.Load() >= heapAt {
 			heapAt = math.MaxInt64
-			runtime.GC()
-			if err := writeProfile("heap", b.profileName(f.heapProfile, r.name)); err != nil {
-				rss.end()
-				_ = shutdown()
+			if err := side.profile("heap", profName(f.heapProfile)); err != nil {
 				return nil, err
 			}
 		}
 		select {
-		case err := <-runErr:
-			rss.end()
-			return nil, fmt.Errorf("the service stopped: %v", err)
+		case <-side.exited():
+			return nil, fmt.Errorf("the service stopped: %v", side.exitErr())
 		case <-ctx.Done():
-			rss.end()
-			_ = shutdown()
 			return nil, fmt.Errorf("timed out after %s with %d of %d requests delivered", f.timeout, rec.ok.Load(), want)
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
 	s1 := snap()
+	cpu1 := side.cpu()
+	var brokerCPU time.Duration
+	if brokerChild != nil {
+		brokerCPU = brokerChild.cpu() - brokerCPU0
+	}
+	st1, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
 	// Per message delivered in the window: all of them, or in a hot-key
 	// run the other keys' and the few hot ones.
-	delivered := float64(rec.ok.Load()) / float64(f.requests)
-	var heap runtime.MemStats
-	runtime.ReadMemStats(&heap)
-	res.HeapInUseMB, res.StackInUseMB = mb(int64(heap.HeapInuse)), mb(int64(heap.StackInuse))
+	okRequests := rec.ok.Load()
+	delivered := float64(okRequests) / float64(f.requests)
+	res.Delivered = int(okRequests) / f.requests
+	res.HeapInUseMB, res.StackInUseMB, res.GoSysMB = mb(int64(st1.HeapInuse)), mb(int64(st1.StackInuse)), mb(int64(st1.Sys))
 	steady, peak := rss.end()
-	if stopCPU != nil {
-		stopCPU()
-	}
-	if f.memProfile != "" {
-		if err := writeProfile("allocs", b.profileName(f.memProfile, r.name)); err != nil {
-			return nil, err
-		}
-	}
-	if child != nil {
-		res.BrokerCPUPer10k = (child.cpu() - childCPU0).Seconds() / delivered * 10000
+	if err := stopProfiles(side, f, profName); err != nil {
+		return nil, err
 	}
 	res.RSSSteadyMB, res.RSSPeakMB = mb(steady), mb(peak)
-	res.CPUPer10k = (s1.cpu - s0.cpu).Seconds() / delivered * 10000
-	res.AllocsPerMsg = float64(s1.mallocs-s0.mallocs) / delivered
-	if res.CeilingAllocsPerMsg > 0 {
-		res.OwnAllocsPerMsg = res.AllocsPerMsg - res.CeilingAllocsPerMsg
+	res.BrokerCPUPer10k = brokerCPU.Seconds() / delivered * 10000
+	res.CPUPer10k = (cpu1 - cpu0).Seconds() / delivered * 10000
+	res.AllocsPerMsg = float64(st1.Mallocs-st0.Mallocs) / delivered
+	if inProcess {
+		if res.CeilingAllocsPerMsg > 0 {
+			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.CeilingAllocsPerMsg
+		}
+	} else {
+		// This process served the sink: its allocations per request
+		// are the server's side of net/http (and the harness's), which
+		// the ceiling run's per request has too, beside the client's.
+		res.SinkCPUPer10k = (s1.cpu - s0.cpu).Seconds() / delivered * 10000
+		res.SinkAllocsPerReq = float64(s1.mallocs-s0.mallocs) / float64(okRequests)
+		if res.CeilingAllocsPerReq > 0 {
+			res.ClientAllocsPerReq = res.CeilingAllocsPerReq - res.SinkAllocsPerReq
+			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.ClientAllocsPerReq*float64(f.requests)
+		}
 	}
 	res.SinkMaxInFlow = rec.sink.MaxInFlight()
 	b.analyse(res, rec.recorded(), s0.at, f)
@@ -951,7 +1055,6 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 	// 4. Live messages: produce-to-request latency.
 	if f.live > 0 && f.hotKey == 0 {
 		if err := b.livePhase(ctx, prod, gen, rec, res, f, liveCap); err != nil {
-			_ = shutdown()
 			return nil, fmt.Errorf("live phase: %w", err)
 		}
 	}
@@ -961,26 +1064,29 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		b.printf("   settling %s\n", f.settle)
 		select {
 		case <-time.After(f.settle):
-		case err := <-runErr:
-			return nil, fmt.Errorf("the service stopped: %v", err)
+		case <-side.exited():
+			return nil, fmt.Errorf("the service stopped: %v", side.exitErr())
 		}
 	}
-	res.RSSAfterMB = mb(currentRSS())
-	settleMemory()
-	res.RSSAfterFreeMB = mb(currentRSS())
+	res.RSSAfterMB = mb(side.rss())
+	if err := side.settle(); err != nil {
+		return nil, err
+	}
+	res.RSSAfterFreeMB = mb(side.rss())
 	if f.heapProfile != "" {
-		if err := writeProfile("heap", b.profileName(f.heapProfile, r.name)+".after"); err != nil {
-			_ = shutdown()
+		if err := side.profile("heap", profName(f.heapProfile)+".after"); err != nil {
 			return nil, err
 		}
 	}
-	runtime.ReadMemStats(&heap)
-	res.HeapAfterMB, res.StackAfterMB = mb(int64(heap.HeapInuse)), mb(int64(heap.StackInuse))
-	res.MaxRSSMB = mb(maxRSS())
-	res.Retries = svc.Metrics().Sum("orderly_http_retries_total")
-	res.Pauses = svc.Metrics().Sum("orderly_partition_pauses_total")
+	st2, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
+	res.HeapAfterMB, res.StackAfterMB = mb(int64(st2.HeapInuse)), mb(int64(st2.StackInuse))
+	res.MaxRSSMB = mb(side.peakRSS())
+	res.Retries, res.Pauses = st2.Retries, st2.Pauses
 
-	if err := shutdown(); err != nil {
+	if err := side.shutdown(); err != nil {
 		return nil, fmt.Errorf("the service stopped with an error: %w", err)
 	}
 	rep := rec.sink.Check(gen.Expected())
@@ -1086,11 +1192,7 @@ func (b *bencher) analyse(res *benchResult, samples []sample, assigned time.Time
 		res.Ratio = res.Throughput / res.Ceiling
 	}
 	if f.latency > 0 {
-		lanes := min(f.keys, f.partitions*f.maxInFlight)
-		if f.maxConns > 0 {
-			lanes = min(lanes, f.maxConns)
-		}
-		res.LatencyBound = float64(lanes) / (f.latency.Seconds() * float64(f.requests))
+		res.LatencyBound = float64(f.sendConcurrency(f.keys)) / (f.latency.Seconds() * float64(f.requests))
 		if hk == nil {
 			res.BoundRatio = res.Throughput / res.LatencyBound
 		}
@@ -1173,16 +1275,17 @@ func (b *bencher) livePhase(ctx context.Context, p *testkit.Producer, gen *testk
 
 // ceiling drives a plain net/http client with the same transport tuning as
 // Orderly's sender against a fresh recorder on the same sink server: as many
-// goroutines as Orderly can have lanes (min(keys, partitions x
-// max_in_flight)), each sending a message's requests in order, for the same
-// number of messages.
+// goroutines as Orderly has concurrent senders (min(keys, partitions x
+// max_in_flight, max_conns_per_host when not 0): see sendConcurrency), each
+// sending a message's requests in order, for the same number of messages.
 func (b *bencher) ceiling(ctx context.Context, r benchRun, sink *sinkServer, res *benchResult) error {
 	f := r.f
 	m := r.messages()
-	conc := min(f.keys, f.partitions*f.maxInFlight)
+	keys := f.keys
 	if r.baselineOf > 0 {
-		conc = min(f.keys-1, conc)
+		keys-- // the hot key's messages are left out
 	}
+	conc := f.sendConcurrency(keys)
 	// Bodies like the messages' (the sink parses them), cycled.
 	gen := r.generator()
 	type msg struct {
@@ -1252,6 +1355,7 @@ func (b *bencher) ceiling(ctx context.Context, r benchRun, sink *sinkServer, res
 	res.Ceiling = float64(m) / el.Seconds()
 	res.CeilingCPUPer10k = (s1.cpu - s0.cpu).Seconds() / float64(m) * 10000
 	res.CeilingAllocsPerMsg = float64(s1.mallocs-s0.mallocs) / float64(m)
+	res.CeilingAllocsPerReq = res.CeilingAllocsPerMsg / float64(f.requests)
 	res.CeilingSinkMaxInFlow = rec.sink.MaxInFlight()
 	b.printf("   ceiling   plain net/http, %d goroutines: %d messages (%d requests) in %.2fs = %.0f msg/s; cpu %.2f s/10k; %.1f allocs/msg; sink concurrency max %d\n",
 		conc, m, m*f.requests, el.Seconds(), res.Ceiling, res.CeilingCPUPer10k, res.CeilingAllocsPerMsg, res.CeilingSinkMaxInFlow)
@@ -1351,18 +1455,39 @@ func (b *bencher) printRun(res *benchResult) {
 	if res.LiveMessages > 0 {
 		b.printf("; live e2e (produce to request received, %d messages at %.0f msg/s) p50 %.2fms p99 %.2fms", res.LiveMessages, res.LiveRate, res.LiveP50MS, res.LiveP99MS)
 	}
-	b.printf("\n             cpu %.2f s/10k (this process)", res.CPUPer10k)
+	if res.Dispatcher == "process" {
+		b.printf("\n             cpu %.2f s/10k (orderly process) + sink/harness %.2f s/10k", res.CPUPer10k, res.SinkCPUPer10k)
+	} else {
+		b.printf("\n             cpu %.2f s/10k (this process: orderly, sink and harness)", res.CPUPer10k)
+	}
 	if res.BrokerCPUPer10k > 0 {
-		b.printf(" + broker process %.2f s/10k", res.BrokerCPUPer10k)
+		b.printf(" + broker %.2f s/10k", res.BrokerCPUPer10k)
 	}
-	b.printf("; allocs %.1f/msg", res.AllocsPerMsg)
-	if res.CeilingAllocsPerMsg > 0 {
-		b.printf(" - ceiling %.1f = own ~%.1f/msg", res.CeilingAllocsPerMsg, res.OwnAllocsPerMsg)
+	switch {
+	case res.Dispatcher != "process":
+		b.printf("; allocs %.1f/msg", res.AllocsPerMsg)
+		if res.CeilingAllocsPerMsg > 0 {
+			b.printf(" - ceiling %.1f = own ~%.1f/msg", res.CeilingAllocsPerMsg, res.OwnAllocsPerMsg)
+		}
+	case res.CeilingAllocsPerReq > 0:
+		b.printf("\n             allocs %.1f/msg in the orderly process - net/http client %.1f", res.AllocsPerMsg, res.ClientAllocsPerReq)
+		if res.Requests > 1 {
+			b.printf("/request x %d", res.Requests)
+		}
+		b.printf(" = own ~%.1f/msg; sink side %.1f/request (ceiling run %.1f/request: client + sink side)",
+			res.OwnAllocsPerMsg, res.SinkAllocsPerReq, res.CeilingAllocsPerReq)
+	default:
+		b.printf("\n             allocs %.1f/msg in the orderly process; sink side %.1f/request", res.AllocsPerMsg, res.SinkAllocsPerReq)
 	}
-	b.printf("\n             rss MB: baseline %.0f, steady %.0f, peak %.0f, after %.0f, after FreeOSMemory %.0f (maxrss %.0f)\n             Go heap in use / goroutine stacks MB: %.0f / %.0f at the end of the backlog, %.0f / %.0f after the run and a GC\n",
-		res.RSSBaselineMB, res.RSSSteadyMB, res.RSSPeakMB, res.RSSAfterMB, res.RSSAfterFreeMB, res.MaxRSSMB, res.HeapInUseMB, res.StackInUseMB, res.HeapAfterMB, res.StackAfterMB)
-	b.printf("             order: %d violations, %d duplicates, %d missing; retries %.0f, pauses %.0f\n",
-		res.OrderViolation, res.Duplicates, res.Missing, res.Retries, res.Pauses)
+	where := "this process"
+	if res.Dispatcher == "process" {
+		where = "orderly process"
+	}
+	b.printf("\n             rss MB (%s): baseline %.0f, steady %.0f, peak %.0f, after %.0f, after FreeOSMemory %.0f (maxrss %.0f)\n             Go heap in use / goroutine stacks / runtime Sys MB: %.0f / %.0f / %.0f at the end of the backlog; heap / stacks %.0f / %.0f after the run and a GC\n",
+		where, res.RSSBaselineMB, res.RSSSteadyMB, res.RSSPeakMB, res.RSSAfterMB, res.RSSAfterFreeMB, res.MaxRSSMB,
+		res.HeapInUseMB, res.StackInUseMB, res.GoSysMB, res.HeapAfterMB, res.StackAfterMB)
+	b.printf("             order: %d violations, %d duplicates, %d missing; %d messages delivered in the backlog window; retries %.0f, pauses %.0f\n",
+		res.OrderViolation, res.Duplicates, res.Missing, res.Delivered, res.Retries, res.Pauses)
 }
 
 func (b *bencher) printHot(res *benchResult) {
@@ -1376,12 +1501,12 @@ func (b *bencher) printHot(res *benchResult) {
 
 var benchDefinitions = map[string]string{
 	"msg/s":      "messages delivered / time from the partition assignment (every pre-produced message consumable) to the last request received; hot-key runs: the other keys' messages only",
-	"ceiling":    "a plain net/http client (same transport tuning) with min(keys, partitions x max_in_flight) goroutines sending the same number of messages' requests to the same sink",
+	"ceiling":    "a plain net/http client (same transport tuning) with as many goroutines as Orderly has concurrent senders, min(keys, partitions x max_in_flight, max_conns_per_host when not 0), sending the same number of messages' requests to the same sink",
 	"dispatch":   "per request: from the partition assignment to the request received by the sink (pre-produced backlog: mostly the message's place in it)",
 	"live e2e":   "per request of the live phase (messages produced at a steady rate after the backlog, by default a quarter of msg/s for 1s): from the produce timestamp in the event to the request received (includes the producer's linger.ms=5)",
-	"cpu s/10k":  "user+system CPU of this process (getrusage) from assignment to the last request, per 10,000 messages; includes the sink and, with -broker in-process, the broker",
-	"rss":        "MB; base: before the dispatcher started (after a GC; with -broker in-process the backlog is in this heap); steady: median of 100ms samples of /proc/self/statm during the backlog; peak: their largest; after: after the run (and -settle); freed: then after runtime.GC + debug.FreeOSMemory",
-	"allocs/msg": "runtime.MemStats.Mallocs delta / messages over the backlog; own = minus the ceiling run's per message (net/http client and server, the sink): Orderly, go-retryablehttp, the Kafka client's Go side (and the broker with -broker in-process)",
+	"cpu s/10k":  "user+system CPU from assignment to the last request, per 10,000 messages, of the Orderly process: with -dispatcher process the child alone (/proc/PID/stat, 10ms ticks), the bench process's (sink, recorder, harness: on 2 cores they compete as two processes do) and the broker child's beside it; with -dispatcher in-process this process (getrusage), sink included and, with -broker in-process, the broker",
+	"rss":        "MB of the Orderly process; base: with -dispatcher process the child at start-up, right after its partitions are assigned and a GC (it is already consuming the backlog), with -dispatcher in-process before the dispatcher started, after a GC (with -broker in-process the backlog is in this heap); steady: median of 100ms samples of /proc/PID/statm during the backlog; peak: their largest; after: after the run (and -settle); freed: then after runtime.GC + debug.FreeOSMemory; maxrss: the process's peak (VmHWM of the child; getrusage in-process, the harness included)",
+	"allocs/msg": "runtime.MemStats.Mallocs delta of the Orderly process / messages delivered over the backlog; own: Orderly's own code (go-retryablehttp and the Kafka client's Go side included), net/http excluded: with -dispatcher process allocs/msg - the net/http client's per request x requests, the client's per request being the bench process's during the ceiling run (client + sink side) - the bench process's during Orderly's run (sink side and harness only; with -broker in-process the broker too); with -dispatcher in-process allocs/msg - the ceiling run's per message (net/http client and server, the sink; the broker with -broker in-process is counted as own)",
 }
 
 func printBenchTable(w io.Writer, results []*benchResult) {

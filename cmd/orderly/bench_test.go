@@ -3,8 +3,13 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The benchmark harness keeps working: tiny runs through run(), checking the
@@ -87,6 +92,7 @@ func TestBenchFlagErrors(t *testing.T) {
 		{"bench", "-failure-rate", "1"},
 		{"bench", "-hot-key", "0.5", "-keys", "1"},
 		{"bench", "-broker", "elsewhere"},
+		{"bench", "-dispatcher", "elsewhere"},
 	} {
 		var out, errb bytes.Buffer
 		if code := run(args, &out, &errb); code != 2 {
@@ -109,5 +115,129 @@ func TestBenchHelpers(t *testing.T) {
 	}
 	if n != hotCount(1000, 0.3) {
 		t.Errorf("%d hot of 1000 at 0.3, hotCount says %d", n, hotCount(1000, 0.3))
+	}
+	for _, c := range []struct {
+		f    benchFlags
+		keys int
+		want int
+	}{
+		{benchFlags{partitions: 8, maxInFlight: 10000, maxConns: 256}, 10000, 256},
+		{benchFlags{partitions: 8, maxInFlight: 10000, maxConns: 0}, 10000, 10000},
+		{benchFlags{partitions: 8, maxInFlight: 10000, maxConns: 0}, 2000, 2000},
+		{benchFlags{partitions: 2, maxInFlight: 3, maxConns: 256}, 1000, 6},
+	} {
+		if got := c.f.sendConcurrency(c.keys); got != c.want {
+			t.Errorf("%+v.sendConcurrency(%d) = %d, want %d", c.f, c.keys, got, c.want)
+		}
+	}
+	// This process's /proc figures, the ones read of the children.
+	for deadline := time.Now().Add(5 * time.Second); cpuTime() < 50*time.Millisecond && time.Now().Before(deadline); {
+	}
+	if processCPU(0) <= 0 || processRSS(0) <= 0 || processPeakRSS(0) <= 0 {
+		t.Errorf("/proc/self: cpu %s, rss %d, peak rss %d: want them positive", processCPU(0), processRSS(0), processPeakRSS(0))
+	}
+	if processCPU(-1) != 0 || processRSS(-1) != 0 || processPeakRSS(-1) != 0 {
+		t.Error("an unknown process should measure 0")
+	}
+}
+
+// TestBenchChildCommands drives the child's side of the protocol directly,
+// without a service: the commands that do not need one, and the errors.
+func TestBenchChildCommands(t *testing.T) {
+	dir := t.TempDir()
+	l := &localOrderly{}
+	for _, c := range []struct{ line, want string }{
+		{"gc", "ok"},
+		{"bogus", `error: unknown command "bogus"`},
+		{"heap", "error: want heap FILE"},
+		{"allocs " + filepath.Join(dir, "no", "such", "dir"), "error: allocs profile: "},
+		{"cpuprofile stop", "error: no CPU profile is being written"},
+		{"cpuprofile", "error: want cpuprofile start FILE or cpuprofile stop"},
+		{"cpuprofile start " + filepath.Join(dir, "cpu.pprof"), "ok"},
+		{"cpuprofile start " + filepath.Join(dir, "cpu2.pprof"), "error: a CPU profile is already being written"},
+		{"cpuprofile stop", "ok"},
+		{"heap " + filepath.Join(dir, "heap.pprof"), "ok"},
+		{"allocs " + filepath.Join(dir, "allocs.pprof"), "ok"},
+	} {
+		got, stop := l.command(c.line)
+		if stop || !strings.HasPrefix(got, c.want) {
+			t.Errorf("%q: answer %q (stop %v), want %q", c.line, got, stop, c.want)
+		}
+	}
+	for _, name := range []string{"cpu.pprof", "heap.pprof", "allocs.pprof"} {
+		if fi, err := os.Stat(filepath.Join(dir, name)); err != nil || fi.Size() == 0 {
+			t.Errorf("%s: %v, want a profile", name, err)
+		}
+	}
+	if _, stop := l.command("stop"); !stop {
+		t.Error("stop did not stop")
+	}
+}
+
+// TestBenchDispatcherProcess runs the bench with Orderly in a child process
+// (the built binary: a test binary cannot be re-executed as orderly) and
+// checks that every figure of the Orderly process came from the child.
+func TestBenchDispatcherProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("three processes")
+	}
+	dir := t.TempDir()
+	prof := func(name string) string { return filepath.Join(dir, name) }
+	// Two requests per message and failures: the client's share is
+	// multiplied, the retries metric comes from the child. A small
+	// max_in_flight: the partitions pause.
+	cmd := exec.Command(binary, "bench", "-json", "-dispatcher", "process", "-broker", "process",
+		"-messages", "4000", "-keys", "100", "-requests", "2", "-failure-rate", "0.05", "-max-in-flight", "50",
+		"-live", "200ms", "-timeout", "2m",
+		"-cpuprofile", prof("cpu.pprof"), "-memprofile", prof("mem.pprof"), "-heapprofile", prof("heap.pprof"))
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%v\nstdout:\n%s\nstderr:\n%s", err, out.String(), errb.String())
+	}
+	var raw struct {
+		Runs []map[string]any `json:"runs"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &raw); err != nil || len(raw.Runs) != 1 {
+		t.Fatalf("stdout is not the JSON document of one run (%v):\n%s", err, out.String())
+	}
+	r := raw.Runs[0]
+	num := func(k string) float64 {
+		v, ok := r[k].(float64)
+		if !ok {
+			t.Errorf("field %s: %v, want a number", k, r[k])
+		}
+		return v
+	}
+	if r["dispatcher"] != "process" || r["broker"] != "process" {
+		t.Fatalf("dispatcher %v, broker %v: want process, process", r["dispatcher"], r["broker"])
+	}
+	if num("delivered") != 4000 || num("messages") != 4000 || num("missing") != 0 || num("order_violations") != 0 {
+		t.Errorf("delivered %v of %v, missing %v, violations %v", r["delivered"], r["messages"], r["missing"], r["order_violations"])
+	}
+	for _, k := range []string{"cpu_s_per_10k", "sink_cpu_s_per_10k", "rss_baseline_mb", "rss_steady_mb", "rss_peak_mb",
+		"maxrss_mb", "heap_in_use_mb", "stack_in_use_mb", "go_sys_mb", "allocs_per_msg", "ceiling_allocs_per_request",
+		"sink_allocs_per_request", "retries", "pauses"} {
+		if v := num(k); v <= 0 {
+			t.Errorf("%s = %v, want it positive", k, v)
+		}
+	}
+	if c := num("ceiling_concurrency"); c != 100 {
+		t.Errorf("ceiling concurrency %v, want min(keys 100, 8 x 50, 256) = 100", c)
+	}
+	if num("maxrss_mb") < num("rss_peak_mb") {
+		t.Errorf("maxrss %v below the sampled peak %v", num("maxrss_mb"), num("rss_peak_mb"))
+	}
+	client := num("ceiling_allocs_per_request") - num("sink_allocs_per_request")
+	if math.Abs(num("client_allocs_per_request")-client) > 1e-6 {
+		t.Errorf("client allocs/request %v, want ceiling - sink = %v", num("client_allocs_per_request"), client)
+	}
+	if own := num("allocs_per_msg") - 2*client; math.Abs(num("own_allocs_per_msg")-own) > 1e-6 {
+		t.Errorf("own allocs/msg %v, want allocs/msg - 2 x client = %v", num("own_allocs_per_msg"), own)
+	}
+	for _, name := range []string{"cpu.pprof", "mem.pprof.base", "mem.pprof", "heap.pprof", "heap.pprof.after"} {
+		if fi, err := os.Stat(prof(name)); err != nil || fi.Size() == 0 {
+			t.Errorf("profile %s: %v, want it written by the child", name, err)
+		}
 	}
 }

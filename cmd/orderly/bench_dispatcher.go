@@ -1,0 +1,604 @@
+package main
+
+// The Orderly side of a bench run, behind one interface: the service in this
+// process (-dispatcher in-process), or in a child process (-dispatcher
+// process: `orderly bench -serve-dispatcher -config FILE`), so that the CPU,
+// memory and allocation figures reported for Orderly are those of the
+// process it runs in, as deployed, without the sink, the recorder, the
+// producer and the ceiling client of the harness.
+//
+// The child and the bench process talk over the child's stdin and stdout,
+// one line each way:
+//
+//	child:  ready                  once svc.Ready() (polled every millisecond)
+//	stats                          -> one JSON line: orderlyStats
+//	gc                             -> runtime.GC + debug.FreeOSMemory, ok
+//	cpuprofile start FILE          -> ok | error: ...
+//	cpuprofile stop                -> ok | error: ...
+//	heap FILE                      -> runtime.GC, then the heap profile; ok | error: ...
+//	allocs FILE                    -> the allocs profile; ok | error: ...
+//	stop, or EOF on stdin          -> graceful drain, svc.Close, exit 0 (1 if the service failed)
+//
+// Every other answer is `error: ...`. The child's logs go to its stderr,
+// which is the bench process's.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/service"
+)
+
+// orderlyStats is what the Orderly process reports about itself: its Go
+// runtime's counters and the sums of two of the service's metrics.
+type orderlyStats struct {
+	Mallocs    uint64  `json:"mallocs"`
+	HeapInuse  uint64  `json:"heap_inuse"`
+	StackInuse uint64  `json:"stack_inuse"`
+	Sys        uint64  `json:"sys"`
+	Retries    float64 `json:"retries"` // orderly_http_retries_total
+	Pauses     float64 `json:"pauses"`  // orderly_partition_pauses_total
+}
+
+// orderlySide is the Orderly service of a run, wherever it runs.
+type orderlySide interface {
+	// start runs the service and returns once its partitions are
+	// assigned, or with an error when it stops first or ctx ends.
+	start(ctx context.Context) error
+	// exited is closed once the service has stopped, on its own or after
+	// shutdown; exitErr then tells why.
+	exited() <-chan struct{}
+	exitErr() error
+	// cpu, rss and peakRSS measure the process the service runs in:
+	// user+system CPU so far, the resident set now and its peak so far.
+	cpu() time.Duration
+	rss() int64
+	peakRSS() int64
+	stats() (orderlyStats, error)
+	// settle runs runtime.GC and debug.FreeOSMemory in that process.
+	settle() error
+	startCPUProfile(file string) error
+	stopCPUProfile() error
+	// profile writes the named profile ("heap" after a GC, or "allocs").
+	profile(kind, file string) error
+	// shutdown stops the service gracefully (drain and commit) and
+	// releases everything; it returns the service's error, if any, and
+	// may be called more than once.
+	shutdown() error
+}
+
+// stopTimeout bounds a graceful stop: the drain is bounded by
+// dispatch.drain_timeout (2s in the bench configuration).
+const stopTimeout = 30 * time.Second
+
+func benchLogger(verbose bool, stderr io.Writer) *slog.Logger {
+	level := slog.LevelError
+	if verbose {
+		level = slog.LevelWarn
+	}
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// --- in this process ----------------------------------------------------------
+
+// localOrderly is the service in this process: the bench process with
+// -dispatcher in-process, or the child itself with -dispatcher process.
+type localOrderly struct {
+	svc     *service.Service
+	stopRun context.CancelFunc
+	done    chan struct{} // closed when Run returned; runErr is then set
+	runErr  error
+	stopCPU func()
+	// statsMallocs counts the allocations of stats's own metrics
+	// gathers, left out of the Mallocs it reports.
+	statsMallocs uint64
+
+	once    sync.Once
+	shutErr error
+}
+
+func newLocalOrderly(cfg *config.Config, verbose bool, stderr io.Writer) (*localOrderly, error) {
+	svc, err := service.New(cfg, benchLogger(verbose, stderr), version)
+	if err != nil {
+		return nil, fmt.Errorf("starting the service: %w", err)
+	}
+	return &localOrderly{svc: svc, done: make(chan struct{})}, nil
+}
+
+func (l *localOrderly) start(ctx context.Context) error {
+	runCtx, stop := context.WithCancel(context.Background())
+	l.stopRun = stop
+	go func() {
+		defer close(l.done)
+		l.runErr = l.svc.Run(runCtx)
+	}()
+	for !l.svc.Ready() {
+		select {
+		case <-l.done:
+			return fmt.Errorf("the service stopped: %v", l.runErr)
+		case <-ctx.Done():
+			return errors.New("timed out waiting for the partition assignment")
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (l *localOrderly) exited() <-chan struct{} { return l.done }
+
+func (l *localOrderly) exitErr() error {
+	select {
+	case <-l.done:
+		return l.runErr
+	default:
+		return nil
+	}
+}
+
+func (l *localOrderly) cpu() time.Duration { return cpuTime() }
+func (l *localOrderly) rss() int64         { return currentRSS() }
+func (l *localOrderly) peakRSS() int64     { return maxRSS() }
+
+// stats reads the runtime's counters, then the metrics: gathering the
+// registry allocates thousands of times, which later calls leave out of
+// Mallocs, so that measuring does not count as Orderly's allocations.
+func (l *localOrderly) stats() (orderlyStats, error) {
+	var m, after runtime.MemStats
+	runtime.ReadMemStats(&m)
+	st := orderlyStats{Mallocs: m.Mallocs - l.statsMallocs, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys,
+		Retries: l.svc.Metrics().Sum("orderly_http_retries_total"),
+		Pauses:  l.svc.Metrics().Sum("orderly_partition_pauses_total")}
+	runtime.ReadMemStats(&after)
+	l.statsMallocs += after.Mallocs - m.Mallocs
+	return st, nil
+}
+
+func (l *localOrderly) settle() error {
+	settleMemory()
+	return nil
+}
+
+func (l *localOrderly) startCPUProfile(file string) error {
+	if l.stopCPU != nil {
+		return errors.New("a CPU profile is already being written")
+	}
+	stop, err := startCPUProfile(file)
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	l.stopCPU = stop
+	return nil
+}
+
+func (l *localOrderly) stopCPUProfile() error {
+	if l.stopCPU == nil {
+		return errors.New("no CPU profile is being written")
+	}
+	l.stopCPU()
+	l.stopCPU = nil
+	return nil
+}
+
+func (l *localOrderly) profile(kind, file string) error {
+	switch kind {
+	case "heap":
+		runtime.GC()
+	case "allocs":
+	default:
+		return fmt.Errorf("unknown profile %q", kind)
+	}
+	if err := writeProfile(kind, file); err != nil {
+		return fmt.Errorf("%s profile: %w", kind, err)
+	}
+	return nil
+}
+
+func (l *localOrderly) shutdown() error {
+	l.once.Do(func() {
+		if l.stopCPU != nil {
+			_ = l.stopCPUProfile()
+		}
+		if l.stopRun != nil {
+			l.stopRun()
+			select {
+			case <-l.done:
+				if l.runErr != nil && !errors.Is(l.runErr, context.Canceled) {
+					l.shutErr = l.runErr
+				}
+			case <-time.After(stopTimeout):
+				l.shutErr = fmt.Errorf("the service did not stop within %s", stopTimeout)
+				return // Close would pull the sender from under the running service
+			}
+		}
+		l.svc.Close()
+	})
+	return l.shutErr
+}
+
+// command executes one line of the protocol and returns the answer, and
+// whether it was stop.
+func (l *localOrderly) command(line string) (answer string, stop bool) {
+	verb, arg, _ := strings.Cut(strings.TrimSpace(line), " ")
+	var err error
+	switch verb {
+	case "stop":
+		return "", true
+	case "stats":
+		var st orderlyStats
+		if st, err = l.stats(); err == nil {
+			var b []byte
+			if b, err = json.Marshal(st); err == nil {
+				return string(b), false
+			}
+		}
+	case "gc":
+		err = l.settle()
+	case "cpuprofile":
+		switch what, file, _ := strings.Cut(arg, " "); {
+		case what == "start" && file != "":
+			err = l.startCPUProfile(file)
+		case what == "stop" && file == "":
+			err = l.stopCPUProfile()
+		default:
+			err = errors.New("want cpuprofile start FILE or cpuprofile stop")
+		}
+	case "heap", "allocs":
+		if arg == "" {
+			err = fmt.Errorf("want %s FILE", verb)
+		} else {
+			err = l.profile(verb, arg)
+		}
+	default:
+		err = fmt.Errorf("unknown command %q", verb)
+	}
+	if err != nil {
+		return "error: " + strings.ReplaceAll(err.Error(), "\n", "; "), false
+	}
+	return "ok", false
+}
+
+// serveDispatcher is `orderly bench -serve-dispatcher -config FILE`: the
+// Orderly service alone, built and run as `orderly run` and the in-process
+// bench do, answering the protocol above on stdin and stdout.
+func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr io.Writer) int {
+	fail := func(err error) int {
+		fmt.Fprintln(stderr, "orderly bench -serve-dispatcher:", err)
+		return 1
+	}
+	if path == "" {
+		return fail(errors.New("-config FILE is required"))
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		return fail(fmt.Errorf("loading the configuration: %w", err))
+	}
+	l, err := newLocalOrderly(cfg, verbose, stderr)
+	if err != nil {
+		return fail(err)
+	}
+	// The reader ends at EOF, or when this function returns after stop
+	// (the blocked read itself ends with the process). EOF before the
+	// assignment also ends the start-up.
+	startCtx, cancelStart := context.WithCancel(context.Background())
+	defer cancelStart()
+	lines := make(chan string)
+	quit := make(chan struct{})
+	defer close(quit)
+	go func() {
+		defer close(lines)
+		defer cancelStart()
+		sc := bufio.NewScanner(stdin)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			case <-quit:
+				return
+			}
+		}
+	}()
+	if err := l.start(startCtx); err != nil {
+		_ = l.shutdown()
+		return fail(err)
+	}
+	fmt.Fprintln(stdout, "ready")
+	for stop := false; !stop; {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				stop = true
+				break
+			}
+			var answer string
+			if answer, stop = l.command(line); !stop {
+				fmt.Fprintln(stdout, answer)
+			}
+		case <-l.exited():
+			err := l.exitErr()
+			_ = l.shutdown()
+			return fail(fmt.Errorf("the service stopped: %v", err))
+		}
+	}
+	if err := l.shutdown(); err != nil {
+		return fail(fmt.Errorf("the service stopped with an error: %w", err))
+	}
+	return 0
+}
+
+// --- in a child process ---------------------------------------------------------
+
+// childCallTimeout bounds the wait for one answer of the child: a heap
+// profile of a large heap takes a GC and a few seconds of writing.
+const childCallTimeout = time.Minute
+
+// childOrderly is the parent's end of `orderly bench -serve-dispatcher`.
+type childOrderly struct {
+	config  string // the configuration file, removed by shutdown
+	verbose bool
+	stderr  io.Writer
+
+	mu      sync.Mutex // one call at a time
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	lines   chan string   // the child's stdout line by line, closed at EOF
+	quit    chan struct{} // closed by shutdown: nobody reads lines any more
+	done    chan struct{} // closed once the child has exited; waitErr is then set
+	waitErr error
+	broken  error // set when an answer did not come: the protocol is out of step
+
+	once    sync.Once
+	shutErr error
+}
+
+// newChildOrderly writes the configuration to a temporary file for the
+// child; start starts it.
+func newChildOrderly(toml string, verbose bool, stderr io.Writer) (*childOrderly, error) {
+	fh, err := os.CreateTemp("", "orderly-bench-*.toml")
+	if err != nil {
+		return nil, fmt.Errorf("writing the dispatcher's configuration: %w", err)
+	}
+	_, werr := fh.WriteString(toml)
+	if err := errors.Join(werr, fh.Close()); err != nil {
+		os.Remove(fh.Name())
+		return nil, fmt.Errorf("writing the dispatcher's configuration: %w", err)
+	}
+	return &childOrderly{config: fh.Name(), verbose: verbose, stderr: stderr,
+		lines: make(chan string, 1), quit: make(chan struct{}), done: make(chan struct{})}, nil
+}
+
+func (c *childOrderly) start(ctx context.Context) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	args := []string{"bench", "-serve-dispatcher", "-config", c.config}
+	if c.verbose {
+		args = append(args, "-v")
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Stderr = c.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("unable to start the dispatcher process: %w", err)
+	}
+	c.cmd, c.stdin = cmd, stdin
+	go func() {
+		defer close(c.done)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			select {
+			case c.lines <- sc.Text():
+			case <-c.quit:
+			}
+		}
+		close(c.lines)
+		_, _ = io.Copy(io.Discard, stdout)
+		c.waitErr = cmd.Wait()
+	}()
+	select {
+	case l, ok := <-c.lines:
+		switch {
+		case !ok:
+			return fmt.Errorf("the dispatcher process exited before its partitions were assigned: %v", c.waitExit())
+		case l != "ready":
+			return fmt.Errorf("the dispatcher process said %q, want ready", l)
+		}
+		return nil
+	case <-ctx.Done():
+		return errors.New("timed out waiting for the dispatcher process's partition assignment")
+	}
+}
+
+// waitExit waits (briefly: stdout is closed) for the child's exit status.
+func (c *childOrderly) waitExit() error {
+	select {
+	case <-c.done:
+		if c.waitErr == nil {
+			return errors.New("exit status 0")
+		}
+		return c.waitErr
+	case <-time.After(5 * time.Second):
+		return errors.New("stdout closed, but the process did not exit")
+	}
+}
+
+func (c *childOrderly) exited() <-chan struct{} { return c.done }
+
+func (c *childOrderly) exitErr() error {
+	select {
+	case <-c.done:
+		return c.waitErr
+	default:
+		return nil
+	}
+}
+
+func (c *childOrderly) pid() int {
+	if c.cmd == nil {
+		return -1
+	}
+	return c.cmd.Process.Pid
+}
+
+func (c *childOrderly) cpu() time.Duration { return processCPU(c.pid()) }
+func (c *childOrderly) rss() int64         { return processRSS(c.pid()) }
+func (c *childOrderly) peakRSS() int64     { return processPeakRSS(c.pid()) }
+
+// call sends one command and returns the child's answer; `error: ...`
+// answers are returned as errors.
+func (c *childOrderly) call(command string) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	verb, _, _ := strings.Cut(command, " ")
+	if c.broken != nil {
+		return "", c.broken
+	}
+	if c.cmd == nil {
+		return "", errors.New("the dispatcher process is not running")
+	}
+	if _, err := io.WriteString(c.stdin, command+"\n"); err != nil {
+		return "", fmt.Errorf("sending %s to the dispatcher process: %w", verb, err)
+	}
+	t := time.NewTimer(childCallTimeout)
+	defer t.Stop()
+	select {
+	case l, ok := <-c.lines:
+		if !ok {
+			return "", fmt.Errorf("%s: the dispatcher process exited: %v", verb, c.waitExit())
+		}
+		if msg, failed := strings.CutPrefix(l, "error: "); failed {
+			return "", fmt.Errorf("the dispatcher process: %s: %s", verb, msg)
+		}
+		return l, nil
+	case <-t.C:
+		c.broken = fmt.Errorf("the dispatcher process did not answer %s within %s", verb, childCallTimeout)
+		return "", c.broken
+	}
+}
+
+// callOK sends a command whose answer is ok.
+func (c *childOrderly) callOK(command string) error {
+	l, err := c.call(command)
+	if err == nil && l != "ok" {
+		err = fmt.Errorf("the dispatcher process answered %q to %s, want ok", l, command)
+	}
+	return err
+}
+
+func (c *childOrderly) stats() (orderlyStats, error) {
+	var st orderlyStats
+	l, err := c.call("stats")
+	if err != nil {
+		return st, err
+	}
+	if err := json.Unmarshal([]byte(l), &st); err != nil {
+		return st, fmt.Errorf("the dispatcher process's stats %q: %w", l, err)
+	}
+	return st, nil
+}
+
+func (c *childOrderly) settle() error { return c.callOK("gc") }
+
+// fileArg makes a profile's file name absolute and refuses what the line
+// protocol cannot carry.
+func fileArg(file string) (string, error) {
+	if strings.ContainsAny(file, "\r\n") {
+		return "", fmt.Errorf("profile file name %q: no line breaks, please", file)
+	}
+	return filepath.Abs(file)
+}
+
+func (c *childOrderly) startCPUProfile(file string) error {
+	abs, err := fileArg(file)
+	if err != nil {
+		return err
+	}
+	return c.callOK("cpuprofile start " + abs)
+}
+
+func (c *childOrderly) stopCPUProfile() error { return c.callOK("cpuprofile stop") }
+
+func (c *childOrderly) profile(kind, file string) error {
+	abs, err := fileArg(file)
+	if err != nil {
+		return err
+	}
+	return c.callOK(kind + " " + abs)
+}
+
+// shutdown closes the child's stdin (a graceful drain, svc.Close, exit),
+// kills it if it has not exited within stopTimeout, and removes the
+// configuration file.
+func (c *childOrderly) shutdown() error {
+	c.once.Do(func() {
+		defer os.Remove(c.config)
+		if c.cmd == nil {
+			return
+		}
+		close(c.quit)
+		_ = c.stdin.Close()
+		select {
+		case <-c.done:
+			if c.waitErr != nil {
+				c.shutErr = fmt.Errorf("the dispatcher process: %w", c.waitErr)
+			}
+		case <-time.After(stopTimeout):
+			_ = c.cmd.Process.Kill()
+			<-c.done // killed: stdout closes, Wait returns
+			c.shutErr = fmt.Errorf("the dispatcher process did not stop within %s: killed", stopTimeout)
+		}
+	})
+	return c.shutErr
+}
+
+// startProfiles starts what -cpuprofile and -memprofile ask for at the
+// start of Orderly's backlog phase.
+func startProfiles(side orderlySide, f benchFlags, name func(string) string) error {
+	if f.cpuProfile != "" {
+		if err := side.startCPUProfile(name(f.cpuProfile)); err != nil {
+			return err
+		}
+	}
+	if f.memProfile != "" {
+		if err := side.profile("allocs", name(f.memProfile)+".base"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// stopProfiles ends them at the end of the backlog phase.
+func stopProfiles(side orderlySide, f benchFlags, name func(string) string) error {
+	if f.cpuProfile != "" {
+		if err := side.stopCPUProfile(); err != nil {
+			return err
+		}
+	}
+	if f.memProfile != "" {
+		if err := side.profile("allocs", name(f.memProfile)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -871,6 +871,43 @@ func TestConnAgeUnderConcurrency(t *testing.T) {
 	}
 }
 
+// countingConn counts the Write calls on a connection.
+type countingConn struct {
+	net.Conn
+	writes *atomic.Int64
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
+// TestOneWritePerRequest: a request with a small body leaves in one write
+// (one syscall): net/http flushes the headers on their own unless it knows
+// the body is in memory.
+func TestOneWritePerRequest(t *testing.T) {
+	rec := newRecorder(t, nil)
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	var writes atomic.Int64
+	dial := s.transport.DialContext
+	s.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return countingConn{Conn: c, writes: &writes}, nil
+	}
+	const n = 20
+	for i := range n {
+		if _, err := s.Send(context.Background(), post(rec.URL+"/orders", []byte(`{"id":42}`)), fmt.Sprintf("orders-0-%d-0", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := writes.Load(); got != n {
+		t.Fatalf("%d writes for %d requests, want one each", got, n)
+	}
+}
+
 // --- benchmark -------------------------------------------------------------
 
 func BenchmarkSend(b *testing.B) {

@@ -483,16 +483,16 @@ func (d *Dispatcher) shutdown() {
 	d.release(ps, true)
 }
 
-// failed turns the permanent error of request it.next into the message's
-// failure.
-func (d *Dispatcher) failed(p *partition, it *item, err error) *failure {
-	f := &failure{reason: err.Error(), route: it.plan.Route, requestIndex: it.next}
+// failed turns the permanent error of request index of it into the
+// message's failure.
+func (d *Dispatcher) failed(p *partition, it *item, index int, err error) *failure {
+	f := &failure{reason: err.Error(), route: it.plan.Route, requestIndex: index}
 	var he *httpclient.Error
 	if errors.As(err, &he) {
 		f.status, f.attempts = he.Status, he.Attempts
 	}
 	d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-		"route", it.plan.Route, "request", it.next, "error", err)
+		"route", it.plan.Route, "request", index, "error", err)
 	return f
 }
 

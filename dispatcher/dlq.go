@@ -51,7 +51,7 @@ func (d *Dispatcher) stall(p *partition, it *item) {
 // until the DLQ acknowledges it. Then the message is done and l moves on; a
 // failed write is retried after a backoff, the key waiting meanwhile.
 func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
-	if it.dlqBackoff == 0 {
+	if l.dlqBackoff == 0 {
 		telemetry.MessageDeadLettered(it.span, it.fail.reason)
 	}
 	d.dlq.produce(dlqRecord(d.dlq.topic, it, it.fail, time.Now()), func(err error) { d.dlqAcked(p, l, it, err) })
@@ -65,26 +65,28 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 		return
 	}
 	if err != nil {
-		it.dlqBackoff = min(max(2*it.dlqBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
+		// Only the goroutine holding l touches dlqBackoff: here, the
+		// acknowledgement of the write it started.
+		l.dlqBackoff = min(max(2*l.dlqBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
+		wait := l.dlqBackoff
 		p.mu.Unlock()
 		d.metrics.DLQErrors.Inc()
 		d.log.Error("dlq write failed, retrying: the key waits", "topic", p.topic, "partition", p.id,
-			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", it.dlqBackoff.String())
+			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", wait.String())
 		p.mu.Lock()
 		if !l.abandoned && l.parked == parkDLQ {
 			l.parked = parkBackoff
 			if l.retry == nil {
-				l.retry = time.AfterFunc(it.dlqBackoff, func() { p.unpark(l, parkBackoff) })
+				l.retry = time.AfterFunc(wait, func() { p.unpark(l, parkBackoff) })
 			} else {
-				l.retry.Reset(it.dlqBackoff)
+				l.retry.Reset(wait)
 			}
 		}
 		p.mu.Unlock()
 		return
 	}
 	l.parked, l.running = parkNone, true
-	l.q[0] = nil
-	l.q = l.q[1:]
+	l.popLocked()
 	p.mu.Unlock()
 	d.metrics.DLQProduced.Inc()
 	it.span.End()

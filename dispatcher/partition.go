@@ -18,21 +18,20 @@ import (
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// item is one message on its way through a key lane.
+// item is one message on its way through a key lane. Up to max_in_flight
+// of them are held per partition, so it stays small: what only the message
+// being delivered needs lives in its lane.
 type item struct {
 	msg  filters.Message
 	plan filters.Plan
-	// next is the index of the request being delivered; call its delivery.
-	next int
-	call httpclient.Call
 	// fail, if set, is why the message cannot be sent: it goes to the DLQ
 	// (or stalls its key) when its turn in the lane comes.
 	fail *failure
-	// dlqBackoff is the wait before the next DLQ write after a failed one.
-	dlqBackoff time.Duration
 	// ctx carries the message's span (span) and ends with the partition.
 	ctx  context.Context
 	span trace.Span
+	// reqs stores the plan's request when the route has one.
+	reqs [1]filters.Request
 }
 
 // laneKey names a lane. Keyed messages share the lane of their key; unkeyed
@@ -68,6 +67,13 @@ const (
 type lane struct {
 	p   *partition
 	key laneKey
+	// The delivery of the head message, used by the goroutine holding the
+	// lane: next is the index of its request being sent and call that
+	// request's attempts (zero when not started); dlqBackoff is the wait
+	// before its next DLQ write after a failed one.
+	next       int
+	call       httpclient.Call
+	dlqBackoff time.Duration
 	// Protected by p.mu.
 	q         []*item // in order; q[0] is being delivered
 	busy      bool    // has work (q non-empty)
@@ -173,7 +179,7 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 	it := &item{}
 	toMessage(km, &it.msg)
 	it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
-	plan, err := p.d.router.Plan(&it.msg)
+	plan, err := p.d.router.PlanInto(&it.msg, it.reqs[:0])
 	switch {
 	case err == nil:
 		it.plan = plan
@@ -297,15 +303,15 @@ func (p *partition) attempt(l *lane) *pool {
 	it := l.q[0]
 	p.mu.Unlock()
 
-	st := p.d.sender.Attempt(it.ctx, &it.call)
+	st := p.d.sender.Attempt(it.ctx, &l.call)
 	switch st.Outcome {
 	case httpclient.Delivered:
-		it.next++
+		l.next++
 	case httpclient.Retry:
 		p.park(l, st.After)
 		return nil
 	case httpclient.Failed:
-		it.fail = p.d.failed(p, it, st.Err)
+		it.fail = p.d.failed(p, it, l.next, st.Err)
 	case httpclient.Canceled:
 		// The partition's context ended: abandon this message and the rest
 		// of the lane; they are not committed, so whoever owns the
@@ -350,24 +356,30 @@ func (p *partition) advance(l *lane) *pool {
 			p.mu.Unlock()
 			p.d.deadLetter(p, l, it)
 			return nil
-		case it.next < len(it.plan.Requests):
-			rq := &it.plan.Requests[it.next]
-			if it.call.Request() != rq {
-				it.call.Reset(rq, idempotencyKey(&it.msg, it.next))
+		case l.next < len(it.plan.Requests):
+			rq := &it.plan.Requests[l.next]
+			if l.call.Request() != rq {
+				l.call.Reset(rq, idempotencyKey(&it.msg, l.next))
 			}
 			l.running = false
 			p.mu.Unlock()
 			return p.d.senders.pool(rq.Target)
 		}
 		// Every request succeeded.
-		l.q[0] = nil
-		l.q = l.q[1:]
+		l.popLocked()
 		p.mu.Unlock()
 		telemetry.MessageOutcome(it.span, telemetry.OutcomeDelivered)
 		it.span.End()
 		p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
 		p.mu.Lock()
 	}
+}
+
+// popLocked removes the finished head message and forgets its delivery.
+func (l *lane) popLocked() {
+	l.q[0] = nil
+	l.q = l.q[1:]
+	l.next, l.call, l.dlqBackoff = 0, httpclient.Call{}, 0
 }
 
 // park puts l (held by the caller) on its retry timer for d; when it fires,

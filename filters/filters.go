@@ -421,7 +421,13 @@ func (r *Router) NeedsJSON() bool {
 // whose topics match cannot judge or render m (see the package doc); it never
 // tries further routes after such an error. Plan does not modify m; the
 // returned Plan may alias m.Value in Request.Body.
-func (r *Router) Plan(m *Message) (Plan, error) {
+func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
+
+// PlanInto is Plan rendering the requests into buf when it has room for them
+// (cap(buf) >= the route's request count): a caller that keeps one or two
+// Requests of storage beside the message saves the allocation of the slice.
+// Plan.Requests then aliases buf.
+func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 	st := getState(m)
 	defer putState(st)
 	for i := range r.routes {
@@ -442,7 +448,7 @@ func (r *Router) Plan(m *Message) (Plan, error) {
 				continue
 			}
 		}
-		return rt.render(st)
+		return rt.render(st, buf)
 	}
 	return Plan{}, ErrNoRoute
 }
@@ -458,7 +464,7 @@ func (r *Router) PlanRoute(name string, m *Message) (Plan, error) {
 	}
 	st := getState(m)
 	defer putState(st)
-	return rt.render(st)
+	return rt.render(st, nil)
 }
 
 // reasonOf formats a BadMessageError reason: where, then what.
@@ -466,8 +472,9 @@ func reasonOf(where string, err error) string {
 	return where + ": " + err.Error()
 }
 
-// render renders every request of rt for the message in st.
-func (rt *route) render(st *state) (Plan, error) {
+// render renders every request of rt for the message in st, into buf when
+// it has room.
+func (rt *route) render(st *state, buf []Request) (Plan, error) {
 	bad := func(i int, where string, err error) (Plan, error) {
 		return Plan{}, &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf(where, err), Err: err}
 	}
@@ -475,7 +482,13 @@ func (rt *route) render(st *state) (Plan, error) {
 		return bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
 	}
 	m := st.m
-	reqs := make([]Request, len(rt.reqs))
+	var reqs []Request
+	if cap(buf) >= len(rt.reqs) {
+		reqs = buf[:len(rt.reqs)]
+		clear(reqs)
+	} else {
+		reqs = make([]Request, len(rt.reqs))
+	}
 	for i := range rt.reqs {
 		rq, out := &rt.reqs[i], &reqs[i]
 		at := func(field string) string { return "requests[" + strconv.Itoa(i) + "]." + field }

@@ -184,11 +184,12 @@ func (e *CompileError) Unwrap() error { return e.Err }
 // Router holds the compiled routes. It is immutable and safe for concurrent
 // use.
 type Router struct {
-	routes []route
-	byName map[string]*route
+	routes []Route
+	byName map[string]*Route
 }
 
-type route struct {
+// Route is one compiled route. It is immutable and safe for concurrent use.
+type Route struct {
 	name      string
 	topics    []string // empty: every topic
 	when      *whenExpr
@@ -233,8 +234,8 @@ type header struct {
 // the Router is nil then.
 func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 	r := &Router{
-		routes: make([]route, len(routes)),
-		byName: make(map[string]*route, len(routes)),
+		routes: make([]Route, len(routes)),
+		byName: make(map[string]*Route, len(routes)),
 	}
 	var errs []error
 	seen := make(map[string]int, len(routes))
@@ -296,7 +297,7 @@ func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 	return r, nil
 }
 
-func (rt *route) compileRequest(j int, cr *config.Request, fail func(string, error)) {
+func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, error)) {
 	rq := &rt.reqs[j]
 	at := func(field string) string { return "requests[" + strconv.Itoa(j) + "]." + field }
 	use := func(field string, tx *text) {
@@ -430,6 +431,27 @@ func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
 func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 	st := getState(m)
 	defer putState(st)
+	rt, err := r.match(st)
+	if err != nil {
+		return Plan{}, err
+	}
+	return rt.render(st, buf)
+}
+
+// Match returns the route Plan would render m with, without rendering: the
+// first whose topics and `when` take m. Its errors are Plan's, but for those
+// of rendering, which Render reports later. A caller that holds many
+// messages before sending them (the dispatcher) matches on arrival and
+// renders when a message's turn comes, so that rendered requests are never
+// held; a value both `when` and the templates read is then decoded twice.
+func (r *Router) Match(m *Message) (*Route, error) {
+	st := getState(m)
+	defer putState(st)
+	return r.match(st)
+}
+
+func (r *Router) match(st *state) (*Route, error) {
+	m := st.m
 	for i := range r.routes {
 		rt := &r.routes[i]
 		if len(rt.topics) > 0 && !slices.Contains(rt.topics, m.Topic) {
@@ -442,15 +464,27 @@ func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 				if errors.Is(err, ErrNotJSON) {
 					where = "when needs the value as JSON"
 				}
-				return Plan{}, &BadMessageError{Route: rt.name, Index: -1, Reason: reasonOf(where, err), Err: err}
+				return nil, &BadMessageError{Route: rt.name, Index: -1, Reason: reasonOf(where, err), Err: err}
 			}
 			if !ok {
 				continue
 			}
 		}
-		return rt.render(st, buf)
+		return rt, nil
 	}
-	return Plan{}, ErrNoRoute
+	return nil, ErrNoRoute
+}
+
+// Name returns the route's name.
+func (rt *Route) Name() string { return rt.name }
+
+// Render renders the requests of rt for m, whatever its topics and `when`
+// say, into buf when it has room (see PlanInto). It fails with a
+// *BadMessageError as Plan does.
+func (rt *Route) Render(m *Message, buf []Request) (Plan, error) {
+	st := getState(m)
+	defer putState(st)
+	return rt.render(st, buf)
 }
 
 // PlanRoute renders the requests of the route called name for m, whatever
@@ -462,9 +496,7 @@ func (r *Router) PlanRoute(name string, m *Message) (Plan, error) {
 	if rt == nil {
 		return Plan{}, fmt.Errorf("%w %q", ErrUnknownRoute, name)
 	}
-	st := getState(m)
-	defer putState(st)
-	return rt.render(st, nil)
+	return rt.Render(m, nil)
 }
 
 // reasonOf formats a BadMessageError reason: where, then what.
@@ -474,7 +506,7 @@ func reasonOf(where string, err error) string {
 
 // render renders every request of rt for the message in st, into buf when
 // it has room.
-func (rt *route) render(st *state, buf []Request) (Plan, error) {
+func (rt *Route) render(st *state, buf []Request) (Plan, error) {
 	bad := func(i int, where string, err error) (Plan, error) {
 		return Plan{}, &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf(where, err), Err: err}
 	}

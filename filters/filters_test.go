@@ -304,6 +304,43 @@ func TestHeaderMapsAreFreshPerPlan(t *testing.T) {
 	}
 }
 
+func TestMatchThenRender(t *testing.T) {
+	r := mustCompile(t,
+		config.Route{Name: "bad-when", Topics: []string{"users"}, When: `value.n > 1`, Requests: []config.Request{{URL: "http://sink/a"}}},
+		config.Route{Name: "tpl", Requests: []config.Request{{URL: "http://sink/{{ .Value.id }}"}, {URL: "http://sink/b"}}},
+	)
+	// A `when` that fails is Match's error; a template that fails is Render's.
+	if _, err := r.Match(msg("users", `{"n":"x"}`)); badIndex(t, err) != -1 {
+		t.Fatalf("Match of a failing when: %v", err)
+	}
+	rt, err := r.Match(msg("orders", `{"id":7}`))
+	if err != nil || rt.Name() != "tpl" {
+		t.Fatalf("Match = %v, %v; want route tpl", rt, err)
+	}
+	buf := make([]Request, 0, 2)
+	p, err := rt.Render(msg("orders", `{"id":7}`), buf)
+	if err != nil || len(p.Requests) != 2 || p.Requests[0].URL != "http://sink/7" || &p.Requests[0] != &buf[:1][0] {
+		t.Fatalf("Render = %+v, %v; want two requests rendered into buf", p, err)
+	}
+	if _, err := rt.Render(msg("orders", `{"other":1}`), nil); badIndex(t, err) != 0 {
+		t.Fatalf("Render with a missing key: %v", err)
+	}
+	if _, err := r.Match(&Message{Topic: "users"}); badIndex(t, err) != -1 {
+		t.Fatalf("Match of an empty value on a JSON when: %v", err)
+	}
+}
+
+// badIndex returns the request index of a *BadMessageError (failing the test
+// for any other error).
+func badIndex(t *testing.T, err error) int {
+	t.Helper()
+	var bad *BadMessageError
+	if !errors.As(err, &bad) {
+		t.Fatalf("error %v (%T), want a *BadMessageError", err, err)
+	}
+	return bad.Index
+}
+
 func TestStaticHeadersAreSharedReadOnly(t *testing.T) {
 	r := mustCompile(t, config.Route{Name: "r", Requests: []config.Request{
 		{URL: "http://sink/a", Headers: map[string]string{"content-type": "application/json", "X-Static": "1"}},
@@ -783,6 +820,16 @@ func FuzzPlan(f *testing.F) {
 			fp, ferr := full.Plan(m)
 			if fmt.Sprint(err) != fmt.Sprint(ferr) || !reflect.DeepEqual(p, fp) {
 				t.Fatalf("partial decoding: %+v, %v\nfull decoding:    %+v, %v", p, err, fp, ferr)
+			}
+			// Match then Render is Plan in two steps.
+			lp, lerr := Plan{}, error(nil)
+			if rt, merr := r.Match(m); merr != nil {
+				lerr = merr
+			} else {
+				lp, lerr = rt.Render(m, make([]Request, 0, 1))
+			}
+			if fmt.Sprint(err) != fmt.Sprint(lerr) || !reflect.DeepEqual(p, lp) {
+				t.Fatalf("Plan: %+v, %v\nMatch+Render: %+v, %v", p, err, lp, lerr)
 			}
 			var bad *BadMessageError
 			switch {

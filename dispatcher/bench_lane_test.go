@@ -101,8 +101,9 @@ func waitBelow(p *partition, window int) {
 // BenchmarkLaneHandoff measures one message from partition.enqueue through
 // its key lane and the target's sender pool to finish (an attempt with a
 // no-op sender, offset done, outcome counted): the lane lookup or creation,
-// the hand-off to a sender (a wake-up when one is idle), the idempotency key
-// and the tracker. Messages are planned once, outside the loop. window
+// the hand-off to a sender (a wake-up when one is idle), rendering the
+// request, the idempotency key and the tracker. Messages are matched to
+// their route once, outside the loop. window
 // bounds the messages in flight; window=1 is a ping-pong that measures the
 // wake-up latency of a sender.
 func BenchmarkLaneHandoff(b *testing.B) {
@@ -111,7 +112,7 @@ func BenchmarkLaneHandoff(b *testing.B) {
 			p := benchPartition(b, 10000)
 			keys := benchKeys(bc.keys)
 			tmpl := filters.Message{Topic: "orders", Partition: 0, Key: keys[0], Value: []byte(benchValue)}
-			plan, err := p.d.router.Plan(&tmpl)
+			rt, err := p.d.router.Match(&tmpl)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -122,10 +123,9 @@ func BenchmarkLaneHandoff(b *testing.B) {
 				if err := p.tracker.Begin(off); err != nil {
 					b.Fatal(err)
 				}
-				it := &item{msg: tmpl, plan: plan}
+				it := &item{msg: tmpl, route: rt}
 				it.msg.Offset = off
 				it.msg.Key = keys[off%int64(len(keys))]
-				it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, 0, off, it.msg.Key, nil)
 				if !p.enqueue(p.laneKeyOf(&it.msg), it) {
 					b.Fatal("the partition is stopping")
 				}

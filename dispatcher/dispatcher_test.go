@@ -149,10 +149,16 @@ func TestBackPressure(t *testing.T) {
 	}
 	cfg := h.config("backpressure", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["max.poll.interval.ms"] = "1000"
-	var peak atomic.Int64
+	var peak, peakHeld atomic.Int64
 	start := time.Now()
-	_, m, stop := h.run(cfg, func(d *Dispatcher) {
+	d, m, stop := h.run(cfg, func(d *Dispatcher) {
 		d.onBegin = func(_ string, _ int32, inFlight int) {
+			for held := d.HeldBytes(); ; {
+				p := peakHeld.Load()
+				if held <= p || peakHeld.CompareAndSwap(p, held) {
+					break
+				}
+			}
 			for {
 				p := peak.Load()
 				if int64(inFlight) <= p || peak.CompareAndSwap(p, int64(inFlight)) {
@@ -177,6 +183,16 @@ func TestBackPressure(t *testing.T) {
 	}
 	if got := m.Sum("orderly_partition_pauses_total"); got < 2 {
 		t.Fatalf("partitions paused %v times, want at least once each", got)
+	}
+	// Held memory follows the messages in flight: at least one full
+	// partition's worth at the peak, at most both partitions', none after.
+	// (The generator's values here are 80 to 200 bytes.)
+	lo, hi := 100*heldSize(5, 80, 0), 2*101*heldSize(6, 200, 0)
+	if p := peakHeld.Load(); p < lo || p > hi {
+		t.Fatalf("peak HeldBytes = %d, want between %d and %d (100 messages per partition)", p, lo, hi)
+	}
+	if got := d.HeldBytes(); got != 0 {
+		t.Fatalf("HeldBytes = %d after the stop, want 0", got)
 	}
 	if elapsed < 3*time.Second {
 		t.Fatalf("processing took %s: the test no longer spans several max.poll.interval.ms", elapsed)

@@ -41,7 +41,7 @@ type failure struct {
 // its lane stays parked (parkStalled) until the partition stops, and the
 // message is redelivered to the partition's next owner.
 func (d *Dispatcher) stall(p *partition, it *item) {
-	telemetry.MessageDeadLettered(it.span, it.fail.reason)
+	telemetry.MessageDeadLettered(it.span(), it.fail.reason)
 	d.outcome(telemetry.OutcomeStalled).Inc()
 	d.log.Error("message cannot be delivered and dlq.topic is empty: its key stalls until restart",
 		"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "key", string(it.msg.Key), "reason", it.fail.reason)
@@ -52,7 +52,7 @@ func (d *Dispatcher) stall(p *partition, it *item) {
 // failed write is retried after a backoff, the key waiting meanwhile.
 func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
 	if l.dlqBackoff == 0 {
-		telemetry.MessageDeadLettered(it.span, it.fail.reason)
+		telemetry.MessageDeadLettered(it.span(), it.fail.reason)
 	}
 	d.dlq.produce(dlqRecord(d.dlq.topic, it, it.fail, time.Now()), func(err error) { d.dlqAcked(p, l, it, err) })
 }
@@ -89,8 +89,8 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	l.popLocked()
 	p.mu.Unlock()
 	d.metrics.DLQProduced.Inc()
-	it.span.End()
-	p.finish(it.msg.Offset, telemetry.OutcomeDeadLettered)
+	it.span().End()
+	p.finish(&it.msg, telemetry.OutcomeDeadLettered)
 	d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 		"dlq", d.dlq.topic, "reason", it.fail.reason)
 	if pl := p.advance(l); pl != nil {

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
@@ -19,19 +21,41 @@ import (
 )
 
 // item is one message on its way through a key lane. Up to max_in_flight
-// of them are held per partition, so it stays small: what only the message
-// being delivered needs lives in its lane.
+// of them are held per partition, so it stays small: its route is chosen on
+// arrival, but its requests are rendered only when its turn in the lane
+// comes, into the lane, with the rest of what only the message being
+// delivered needs.
 type item struct {
-	msg  filters.Message
-	plan filters.Plan
+	msg   filters.Message
+	route *filters.Route // the route that took it; nil when fail is set on arrival
 	// fail, if set, is why the message cannot be sent: it goes to the DLQ
 	// (or stalls its key) when its turn in the lane comes.
 	fail *failure
-	// ctx carries the message's span (span) and ends with the partition.
+	// trace is the message's span and the context carrying it; nil (no
+	// span, the partition's context) when tracing is off and the message
+	// brought no trace context.
+	trace *msgTrace
+}
+
+type msgTrace struct {
 	ctx  context.Context
 	span trace.Span
-	// reqs stores the plan's request when the route has one.
-	reqs [1]filters.Request
+}
+
+// context returns the context the message's requests are sent with.
+func (it *item) context(p *partition) context.Context {
+	if it.trace != nil {
+		return it.trace.ctx
+	}
+	return p.ctx
+}
+
+// span returns the message's span (a no-op one without tracing).
+func (it *item) span() trace.Span {
+	if it.trace != nil {
+		return it.trace.span
+	}
+	return noop.Span{}
 }
 
 // laneKey names a lane. Keyed messages share the lane of their key; unkeyed
@@ -68,9 +92,13 @@ type lane struct {
 	p   *partition
 	key laneKey
 	// The delivery of the head message, used by the goroutine holding the
-	// lane: next is the index of its request being sent and call that
-	// request's attempts (zero when not started); dlqBackoff is the wait
-	// before its next DLQ write after a failed one.
+	// lane: its plan (rendered into reqs when rendered is set), next the
+	// index of its request being sent and call that request's attempts
+	// (zero when not started); dlqBackoff is the wait before its next DLQ
+	// write after a failed one.
+	plan       filters.Plan
+	rendered   bool
+	reqs       [2]filters.Request
 	next       int
 	call       httpclient.Call
 	dlqBackoff time.Duration
@@ -96,6 +124,7 @@ type partition struct {
 
 	tracker *offsets.Tracker
 	in      chan *kafka.Message // poll loop -> worker; never holds more than max_in_flight
+	held    atomic.Int64        // this partition's share of Dispatcher.held
 
 	// ctx ends the partition's work: cancelled after the drain on revoke
 	// or shutdown, so in-flight attempts and breaker waits give up.
@@ -154,10 +183,10 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 
 // work is the partition's worker goroutine: it plans each message and hands
 // it to the lane of its key, in arrival order, and retires lanes idle for
-// dispatch.lane_idle.
+// dispatch.lane_idle (looking every second, or every lane_idle if shorter).
 func (p *partition) work() {
 	defer close(p.workerDone)
-	sweep := time.NewTicker(p.d.cfg.Dispatch.LaneIdle.D())
+	sweep := time.NewTicker(min(p.d.cfg.Dispatch.LaneIdle.D(), time.Second))
 	defer sweep.Stop()
 	for {
 		select {
@@ -178,17 +207,20 @@ func (p *partition) work() {
 func (p *partition) dispatch(km *kafka.Message) bool {
 	it := &item{}
 	toMessage(km, &it.msg)
-	it.ctx, it.span = p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
-	plan, err := p.d.router.PlanInto(&it.msg, it.reqs[:0])
+	ctx, span := p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
+	if ctx != p.ctx || span.SpanContext().IsValid() {
+		it.trace = &msgTrace{ctx: ctx, span: span}
+	}
+	rt, err := p.d.router.Match(&it.msg)
 	switch {
 	case err == nil:
-		it.plan = plan
-		telemetry.MessageRouted(it.span, plan.Route)
+		it.route = rt
+		telemetry.MessageRouted(span, rt.Name())
 	case errors.Is(err, filters.ErrNoRoute):
 		if p.d.cfg.Dispatch.Unmatched == config.UnmatchedSkip {
-			telemetry.MessageOutcome(it.span, telemetry.OutcomeSkipped)
-			it.span.End()
-			p.finish(it.msg.Offset, telemetry.OutcomeSkipped)
+			telemetry.MessageOutcome(span, telemetry.OutcomeSkipped)
+			span.End()
+			p.finish(&it.msg, telemetry.OutcomeSkipped)
 			return true
 		}
 		it.fail = &failure{reason: "no route matched the message", requestIndex: -1}
@@ -201,7 +233,7 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 			"route", it.fail.route, "error", err)
 	}
 	if !p.enqueue(p.laneKeyOf(&it.msg), it) {
-		it.span.End() // the partition stops: abandoned, redelivered later
+		span.End() // the partition stops: abandoned, redelivered later
 		return false
 	}
 	return true
@@ -303,7 +335,7 @@ func (p *partition) attempt(l *lane) *pool {
 	it := l.q[0]
 	p.mu.Unlock()
 
-	st := p.d.sender.Attempt(it.ctx, &l.call)
+	st := p.d.sender.Attempt(it.context(p), &l.call)
 	switch st.Outcome {
 	case httpclient.Delivered:
 		l.next++
@@ -343,6 +375,12 @@ func (p *partition) advance(l *lane) *pool {
 			return nil
 		}
 		it := l.q[0]
+		if it.fail == nil && !l.rendered {
+			p.mu.Unlock()
+			p.render(l, it)
+			p.mu.Lock()
+			continue
+		}
 		switch {
 		case it.fail != nil:
 			l.running = false
@@ -356,8 +394,8 @@ func (p *partition) advance(l *lane) *pool {
 			p.mu.Unlock()
 			p.d.deadLetter(p, l, it)
 			return nil
-		case l.next < len(it.plan.Requests):
-			rq := &it.plan.Requests[l.next]
+		case l.next < len(l.plan.Requests):
+			rq := &l.plan.Requests[l.next]
 			if l.call.Request() != rq {
 				l.call.Reset(rq, idempotencyKey(&it.msg, l.next))
 			}
@@ -368,18 +406,36 @@ func (p *partition) advance(l *lane) *pool {
 		// Every request succeeded.
 		l.popLocked()
 		p.mu.Unlock()
-		telemetry.MessageOutcome(it.span, telemetry.OutcomeDelivered)
-		it.span.End()
-		p.finish(it.msg.Offset, telemetry.OutcomeDelivered)
+		telemetry.MessageOutcome(it.span(), telemetry.OutcomeDelivered)
+		it.span().End()
+		p.finish(&it.msg, telemetry.OutcomeDelivered)
 		p.mu.Lock()
 	}
 }
 
-// popLocked removes the finished head message and forgets its delivery.
+// render renders the requests of l's head message it (the caller holds l)
+// into l; a message that cannot be rendered is a bad message (DLQ).
+func (p *partition) render(l *lane, it *item) {
+	plan, err := it.route.Render(&it.msg, l.reqs[:0])
+	if err != nil {
+		it.fail = &failure{reason: err.Error(), route: it.route.Name(), requestIndex: -1}
+		if bad := badMessage(err); bad != nil {
+			it.fail.requestIndex = bad.Index
+		}
+		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
+			"route", it.fail.route, "error", err)
+		return
+	}
+	l.plan, l.rendered = plan, true
+}
+
+// popLocked removes the finished head message and forgets its delivery
+// (and, clearing the rendered requests, the value they alias).
 func (l *lane) popLocked() {
 	l.q[0] = nil
 	l.q = l.q[1:]
-	l.next, l.call, l.dlqBackoff = 0, httpclient.Call{}, 0
+	l.plan, l.rendered, l.next, l.call, l.dlqBackoff = filters.Plan{}, false, 0, httpclient.Call{}, 0
+	clear(l.reqs[:])
 }
 
 // park puts l (held by the caller) on its retry timer for d; when it fires,
@@ -441,7 +497,7 @@ func (p *partition) abandonLocked(l *lane) {
 		l.retry.Stop()
 	}
 	for _, it := range l.q {
-		it.span.End()
+		it.span().End()
 	}
 	l.q = nil
 	if l.busy {
@@ -460,11 +516,14 @@ func (p *partition) busyDoneLocked() {
 	}
 }
 
-// finish marks offset done with the given outcome.
-func (p *partition) finish(offset int64, outcome string) {
-	if err := p.tracker.Done(offset); err != nil {
+// finish marks m done with the given outcome.
+func (p *partition) finish(m *filters.Message, outcome string) {
+	if err := p.tracker.Done(m.Offset); err != nil {
 		p.d.log.Error("offset tracking", "topic", p.topic, "partition", p.id, "error", err)
 	}
+	n := heldSize(len(m.Key), len(m.Value), len(m.Headers))
+	p.held.Add(-n)
+	p.d.held.Add(-n)
 	p.d.outcome(outcome).Inc()
 }
 
@@ -496,6 +555,11 @@ func (p *partition) stop(timeout time.Duration) (drained bool) {
 		p.removeLocked(k, l)
 	}
 	p.mu.Unlock()
+	// What was abandoned (and what never left the channel) is let go.
+	for len(p.in) > 0 {
+		<-p.in
+	}
+	p.d.held.Add(-p.held.Swap(0))
 	p.inFlightGauge.Set(0)
 	return drained
 }

@@ -113,6 +113,9 @@ func TestBackoffHoldsNoSender(t *testing.T) {
 	if got := m.Sum("orderly_messages_total"); got != 50 {
 		t.Fatalf("orderly_messages_total = %v, want 50 (slow unfinished)", got)
 	}
+	if got := d.HeldBytes(); got != 0 {
+		t.Fatalf("HeldBytes = %d after the stop abandoned key slow, want 0", got)
+	}
 	if committed, _ := h.committed("backoff"); committed[0] > 0 {
 		t.Fatalf("committed offset %d past the unfinished message at offset 0", committed[0])
 	}

@@ -225,8 +225,10 @@ func TestBenchDispatcherProcess(t *testing.T) {
 	if c := num("ceiling_concurrency"); c != 100 {
 		t.Errorf("ceiling concurrency %v, want min(keys 100, 8 x 50, 256) = 100", c)
 	}
-	if num("maxrss_mb") < num("rss_peak_mb") {
-		t.Errorf("maxrss %v below the sampled peak %v", num("maxrss_mb"), num("rss_peak_mb"))
+	// The kernel's RSS counters are approximate (per-CPU batches of pages),
+	// so a sample may exceed VmHWM read later by a little.
+	if num("maxrss_mb") < num("rss_peak_mb")-2 {
+		t.Errorf("maxrss %v well below the sampled peak %v", num("maxrss_mb"), num("rss_peak_mb"))
 	}
 	client := num("ceiling_allocs_per_request") - num("sink_allocs_per_request")
 	if math.Abs(num("client_allocs_per_request")-client) > 1e-6 {

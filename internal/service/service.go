@@ -18,6 +18,7 @@ import (
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/gcpolicy"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -136,6 +137,9 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	dispErr := make(chan error, 1)
 	wg.Go(func() { dispErr <- s.disp.Run(dctx) })
+	// The collector's headroom follows what is held in flight (see
+	// gcpolicy); it stops with the admin context, after the dispatcher.
+	wg.Go(func() { gcpolicy.Run(actx, gcpolicy.Options{Held: s.disp.HeldBytes, Logger: s.log}) })
 
 	var err error
 	select {

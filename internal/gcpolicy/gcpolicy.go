@@ -1,0 +1,161 @@
+// Package gcpolicy sizes the Go garbage collector's headroom for a process
+// that holds a bounded, long-lived working set: Orderly's messages in
+// flight (up to dispatch.max_in_flight per partition, 80 MB with 8
+// partitions of 10,000 1 KB messages).
+//
+// Go's collector lets the heap grow by GOGC percent (100 by default) of the
+// live heap before it collects again. For messages held until they are
+// delivered that headroom buys nothing: they are not garbage, and they are
+// mostly pointer-free bytes that a collection marks cheaply. So while it
+// runs, Run sets GOGC such that the headroom is what GOGC=100 would give the
+// rest of the live heap, as if the held messages were not there, and never
+// less than MinHeadroom:
+//
+//	headroom = max(MinHeadroom, live - held)
+//	GOGC     = 100 * headroom / live   (at most 100)
+//
+// where live is the heap the last collection found live and held is what
+// the caller reports. With nothing held this is plain GOGC=100.
+//
+// After a burst, Run returns the freed memory to the operating system at
+// once (debug.FreeOSMemory) rather than leaving it to the background
+// scavenger, which, without allocations to start another collection, keeps
+// the memory of the burst for minutes: once held has fallen below an eighth
+// of a peak above 32 MiB (at most every 10 s), then each time the tail of
+// the burst drains held below an eighth of what it was at the last release
+// (at most every second), until nothing is held.
+//
+// An operator's own settings win: with GOGC or GOMEMLIMIT in the
+// environment, Run leaves the collector alone. Only one Run per process
+// adjusts the collector; a second one returns at once.
+package gcpolicy
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"runtime/metrics"
+	"sync/atomic"
+	"time"
+)
+
+// Options configures Run.
+type Options struct {
+	// Held returns the bytes the process holds on purpose (required).
+	Held func() int64
+	// MinHeadroom is the least headroom; 0 means 16 MiB.
+	MinHeadroom int64
+	// Interval is how often Run looks at the collector; 0 means 100ms.
+	Interval time.Duration
+	Logger   *slog.Logger // nil discards
+}
+
+// running is set while a Run adjusts the collector.
+var running atomic.Bool
+
+const (
+	defaultMinHeadroom = 16 << 20
+	defaultInterval    = 100 * time.Millisecond
+	// releaseAbove is the held peak below which a fall is not worth an
+	// immediate release; releaseEvery spaces out the releases of bursts,
+	// tailEvery those of their tails.
+	releaseAbove = 32 << 20
+	releaseEvery = 10 * time.Second
+	tailEvery    = time.Second
+)
+
+// Run adjusts the collector until ctx ends, then restores the GOGC it found.
+// It returns at once when the environment sets GOGC or GOMEMLIMIT, or when
+// another Run is active.
+func Run(ctx context.Context, o Options) {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	for _, env := range []string{"GOGC", "GOMEMLIMIT"} {
+		if v, ok := os.LookupEnv(env); ok {
+			log.Info("garbage collector left to the environment", env, v)
+			return
+		}
+	}
+	if !running.CompareAndSwap(false, true) {
+		return
+	}
+	defer running.Store(false)
+	g := newGovernor(o)
+	defer debug.SetGCPercent(g.initial)
+	t := time.NewTicker(g.interval)
+	defer t.Stop()
+	for {
+		g.tick()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// governor is Run's state; tick is called from one goroutine.
+type governor struct {
+	held        func() int64
+	minHeadroom int64
+	interval    time.Duration
+	initial     int // the GOGC found at start
+
+	samples     []metrics.Sample
+	cycles      uint64 // collections seen
+	gogc        int    // the GOGC set last
+	peakHeld    int64  // the most held since the last release
+	tailFrom    int64  // held at the last release while a burst drains, else 0
+	lastRelease time.Time
+}
+
+func newGovernor(o Options) *governor {
+	g := &governor{held: o.Held, minHeadroom: o.MinHeadroom, interval: o.Interval,
+		samples: []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}, {Name: "/gc/heap/live:bytes"}}}
+	if g.minHeadroom <= 0 {
+		g.minHeadroom = defaultMinHeadroom
+	}
+	if g.interval <= 0 {
+		g.interval = defaultInterval
+	}
+	g.initial = debug.SetGCPercent(100)
+	g.gogc = 100
+	return g
+}
+
+// tick sets GOGC after each collection and releases memory after a burst.
+func (g *governor) tick() {
+	held := max(g.held(), 0)
+	g.peakHeld = max(g.peakHeld, held)
+	metrics.Read(g.samples)
+	since := time.Since(g.lastRelease)
+	burstOver := g.peakHeld > releaseAbove && held < g.peakHeld/8 && since >= releaseEvery
+	tail := g.tailFrom > 0 && held < g.tailFrom/8 && since >= tailEvery
+	if burstOver || tail {
+		debug.FreeOSMemory()
+		g.peakHeld, g.tailFrom, g.lastRelease = held, held, time.Now()
+		metrics.Read(g.samples)
+	}
+	cycles, live := g.samples[0].Value.Uint64(), int64(g.samples[1].Value.Uint64())
+	if cycles == g.cycles || live <= 0 {
+		return
+	}
+	g.cycles = cycles
+	if gogc := percent(live, held, g.minHeadroom); gogc != g.gogc {
+		debug.SetGCPercent(gogc)
+		g.gogc = gogc
+	}
+}
+
+// percent is the GOGC that gives a heap of live bytes, held of them held on
+// purpose, the headroom max(minHeadroom, live-held): between 1 and 100.
+func percent(live, held, minHeadroom int64) int {
+	headroom := max(minHeadroom, live-held)
+	if headroom >= live {
+		return 100
+	}
+	return int(max(1, 100*headroom/live))
+}

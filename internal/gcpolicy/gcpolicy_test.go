@@ -1,0 +1,132 @@
+package gcpolicy
+
+import (
+	"context"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestPercent(t *testing.T) {
+	const mb = 1 << 20
+	for _, tt := range []struct {
+		live, held, min int64
+		want            int
+	}{
+		{live: 100 * mb, held: 0, min: 16 * mb, want: 100},       // nothing held: GOGC=100
+		{live: 100 * mb, held: 90 * mb, min: 16 * mb, want: 16},  // 10 MB of the rest < the floor
+		{live: 100 * mb, held: 50 * mb, min: 16 * mb, want: 50},  // headroom = the rest
+		{live: 10 * mb, held: 9 * mb, min: 16 * mb, want: 100},   // the floor exceeds the heap
+		{live: 400 * mb, held: 400 * mb, min: 1 * mb, want: 1},   // never below 1
+		{live: 100 * mb, held: 200 * mb, min: 16 * mb, want: 16}, // an overestimate of held
+	} {
+		if got := percent(tt.live, tt.held, tt.min); got != tt.want {
+			t.Errorf("percent(live %d MB, held %d MB, min %d MB) = %d, want %d",
+				tt.live/mb, tt.held/mb, tt.min/mb, got, tt.want)
+		}
+	}
+}
+
+// gcPercent reads the current GOGC.
+func gcPercent() int {
+	p := debug.SetGCPercent(100)
+	debug.SetGCPercent(p)
+	return p
+}
+
+func forcedCycles() uint64 {
+	s := []metrics.Sample{{Name: "/gc/cycles/forced:gc-cycles"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// sink keeps an allocation alive where the compiler cannot see it die.
+var sink []byte
+
+// TestGovernor: with 64 MB held on purpose the governor lowers GOGC so that
+// the headroom is the floor (the rest of this test's heap is small), and
+// once the held memory is let go it releases the heap (a forced collection)
+// and GOGC goes back to 100. When Run returns, the GOGC it found is back.
+func TestGovernor(t *testing.T) {
+	if _, ok := lookupEnv(); ok {
+		t.Skip("GOGC or GOMEMLIMIT is set: the governor leaves the collector alone")
+	}
+	before := debug.SetGCPercent(80)
+	defer debug.SetGCPercent(before)
+
+	var held atomic.Int64
+	sink = make([]byte, 64<<20)
+	for i := 0; i < len(sink); i += 4096 {
+		sink[i] = 1
+	}
+	held.Store(int64(len(sink)))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { Run(ctx, Options{Held: held.Load, Interval: 5 * time.Millisecond}) })
+	defer func() { cancel(); wg.Wait() }()
+
+	waitFor(t, "GOGC lowered for the held memory", func() bool {
+		runtime.GC() // a collection to measure the live heap
+		return gcPercent() < 50
+	})
+	forced := forcedCycles()
+	sink = nil
+	held.Store(0)
+	waitFor(t, "the heap released after the burst", func() bool { return forcedCycles() > forced })
+	waitFor(t, "GOGC back to 100", func() bool {
+		runtime.GC()
+		return gcPercent() == 100
+	})
+	cancel()
+	wg.Wait()
+	if got := gcPercent(); got != 80 {
+		t.Fatalf("GOGC after Run = %d, want the 80 it found", got)
+	}
+}
+
+// TestEnvironmentWins: with GOGC in the environment Run returns at once and
+// changes nothing.
+func TestEnvironmentWins(t *testing.T) {
+	t.Setenv("GOGC", "150")
+	before := debug.SetGCPercent(70)
+	defer debug.SetGCPercent(before)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Run(context.Background(), Options{Held: func() int64 { return 1 << 40 }})
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return with GOGC set")
+	}
+	if got := gcPercent(); got != 70 {
+		t.Fatalf("GOGC = %d after Run with GOGC in the environment, want 70 untouched", got)
+	}
+}
+
+func lookupEnv() (string, bool) {
+	for _, env := range []string{"GOGC", "GOMEMLIMIT"} {
+		if v, ok := os.LookupEnv(env); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

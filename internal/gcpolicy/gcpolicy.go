@@ -25,9 +25,11 @@
 // the burst drains held below an eighth of what it was at the last release
 // (at most every second), until nothing is held.
 //
-// An operator's own settings win: with GOGC or GOMEMLIMIT in the
-// environment, Run leaves the collector alone. Only one Run per process
-// adjusts the collector; a second one returns at once.
+// An operator's own settings win: with GOGC in the environment Run leaves
+// the collector alone. GOMEMLIMIT (a container's memory limit, say) stays in
+// force beside it: the runtime collects at whichever of the GOGC goal and
+// the limit comes first. Only one Run per process adjusts the collector; a
+// second one returns at once.
 package gcpolicy
 
 import (
@@ -66,18 +68,16 @@ const (
 )
 
 // Run adjusts the collector until ctx ends, then restores the GOGC it found.
-// It returns at once when the environment sets GOGC or GOMEMLIMIT, or when
-// another Run is active.
+// It returns at once when the environment sets GOGC, or when another Run is
+// active.
 func Run(ctx context.Context, o Options) {
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	for _, env := range []string{"GOGC", "GOMEMLIMIT"} {
-		if v, ok := os.LookupEnv(env); ok {
-			log.Info("garbage collector left to the environment", env, v)
-			return
-		}
+	if v, ok := os.LookupEnv("GOGC"); ok {
+		log.Info("garbage collector left to the environment", "GOGC", v)
+		return
 	}
 	if !running.CompareAndSwap(false, true) {
 		return

@@ -523,6 +523,7 @@ type podSpec struct {
 		} `yaml:"ports"`
 		Env []struct {
 			Name      string `yaml:"name"`
+			Value     string `yaml:"value"`
 			ValueFrom struct {
 				SecretKeyRef struct {
 					Name string `yaml:"name"`
@@ -649,6 +650,21 @@ func TestKubernetesManifestsAreCoherent(t *testing.T) {
 	}
 	if ct.Resources.Requests["cpu"] == "" || ct.Resources.Requests["memory"] == "" || ct.Resources.Limits["memory"] == "" {
 		t.Errorf("resources %+v: want cpu and memory requests and a memory limit", ct.Resources)
+	}
+	// GOMEMLIMIT, where set, leaves room below the container's limit for
+	// memory the Go runtime does not own (librdkafka, the binary).
+	for _, e := range ct.Env {
+		switch e.Name {
+		case "GOMEMLIMIT":
+			soft, err1 := parseBytes(e.Value)
+			hard, err2 := parseBytes(ct.Resources.Limits["memory"])
+			if err1 != nil || err2 != nil || soft <= 0 || soft > hard*95/100 {
+				t.Errorf("GOMEMLIMIT %q against a memory limit of %q: want it set, at most 95%% of the limit",
+					e.Value, ct.Resources.Limits["memory"])
+			}
+		case "GOGC":
+			t.Errorf("GOGC is set: it turns Orderly's held-aware GC headroom off")
+		}
 	}
 	// The image's ENTRYPOINT already holds run --config; args would be
 	// appended to it.
@@ -1114,4 +1130,20 @@ func TestHAProxyConfigServes(t *testing.T) {
 	if body, err := get("http://" + stats + "/"); err != nil || !strings.Contains(body, "targets") {
 		t.Errorf("stats page: %v", err)
 	}
+}
+
+// parseBytes reads a byte quantity as Kubernetes ("1Gi", "512Mi") and Go's
+// GOMEMLIMIT ("900MiB", "1073741824") write it.
+func parseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"Gi", 1 << 30}, {"Mi", 1 << 20}, {"Ki", 1 << 10}, {"B", 1}}
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			n, err := strconv.ParseInt(strings.TrimSuffix(s, u.suffix), 10, 64)
+			return n * u.mult, err
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
 }

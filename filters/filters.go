@@ -202,6 +202,10 @@ type Route struct {
 	// need it: what this route and every later one read, so that one
 	// decoding serves the whole Plan.
 	spec valueSpec
+	// matchSpec is spec for Match: what the `when` of this route and every
+	// later one read, for expressions only; renderSpec what this route's
+	// templates read, for Render. Together they decode what one Plan does.
+	matchSpec, renderSpec valueSpec
 }
 
 // valueSpec says what to decode of a value.
@@ -277,13 +281,17 @@ func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
-	var spec valueSpec
+	var spec, matchSpec valueSpec
 	for i := len(r.routes) - 1; i >= 0; i-- {
 		rt := &r.routes[i]
 		n, paths := rt.needs, rt.value
 		if rt.when != nil {
 			n |= rt.when.needs
 			paths = union(paths, rt.when.value)
+			matchSpec.paths = union(rt.when.value, matchSpec.paths)
+			if rt.when.needs&needValueExpr != 0 {
+				matchSpec.mode |= modeExpr
+			}
 		}
 		spec.paths = union(paths, spec.paths)
 		if n&needValueTpl != 0 {
@@ -292,7 +300,11 @@ func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 		if n&needValueExpr != 0 {
 			spec.mode |= modeExpr
 		}
-		rt.spec = spec
+		rt.spec, rt.matchSpec = spec, matchSpec
+		rt.renderSpec = valueSpec{paths: rt.value}
+		if rt.needs&needValueTpl != 0 {
+			rt.renderSpec.mode = modeTemplate
+		}
 	}
 	return r, nil
 }
@@ -431,11 +443,11 @@ func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
 func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 	st := getState(m)
 	defer putState(st)
-	rt, err := r.match(st)
+	rt, err := r.match(st, false)
 	if err != nil {
 		return Plan{}, err
 	}
-	return rt.render(st, buf)
+	return rt.render(st, buf, &rt.spec)
 }
 
 // Match returns the route Plan would render m with, without rendering: the
@@ -443,14 +455,17 @@ func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 // of rendering, which Render reports later. A caller that holds many
 // messages before sending them (the dispatcher) matches on arrival and
 // renders when a message's turn comes, so that rendered requests are never
-// held; a value both `when` and the templates read is then decoded twice.
+// held. Match decodes only what the expressions read, Render only what the
+// templates read: a member both read is decoded twice.
 func (r *Router) Match(m *Message) (*Route, error) {
 	st := getState(m)
 	defer putState(st)
-	return r.match(st)
+	return r.match(st, true)
 }
 
-func (r *Router) match(st *state) (*Route, error) {
+// match finds the route for the message in st; alone (for Match) it decodes
+// only what the expressions read, else what the whole Plan needs.
+func (r *Router) match(st *state, alone bool) (*Route, error) {
 	m := st.m
 	for i := range r.routes {
 		rt := &r.routes[i]
@@ -458,7 +473,11 @@ func (r *Router) match(st *state) (*Route, error) {
 			continue
 		}
 		if rt.when != nil {
-			ok, err := rt.when.eval(st, &rt.spec)
+			spec := &rt.spec
+			if alone {
+				spec = &rt.matchSpec
+			}
+			ok, err := rt.when.eval(st, spec)
 			if err != nil {
 				where := "when"
 				if errors.Is(err, ErrNotJSON) {
@@ -484,7 +503,7 @@ func (rt *Route) Name() string { return rt.name }
 func (rt *Route) Render(m *Message, buf []Request) (Plan, error) {
 	st := getState(m)
 	defer putState(st)
-	return rt.render(st, buf)
+	return rt.render(st, buf, &rt.renderSpec)
 }
 
 // PlanRoute renders the requests of the route called name for m, whatever
@@ -505,12 +524,12 @@ func reasonOf(where string, err error) string {
 }
 
 // render renders every request of rt for the message in st, into buf when
-// it has room.
-func (rt *Route) render(st *state, buf []Request) (Plan, error) {
+// it has room, decoding the value as spec says if it is not decoded yet.
+func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error) {
 	bad := func(i int, where string, err error) (Plan, error) {
 		return Plan{}, &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf(where, err), Err: err}
 	}
-	if err := st.need(rt.needs, &rt.spec); err != nil {
+	if err := st.need(rt.needs, spec); err != nil {
 		return bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
 	}
 	m := st.m

@@ -1074,6 +1074,34 @@ func BenchmarkPlan(b *testing.B) {
 			}
 		})
 	}
+	// What the dispatcher does: Match on arrival, Render when the message's
+	// turn comes, into storage the lane keeps.
+	for _, bm := range []struct {
+		name string
+		m    *Message
+	}{{"typical", benchMessage()}, {"passthrough", benchPassthroughMessage()}} {
+		b.Run(bm.name+"/match", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := r.Match(bm.m); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(bm.name+"/render", func(b *testing.B) {
+			rt, err := r.Match(bm.m)
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]Request, 0, 2)
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := rt.Render(bm.m, buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 	b.Run("typical-parallel", func(b *testing.B) {
 		m := benchMessage()
 		b.ReportAllocs()

@@ -126,7 +126,7 @@ func BenchmarkLaneHandoff(b *testing.B) {
 				it := &item{msg: tmpl, route: rt}
 				it.msg.Offset = off
 				it.msg.Key = keys[off%int64(len(keys))]
-				if !p.enqueue(p.laneKeyOf(&it.msg), it) {
+				if !p.enqueue(it) {
 					b.Fatal("the partition is stopping")
 				}
 				off++

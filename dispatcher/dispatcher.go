@@ -523,10 +523,11 @@ func (d *Dispatcher) failed(p *partition, it *item, index int, err error) *failu
 	return f
 }
 
-// idempotencyKey is <topic>-<partition>-<offset>-<index>.
+// idempotencyKey is <topic>-<partition>-<offset>-<index>, built on the
+// stack: one allocation, the string.
 func idempotencyKey(m *filters.Message, index int) string {
-	b := make([]byte, 0, len(m.Topic)+32)
-	b = append(b, m.Topic...)
+	var buf [96]byte
+	b := append(buf[:0], m.Topic...)
 	b = append(b, '-')
 	b = strconv.AppendInt(b, int64(m.Partition), 10)
 	b = append(b, '-')

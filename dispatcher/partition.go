@@ -134,14 +134,15 @@ type partition struct {
 	stopWorker chan struct{}
 	workerDone chan struct{}
 
-	mu       sync.Mutex // protects the fields below and every lane's fields
-	lanes    map[laneKey]*lane
-	busy     int           // lanes with work
-	idleCh   chan struct{} // closed when busy drops to 0 (set by waitIdle)
-	draining bool          // the worker takes no more messages
-	dead     bool          // stopped: lanes are abandoned wherever they are
-	waiting  bool          // the worker waits for a lane to become idle (lane cap)
-	laneFree *sync.Cond    // signalled when a lane goes idle while waiting
+	mu       sync.Mutex        // protects the fields below and every lane's fields
+	keyed    map[string]*lane  // the lanes of keyed messages
+	lanes    map[laneKey]*lane // the others (unkeyed, one per message with unkeyed = "parallel")
+	busy     int               // lanes with work
+	idleCh   chan struct{}     // closed when busy drops to 0 (set by waitIdle)
+	draining bool              // the worker takes no more messages
+	dead     bool              // stopped: lanes are abandoned wherever they are
+	waiting  bool              // the worker waits for a lane to become idle (lane cap)
+	laneFree *sync.Cond        // signalled when a lane goes idle while waiting
 
 	// Owned by the poll loop.
 	paused    bool
@@ -169,6 +170,7 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 		cancel:         cancel,
 		stopWorker:     make(chan struct{}),
 		workerDone:     make(chan struct{}),
+		keyed:          make(map[string]*lane),
 		lanes:          make(map[laneKey]*lane),
 		committed:      -1,
 		inFlightGauge:  d.metrics.InFlight.With(labels),
@@ -232,7 +234,7 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", it.fail.route, "error", err)
 	}
-	if !p.enqueue(p.laneKeyOf(&it.msg), it) {
+	if !p.enqueue(it) {
 		span.End() // the partition stops: abandoned, redelivered later
 		return false
 	}
@@ -249,17 +251,39 @@ func (p *partition) laneKeyOf(m *filters.Message) laneKey {
 	return laneKey{kind: laneUnkeyed}
 }
 
-// enqueue appends it to the lane of k, creating the lane if needed, and sets
-// an idle lane going. At the lane cap it retires an idle lane or waits for
-// one to become idle. It returns false when the partition stops meanwhile.
-func (p *partition) enqueue(k laneKey, it *item) bool {
+// laneOfLocked returns the lane of m's key, nil if there is none, without
+// allocating (the key is not copied to look it up).
+func (p *partition) laneOfLocked(m *filters.Message) *lane {
+	if len(m.Key) > 0 {
+		return p.keyed[string(m.Key)]
+	}
+	return p.lanes[p.laneKeyOf(m)]
+}
+
+func (p *partition) lanesLocked() int { return len(p.keyed) + len(p.lanes) }
+
+// eachLaneLocked calls fn for every lane; fn may remove the lane.
+func (p *partition) eachLaneLocked(fn func(*lane)) {
+	for _, l := range p.keyed {
+		fn(l)
+	}
+	for _, l := range p.lanes {
+		fn(l)
+	}
+}
+
+// enqueue appends it to the lane of its key, creating the lane if needed,
+// and sets an idle lane going. At the lane cap it retires an idle lane or
+// waits for one to become idle. It returns false when the partition stops
+// meanwhile.
+func (p *partition) enqueue(it *item) bool {
 	p.mu.Lock()
 	for {
 		if p.draining {
 			p.mu.Unlock()
 			return false
 		}
-		if l := p.lanes[k]; l != nil {
+		if l := p.laneOfLocked(&it.msg); l != nil {
 			l.q = append(l.q, it)
 			if l.busy {
 				p.mu.Unlock()
@@ -273,8 +297,13 @@ func (p *partition) enqueue(k laneKey, it *item) bool {
 			}
 			return true
 		}
-		if len(p.lanes) < p.d.cfg.Dispatch.MaxLanes {
-			p.lanes[k] = &lane{p: p, key: k}
+		if p.lanesLocked() < p.d.cfg.Dispatch.MaxLanes {
+			l := &lane{p: p, key: p.laneKeyOf(&it.msg)}
+			if l.key.kind == laneKeyed {
+				p.keyed[l.key.key] = l
+			} else {
+				p.lanes[l.key] = l
+			}
 			p.d.metrics.ActiveLanes.Inc()
 			continue
 		}
@@ -287,15 +316,16 @@ func (p *partition) enqueue(k laneKey, it *item) bool {
 	}
 }
 
-// retireOneLocked removes one idle lane from the map.
+// retireOneLocked removes one idle lane.
 func (p *partition) retireOneLocked() bool {
-	for k, l := range p.lanes {
-		if !l.busy {
-			p.removeLocked(k, l)
-			return true
+	retired := false
+	p.eachLaneLocked(func(l *lane) {
+		if !retired && !l.busy {
+			p.removeLocked(l)
+			retired = true
 		}
-	}
-	return false
+	})
+	return retired
 }
 
 // retireIdle removes the lanes idle for dispatch.lane_idle.
@@ -303,18 +333,27 @@ func (p *partition) retireIdle(now time.Time) {
 	limit := p.d.cfg.Dispatch.LaneIdle.D()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for k, l := range p.lanes {
+	p.eachLaneLocked(func(l *lane) {
 		if !l.busy && now.Sub(l.idleSince) >= limit {
-			p.removeLocked(k, l)
+			p.removeLocked(l)
 		}
-	}
+	})
 }
 
-func (p *partition) removeLocked(k laneKey, l *lane) {
-	if p.lanes[k] == l {
-		delete(p.lanes, k)
-		p.d.metrics.ActiveLanes.Dec()
+// removeLocked forgets l, if it is still the lane of its key.
+func (p *partition) removeLocked(l *lane) {
+	if l.key.kind == laneKeyed {
+		if p.keyed[l.key.key] != l {
+			return
+		}
+		delete(p.keyed, l.key.key)
+	} else {
+		if p.lanes[l.key] != l {
+			return
+		}
+		delete(p.lanes, l.key)
 	}
+	p.d.metrics.ActiveLanes.Dec()
 }
 
 // attempt makes the next attempt of l's head message (the caller, a sender,
@@ -478,7 +517,7 @@ func (p *partition) idleLocked(l *lane) {
 	l.idleSince = time.Now()
 	p.busyDoneLocked()
 	if l.key.kind == laneSingle {
-		p.removeLocked(l.key, l)
+		p.removeLocked(l)
 	}
 	if p.waiting {
 		p.laneFree.Signal()
@@ -505,7 +544,7 @@ func (p *partition) abandonLocked(l *lane) {
 		p.busyDoneLocked()
 	}
 	l.running = false
-	p.removeLocked(l.key, l)
+	p.removeLocked(l)
 }
 
 func (p *partition) busyDoneLocked() {
@@ -543,17 +582,15 @@ func (p *partition) stop(timeout time.Duration) (drained bool) {
 	p.mu.Lock()
 	p.dead = true
 	p.cancel() // in-flight attempts and breaker waits end now
-	for _, l := range p.lanes {
+	p.eachLaneLocked(func(l *lane) {
 		if l.busy && !l.running {
 			p.abandonLocked(l) // queued, parked or stalled: nobody to wait for
 		}
-	}
+	})
 	p.mu.Unlock()
 	p.waitIdle(-1) // the lanes held by senders, which see the cancelled context
 	p.mu.Lock()
-	for k, l := range p.lanes {
-		p.removeLocked(k, l)
-	}
+	p.eachLaneLocked(p.removeLocked)
 	p.mu.Unlock()
 	// What was abandoned (and what never left the channel) is let go.
 	for len(p.in) > 0 {

@@ -538,8 +538,22 @@ func safeURL(u *url.URL) string {
 }
 
 // drain reads up to drainLimit bytes of body and closes it, so that the
-// connection can be reused when the body was small enough.
+// connection can be reused when the body was small enough. An empty body
+// (http.NoBody, what net/http gives a Content-Length: 0 answer) costs
+// nothing; others are read through a pooled buffer.
 func drain(body io.ReadCloser) {
-	_, _ = io.Copy(io.Discard, io.LimitReader(body, drainLimit))
+	if body != http.NoBody {
+		bp := drainBufs.Get().(*[]byte)
+		for n := 0; n < drainLimit; {
+			m, err := body.Read((*bp)[:min(len(*bp), drainLimit-n)])
+			n += m
+			if err != nil {
+				break
+			}
+		}
+		drainBufs.Put(bp)
+	}
 	_ = body.Close()
 }
+
+var drainBufs = sync.Pool{New: func() any { b := make([]byte, 4096); return &b }}

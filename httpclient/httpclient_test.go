@@ -908,6 +908,38 @@ func TestOneWritePerRequest(t *testing.T) {
 	}
 }
 
+// TestAnswerBodiesAreDrainedForReuse: answers with a body (up to the drain
+// limit) are read to the end, so their connection serves the next request;
+// a larger one costs its connection but not the request.
+func TestAnswerBodiesAreDrainedForReuse(t *testing.T) {
+	for _, tc := range []struct {
+		size      int
+		wantDials int64
+	}{{0, 1}, {10 << 10, 1}, {3 * drainLimit, 5}} {
+		body := strings.Repeat("x", tc.size)
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_, _ = io.Copy(io.Discard, r.Body)
+			_, _ = io.WriteString(w, body)
+		}))
+		s, _ := newTestSender(t, baseHTTP(), nil)
+		var dials atomic.Int64
+		dial := s.transport.DialContext
+		s.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return dial(ctx, network, addr)
+		}
+		for i := range 5 {
+			if _, err := s.Send(context.Background(), post(srv.URL+"/x", []byte(`{}`)), fmt.Sprintf("k-%d", i)); err != nil {
+				t.Fatalf("answer of %d bytes: %v", tc.size, err)
+			}
+		}
+		if got := dials.Load(); got != tc.wantDials {
+			t.Errorf("answers of %d bytes: %d connections for 5 sequential requests, want %d", tc.size, got, tc.wantDials)
+		}
+		srv.Close()
+	}
+}
+
 // --- benchmark -------------------------------------------------------------
 
 func BenchmarkSend(b *testing.B) {

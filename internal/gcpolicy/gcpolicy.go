@@ -8,14 +8,16 @@
 // delivered that headroom buys nothing: they are not garbage, and they are
 // mostly pointer-free bytes that a collection marks cheaply. So while it
 // runs, Run sets GOGC such that the headroom is what GOGC=100 would give the
-// rest of the live heap, as if the held messages were not there, and never
-// less than MinHeadroom:
+// rest, as if the held messages were not there, and never less than
+// MinHeadroom. Go's pacer applies GOGC to the live heap plus the scannable
+// goroutine stacks and globals (roots), so:
 //
-//	headroom = max(MinHeadroom, live - held)
-//	GOGC     = 100 * headroom / live   (at most 100)
+//	headroom = max(MinHeadroom, live - held + roots)
+//	GOGC     = 100 * headroom / (live + roots)   (at most 100)
 //
 // where live is the heap the last collection found live and held is what
-// the caller reports. With nothing held this is plain GOGC=100.
+// the caller reports. With nothing held this is plain GOGC=100; with many
+// goroutines (thousands of connections) their stacks keep it near 100.
 //
 // After a burst, Run returns the freed memory to the operating system at
 // once (debug.FreeOSMemory) rather than leaving it to the background
@@ -114,7 +116,8 @@ type governor struct {
 
 func newGovernor(o Options) *governor {
 	g := &governor{held: o.Held, minHeadroom: o.MinHeadroom, interval: o.Interval,
-		samples: []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}, {Name: "/gc/heap/live:bytes"}}}
+		samples: []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}, {Name: "/gc/heap/live:bytes"},
+			{Name: "/gc/scan/stack:bytes"}, {Name: "/gc/scan/globals:bytes"}}}
 	if g.minHeadroom <= 0 {
 		g.minHeadroom = defaultMinHeadroom
 	}
@@ -140,22 +143,25 @@ func (g *governor) tick() {
 		metrics.Read(g.samples)
 	}
 	cycles, live := g.samples[0].Value.Uint64(), int64(g.samples[1].Value.Uint64())
+	roots := int64(g.samples[2].Value.Uint64() + g.samples[3].Value.Uint64())
 	if cycles == g.cycles || live <= 0 {
 		return
 	}
 	g.cycles = cycles
-	if gogc := percent(live, held, g.minHeadroom); gogc != g.gogc {
+	if gogc := percent(live, roots, held, g.minHeadroom); gogc != g.gogc {
 		debug.SetGCPercent(gogc)
 		g.gogc = gogc
 	}
 }
 
 // percent is the GOGC that gives a heap of live bytes, held of them held on
-// purpose, the headroom max(minHeadroom, live-held): between 1 and 100.
-func percent(live, held, minHeadroom int64) int {
-	headroom := max(minHeadroom, live-held)
-	if headroom >= live {
+// purpose, with roots bytes of stacks and globals to scan, the headroom
+// max(minHeadroom, live-held+roots): between 1 and 100.
+func percent(live, roots, held, minHeadroom int64) int {
+	base := live + roots
+	headroom := max(minHeadroom, base-min(held, live))
+	if headroom >= base {
 		return 100
 	}
-	return int(max(1, 100*headroom/live))
+	return int(max(1, 100*headroom/base))
 }

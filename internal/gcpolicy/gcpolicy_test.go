@@ -15,19 +15,20 @@ import (
 func TestPercent(t *testing.T) {
 	const mb = 1 << 20
 	for _, tt := range []struct {
-		live, held, min int64
-		want            int
+		live, roots, held, min int64
+		want                   int
 	}{
-		{live: 100 * mb, held: 0, min: 16 * mb, want: 100},       // nothing held: GOGC=100
-		{live: 100 * mb, held: 90 * mb, min: 16 * mb, want: 16},  // 10 MB of the rest < the floor
-		{live: 100 * mb, held: 50 * mb, min: 16 * mb, want: 50},  // headroom = the rest
-		{live: 10 * mb, held: 9 * mb, min: 16 * mb, want: 100},   // the floor exceeds the heap
-		{live: 400 * mb, held: 400 * mb, min: 1 * mb, want: 1},   // never below 1
-		{live: 100 * mb, held: 200 * mb, min: 16 * mb, want: 16}, // an overestimate of held
+		{live: 100 * mb, held: 0, min: 16 * mb, want: 100},                     // nothing held: GOGC=100
+		{live: 100 * mb, held: 90 * mb, min: 16 * mb, want: 16},                // 10 MB of the rest < the floor
+		{live: 100 * mb, held: 50 * mb, min: 16 * mb, want: 50},                // headroom = the rest
+		{live: 10 * mb, held: 9 * mb, min: 16 * mb, want: 100},                 // the floor exceeds the heap
+		{live: 400 * mb, held: 400 * mb, min: 1 * mb, want: 1},                 // never below 1
+		{live: 100 * mb, held: 200 * mb, min: 16 * mb, want: 16},               // an overestimate of held
+		{live: 40 * mb, roots: 20 * mb, held: 28 * mb, min: 16 * mb, want: 53}, // stacks count as the rest
 	} {
-		if got := percent(tt.live, tt.held, tt.min); got != tt.want {
-			t.Errorf("percent(live %d MB, held %d MB, min %d MB) = %d, want %d",
-				tt.live/mb, tt.held/mb, tt.min/mb, got, tt.want)
+		if got := percent(tt.live, tt.roots, tt.held, tt.min); got != tt.want {
+			t.Errorf("percent(live %d MB, roots %d MB, held %d MB, min %d MB) = %d, want %d",
+				tt.live/mb, tt.roots/mb, tt.held/mb, tt.min/mb, got, tt.want)
 		}
 	}
 }

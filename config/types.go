@@ -60,7 +60,8 @@ type Dispatch struct {
 	DrainTimeout   Duration `toml:"drain_timeout"`
 	Unkeyed        string   `toml:"unkeyed"`   // UnkeyedPartition or UnkeyedParallel
 	Unmatched      string   `toml:"unmatched"` // UnmatchedSkip or UnmatchedDLQ
-	// MaxLanes bounds the number of key lanes alive at once per partition.
+	// MaxLanes bounds the number of key lanes (per-key queues, not
+	// goroutines) alive at once per partition.
 	MaxLanes int `toml:"max_lanes"`
 	// LaneIdle is how long an idle key lane lives before it is retired.
 	LaneIdle Duration `toml:"lane_idle"`

@@ -81,16 +81,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 		actx, cancel = context.WithTimeout(ctx, s.timeout)
 		defer cancel() // after the drain: the body is read under the same limit
 	}
-	if s.connTrace != nil {
-		tr := s.connTrace
-		if httptrace.ContextClientTrace(actx) != nil {
-			// WithClientTrace composes into (mutates) its argument when the
-			// context already holds a trace: give it a private copy.
-			cp := *s.connTrace
-			tr = &cp
-		}
-		actx = httptrace.WithClientTrace(actx, tr)
-	}
+	actx = s.withConnTrace(actx)
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
 	h := c.header
 	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
@@ -144,6 +135,33 @@ func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err 
 		return fail(fmt.Errorf("%w after %d attempts: %s answered %d", ErrRetriesExhausted, c.attempts, c.what(), resp.StatusCode))
 	}
 	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1, resp)}
+}
+
+// WithConnHooks returns ctx carrying the Sender's per-connection hook (the
+// max_conn_age check, see the package doc). Attempts under such a context
+// need not attach it each time: the dispatcher derives each partition's
+// context through it once. Attempts under any other context still get it.
+func (s *Sender) WithConnHooks(ctx context.Context) context.Context {
+	return s.withConnTrace(ctx)
+}
+
+// withConnTrace attaches the GotConn hook to ctx unless it is off or ctx
+// has it already.
+func (s *Sender) withConnTrace(ctx context.Context) context.Context {
+	if s.connTrace == nil {
+		return ctx
+	}
+	tr := httptrace.ContextClientTrace(ctx)
+	if tr == s.connTrace {
+		return ctx
+	}
+	if tr != nil {
+		// WithClientTrace composes into (mutates) its argument when the
+		// context already holds a trace: give it a private copy.
+		cp := *s.connTrace
+		return httptrace.WithClientTrace(ctx, &cp)
+	}
+	return httptrace.WithClientTrace(ctx, s.connTrace)
 }
 
 // urlErrorOp is the Op of a *url.Error for method, as http.Client spells

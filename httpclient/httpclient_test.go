@@ -795,11 +795,13 @@ func trustServer(s *Sender, srv *httptest.Server) {
 
 func TestConnAgeRetiresConnections(t *testing.T) {
 	for _, tc := range []struct {
-		age  time.Duration
-		tls  bool
-		many bool
-	}{{200 * time.Millisecond, false, true}, {200 * time.Millisecond, true, true}, {0, false, false}} {
-		t.Run(fmt.Sprintf("max_conn_age=%s/tls=%t", tc.age, tc.tls), func(t *testing.T) {
+		age   time.Duration
+		tls   bool
+		many  bool
+		hooks bool // the context carries the hook already (WithConnHooks, as the dispatcher's do)
+	}{{200 * time.Millisecond, false, true, false}, {200 * time.Millisecond, true, true, false},
+		{200 * time.Millisecond, false, true, true}, {0, false, false, false}} {
+		t.Run(fmt.Sprintf("max_conn_age=%s/tls=%t/hooks=%t", tc.age, tc.tls, tc.hooks), func(t *testing.T) {
 			// A 10 KiB answer: only drained bodies keep a connection reusable.
 			payload := strings.Repeat("z", 10<<10)
 			srv, conns := countingServer(t, tc.tls, func(w http.ResponseWriter, r *http.Request) {
@@ -810,8 +812,12 @@ func TestConnAgeRetiresConnections(t *testing.T) {
 			h.MaxConnAge = d(tc.age)
 			s, m := newTestSender(t, h, nil)
 			trustServer(s, srv)
+			ctx := context.Background()
+			if tc.hooks {
+				ctx = s.WithConnHooks(ctx)
+			}
 			for end := time.Now().Add(time.Second); time.Now().Before(end); {
-				res, err := s.Send(context.Background(), post(srv.URL, []byte(`{"n":1}`)), "k")
+				res, err := s.Send(ctx, post(srv.URL, []byte(`{"n":1}`)), "k")
 				if err != nil || res.Attempts != 1 {
 					// Retiring a connection must be invisible to Send.
 					t.Fatalf("result %+v, err %v; want one clean attempt", res, err)

@@ -753,7 +753,9 @@ type benchResult struct {
 	// The ceiling: a plain net/http client, same transport tuning, same
 	// sink, same number of requests, at Orderly's sending concurrency.
 	CeilingConcurrency   int     `json:"ceiling_concurrency,omitempty"`
-	Ceiling              float64 `json:"ceiling_msgs_per_s,omitempty"`
+	Ceiling              float64 `json:"ceiling_msgs_per_s,omitempty"` // the mean of the runs before and after Orderly's
+	CeilingBefore        float64 `json:"ceiling_before_msgs_per_s,omitempty"`
+	CeilingAfter         float64 `json:"ceiling_after_msgs_per_s,omitempty"`
 	CeilingCPUPer10k     float64 `json:"ceiling_cpu_s_per_10k,omitempty"`
 	CeilingAllocsPerMsg  float64 `json:"ceiling_allocs_per_msg,omitempty"`     // the bench process: client, sink server, recorder
 	CeilingAllocsPerReq  float64 `json:"ceiling_allocs_per_request,omitempty"` // the same per successful request
@@ -1050,6 +1052,25 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		}
 	}
 	res.SinkMaxInFlow = rec.sink.MaxInFlight()
+
+	// The ceiling again, Orderly being idle now: the ratio is to the mean
+	// of the runs before and after, so that a machine whose speed drifts
+	// during the run moves both sides alike. (Not in a hot-key run: the hot
+	// key is still being delivered, and such runs compare with their
+	// comparison run, not with the ceiling.)
+	if f.ceiling && f.hotKey == 0 {
+		before := *res
+		if err := b.ceiling(ctx, r, sink, res); err != nil {
+			return nil, fmt.Errorf("ceiling after: %w", err)
+		}
+		sink.cur.Store(rec)
+		after := res.Ceiling
+		res.CeilingConcurrency, res.CeilingCPUPer10k = before.CeilingConcurrency, before.CeilingCPUPer10k
+		res.CeilingAllocsPerMsg, res.CeilingAllocsPerReq = before.CeilingAllocsPerMsg, before.CeilingAllocsPerReq
+		res.CeilingSinkMaxInFlow = before.CeilingSinkMaxInFlow
+		res.CeilingBefore, res.CeilingAfter = before.Ceiling, after
+		res.Ceiling = (before.Ceiling + after) / 2
+	}
 	b.analyse(res, rec.recorded(), s0.at, f)
 
 	// 4. Live messages: produce-to-request latency.
@@ -1446,6 +1467,9 @@ func (b *bencher) printRun(res *benchResult) {
 	}
 	if res.Ratio > 0 {
 		b.printf(", %.2f of the ceiling", res.Ratio)
+		if res.CeilingAfter > 0 {
+			b.printf(" (mean of %.0f before and %.0f after)", res.CeilingBefore, res.CeilingAfter)
+		}
 	}
 	b.printf("; assignment after %.0fms, first request %.1fms later; sink concurrency max %d\n", res.StartupMS, res.FirstRequestMS, res.SinkMaxInFlow)
 	if res.LatencyBound > 0 && res.BoundRatio > 0 {
@@ -1501,7 +1525,7 @@ func (b *bencher) printHot(res *benchResult) {
 
 var benchDefinitions = map[string]string{
 	"msg/s":      "messages delivered / time from the partition assignment (every pre-produced message consumable) to the last request received; hot-key runs: the other keys' messages only",
-	"ceiling":    "a plain net/http client (same transport tuning) with as many goroutines as Orderly has concurrent senders, min(keys, partitions x max_in_flight, max_conns_per_host when not 0), sending the same number of messages' requests to the same sink",
+	"ceiling":    "a plain net/http client (same transport tuning) with as many goroutines as Orderly has concurrent senders, min(keys, partitions x max_in_flight, max_conns_per_host when not 0), sending the same number of messages' requests to the same sink; run before and again after Orderly's backlog, the ratio being to the mean of the two (a drifting machine moves both sides)",
 	"dispatch":   "per request: from the partition assignment to the request received by the sink (pre-produced backlog: mostly the message's place in it)",
 	"live e2e":   "per request of the live phase (messages produced at a steady rate after the backlog, by default a quarter of msg/s for 1s): from the produce timestamp in the event to the request received (includes the producer's linger.ms=5)",
 	"cpu s/10k":  "user+system CPU from assignment to the last request, per 10,000 messages, of the Orderly process: with -dispatcher process the child alone (/proc/PID/stat, 10ms ticks), the bench process's (sink, recorder, harness: on 2 cores they compete as two processes do) and the broker child's beside it; with -dispatcher in-process this process (getrusage), sink included and, with -broker in-process, the broker",

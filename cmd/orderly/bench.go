@@ -828,7 +828,12 @@ func (res *benchResult) attachHotBaseline(base *benchResult) {
 		return
 	}
 	res.OtherKeys.WithoutHot = base.Throughput
-	if base.Throughput > 0 {
+	switch {
+	case res.Ceiling > 0 && base.Ceiling > 0 && base.Throughput > 0:
+		// Each run against its own ceiling, measured beside it: the
+		// machine's drift between the two runs cancels.
+		res.OtherKeys.Ratio = (res.OtherKeys.OthersThroughput / res.Ceiling) / (base.Throughput / base.Ceiling)
+	case base.Throughput > 0:
 		res.OtherKeys.Ratio = res.OtherKeys.OthersThroughput / base.Throughput
 	}
 }
@@ -1056,18 +1061,24 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		}
 	}
 	res.SinkMaxInFlow = rec.sink.MaxInFlight()
+	samples := rec.recorded() // the backlog window's; a hot key goes on meanwhile
 
-	// The ceiling again, Orderly being idle now: the ratio is to the mean
-	// of the runs before and after, so that a machine whose speed drifts
-	// during the run moves both sides alike. (Not in a hot-key run: the hot
-	// key is still being delivered, and such runs compare with their
-	// comparison run, not with the ceiling.)
-	if f.ceiling && f.hotKey == 0 {
+	// The ceiling again, now that Orderly's backlog is done: the ratio is to
+	// the mean of the runs before and after, so that a machine whose speed
+	// drifts during the run moves both sides alike. It gets a sink of its
+	// own: in a hot-key run the hot key is still being delivered to
+	// Orderly's.
+	if f.ceiling {
 		before := *res
-		if err := b.ceiling(ctx, r, sink, res); err != nil {
+		sink2, err := startSink()
+		if err != nil {
+			return nil, err
+		}
+		err = b.ceiling(ctx, r, sink2, res)
+		sink2.close()
+		if err != nil {
 			return nil, fmt.Errorf("ceiling after: %w", err)
 		}
-		sink.cur.Store(rec)
 		after := res.Ceiling
 		res.CeilingConcurrency, res.CeilingCPUPer10k = before.CeilingConcurrency, before.CeilingCPUPer10k
 		res.CeilingAllocsPerMsg, res.CeilingAllocsPerReq = before.CeilingAllocsPerMsg, before.CeilingAllocsPerReq
@@ -1075,7 +1086,7 @@ func (b *bencher) run(r benchRun) (*benchResult, error) {
 		res.CeilingBefore, res.CeilingAfter = before.Ceiling, after
 		res.Ceiling = (before.Ceiling + after) / 2
 	}
-	b.analyse(res, rec.recorded(), s0.at, f)
+	b.analyse(res, samples, s0.at, f)
 
 	// 4. Live messages: produce-to-request latency.
 	if f.live > 0 && f.hotKey == 0 {
@@ -1523,8 +1534,8 @@ func (b *bencher) printHot(res *benchResult) {
 	if h == nil {
 		return
 	}
-	b.printf("   hot key   other keys: %.0f msg/s with the hot key, %.0f msg/s without: ratio %.2f; those sharing the hot key's partition %d done after %.0fms, the others after %.0fms; hot key delivered %d of %d meanwhile\n",
-		h.OthersThroughput, h.WithoutHot, h.Ratio, h.HotPartition, h.OthersSamePartitionMS, h.OthersOtherPartitionMS, h.HotDelivered, hotCount(res.Messages, res.HotKey))
+	b.printf("   hot key   other keys: %.0f msg/s with the hot key, %.0f msg/s without: ratio %.2f, each run against its own ceiling (raw %.2f); those sharing the hot key's partition %d done after %.0fms, the others after %.0fms; hot key delivered %d of %d meanwhile\n",
+		h.OthersThroughput, h.WithoutHot, h.Ratio, h.OthersThroughput/max(h.WithoutHot, 1e-9), h.HotPartition, h.OthersSamePartitionMS, h.OthersOtherPartitionMS, h.HotDelivered, hotCount(res.Messages, res.HotKey))
 }
 
 var benchDefinitions = map[string]string{
@@ -1568,7 +1579,7 @@ func printBenchTable(w io.Writer, results []*benchResult) {
 	}
 	for _, r := range results {
 		if r.OtherKeys != nil {
-			fmt.Fprintf(w, "  %-10s %s: the other keys' msg/s with the hot key / without it (run %s-nohot)\n", "ratio*", r.Name, r.Name)
+			fmt.Fprintf(w, "  %-10s %s: the other keys' msg/s with the hot key / without it (run %s-nohot), each divided by its run's ceiling so that drift between the runs cancels\n", "ratio*", r.Name, r.Name)
 		}
 	}
 }

@@ -4,7 +4,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-short demo lint fuzz bench clean
+.PHONY: all build test test-short demo lint fuzz bench bench-go clean
 
 all: build
 
@@ -36,6 +36,11 @@ fuzz:
 # The performance scenarios against the raw-HTTP ceiling (see README, Performance).
 bench: build
 	./bin/orderly bench -scenario all
+
+# The hot path's Go benchmarks: offsets tracker, route matching and rendering,
+# lane hand-off and the partition worker, request building and sending.
+bench-go:
+	$(GO) test -run '^$$' -bench . -benchmem ./offsets ./filters ./dispatcher ./httpclient
 
 clean:
 	rm -rf bin

@@ -244,22 +244,5 @@ func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
 // testutilCounter sums the series of a counter whose label has the given value.
 func testutilCounter(t *testing.T, m *telemetry.Metrics, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var s float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, mt := range mf.GetMetric() {
-			for _, lp := range mt.GetLabel() {
-				if lp.GetName() == label && lp.GetValue() == value {
-					s += mt.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return s
+	return m.SumWhere(name, map[string]string{label: value})
 }

@@ -195,26 +195,7 @@ func hpServerStatus(sock string) (map[string]string, error) {
 // when it has none yet).
 func hpCounter(t *testing.T, m *telemetry.Metrics, name string, labels map[string]string) float64 {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, mt := range mf.GetMetric() {
-			for _, lp := range mt.GetLabel() {
-				if want, ok := labels[lp.GetName()]; ok && want != lp.GetValue() {
-					continue series
-				}
-			}
-			sum += mt.GetCounter().GetValue()
-		}
-	}
-	return sum
+	return m.SumWhere(name, labels)
 }
 
 func TestHAProxyRoundRobinAndRollingRestart(t *testing.T) {

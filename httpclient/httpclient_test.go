@@ -130,37 +130,7 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 // of want (counter and gauge values; histogram sample counts).
 func metricValue(t testing.TB, m *telemetry.Metrics, name string, want map[string]string) float64 {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, mt := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, lp := range mt.GetLabel() {
-				have[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range want {
-				if have[k] != v {
-					continue series
-				}
-			}
-			switch {
-			case mt.Counter != nil:
-				sum += mt.Counter.GetValue()
-			case mt.Gauge != nil:
-				sum += mt.Gauge.GetValue()
-			case mt.Histogram != nil:
-				sum += float64(mt.Histogram.GetSampleCount())
-			}
-		}
-	}
-	return sum
+	return m.SumWhere(name, want)
 }
 
 func breakerState(t testing.TB, m *telemetry.Metrics, host string) float64 {

@@ -108,7 +108,11 @@ func NewMetrics() *Metrics {
 // Sum gathers the registry and returns the sum of every series of the named
 // gauge or counter (0 if it has none). It is meant for progress lines and
 // tests, not for hot paths.
-func (m *Metrics) Sum(name string) float64 {
+func (m *Metrics) Sum(name string) float64 { return m.SumWhere(name, nil) }
+
+// SumWhere is Sum over the series whose labels include every pair of labels:
+// counter and gauge values, and the sample counts of histograms.
+func (m *Metrics) SumWhere(name string, labels map[string]string) float64 {
 	mfs, err := m.Registry.Gather()
 	if err != nil {
 		return 0
@@ -118,12 +122,27 @@ func (m *Metrics) Sum(name string) float64 {
 		if mf.GetName() != name {
 			continue
 		}
+	series:
 		for _, mt := range mf.GetMetric() {
+			for k, v := range labels {
+				found := false
+				for _, lp := range mt.GetLabel() {
+					if lp.GetName() == k {
+						found = lp.GetValue() == v
+						break
+					}
+				}
+				if !found {
+					continue series
+				}
+			}
 			switch {
 			case mt.Gauge != nil:
 				s += mt.Gauge.GetValue()
 			case mt.Counter != nil:
 				s += mt.Counter.GetValue()
+			case mt.Histogram != nil:
+				s += float64(mt.Histogram.GetSampleCount())
 			}
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -215,6 +216,14 @@ func (s *Sender) admit(ctx context.Context, tg *target) (func(error), error) {
 func backoff(lo, hi time.Duration, attempt int, resp *http.Response) time.Duration {
 	hi = max(hi, lo)
 	if resp != nil && (resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {
+		// Seconds beyond hi are capped here: go-retryablehttp multiplies
+		// them into a Duration unchecked, and a huge value wraps around
+		// to a short wait.
+		if v := resp.Header.Get("Retry-After"); v != "" {
+			if secs, err := strconv.ParseInt(v, 10, 64); err == nil && secs > int64(hi/time.Second) {
+				return hi
+			}
+		}
 		// With min = max = 0 DefaultBackoff returns exactly the parsed
 		// Retry-After, and 0 when there is none (or it is unparsable or in
 		// the past, which all mean: no server-imposed wait).

@@ -25,7 +25,8 @@
 //   - the backoff is exponential with equal jitter, kept within
 //     [initial_backoff, max_backoff]; on 429 and 503 a Retry-After header
 //     (seconds or HTTP-date, parsed by go-retryablehttp) replaces it, capped
-//     at max_backoff;
+//     at max_backoff (a Retry-After of 0, or of a date in the past, leaves
+//     the exponential backoff);
 //   - the body is replayed from the request's []byte on every attempt (and
 //     through GetBody); the caller's slice is never consumed or modified;
 //   - redirects are not followed: a 3xx is an answer like any other.

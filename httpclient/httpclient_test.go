@@ -423,6 +423,18 @@ func TestBackoffBounds(t *testing.T) {
 	if w := backoff(lo, hi, 0, resp); w != lo {
 		t.Fatalf("unparsable Retry-After waited %s, want the backoff %s", w, lo)
 	}
+	// Seconds that overflow a Duration once multiplied still mean "long":
+	// capped at max, never wrapped around to a short wait.
+	for _, v := range []string{"9223372037", "18446744074", "9223372036854775807"} {
+		resp = &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {v}}}
+		if w := backoff(lo, hi, 0, resp); w != hi {
+			t.Fatalf("Retry-After %s waited %s, want the max %s", v, w, hi)
+		}
+	}
+	resp = &http.Response{StatusCode: 429, Header: http.Header{"Retry-After": {"Fri, 31 Dec 9999 23:59:59 GMT"}}}
+	if w := backoff(lo, hi, 0, resp); w != hi {
+		t.Fatalf("Retry-After far in the future waited %s, want the max %s", w, hi)
+	}
 }
 
 // --- transport failures ----------------------------------------------------

@@ -451,9 +451,9 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	return nil
 }
 
-// release stops the given partitions (draining within drain_timeout),
-// commits their completed prefix unless the assignment was lost, and forgets
-// them. A paused partition is resumed first so that librdkafka does not keep
+// release stops the given partitions, and forgets them: revoked (commit),
+// they drain within drain_timeout and their completed prefix is committed;
+// lost, they are abandoned at once. A paused partition is resumed first so that librdkafka does not keep
 // it paused should it come back to this member.
 func (d *Dispatcher) release(ps []*partition, commit bool) {
 	if len(ps) == 0 {
@@ -466,9 +466,14 @@ func (d *Dispatcher) release(ps []*partition, commit bool) {
 			p.pausedGauge.Set(0)
 		}
 	}
-	d.stopAll(ps)
 	if commit {
+		d.stopAll(ps, d.cfg.Dispatch.DrainTimeout.D())
 		d.commit(ps)
+	} else {
+		// Lost: another member may own these partitions already and
+		// start from the committed offset. Sending on while it does
+		// would interleave two runs of the same keys; stop at once.
+		d.stopAll(ps, 0)
 	}
 	for _, p := range ps {
 		delete(d.parts, partKey{p.topic, p.id})
@@ -476,14 +481,15 @@ func (d *Dispatcher) release(ps []*partition, commit bool) {
 	}
 }
 
-// stopAll stops partitions concurrently, each within drain_timeout.
-func (d *Dispatcher) stopAll(ps []*partition) {
+// stopAll stops partitions concurrently, each draining for at most timeout.
+func (d *Dispatcher) stopAll(ps []*partition, timeout time.Duration) {
 	var wg sync.WaitGroup
 	for _, p := range ps {
 		wg.Go(func() {
-			if !p.stop(d.cfg.Dispatch.DrainTimeout.D()) {
-				d.log.Warn("drain timeout: unfinished messages abandoned, they will be redelivered",
-					"topic", p.topic, "partition", p.id, "committable", p.tracker.Committable())
+			if !p.stop(timeout) {
+				d.log.Warn("unfinished messages abandoned, they will be redelivered",
+					"topic", p.topic, "partition", p.id, "committable", p.tracker.Committable(),
+					"drained_for", timeout.String())
 			}
 		})
 	}

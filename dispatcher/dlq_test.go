@@ -152,3 +152,51 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 		t.Fatalf("messages counted %v, want %d", got, len(recs))
 	}
 }
+
+// TestStalledKeyDoesNotHoldTheDrain: without a DLQ a permanently failing
+// message stalls its key until the stop; the stop then does not wait out
+// drain_timeout (five minutes here) for it, since it cannot finish, and
+// commits nothing past it.
+func TestStalledKeyDoesNotHoldTheDrain(t *testing.T) {
+	h := newHarness(t, 1)
+	h.sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == "stuck" {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	recs := []testkit.Record{{Key: []byte("stuck"), Value: eventJSON("stuck", 0)}}
+	expected := map[string][]int64{}
+	for i := range 100 {
+		k := "k" + strconv.Itoa(i%10)
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i/10))})
+		expected[k] = append(expected[k], int64(i/10))
+	}
+	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("stalled", "", "")
+	cfg.DLQ.Topic = ""
+	cfg.Dispatch.DrainTimeout.Duration = 5 * time.Minute
+	d, m, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the other keys delivered and the stall counted", func() bool {
+		return h.sink.Distinct() >= 100 && m.Sum("orderly_messages_total") == 101
+	})
+	if got := testutilCounter(t, m, "orderly_messages_total", "outcome", "stalled"); got != 1 {
+		t.Fatalf("stalled outcomes %v, want 1", got)
+	}
+	start := time.Now()
+	if err := stop(); err != nil { // the harness gives up after 60s
+		t.Fatal(err)
+	}
+	t.Logf("stopped in %s with drain_timeout 5m and a stalled key", time.Since(start).Round(time.Millisecond))
+	if rep := h.sink.Check(expected); !rep.OK() {
+		t.Fatal(rep)
+	}
+	if committed, _ := h.committed("stalled"); committed[0] > 0 {
+		t.Fatalf("committed offset %d past the stalled message at offset 0", committed[0])
+	}
+	if got := d.HeldBytes(); got != 0 {
+		t.Fatalf("HeldBytes = %d after the stop, want 0", got)
+	}
+}

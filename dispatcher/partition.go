@@ -138,7 +138,9 @@ type partition struct {
 	keyed    map[string]*lane  // the lanes of keyed messages
 	lanes    map[laneKey]*lane // the others (unkeyed, one per message with unkeyed = "parallel")
 	busy     int               // lanes with work
-	idleCh   chan struct{}     // closed when busy drops to 0 (set by waitIdle)
+	stalled  int               // of those, lanes parked on a failure with no DLQ: they wait for the stop
+	handing  int               // goroutines handing a lane's message to the DLQ writer right now
+	idleCh   chan struct{}     // closed once quietLocked (set by waitIdle)
 	draining bool              // the worker takes no more messages
 	dead     bool              // stopped: lanes are abandoned wherever they are
 	waiting  bool              // the worker waits for a lane to become idle (lane cap)
@@ -435,13 +437,22 @@ func (p *partition) advance(l *lane) *pool {
 			l.running = false
 			if p.d.dlq == nil {
 				l.parked = parkStalled
+				p.stalled++
+				p.checkQuietLocked()
 				p.mu.Unlock()
 				p.d.stall(p, it)
 				return nil
 			}
 			l.parked = parkDLQ // before the write: its acknowledgement may come at once
+			// The lane is the DLQ writer's now, but stop must not return
+			// (and the writer close) while this goroutine is producing.
+			p.handing++
 			p.mu.Unlock()
 			p.d.deadLetter(p, l, it)
+			p.mu.Lock()
+			p.handing--
+			p.checkQuietLocked()
+			p.mu.Unlock()
 			return nil
 		case l.next < len(l.plan.Requests):
 			rq := &l.plan.Requests[l.next]
@@ -549,6 +560,9 @@ func (p *partition) abandonLocked(l *lane) {
 		it.span().End()
 	}
 	l.q = nil
+	if l.parked == parkStalled {
+		p.stalled--
+	}
 	if l.busy {
 		l.busy = false
 		p.busyDoneLocked()
@@ -559,7 +573,17 @@ func (p *partition) abandonLocked(l *lane) {
 
 func (p *partition) busyDoneLocked() {
 	p.busy--
-	if p.busy == 0 && p.idleCh != nil {
+	p.checkQuietLocked()
+}
+
+// quietLocked reports whether the partition has nothing left that could
+// finish: every lane with work is stalled (waiting for the stop) and no
+// goroutine is handing a message to the DLQ writer.
+func (p *partition) quietLocked() bool { return p.busy == p.stalled && p.handing == 0 }
+
+// checkQuietLocked wakes waitIdle once the partition is quiet.
+func (p *partition) checkQuietLocked() {
+	if p.idleCh != nil && p.quietLocked() {
 		close(p.idleCh)
 		p.idleCh = nil
 	}
@@ -577,9 +601,12 @@ func (p *partition) finish(m *filters.Message, outcome string) {
 }
 
 // stop ends the partition: the worker stops taking messages, the lanes finish
-// what they hold within timeout, then everything left is abandoned. It
-// returns once no goroutine works for the partition any more; whether the
-// lanes drained in time is reported.
+// what they hold within timeout (a lane stalled on a failure with no DLQ is
+// not waited for: it cannot finish), then everything left is abandoned. It
+// returns once no goroutine sends or dead-letters for the partition any
+// more (a retry timer or a late DLQ acknowledgement that fires afterwards
+// finds its lane abandoned and lets it go); whether the lanes drained in
+// time is reported.
 func (p *partition) stop(timeout time.Duration) (drained bool) {
 	close(p.stopWorker)
 	p.mu.Lock()
@@ -590,6 +617,7 @@ func (p *partition) stop(timeout time.Duration) (drained bool) {
 
 	drained = p.waitIdle(timeout)
 	p.mu.Lock()
+	drained = drained && p.stalled == 0
 	p.dead = true
 	p.cancel() // in-flight attempts and breaker waits end now
 	p.eachLaneLocked(func(l *lane) {
@@ -611,11 +639,12 @@ func (p *partition) stop(timeout time.Duration) (drained bool) {
 	return drained
 }
 
-// waitIdle waits until no lane has work, for at most timeout (negative:
-// without limit), and reports whether that happened.
+// waitIdle waits until the partition is quiet (quietLocked: every lane that
+// could finish did), for at most timeout (negative: without limit), and
+// reports whether that happened.
 func (p *partition) waitIdle(timeout time.Duration) bool {
 	p.mu.Lock()
-	if p.busy == 0 {
+	if p.quietLocked() {
 		p.mu.Unlock()
 		return true
 	}

@@ -162,7 +162,7 @@ func (pl *pool) serve(l *lane) *lane {
 		pl.q.push(l) // to the tail: the keys waiting here take turns
 	}
 	h := pl.q.pop()
-	if h != nil && h != l {
+	if h != nil {
 		pl.queuedGauge.Set(float64(pl.q.len()))
 	}
 	pl.mu.Unlock()

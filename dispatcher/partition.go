@@ -157,18 +157,8 @@ type partition struct {
 	lagGauge       prometheus.Gauge
 }
 
-// connHooker is implemented by senders with per-connection hooks to carry in
-// the contexts of their attempts (*httpclient.Sender: max_conn_age).
-type connHooker interface {
-	WithConnHooks(ctx context.Context) context.Context
-}
-
 func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 	ctx, cancel := context.WithCancel(d.ctx)
-	if h, ok := d.sender.(connHooker); ok {
-		// Once here rather than in every attempt.
-		ctx = h.WithConnHooks(ctx)
-	}
 	labels := prometheus.Labels{"topic": *tp.Topic, "partition": strconv.Itoa(int(tp.Partition))}
 	p := &partition{
 		labels:         labels,

@@ -82,13 +82,14 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 		actx, cancel = context.WithTimeout(ctx, s.timeout)
 		defer cancel() // after the drain: the body is read under the same limit
 	}
-	actx = s.withConnTrace(actx)
+	actx = s.withConnTrace(actx, c)
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
 	h := c.header
 	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
 		h = h.Clone()
 		s.propagate(actx, h)
 	}
+	c.sending = h // for gotConn
 
 	start := time.Now()
 	resp, err := s.transport.RoundTrip(c.newRequest(actx, h))
@@ -138,31 +139,23 @@ func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err 
 	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1, resp)}
 }
 
-// WithConnHooks returns ctx carrying the Sender's per-connection hook (the
-// max_conn_age check, see the package doc). Attempts under such a context
-// need not attach it each time: the dispatcher derives each partition's
-// context through it once. Attempts under any other context still get it.
-func (s *Sender) WithConnHooks(ctx context.Context) context.Context {
-	return s.withConnTrace(ctx)
-}
-
-// withConnTrace attaches the GotConn hook to ctx unless it is off or ctx
-// has it already.
-func (s *Sender) withConnTrace(ctx context.Context) context.Context {
-	if s.connTrace == nil {
+// withConnTrace attaches c's GotConn hook (the max_conn_age check) to ctx,
+// unless max_conn_age is off.
+func (s *Sender) withConnTrace(ctx context.Context, c *Call) context.Context {
+	if s.maxConnAge <= 0 {
 		return ctx
 	}
-	tr := httptrace.ContextClientTrace(ctx)
-	if tr == s.connTrace {
-		return ctx
+	if c.trace.GotConn == nil {
+		c.trace.GotConn = c.gotConn
 	}
-	if tr != nil {
+	tr := &c.trace
+	if httptrace.ContextClientTrace(ctx) != nil {
 		// WithClientTrace composes into (mutates) its argument when the
 		// context already holds a trace: give it a private copy.
-		cp := *s.connTrace
-		return httptrace.WithClientTrace(ctx, &cp)
+		cp := c.trace
+		tr = &cp
 	}
-	return httptrace.WithClientTrace(ctx, s.connTrace)
+	return httptrace.WithClientTrace(ctx, tr)
 }
 
 // urlErrorOp is the Op of a *url.Error for method, as http.Client spells

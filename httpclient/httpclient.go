@@ -96,15 +96,20 @@
 // per-attempt context covers it.
 //
 // With max_conn_age > 0 every dialed connection records its birth. When the
-// pool hands out a reused connection older than max_conn_age (seen through an
-// httptrace GotConn hook), the connection is marked retired and its next
-// Write fails before a byte is written; net/http then closes it and, because
-// every request carries an Idempotency-Key and a replayable body, retries the
-// request transparently on another connection (documented Transport
-// behaviour). The retry is invisible to Attempt: no attempt, error or breaker
-// failure is recorded, and no request is ever sent twice because of it. Old
-// idle connections that are never picked again die at idle_conn_timeout.
-// No background goroutine is involved.
+// pool hands a reused connection older than max_conn_age to an attempt (seen
+// through an httptrace GotConn hook), that attempt's request carries
+// "Connection: close": it is the connection's last. The server answers and
+// closes (RFC 9112 requires it; net/http's client then sees the answer's
+// Connection: close and does not pool the connection), and the next request
+// dials. Nothing fails, nothing is retried, no request is sent twice. Should
+// a server ignore the close and the connection come back, its next write
+// fails before a byte is written and net/http replays that request on
+// another connection. (Failing the write at once, without the close, raced
+// with net/http: for an answer without a body it pools the connection before
+// handing the answer over, and a request that picked the connection up and
+// closed it made the previous, answered request fail.) Old idle connections
+// that are never picked again die at idle_conn_timeout. No background
+// goroutine is involved.
 //
 // # Metrics
 //
@@ -237,7 +242,6 @@ type Sender struct {
 	breakerPoll    time.Duration
 
 	transport *http.Transport
-	connTrace *httptrace.ClientTrace // GotConn hook for max_conn_age; nil when off
 
 	mu      sync.RWMutex // protects targets
 	targets map[string]*target
@@ -294,9 +298,6 @@ func New(o Options) *Sender {
 	s.maxBackoff = max(s.maxBackoff, s.initialBackoff)
 
 	s.transport = s.newTransport(h)
-	if s.maxConnAge > 0 {
-		s.connTrace = &httptrace.ClientTrace{GotConn: s.gotConn}
-	}
 	return s
 }
 
@@ -309,7 +310,7 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 			if err != nil {
 				return nil, err
 			}
-			return &agedConn{Conn: c, born: time.Now()}, nil
+			return &agedConn{Conn: c, born: time.Now(), maxAge: s.maxConnAge}, nil
 		}
 	}
 	idlePerHost := h.MaxConnsPerHost
@@ -361,6 +362,11 @@ type Call struct {
 
 	attempts int
 	status   int // of the last attempt, 0 if it had no response
+
+	// The max_conn_age hook of this call's attempts, and the headers of
+	// the attempt being sent (which it may add Connection: close to).
+	trace   httptrace.ClientTrace
+	sending http.Header
 }
 
 // Reset starts c over for req, sent with Idempotency-Key: idempotencyKey

@@ -1,6 +1,7 @@
 package httpclient
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -777,13 +778,11 @@ func trustServer(s *Sender, srv *httptest.Server) {
 
 func TestConnAgeRetiresConnections(t *testing.T) {
 	for _, tc := range []struct {
-		age   time.Duration
-		tls   bool
-		many  bool
-		hooks bool // the context carries the hook already (WithConnHooks, as the dispatcher's do)
-	}{{200 * time.Millisecond, false, true, false}, {200 * time.Millisecond, true, true, false},
-		{200 * time.Millisecond, false, true, true}, {0, false, false, false}} {
-		t.Run(fmt.Sprintf("max_conn_age=%s/tls=%t/hooks=%t", tc.age, tc.tls, tc.hooks), func(t *testing.T) {
+		age  time.Duration
+		tls  bool
+		many bool
+	}{{200 * time.Millisecond, false, true}, {200 * time.Millisecond, true, true}, {0, false, false}} {
+		t.Run(fmt.Sprintf("max_conn_age=%s/tls=%t", tc.age, tc.tls), func(t *testing.T) {
 			// A 10 KiB answer: only drained bodies keep a connection reusable.
 			payload := strings.Repeat("z", 10<<10)
 			srv, conns := countingServer(t, tc.tls, func(w http.ResponseWriter, r *http.Request) {
@@ -794,12 +793,8 @@ func TestConnAgeRetiresConnections(t *testing.T) {
 			h.MaxConnAge = d(tc.age)
 			s, m := newTestSender(t, h, nil)
 			trustServer(s, srv)
-			ctx := context.Background()
-			if tc.hooks {
-				ctx = s.WithConnHooks(ctx)
-			}
 			for end := time.Now().Add(time.Second); time.Now().Before(end); {
-				res, err := s.Send(ctx, post(srv.URL, []byte(`{"n":1}`)), "k")
+				res, err := s.Send(context.Background(), post(srv.URL, []byte(`{"n":1}`)), "k")
 				if err != nil || res.Attempts != 1 {
 					// Retiring a connection must be invisible to Send.
 					t.Fatalf("result %+v, err %v; want one clean attempt", res, err)
@@ -814,6 +809,69 @@ func TestConnAgeRetiresConnections(t *testing.T) {
 				t.Fatalf("%v attempts failed", e)
 			}
 		})
+	}
+}
+
+// TestConnAgeServerIgnoresClose: a server that answers without closing
+// although the request said Connection: close (what net/http's own server
+// never does) keeps the connection open; the aged connection then refuses
+// the next request before writing it, net/http replays it on a new
+// connection, and nothing is visible: one attempt each, no error, every
+// request received exactly once, connections recycled.
+func TestConnAgeServerIgnoresClose(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var conns, requests, closes atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					_, _ = io.Copy(io.Discard, req.Body)
+					requests.Add(1)
+					if req.Header.Get("Connection") == "close" {
+						closes.Add(1)
+					}
+					// No Connection: close in the answer, and the connection stays.
+					if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	h := baseHTTP()
+	h.MaxConnAge = d(20 * time.Millisecond)
+	s, m := newTestSender(t, h, nil)
+	const n = 60
+	for i := range n {
+		res, err := s.Send(context.Background(), post("http://"+ln.Addr().String()+"/x", []byte(`{}`)), fmt.Sprintf("k-%d", i))
+		if err != nil || res.Attempts != 1 {
+			t.Fatalf("request %d: result %+v, err %v; want one clean attempt", i, res, err)
+		}
+		time.Sleep(2 * time.Millisecond) // pacing, not an assertion
+	}
+	if got := requests.Load(); got != n {
+		t.Fatalf("server saw %d requests, want exactly %d", got, n)
+	}
+	if conns.Load() < 2 || closes.Load() < 1 {
+		t.Fatalf("%d connections, %d requests asking for the close: none was retired", conns.Load(), closes.Load())
+	}
+	if e := metricValue(t, m, "orderly_http_requests_total", map[string]string{"status": "error"}); e != 0 {
+		t.Fatalf("%v attempts failed", e)
 	}
 }
 

@@ -133,12 +133,26 @@ func breakerGauge(st gobreaker.State) float64 {
 }
 
 // agedConn is a dialed connection that knows its age (max_conn_age > 0).
-// Once retired it refuses to write, which makes net/http drop it and replay
-// the request on another connection (see the package doc).
+// Once it has carried the request that asked the server to close it
+// (last) and read its answer, a further write (the next request, should
+// the server have kept the connection open) fails before a byte is
+// written, which makes net/http drop it and replay that request on another
+// connection (see the package doc).
 type agedConn struct {
 	net.Conn
-	born    time.Time
-	retired atomic.Bool
+	born   time.Time
+	maxAge time.Duration
+	// last is set when a request asking for the close was handed this
+	// connection; answered once a read returned data after that.
+	last, answered atomic.Bool
+}
+
+func (c *agedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 && c.last.Load() {
+		c.answered.Store(true)
+	}
+	return n, err
 }
 
 // errConnRetired is what a retired connection's Write returns; nothing has
@@ -150,25 +164,26 @@ type errRetired struct{}
 func (errRetired) Error() string { return "connection retired after max_conn_age" }
 
 func (c *agedConn) Write(p []byte) (int, error) {
-	if c.retired.Load() {
+	if c.answered.Load() {
 		return 0, errConnRetired
 	}
 	return c.Conn.Write(p)
 }
 
 // gotConn is the httptrace hook run when the pool hands a connection to an
-// attempt, before anything is written on it. A reused connection older than
-// max_conn_age is retired right there. Fresh connections are never retired:
-// net/http only replays requests that failed on a reused one.
-func (s *Sender) gotConn(info httptrace.GotConnInfo) {
+// attempt of c, before anything is written on it. A reused connection older
+// than max_conn_age makes this attempt its last (Connection: close). Fresh
+// connections are never retired.
+func (c *Call) gotConn(info httptrace.GotConnInfo) {
 	if !info.Reused {
 		return
 	}
-	c := info.Conn
-	if nc, ok := c.(interface{ NetConn() net.Conn }); ok { // *tls.Conn
-		c = nc.NetConn()
+	conn := info.Conn
+	if nc, ok := conn.(interface{ NetConn() net.Conn }); ok { // *tls.Conn
+		conn = nc.NetConn()
 	}
-	if ac, ok := c.(*agedConn); ok && time.Since(ac.born) >= s.maxConnAge {
-		ac.retired.Store(true)
+	if ac, ok := conn.(*agedConn); ok && time.Since(ac.born) >= ac.maxAge && !ac.last.Load() {
+		c.sending.Set("Connection", "close")
+		ac.last.Store(true)
 	}
 }

@@ -484,7 +484,8 @@ func (p *partition) render(l *lane, it *item) {
 func (l *lane) popLocked() {
 	l.q[0] = nil
 	l.q = l.q[1:]
-	l.plan, l.rendered, l.next, l.call, l.dlqBackoff = filters.Plan{}, false, 0, httpclient.Call{}, 0
+	l.plan, l.rendered, l.next, l.dlqBackoff = filters.Plan{}, false, 0, 0
+	l.call.Reset(nil, "")
 	clear(l.reqs[:])
 }
 

@@ -373,7 +373,8 @@ type Call struct {
 // (omitted if empty). req is not modified and must stay unchanged while c is
 // in use.
 func (c *Call) Reset(req *filters.Request, idempotencyKey string) {
-	*c = Call{req: req}
+	tr := c.trace // its hook is bound to c: a Call reused in place (a lane's) binds it once
+	*c = Call{req: req, trace: tr}
 	c.idem[0] = idempotencyKey
 }
 

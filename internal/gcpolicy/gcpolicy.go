@@ -25,7 +25,13 @@
 // the memory of the burst for minutes: once held has fallen below an eighth
 // of a peak above 32 MiB (at most every 10 s), then each time the tail of
 // the burst drains held below an eighth of what it was at the last release
-// (at most every second), until nothing is held.
+// (at most every second), until nothing is held. And whenever the process
+// goes quiet (no collection for IdleAfter after one Run did not make), it
+// releases once: the garbage and free pages of its last work, which the
+// collector's default headroom would otherwise keep until Go's periodic
+// collection two minutes later. A process busy enough to collect more often
+// than that never goes quiet; an idle one costs a collection every two
+// minutes, after Go's own.
 //
 // An operator's own settings win: with GOGC in the environment Run leaves
 // the collector alone. GOMEMLIMIT (a container's memory limit, say) stays in
@@ -52,7 +58,10 @@ type Options struct {
 	MinHeadroom int64
 	// Interval is how often Run looks at the collector; 0 means 100ms.
 	Interval time.Duration
-	Logger   *slog.Logger // nil discards
+	// IdleAfter is how long without a collection makes the process quiet;
+	// 0 means 5s.
+	IdleAfter time.Duration
+	Logger    *slog.Logger // nil discards
 }
 
 // running is set while a Run adjusts the collector.
@@ -61,6 +70,7 @@ var running atomic.Bool
 const (
 	defaultMinHeadroom = 16 << 20
 	defaultInterval    = 100 * time.Millisecond
+	defaultIdleAfter   = 5 * time.Second
 	// releaseAbove is the held peak below which a fall is not worth an
 	// immediate release; releaseEvery spaces out the releases of bursts,
 	// tailEvery those of their tails.
@@ -104,6 +114,7 @@ type governor struct {
 	held        func() int64
 	minHeadroom int64
 	interval    time.Duration
+	idleAfter   time.Duration
 	initial     int // the GOGC found at start
 
 	samples     []metrics.Sample
@@ -112,10 +123,13 @@ type governor struct {
 	peakHeld    int64  // the most held since the last release
 	tailFrom    int64  // held at the last release while a burst drains, else 0
 	lastRelease time.Time
+	seen        uint64    // collections seen by the release logic
+	lastCycle   time.Time // when one was last seen
+	idlePending bool      // one Run did not make was seen: release once quiet
 }
 
 func newGovernor(o Options) *governor {
-	g := &governor{held: o.Held, minHeadroom: o.MinHeadroom, interval: o.Interval,
+	g := &governor{held: o.Held, minHeadroom: o.MinHeadroom, interval: o.Interval, idleAfter: o.IdleAfter,
 		samples: []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}, {Name: "/gc/heap/live:bytes"},
 			{Name: "/gc/scan/stack:bytes"}, {Name: "/gc/scan/globals:bytes"}}}
 	if g.minHeadroom <= 0 {
@@ -124,6 +138,10 @@ func newGovernor(o Options) *governor {
 	if g.interval <= 0 {
 		g.interval = defaultInterval
 	}
+	if g.idleAfter <= 0 {
+		g.idleAfter = defaultIdleAfter
+	}
+	g.lastCycle = time.Now()
 	g.initial = debug.SetGCPercent(100)
 	g.gogc = 100
 	return g
@@ -134,13 +152,19 @@ func (g *governor) tick() {
 	held := max(g.held(), 0)
 	g.peakHeld = max(g.peakHeld, held)
 	metrics.Read(g.samples)
-	since := time.Since(g.lastRelease)
+	now := time.Now()
+	if c := g.samples[0].Value.Uint64(); c != g.seen {
+		g.seen, g.lastCycle, g.idlePending = c, now, true
+	}
+	since := now.Sub(g.lastRelease)
 	burstOver := g.peakHeld > releaseAbove && held < g.peakHeld/8 && since >= releaseEvery
 	tail := g.tailFrom > 0 && held < g.tailFrom/8 && since >= tailEvery
-	if burstOver || tail {
+	quiet := g.idlePending && now.Sub(g.lastCycle) >= g.idleAfter
+	if burstOver || tail || quiet {
 		debug.FreeOSMemory()
 		g.peakHeld, g.tailFrom, g.lastRelease = held, held, time.Now()
 		metrics.Read(g.samples)
+		g.seen, g.lastCycle, g.idlePending = g.samples[0].Value.Uint64(), g.lastRelease, false
 	}
 	cycles, live := g.samples[0].Value.Uint64(), int64(g.samples[1].Value.Uint64())
 	roots := int64(g.samples[2].Value.Uint64() + g.samples[3].Value.Uint64())

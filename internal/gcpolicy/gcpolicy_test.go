@@ -91,6 +91,48 @@ func TestGovernor(t *testing.T) {
 	}
 }
 
+// TestIdleRelease: once no collection has run for IdleAfter after one the
+// governor did not make, it collects and releases, once; its own releases
+// do not count.
+func TestIdleRelease(t *testing.T) {
+	if _, ok := os.LookupEnv("GOGC"); ok {
+		t.Skip("GOGC is set: the governor leaves the collector alone")
+	}
+	var held atomic.Int64
+	g := newGovernor(Options{Held: held.Load, IdleAfter: 50 * time.Millisecond})
+	defer debug.SetGCPercent(g.initial)
+
+	held.Store(64 << 20)
+	runtime.GC()
+	g.tick() // sees the held peak
+	held.Store(0)
+	f := forcedCycles()
+	g.tick()
+	if forcedCycles() == f {
+		t.Fatalf("no release when held fell from 64 MiB to 0")
+	}
+	if g.idlePending {
+		t.Fatal("the governor's own release counted as work to release after")
+	}
+
+	runtime.GC() // a collection of somebody else's: the process worked
+	f = forcedCycles()
+	g.tick()
+	if forcedCycles() != f {
+		t.Fatal("released at once, before the process was quiet")
+	}
+	waitFor(t, "the release once quiet", func() bool {
+		g.tick()
+		return forcedCycles() > f
+	})
+	f = forcedCycles()
+	g.lastCycle = time.Now().Add(-time.Hour) // quiet for long, nothing collected since the release
+	g.tick()
+	if forcedCycles() != f {
+		t.Fatal("released again with no collection since the last release")
+	}
+}
+
 // TestEnvironmentWins: with GOGC in the environment Run returns at once and
 // changes nothing.
 func TestEnvironmentWins(t *testing.T) {

@@ -69,20 +69,11 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 		// acknowledgement of the write it started.
 		l.dlqBackoff = min(max(2*l.dlqBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
 		wait := l.dlqBackoff
+		p.backoffLocked(l, wait)
 		p.mu.Unlock()
 		d.metrics.DLQErrors.Inc()
 		d.log.Error("dlq write failed, retrying: the key waits", "topic", p.topic, "partition", p.id,
 			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", wait.String())
-		p.mu.Lock()
-		if !l.abandoned && l.parked == parkDLQ {
-			l.parked = parkBackoff
-			if l.retry == nil {
-				l.retry = time.AfterFunc(wait, func() { p.unpark(l, parkBackoff) })
-			} else {
-				l.retry.Reset(wait)
-			}
-		}
-		p.mu.Unlock()
 		return
 	}
 	l.parked, l.running = parkNone, true
@@ -93,9 +84,7 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	p.finish(&it.msg, telemetry.OutcomeDeadLettered)
 	d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 		"dlq", d.dlq.topic, "reason", it.fail.reason)
-	if pl := p.advance(l); pl != nil {
-		pl.push(l)
-	}
+	p.moveOn(l)
 }
 
 // dlqRecord builds the DLQ record: the original key, value and headers

@@ -294,9 +294,7 @@ func (p *partition) enqueue(it *item) bool {
 			l.busy, l.running = true, true
 			p.busy++
 			p.mu.Unlock()
-			if pl := p.advance(l); pl != nil {
-				pl.push(l)
-			}
+			p.moveOn(l)
 			return true
 		}
 		if p.lanesLocked() < p.d.cfg.Dispatch.MaxLanes {
@@ -489,6 +487,14 @@ func (l *lane) popLocked() {
 	clear(l.reqs[:])
 }
 
+// moveOn advances l (held by the caller) and hands it to the pool of its
+// next request, if it has one.
+func (p *partition) moveOn(l *lane) {
+	if pl := p.advance(l); pl != nil {
+		pl.push(l)
+	}
+}
+
 // park puts l (held by the caller) on its retry timer for d; when it fires,
 // l moves on from where it was.
 func (p *partition) park(l *lane, d time.Duration) {
@@ -498,6 +504,11 @@ func (p *partition) park(l *lane, d time.Duration) {
 		p.abandonLocked(l)
 		return
 	}
+	p.backoffLocked(l, d)
+}
+
+// backoffLocked parks l on its retry timer for d.
+func (p *partition) backoffLocked(l *lane, d time.Duration) {
 	l.running = false
 	l.parked = parkBackoff
 	if l.retry == nil {
@@ -517,9 +528,7 @@ func (p *partition) unpark(l *lane, kind parkKind) {
 	}
 	l.parked, l.running = parkNone, true
 	p.mu.Unlock()
-	if pl := p.advance(l); pl != nil {
-		pl.push(l)
-	}
+	p.moveOn(l)
 }
 
 // idleLocked records that l ran out of work.

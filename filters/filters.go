@@ -333,7 +333,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 		use("method", tx)
 	case m == "":
 		rq.methodStr = http.MethodPost
-	case !validToken(m):
+	case !ValidToken(m):
 		fail(at("method"), fmt.Errorf("%q is not a valid HTTP method", m))
 	default:
 		rq.methodStr = m
@@ -368,7 +368,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 	for _, name := range names {
 		field := at(fmt.Sprintf("headers[%q]", name))
 		cn := http.CanonicalHeaderKey(name)
-		if !validToken(name) {
+		if !ValidToken(name) {
 			fail(field, fmt.Errorf("%q is not a valid header name", name))
 			continue
 		}
@@ -547,7 +547,7 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 		out.Method = rq.methodStr
 		if rq.method != nil {
 			s, err := st.renderString(rq.method)
-			if err == nil && !validToken(s) {
+			if err == nil && !ValidToken(s) {
 				err = fmt.Errorf("%w: rendered method %q is not a valid HTTP method", ErrInvalidRequest, s)
 			}
 			if err != nil {
@@ -613,8 +613,9 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 	return Plan{Route: rt.name, Requests: reqs}, nil
 }
 
-// validToken reports whether s is an RFC 9110 token (a method or header name).
-func validToken(s string) bool {
+// ValidToken reports whether s is an RFC 9110 token (a method or header name),
+// as net/http checks them.
+func ValidToken(s string) bool {
 	if s == "" {
 		return false
 	}

@@ -130,7 +130,6 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
-	"strings"
 	"sync"
 	"time"
 
@@ -452,7 +451,7 @@ func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey 
 // prepare resolves the target and builds what every attempt of c shares.
 func (s *Sender) prepare(c *Call) error {
 	r := c.req
-	if !validMethod(r.Method) {
+	if !filters.ValidToken(r.Method) {
 		return fmt.Errorf("unable to build the request: invalid method %q", r.Method)
 	}
 	u, err := url.Parse(r.URL)
@@ -520,20 +519,6 @@ func (c *Call) canceled(ctx context.Context) error {
 // request).
 func newBody(b []byte) io.ReadCloser {
 	return io.NopCloser(bytes.NewReader(b))
-}
-
-// validMethod reports whether m is an RFC 9110 token (as net/http checks).
-func validMethod(m string) bool {
-	if m == "" {
-		return false
-	}
-	for i := 0; i < len(m); i++ {
-		c := m[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`()<>@,;:\"/[]?={}`, c) >= 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func (s *Sender) retryable(status int) bool {

@@ -315,6 +315,15 @@ func TestSendInvalidRequestIsPermanent(t *testing.T) {
 			t.Fatalf("%s: %d attempts, want at most 1", u, e.Attempts)
 		}
 	}
+	bad := post("http://127.0.0.1:1/x", nil)
+	bad.Method = "GE T"
+	_, err := s.Send(context.Background(), bad, "k")
+	if !IsPermanent(err) || !strings.Contains(err.Error(), `invalid method "GE T"`) {
+		t.Fatalf("method %q: error %v, want a permanent invalid method", bad.Method, err)
+	}
+	if e := asError(t, err); e.Attempts != 0 {
+		t.Fatalf("method %q: %d attempts, want none", bad.Method, e.Attempts)
+	}
 }
 
 func TestSendMetrics(t *testing.T) {

@@ -681,24 +681,34 @@ type brokerProcess struct {
 	wait  chan error
 }
 
-func startBrokerProcess(partitions int, stderr io.Writer) (*brokerProcess, error) {
+// startChild starts this executable as `orderly bench args...`, killed
+// should this process die, with pipes to its stdin and from its stdout.
+func startChild(what string, stderr io.Writer, args ...string) (*exec.Cmd, io.WriteCloser, io.ReadCloser, error) {
 	exe, err := os.Executable()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
-	cmd := exec.Command(exe, "bench", "-serve-broker", "-partitions", strconv.Itoa(partitions))
+	cmd := exec.Command(exe, append([]string{"bench"}, args...)...)
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("unable to start the broker process: %w", err)
+		return nil, nil, nil, fmt.Errorf("unable to start the %s process: %w", what, err)
+	}
+	return cmd, stdin, stdout, nil
+}
+
+func startBrokerProcess(partitions int, stderr io.Writer) (*brokerProcess, error) {
+	cmd, stdin, stdout, err := startChild("broker", stderr, "-serve-broker", "-partitions", strconv.Itoa(partitions))
+	if err != nil {
+		return nil, err
 	}
 	b := &brokerProcess{cmd: cmd, stdin: stdin, wait: make(chan error, 1)}
 	line := make(chan string, 1)

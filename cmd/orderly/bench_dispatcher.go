@@ -36,7 +36,6 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/config"
@@ -380,27 +379,13 @@ func newChildOrderly(toml string, verbose bool, stderr io.Writer) (*childOrderly
 }
 
 func (c *childOrderly) start(ctx context.Context) error {
-	exe, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	args := []string{"bench", "-serve-dispatcher", "-config", c.config}
+	args := []string{"-serve-dispatcher", "-config", c.config}
 	if c.verbose {
 		args = append(args, "-v")
 	}
-	cmd := exec.Command(exe, args...)
-	cmd.Stderr = c.stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdin, err := cmd.StdinPipe()
+	cmd, stdin, stdout, err := startChild("dispatcher", c.stderr, args...)
 	if err != nil {
 		return err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("unable to start the dispatcher process: %w", err)
 	}
 	c.cmd, c.stdin = cmd, stdin
 	go func() {

@@ -352,7 +352,10 @@ type Call struct {
 	idem [1]string // the Idempotency-Key header value ("" = none)
 
 	// Built by the first attempt; unchanged afterwards, so that attempts may
-	// share them with requests net/http may still be reading.
+	// share them with requests net/http may still be reading. The one
+	// exception is the Connection: close that gotConn may add to header
+	// (when the attempt does not send a copy): the call's later attempts,
+	// if any, ask for the close too.
 	tg      *target
 	u       *url.URL
 	header  http.Header // configured headers + Idempotency-Key + User-Agent

@@ -14,7 +14,9 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // Options configures an embedded broker.
@@ -33,10 +35,17 @@ type Options struct {
 	MinSessionTimeout time.Duration
 	// Logger receives the broker's warnings and errors; nil discards them.
 	Logger *slog.Logger
+	// MaxCommitMetadata is the longest offset-commit metadata the broker
+	// accepts, as a real broker's offset.metadata.max.bytes: 0 means 4096
+	// (Kafka's default), negative means no limit (kfake's own behaviour).
+	MaxCommitMetadata int
 	// Extra options are passed to kfake unchanged (tests use them for
 	// fault injection settings).
 	Extra []kfake.Opt
 }
+
+// DefaultMaxCommitMetadata is Kafka's default offset.metadata.max.bytes.
+const DefaultMaxCommitMetadata = 4096
 
 // Broker is a running embedded broker. Close it after every client that
 // talks to it: a client whose broker vanished first waits for its timeouts.
@@ -88,6 +97,13 @@ func Start(o Options) (*Broker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("embedded broker: unable to start on %s: %w", o.Listen, err)
 	}
+	limit := o.MaxCommitMetadata
+	if limit == 0 {
+		limit = DefaultMaxCommitMetadata
+	}
+	if limit > 0 {
+		capCommitMetadata(cl, limit)
+	}
 	addrs := cl.ListenAddrs()
 	if len(addrs) == 0 {
 		cl.Close()
@@ -104,6 +120,46 @@ func (b *Broker) Cluster() *kfake.Cluster { return b.cluster }
 
 // Close stops the broker and, with a data directory, flushes its state.
 func (b *Broker) Close() { b.cluster.Close() }
+
+// capCommitMetadata makes cl refuse offset commits whose metadata is longer
+// than limit with OFFSET_METADATA_TOO_LARGE, as a real broker does (kfake
+// accepts any length). A real broker commits the other partitions of such a
+// request; this one refuses them with UNKNOWN_SERVER_ERROR, so that a client
+// can never take a partition that was not committed for one that was.
+// Commits that fit are left to kfake.
+func capCommitMetadata(cl *kfake.Cluster, limit int) {
+	cl.ControlKey(int16(kmsg.OffsetCommit), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+		cl.KeepControl()
+		req := kreq.(*kmsg.OffsetCommitRequest)
+		over := false
+		for _, t := range req.Topics {
+			for _, p := range t.Partitions {
+				if p.Metadata != nil && len(*p.Metadata) > limit {
+					over = true
+				}
+			}
+		}
+		if !over {
+			return nil, nil, false
+		}
+		resp := req.ResponseKind().(*kmsg.OffsetCommitResponse)
+		for _, t := range req.Topics {
+			rt := kmsg.NewOffsetCommitResponseTopic()
+			rt.Topic, rt.TopicID = t.Topic, t.TopicID
+			for _, p := range t.Partitions {
+				rp := kmsg.NewOffsetCommitResponseTopicPartition()
+				rp.Partition = p.Partition
+				rp.ErrorCode = kerr.UnknownServerError.Code
+				if p.Metadata != nil && len(*p.Metadata) > limit {
+					rp.ErrorCode = kerr.OffsetMetadataTooLarge.Code
+				}
+				rt.Partitions = append(rt.Partitions, rp)
+			}
+			resp.Topics = append(resp.Topics, rt)
+		}
+		return resp, nil, true
+	})
+}
 
 // slogLogger adapts slog to kfake's logger; kfake's info and debug lines
 // are protocol chatter, so only warnings and errors are passed on.

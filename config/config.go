@@ -77,6 +77,9 @@ func Defaults() Config {
 			Unmatched:      UnmatchedSkip,
 			MaxLanes:       10000,
 			LaneIdle:       dur(10 * time.Second),
+			MaxSpan:        1_000_000,
+			// Kafka's default offset.metadata.max.bytes.
+			CommitMetadataMaxBytes: 4096,
 		},
 		HTTP: HTTP{
 			Timeout:         dur(10 * time.Second),

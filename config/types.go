@@ -65,6 +65,12 @@ type Dispatch struct {
 	MaxLanes int `toml:"max_lanes"`
 	// LaneIdle is how long an idle key lane lives before it is retired.
 	LaneIdle Duration `toml:"lane_idle"`
+	// MaxSpan bounds, per partition, the offsets from the oldest unfinished
+	// message to the newest fetched one; at the limit the partition pauses.
+	MaxSpan int64 `toml:"max_span"`
+	// CommitMetadataMaxBytes bounds the progress (offsets finished beyond
+	// the committed one) written into each commit's metadata; 0 writes none.
+	CommitMetadataMaxBytes int `toml:"commit_metadata_max_bytes"`
 }
 
 // Values of dispatch.unkeyed and dispatch.unmatched.

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Validate checks every field of c and returns an Errors listing every
@@ -155,6 +156,47 @@ func (v *validator) dispatch() {
 	if d.LaneIdle.D() <= 0 {
 		v.fail(key("dispatch", "lane_idle"), "must be positive, not %s", d.LaneIdle.D())
 	}
+	if d.MaxSpan < int64(d.MaxInFlight) {
+		v.failAt(key("dispatch", "max_span"), key("dispatch", "max_in_flight"), "must be at least dispatch.max_in_flight (%d), not %d", d.MaxInFlight, d.MaxSpan)
+	}
+	if d.CommitMetadataMaxBytes < 0 {
+		v.fail(key("dispatch", "commit_metadata_max_bytes"), "must not be negative (0 = record no progress), not %d", d.CommitMetadataMaxBytes)
+	}
+	// A revoked partition drains before this member rejoins the group,
+	// and the group waits for that at most max.poll.interval.ms.
+	if poll, ok := v.c.maxPollInterval(); ok && d.DrainTimeout.D() >= poll-drainMargin {
+		v.failAt(key("dispatch", "drain_timeout"), key("kafka", "properties", "max.poll.interval.ms"),
+			"%s does not fit in max.poll.interval.ms (%s) with %s to spare: the group would expel this member while a revoked partition drains",
+			d.DrainTimeout.D(), poll, drainMargin)
+	}
+}
+
+// drainMargin is what a drain leaves of max.poll.interval.ms for the final
+// commit and the rejoin.
+const drainMargin = 5 * time.Second
+
+// maxPollInterval is librdkafka's max.poll.interval.ms as configured (its
+// default, 300000, when unset), and false when the property is invalid
+// (reported elsewhere).
+func (c *Config) maxPollInterval() (time.Duration, bool) {
+	v, set := c.Kafka.Properties["max.poll.interval.ms"]
+	if !set {
+		if raw, ok := c.Kafka.RawProperties["max.poll.interval.ms"]; ok {
+			s, err := propertyString(raw)
+			if err != nil {
+				return 0, false
+			}
+			v, set = s, true
+		}
+	}
+	if !set {
+		return 300 * time.Second, true
+	}
+	ms, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil || ms <= 0 {
+		return 0, false
+	}
+	return time.Duration(ms) * time.Millisecond, true
 }
 
 func (v *validator) http() {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptrace"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-retryablehttp"
+	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/orderly-dispatch/orderly/telemetry"
@@ -23,6 +25,26 @@ var (
 	errAttemptFailed = errors.New("attempt failed")   // counts as a breaker failure
 	errExcluded      = errors.New("attempt excluded") // neither success nor failure
 )
+
+// Reasons an attempt spent no attempt of max_attempts, as logged.
+const (
+	uncountedProbe         = "probe"          // a half-open probe
+	uncountedBreakerOpen   = "breaker_open"   // the breaker is open after the failure
+	uncountedTargetFailing = "target_failing" // another call failed since the target's last success
+	uncountedConnection    = "connection"     // no connection, and no other call succeeded meanwhile
+	uncountedUnavailable   = "unavailable"    // 429, 502, 503 or 504, and no other call succeeded meanwhile
+)
+
+// unavailable reports whether status says the target (or the gateway in
+// front of it) cannot serve anyone right now, whatever the request: such an
+// answer is no evidence against the message.
+func unavailable(status int) bool {
+	switch status {
+	case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		return true
+	}
+	return false
+}
 
 // Attempt makes the next attempt of c and says what comes next: Delivered,
 // Retry after Step.After, Failed (permanent) or Canceled (ctx ended). It
@@ -37,11 +59,17 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	}
 	tg := c.tg
 	var done func(error)
+	probe, trip := false, uint64(0)
 	if tg.breaker != nil {
 		var err error
 		if done, err = s.admit(ctx, tg); err != nil {
-			return Step{Outcome: Canceled, Err: &Error{Status: c.status, Attempts: c.attempts,
+			return Step{Outcome: Canceled, Err: &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted,
 				Err: fmt.Errorf("unable to send %s: %w", c.what(), err)}}
+		}
+		// Admitted while the breaker is not closed: a half-open probe. The
+		// trip record read now is that of the open period before it.
+		if gobreaker.State(tg.state.Load()) != gobreaker.StateClosed {
+			probe, trip = true, tg.soloTrip.Load()
 		}
 	}
 	c.attempts++
@@ -50,15 +78,29 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	}
 	resp, err := s.roundTrip(ctx, c)
 
-	outcome := error(nil)
+	outcome, retry := error(nil), false
 	switch {
 	case ctx.Err() != nil:
 		// The caller gave up (shutdown, revoke): says nothing about the target.
 		outcome = errExcluded
 	case err != nil:
 		outcome = errAttemptFailed
+		// Decides which transport errors are hopeless (bad scheme, invalid
+		// header, untrusted certificate); the rest are retried.
+		retry, _ = retryablehttp.ErrorPropagatedRetryPolicy(ctx, nil, err)
 	case resp.StatusCode >= 500 || s.retryable(resp.StatusCode):
-		outcome = errAttemptFailed
+		outcome, retry = errAttemptFailed, s.retryable(resp.StatusCode)
+	default:
+		tg.succeeded()
+	}
+	// A retryable failure goes on the health record before the breaker
+	// hears of it, so that a trip it causes knows which calls failed.
+	var othersFailed, otherSucceeded bool
+	if retry {
+		if c.id == 0 {
+			c.id = s.callIDs.Add(1)
+		}
+		othersFailed, otherSucceeded = tg.failed(c)
 	}
 	if done != nil {
 		done(outcome)
@@ -70,7 +112,33 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		tg.statusCounter(resp.StatusCode).Inc()
 		c.status = resp.StatusCode
 	}
-	return s.verdict(ctx, c, resp, err)
+
+	reason := ""
+	if retry {
+		// c.id is set: a trip record of 0 (several calls) never matches it.
+		switch {
+		case probe && trip != c.id:
+			reason = uncountedProbe
+		case tg.breaker != nil && gobreaker.State(tg.state.Load()) == gobreaker.StateOpen && tg.soloTrip.Load() != c.id:
+			reason = uncountedBreakerOpen
+		case othersFailed:
+			reason = uncountedTargetFailing
+		case err != nil && !c.connected && !otherSucceeded:
+			reason = uncountedConnection
+		case err == nil && unavailable(resp.StatusCode) && !otherSucceeded:
+			reason = uncountedUnavailable
+		}
+	}
+	if reason == "" {
+		c.counted++
+	} else {
+		tg.uncounted.Inc()
+		if s.log.Enabled(ctx, slog.LevelDebug) {
+			s.log.Debug("failed attempt not counted toward max_attempts", "host", tg.host, "reason", reason,
+				"request", c.what(), "attempts", c.attempts, "counted", c.counted, "status", c.status)
+		}
+	}
+	return s.verdict(ctx, c, resp, err, retry)
 }
 
 // roundTrip sends one attempt of c and returns the response with its body
@@ -82,6 +150,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 		actx, cancel = context.WithTimeout(ctx, s.timeout)
 		defer cancel() // after the drain: the body is read under the same limit
 	}
+	c.connected = false
 	actx = s.withConnTrace(actx, c)
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
 	h := c.header
@@ -108,43 +177,44 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	return resp, err
 }
 
-// verdict classifies the attempt just made.
-func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err error) Step {
+// verdict classifies the attempt just made; retry says whether it failed in
+// a retryable way. The retries are exhausted once max_attempts attempts
+// counted; the backoff grows with every attempt made.
+func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err error, retry bool) Step {
 	if ctx.Err() != nil {
 		return Step{Outcome: Canceled, Err: c.canceled(ctx)}
 	}
 	fail := func(err error) Step {
-		return Step{Outcome: Failed, Err: &Error{Status: c.status, Attempts: c.attempts, Permanent: true, Err: err}}
+		return Step{Outcome: Failed, Err: &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted, Permanent: true, Err: err}}
 	}
 	if err != nil {
-		// Decides which transport errors are hopeless (bad scheme, invalid
-		// header, untrusted certificate); the rest are retried.
-		if retry, _ := retryablehttp.ErrorPropagatedRetryPolicy(ctx, nil, err); !retry {
+		if !retry {
 			return fail(fmt.Errorf("unable to send %s: %w", c.what(), err))
 		}
 	} else {
 		if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 			return Step{Outcome: Delivered}
 		}
-		if !s.retryable(resp.StatusCode) {
+		if !retry {
 			return fail(fmt.Errorf("%w: %s answered %d", ErrStatus, c.what(), resp.StatusCode))
 		}
 	}
-	if s.maxAttempts > 0 && c.attempts >= s.maxAttempts {
-		if err != nil {
-			return fail(fmt.Errorf("%w after %d attempts: %w", ErrRetriesExhausted, c.attempts, err))
+	if s.maxAttempts > 0 && c.counted >= s.maxAttempts {
+		after := strconv.Itoa(c.attempts) + " attempts"
+		if c.counted != c.attempts {
+			after += " (" + strconv.Itoa(c.counted) + " counted)"
 		}
-		return fail(fmt.Errorf("%w after %d attempts: %s answered %d", ErrRetriesExhausted, c.attempts, c.what(), resp.StatusCode))
+		if err != nil {
+			return fail(fmt.Errorf("%w after %s: %w", ErrRetriesExhausted, after, err))
+		}
+		return fail(fmt.Errorf("%w after %s: %s answered %d", ErrRetriesExhausted, after, c.what(), resp.StatusCode))
 	}
 	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1, resp)}
 }
 
-// withConnTrace attaches c's GotConn hook (the max_conn_age check) to ctx,
-// unless max_conn_age is off.
+// withConnTrace attaches c's GotConn hook to ctx: it tells whether an
+// attempt got a connection, and runs the max_conn_age check.
 func (s *Sender) withConnTrace(ctx context.Context, c *Call) context.Context {
-	if s.maxConnAge <= 0 {
-		return ctx
-	}
 	if c.trace.GotConn == nil {
 		c.trace.GotConn = c.gotConn
 	}

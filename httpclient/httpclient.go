@@ -15,18 +15,21 @@
 //
 // The policy, per attempt:
 //
-//   - http.retry.max_attempts counts the first try; 0 means unbounded, i.e.
-//     until success or ctx is done;
+//   - http.retry.max_attempts bounds the attempts that count, the first try
+//     included; 0 means unbounded, i.e. until success or ctx is done. A
+//     failure while the target is failing as a whole does not count (see
+//     "Outages are not poison"); Error.Attempts and Result.Attempts report
+//     every attempt made, Error.Counted and Result.Counted the counted ones;
 //   - a status in retry_statuses, and every transport error that
 //     go-retryablehttp's ErrorPropagatedRetryPolicy considers recoverable
 //     (connection refused or reset, EOF, per-attempt timeout, ...; not a bad
 //     URL scheme, an invalid header or an untrusted certificate) is retried;
 //     anything else ends the call;
-//   - the backoff is exponential with equal jitter, kept within
-//     [initial_backoff, max_backoff]; on 429 and 503 a Retry-After header
-//     (seconds or HTTP-date, parsed by go-retryablehttp) replaces it, capped
-//     at max_backoff (a Retry-After of 0, or of a date in the past, leaves
-//     the exponential backoff);
+//   - the backoff is exponential in the attempts made (counted or not),
+//     with equal jitter, kept within [initial_backoff, max_backoff]; on 429
+//     and 503 a Retry-After header (seconds or HTTP-date, parsed by
+//     go-retryablehttp) replaces it, capped at max_backoff (a Retry-After of
+//     0, or of a date in the past, leaves the exponential backoff);
 //   - the body is replayed from the request's []byte on every attempt (and
 //     through GetBody); the caller's slice is never consumed or modified;
 //   - redirects are not followed: a 3xx is an answer like any other.
@@ -38,16 +41,46 @@
 // One attempt:
 //
 //  1. wait until the target's circuit breaker admits a request (see below);
-//  2. count the attempt, derive the per-attempt context (http.timeout);
+//  2. number the attempt, derive the per-attempt context (http.timeout);
 //  3. when the context carries a trace (a span, or a traceparent passed
 //     through), call Options.Propagate on a private copy of the headers;
 //  4. round trip on the tuned *http.Transport, then drain (up to 64 KiB) and
 //     close the response body so the connection goes back to the pool;
-//  5. record metrics and report the outcome to the breaker.
+//  5. put the outcome on the target's health record, report it to the
+//     breaker, record metrics, and decide whether the attempt counts.
 //
-// Because the breaker wait happens before the attempt is counted, an open
+// Because the breaker wait happens before the attempt is made, an open
 // breaker never consumes an attempt and never makes a request permanent: the
 // request simply waits (DESIGN guarantee 4).
+//
+// # Outages are not poison
+//
+// max_attempts is there to dead-letter a message the target keeps failing
+// on (poison), not the messages in flight while the target is down. Every
+// attempt counts toward it except a retryable failure (a retryable status or
+// a recoverable transport error) for which one of these holds:
+//
+//   - target_failing: since the target's last success (a 2xx, or any other
+//     answer the breaker counts as a success, such as a 400), another call
+//     also failed on it in a retryable way;
+//   - connection: the attempt got no connection (refused, DNS failure,
+//     connect timeout, TLS handshake failure: no request reached the
+//     target), and no other call succeeded on the target since this call's
+//     first failure;
+//   - probe: the breaker was half-open when the attempt was admitted;
+//   - breaker_open: the breaker is open once the failure is recorded.
+//
+// probe and breaker_open do not apply when the breaker last opened on this
+// call's failures alone (it was the only call that failed since the target's
+// last success): a lone call that trips the breaker tests itself again. So a
+// call answered 5xx while other calls to the target succeed counts every
+// attempt, and so does a lone call answered 5xx by an otherwise idle target
+// (nothing tells an outage from poison then); after another call succeeded
+// during its failures, even its connection failures count. A target that
+// refuses connections, or fails every call of two keys or more, spends no
+// attempts however long it lasts. Uncounted attempts are counted in
+// orderly_http_attempts_uncounted_total{host} and logged at debug with their
+// reason.
 //
 // # Outcomes
 //
@@ -72,6 +105,9 @@
 // an attempt cut short because the caller's ctx is done (shutdown) is
 // excluded. It stays open for open_timeout, then admits half_open_requests
 // probes; that many consecutive successes close it, one failure reopens it.
+// A failed probe, and a failure that leaves the breaker open, spend no attempt
+// unless the breaker opened on that call alone (see "Outages are not
+// poison").
 //
 // While the breaker refuses (open, or half-open with every probe slot taken)
 // the attempt waits without being counted: it retries admission every
@@ -116,7 +152,8 @@
 // Per attempt: orderly_http_requests_total{host,status} (status is the code
 // or "error"), orderly_http_request_duration_seconds{host} (round trip plus
 // body drain, breaker wait excluded); orderly_http_retries_total{host} for
-// every attempt after the first.
+// every attempt after the first; orderly_http_attempts_uncounted_total{host}
+// for every failed attempt that did not count toward max_attempts.
 package httpclient
 
 import (
@@ -131,6 +168,7 @@ import (
 	"net/http/httptrace"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/config"
@@ -189,6 +227,7 @@ type Options struct {
 type Result struct {
 	Status   int // the 2xx status of the last attempt
 	Attempts int // attempts made, the successful one included
+	Counted  int // attempts that counted toward max_attempts (see the package doc)
 }
 
 // Error is the error of a failed call. Permanent failures (non-retryable
@@ -199,6 +238,7 @@ type Result struct {
 type Error struct {
 	Status    int  // status of the last attempt, 0 if it got no response (or none was made)
 	Attempts  int  // attempts made
+	Counted   int  // attempts that counted toward max_attempts (see the package doc)
 	Permanent bool // true: retrying the same request will not help
 	Err       error
 }
@@ -208,6 +248,9 @@ func (e *Error) Error() string {
 	kind := "temporary"
 	if e.Permanent {
 		kind = "permanent"
+	}
+	if e.Counted != e.Attempts {
+		return fmt.Sprintf("httpclient: %v (status %d, %d attempts, %d counted, %s)", e.Err, e.Status, e.Attempts, e.Counted, kind)
 	}
 	return fmt.Sprintf("httpclient: %v (status %d, %d attempts, %s)", e.Err, e.Status, e.Attempts, kind)
 }
@@ -241,6 +284,7 @@ type Sender struct {
 	breakerPoll    time.Duration
 
 	transport *http.Transport
+	callIDs   atomic.Uint64 // the last id given to a failing call
 
 	mu      sync.RWMutex // protects targets
 	targets map[string]*target
@@ -362,13 +406,24 @@ type Call struct {
 	host    string      // a configured Host header
 	getBody func() (io.ReadCloser, error)
 
-	attempts int
+	attempts int // attempts made
+	counted  int // attempts that count toward max_attempts
 	status   int // of the last attempt, 0 if it had no response
 
-	// The max_conn_age hook of this call's attempts, and the headers of
-	// the attempt being sent (which it may add Connection: close to).
-	trace   httptrace.ClientTrace
-	sending http.Header
+	// The call on its target's health record: its id (0 until its first
+	// retryable failure), whether it has failed, and the target's success
+	// epoch when it first failed (a call fails in one run: its success
+	// ends it).
+	id       uint64
+	failing  bool
+	runEpoch uint64
+
+	// The GotConn hook of this call's attempts, the headers of the attempt
+	// being sent (which it may add Connection: close to) and whether that
+	// attempt got a connection.
+	trace     httptrace.ClientTrace
+	sending   http.Header
+	connected bool
 }
 
 // Reset starts c over for req, sent with Idempotency-Key: idempotencyKey
@@ -385,6 +440,9 @@ func (c *Call) Request() *filters.Request { return c.req }
 
 // Attempts returns the attempts made so far.
 func (c *Call) Attempts() int { return c.attempts }
+
+// Counted returns the attempts made so far that count toward max_attempts.
+func (c *Call) Counted() int { return c.counted }
 
 // Status returns the status of the last attempt, 0 if it had no response.
 func (c *Call) Status() int { return c.status }
@@ -434,9 +492,9 @@ func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey 
 		st := s.Attempt(ctx, &c)
 		switch st.Outcome {
 		case Delivered:
-			return Result{Status: c.status, Attempts: c.attempts}, nil
+			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted}, nil
 		case Failed, Canceled:
-			return Result{Status: c.status, Attempts: c.attempts}, st.Err
+			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted}, st.Err
 		}
 		if t == nil {
 			t = time.NewTimer(st.After)
@@ -445,7 +503,7 @@ func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey 
 		}
 		select {
 		case <-ctx.Done():
-			return Result{Status: c.status, Attempts: c.attempts}, c.canceled(ctx)
+			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted}, c.canceled(ctx)
 		case <-t.C:
 		}
 	}
@@ -511,7 +569,7 @@ func (c *Call) what() string {
 
 // canceled is the error of a call whose ctx ended.
 func (c *Call) canceled(ctx context.Context) error {
-	return &Error{Status: c.status, Attempts: c.attempts, Err: fmt.Errorf("unable to send %s: %w", c.what(), ctx.Err())}
+	return &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted, Err: fmt.Errorf("unable to send %s: %w", c.what(), ctx.Err())}
 }
 
 // newBody returns a request body over b; a fresh one per attempt, because

@@ -249,7 +249,7 @@ func TestSendOutcomes(t *testing.T) {
 		{"404 is permanent", []int{404}, 5, 1, 404, ErrStatus},
 		{"501 is permanent", []int{501}, 5, 1, 501, ErrStatus},
 		{"302 is not followed", []int{302}, 5, 1, 302, ErrStatus},
-		{"exhausted", []int{503, 503, 503, 503}, 3, 3, 503, ErrRetriesExhausted},
+		{"exhausted", []int{500, 500, 500, 500}, 3, 3, 500, ErrRetriesExhausted},
 		{"single attempt", []int{500}, 1, 1, 500, ErrRetriesExhausted},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -569,17 +569,20 @@ func TestSendCancel(t *testing.T) {
 
 // --- circuit breaker -------------------------------------------------------
 
-// tripBreaker sends failing single-attempt requests until the breaker of
-// rec's host is open.
+// tripBreaker makes one failing attempt each of new calls until the breaker
+// of rec's host is open. (Sequential Sends would not do: from the second
+// call on the target fails for several calls, the failures spend no attempt
+// and each Send keeps retrying.)
 func tripBreaker(t *testing.T, s *Sender, m *telemetry.Metrics, rec *recorder) {
 	t.Helper()
 	for i := 0; breakerState(t, m, rec.host()) != telemetry.BreakerOpen; i++ {
 		if i == 20 {
 			t.Fatal("breaker did not open after 20 failures")
 		}
-		_, err := s.Send(context.Background(), post(rec.URL, nil), "k")
-		if !IsPermanent(err) {
-			t.Fatalf("failing single attempt: %v, want permanent (exhausted)", err)
+		var c Call
+		c.Reset(post(rec.URL, nil), "k")
+		if st := s.Attempt(context.Background(), &c); st.Outcome != Failed && st.Outcome != Retry {
+			t.Fatalf("failing attempt: outcome %v (%v), want Failed or Retry", st.Outcome, st.Err)
 		}
 	}
 }
@@ -743,9 +746,15 @@ func TestBreakerDisabled(t *testing.T) {
 	h := baseHTTP() // breaker disabled
 	h.Retry.MaxAttempts = 2
 	s, m := newTestSender(t, h, nil)
+	// Two attempts each of 20 calls (the calls after the first fail while
+	// the target fails for others too, so they would not end on their own).
 	for range 20 {
-		if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); !IsPermanent(err) {
-			t.Fatalf("exhausted 503: %v, want permanent", err)
+		var c Call
+		c.Reset(post(rec.URL, nil), "k")
+		for range 2 {
+			if st := s.Attempt(context.Background(), &c); st.Outcome != Retry && st.Outcome != Failed {
+				t.Fatalf("503: outcome %v (%v), want Retry or Failed", st.Outcome, st.Err)
+			}
 		}
 	}
 	if rec.n() != 40 {

@@ -122,14 +122,14 @@ func TestNonRetryableIsPermanentAtOnce(t *testing.T) {
 }
 
 func TestAttemptsExhausted(t *testing.T) {
-	srv := newServer(t, 503, 503, 503, 503, 503, 503)
+	srv := newServer(t, 500, 500, 500, 500, 500, 500)
 	c := testConfig()
 	c.Retry.MaxAttempts = 4
 	s, _ := newSender(t, c)
 	_, err := s.Send(context.Background(), req(srv.URL), "k")
 	var e *Error
-	if !errors.As(err, &e) || !e.Permanent || e.Attempts != 4 || e.Status != 503 {
-		t.Fatalf("error %#v, want permanent after 4 attempts with status 503", err)
+	if !errors.As(err, &e) || !e.Permanent || e.Attempts != 4 || e.Status != 500 {
+		t.Fatalf("error %#v, want permanent after 4 attempts with status 500", err)
 	}
 	if srv.count() != 4 {
 		t.Fatalf("%d requests, want 4", srv.count())
@@ -298,8 +298,13 @@ func TestBreaker(t *testing.T) {
 	c.Retry.MaxAttempts = 3
 	s, m := newSender(t, c)
 	host := srv.Listener.Addr().String()
+	// One attempt each of 5 calls (sequential Sends would not end: from the
+	// second call on the target fails for several calls, which spends no
+	// attempt).
 	for i := 0; i < 5; i++ {
-		_, _ = s.Send(context.Background(), req(srv.URL), "k")
+		var call Call
+		call.Reset(req(srv.URL), "k")
+		_ = s.Attempt(context.Background(), &call)
 	}
 	if st := gauge(t, m, host); st != telemetry.BreakerOpen {
 		t.Fatalf("breaker state %v after a failing run, want open", st)

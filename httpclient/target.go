@@ -22,26 +22,45 @@ const (
 	breakerBucket   = time.Second
 )
 
-// target is the state kept per host:port: its breaker and metric handles.
-// Targets live as long as the Sender (one per distinct host:port a route
-// sends to, a small set).
+// target is the state kept per host:port: its breaker, its health record
+// and metric handles. Targets live as long as the Sender (one per distinct
+// host:port a route sends to, a small set).
 //
-// Lock order: the breaker's internal mutex, then target.mu (OnStateChange
-// runs under the former and takes the latter); nothing calls into the breaker
-// while holding target.mu. Sender.mu is only held to create targets.
+// Lock order: the breaker's internal mutex, then target.mu or target.hmu
+// (OnStateChange runs under the former and takes the latter); nothing calls
+// into the breaker while holding target.mu or target.hmu. Sender.mu is only
+// held to create targets.
 type target struct {
-	host     string
-	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}] // nil when breakers are disabled
-	duration prometheus.Observer
-	retries  prometheus.Counter
-	errors   prometheus.Counter
-	requests *prometheus.CounterVec // orderly_http_requests_total
+	host      string
+	breaker   *gobreaker.TwoStepCircuitBreaker[struct{}] // nil when breakers are disabled
+	duration  prometheus.Observer
+	retries   prometheus.Counter
+	uncounted prometheus.Counter
+	errors    prometheus.Counter
+	requests  *prometheus.CounterVec // orderly_http_requests_total
 	// statuses caches orderly_http_requests_total by status code (100..599),
 	// resolved on first sight of a code: no lock per attempt.
 	statuses [600]atomic.Pointer[prometheus.Counter]
 
 	mu      sync.Mutex    // protects changed
 	changed chan struct{} // closed and replaced on every breaker state change
+
+	// The health record: which calls failed in a retryable way since the
+	// target's last success (see "Outages are not poison" in the package
+	// doc). Only failures take hmu; a success takes it only when failures
+	// are on record (dirty).
+	hmu   sync.Mutex
+	epoch uint64      // successes that ended a run of failures
+	first uint64      // id of the first call that failed since the last success, 0: none
+	many  bool        // another call failed since the last success too
+	dirty atomic.Bool // first != 0
+
+	// Mirrors of the breaker, written by OnStateChange under its lock.
+	state atomic.Int32 // the gobreaker.State
+	// soloTrip is the id of the call whose failures alone last opened the
+	// breaker (it was the only call that failed since the last success), 0
+	// when several calls (or none known) had failed.
+	soloTrip atomic.Uint64
 }
 
 // target returns the state of host, creating it on first use.
@@ -59,12 +78,13 @@ func (s *Sender) target(host string) *target {
 	}
 	m := s.metrics
 	t = &target{
-		host:     host,
-		duration: m.HTTPDuration.WithLabelValues(host),
-		retries:  m.HTTPRetries.WithLabelValues(host),
-		errors:   m.HTTPRequests.WithLabelValues(host, "error"),
-		requests: m.HTTPRequests,
-		changed:  make(chan struct{}),
+		host:      host,
+		duration:  m.HTTPDuration.WithLabelValues(host),
+		retries:   m.HTTPRetries.WithLabelValues(host),
+		uncounted: m.HTTPUncounted.WithLabelValues(host),
+		errors:    m.HTTPRequests.WithLabelValues(host, "error"),
+		requests:  m.HTTPRequests,
+		changed:   make(chan struct{}),
 	}
 	if b := s.breaker; b.Enabled {
 		t.breaker = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
@@ -96,10 +116,57 @@ func (s *Sender) breakerChanged(t *target, from, to gobreaker.State) {
 	s.log.Warn("circuit breaker state changed", "host", t.host, "from", from.String(), "to", to.String())
 	s.metrics.BreakerChanges.WithLabelValues(t.host, to.String()).Inc()
 	s.metrics.BreakerState.WithLabelValues(t.host).Set(breakerGauge(to))
+	if to == gobreaker.StateOpen {
+		// The failure that trips the breaker is already on the health
+		// record (Attempt records it before reporting it to the breaker).
+		t.hmu.Lock()
+		solo := t.first
+		if t.many {
+			solo = 0
+		}
+		t.hmu.Unlock()
+		t.soloTrip.Store(solo)
+	}
+	t.state.Store(int32(to))
 	t.mu.Lock()
 	close(t.changed)
 	t.changed = make(chan struct{})
 	t.mu.Unlock()
+}
+
+// succeeded records an answer the breaker counts as a success: it ends the
+// target's run of failures.
+func (t *target) succeeded() {
+	if !t.dirty.Load() {
+		return
+	}
+	t.hmu.Lock()
+	if t.first != 0 {
+		t.first, t.many = 0, false
+		t.epoch++
+		t.dirty.Store(false)
+	}
+	t.hmu.Unlock()
+}
+
+// failed records a retryable failure of c (whose id is set) and reports
+// whether another call failed since the target's last success, and whether
+// another call succeeded since c's current run of failures began.
+func (t *target) failed(c *Call) (othersFailed, otherSucceeded bool) {
+	t.hmu.Lock()
+	defer t.hmu.Unlock()
+	if !c.failing {
+		c.failing, c.runEpoch = true, t.epoch
+	}
+	switch t.first {
+	case 0:
+		t.first, t.many = c.id, false
+		t.dirty.Store(true)
+	case c.id:
+	default:
+		t.many = true
+	}
+	return t.many, t.epoch != c.runEpoch
 }
 
 // stateChanged returns a channel closed at the next breaker state change.
@@ -171,10 +238,12 @@ func (c *agedConn) Write(p []byte) (int, error) {
 }
 
 // gotConn is the httptrace hook run when the pool hands a connection to an
-// attempt of c, before anything is written on it. A reused connection older
-// than max_conn_age makes this attempt its last (Connection: close). Fresh
-// connections are never retired.
+// attempt of c, before anything is written on it (in the goroutine of the
+// round trip). It notes that the attempt got a connection. A reused
+// connection older than max_conn_age makes this attempt its last
+// (Connection: close). Fresh connections are never retired.
 func (c *Call) gotConn(info httptrace.GotConnInfo) {
+	c.connected = true
 	if !info.Reused {
 		return
 	}

@@ -13,6 +13,9 @@ const (
 	OutcomeDeadLettered = "dead_lettered" // acknowledged by the DLQ topic
 	OutcomeSkipped      = "skipped"       // matched no route, dispatch.unmatched = "skip"
 	OutcomeStalled      = "stalled"       // failed permanently with no DLQ configured: its key waits
+	// OutcomeAlreadyDone: finished by an earlier owner of the partition
+	// (recorded in the commit's metadata) and skipped on redelivery.
+	OutcomeAlreadyDone = "already_done"
 )
 
 // Breaker states as reported by orderly_breaker_state.
@@ -32,6 +35,7 @@ type Metrics struct {
 	HTTPRequests     *prometheus.CounterVec   // host, status ("200", "503", "error")
 	HTTPDuration     *prometheus.HistogramVec // host
 	HTTPRetries      *prometheus.CounterVec   // host
+	HTTPUncounted    *prometheus.CounterVec   // host
 	BreakerState     *prometheus.GaugeVec     // host
 	BreakerChanges   *prometheus.CounterVec   // host, to
 	InFlight         *prometheus.GaugeVec     // topic, partition
@@ -48,6 +52,13 @@ type Metrics struct {
 	DLQErrors        prometheus.Counter
 	ReplayMessages   *prometheus.CounterVec // outcome
 	ReplayJobsActive prometheus.Gauge
+
+	Span              *prometheus.GaugeVec // topic, partition
+	OldestUnfinished  *prometheus.GaugeVec // topic, partition
+	ProgressTruncated prometheus.Counter
+	ProgressRefused   prometheus.Counter
+	DLQTruncated      prometheus.Counter
+	DLQFailing        prometheus.Gauge
 }
 
 // NewMetrics registers every Orderly collector, plus the Go and process
@@ -66,6 +77,8 @@ func NewMetrics() *Metrics {
 			Help: "Duration of one HTTP attempt by target host.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"host"}),
 		HTTPRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retries_total",
 			Help: "HTTP attempts that were retries, by target host."}, []string{"host"}),
+		HTTPUncounted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_attempts_uncounted_total",
+			Help: "Failed HTTP attempts that spent none of http.retry.max_attempts because the target was failing as a whole, by target host."}, []string{"host"}),
 		BreakerState: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_breaker_state",
 			Help: "Circuit breaker state per target host: 0 closed, 1 half-open, 2 open."}, []string{"host"}),
 		BreakerChanges: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_breaker_transitions_total",
@@ -98,10 +111,23 @@ func NewMetrics() *Metrics {
 			Help: "DLQ records handled by replay jobs, by outcome."}, []string{"outcome"}),
 		ReplayJobsActive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_replay_jobs_active",
 			Help: "Replay jobs running (0 or 1)."}),
+		Span: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_span_offsets",
+			Help: "Offsets from the oldest unfinished message to the newest fetched one, per partition; the partition pauses at dispatch.max_span."}, pl),
+		OldestUnfinished: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_oldest_unfinished_seconds",
+			Help: "Age of the oldest unfinished message per partition (since it was fetched); 0 when none."}, pl),
+		ProgressTruncated: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_progress_truncated_total",
+			Help: "Commits whose record of finished offsets did not fit dispatch.commit_metadata_max_bytes and kept only the offsets nearest the commit point."}),
+		ProgressRefused: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_metadata_refused_total",
+			Help: "Commits a broker refused with OFFSET_METADATA_TOO_LARGE; the partition's budget is halved."}),
+		DLQTruncated: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_truncated_total",
+			Help: "Dead-letter records written with their value cut because the DLQ topic refused the whole record for its size."}),
+		DLQFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
+			Help: "1 while dead-letter writes fail (the keys concerned wait), 0 once one succeeds."}),
 	}
-	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.BreakerState, m.BreakerChanges,
+	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.BreakerState, m.BreakerChanges,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
-		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive)
+		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive,
+		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing)
 	return m
 }
 

@@ -24,6 +24,9 @@ type Options struct {
 	Listen string
 	// Ready reports whether the service should receive traffic (/readyz).
 	Ready func() bool
+	// Problems, if set, lists what fails although the service is up
+	// (failing DLQ writes): /readyz reports them without changing its status.
+	Problems func() []string
 	// Metrics is exported on /metrics.
 	Metrics *telemetry.Metrics
 	// Token guards /dlq/* (Authorization: Bearer <token>).
@@ -68,11 +71,17 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if s.o.Ready != nil && s.o.Ready() {
-			writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
-			return
+		body := map[string]any{"status": "ready"}
+		status := http.StatusOK
+		if s.o.Ready == nil || !s.o.Ready() {
+			body["status"], status = "not ready", http.StatusServiceUnavailable
 		}
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
+		if s.o.Problems != nil {
+			if ps := s.o.Problems(); len(ps) > 0 {
+				body["problems"] = ps
+			}
+		}
+		writeJSON(w, status, body)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.o.Metrics.Registry, promhttp.HandlerOpts{}))
 	s.dlqRoutes(mux)

@@ -13,6 +13,7 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -72,9 +73,9 @@ name = "people"
 	d.ctx = ctx
 	d.senders = newSenders(cfg.HTTP.MaxConnsPerHost, d.metrics)
 	topic := "orders"
-	p := newPartition(d, kafka.TopicPartition{Topic: &topic, Partition: 0})
+	p := newPartition(d, kafka.TopicPartition{Topic: &topic, Partition: 0}, offsets.New(-1))
 	b.Cleanup(func() {
-		if !p.stop(10 * time.Second) {
+		if !p.stop(10*time.Second, true) {
 			b.Error("the partition did not drain")
 		}
 		d.senders.close()
@@ -120,7 +121,7 @@ func BenchmarkLaneHandoff(b *testing.B) {
 			var off int64
 			for b.Loop() {
 				waitBelow(p, bc.window)
-				if err := p.tracker.Begin(off); err != nil {
+				if _, err := p.tracker.Begin(off); err != nil {
 					b.Fatal(err)
 				}
 				it := &item{msg: tmpl, route: rt}
@@ -153,7 +154,7 @@ func BenchmarkPartitionWorker(b *testing.B) {
 			var off int64
 			for b.Loop() {
 				waitBelow(p, bc.window)
-				if err := p.tracker.Begin(off); err != nil {
+				if _, err := p.tracker.Begin(off); err != nil {
 					b.Fatal(err)
 				}
 				p.in <- &kafka.Message{

@@ -35,6 +35,7 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -98,8 +99,11 @@ type Dispatcher struct {
 	lastCommit time.Time
 	anyPaused  bool // some partition is paused
 
-	dlq     *dlqWriter // nil when dlq.topic is ""
-	senders *senders   // the sender pools, one per target
+	dlq    *dlqWriter                 // nil when dlq.topic is ""
+	dlqErr atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
+	// commitSoon asks the poll loop to commit at its next turn.
+	commitSoon atomic.Bool
+	senders    *senders // the sender pools, one per target
 
 	outcomes map[string]prometheus.Counter // orderly_messages_total by outcome, resolved once
 
@@ -110,6 +114,9 @@ type Dispatcher struct {
 	// onBegin, if set (tests only), sees each partition's in-flight count
 	// right after a message was handed to its worker.
 	onBegin func(topic string, partition int32, inFlight int)
+	// onRevoke, if set (tests only), sees the partitions of each revoke
+	// before their drain starts.
+	onRevoke func(partitions []int32)
 }
 
 type partKey struct {
@@ -262,6 +269,10 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 			timeout = 5
 		}
 		switch e := d.consumer.Poll(timeout).(type) {
+		case nil:
+			// Nothing new to consume: commit what finished soon rather than
+			// at the next commit_interval, so a crash now sends little again.
+			d.commitSoon.Store(true)
 		case *kafka.Message:
 			d.handleMessage(e)
 		case kafka.Error:
@@ -274,13 +285,27 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 				d.log.Warn("consumer error", "error", e)
 			}
 		}
-		d.maybeResume()
-		if time.Since(d.lastCommit) >= d.cfg.Dispatch.CommitInterval.D() {
-			d.commit(d.ownedPartitions())
-			d.lastCommit = time.Now()
-		}
+		d.afterPoll()
 	}
 	return nil
+}
+
+// soonest is the shortest time between two commits asked for by commitSoon.
+const soonest = 100 * time.Millisecond
+
+// afterPoll resumes what may resume and commits every commit_interval, or
+// sooner (at most every 100 ms) after a message was dead-lettered or when
+// there was nothing to consume: the sooner what finished is committed, the
+// less a crash sends (or dead-letters) twice. commit sends nothing when
+// nothing changed.
+func (d *Dispatcher) afterPoll() {
+	d.maybeResume()
+	since, every := time.Since(d.lastCommit), d.cfg.Dispatch.CommitInterval.D()
+	if since >= every || since >= min(every, soonest) && d.commitSoon.Load() {
+		d.commitSoon.Store(false)
+		d.commit(d.ownedPartitions())
+		d.lastCommit = time.Now()
+	}
 }
 
 func (d *Dispatcher) handleMessage(m *kafka.Message) {
@@ -290,11 +315,17 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 		return
 	}
 	p := d.parts[partKey{*m.TopicPartition.Topic, m.TopicPartition.Partition}]
-	if p == nil {
-		return // not ours (any more): whoever owns it consumes it
+	if p == nil || p.revoking {
+		return // not ours (any more): whoever owns it next consumes it
 	}
-	if err := p.tracker.Begin(int64(m.TopicPartition.Offset)); err != nil {
+	already, err := p.tracker.Begin(int64(m.TopicPartition.Offset))
+	if err != nil {
 		d.log.Error("offset out of order, message ignored", "topic", p.topic, "partition", p.id, "error", err)
+		return
+	}
+	if already {
+		// Finished by an earlier owner, as its last commit recorded.
+		d.outcome(telemetry.OutcomeAlreadyDone).Inc()
 		return
 	}
 	n := heldSize(len(m.Key), len(m.Value), len(m.Headers))
@@ -304,31 +335,44 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 	if d.onBegin != nil {
 		d.onBegin(p.topic, p.id, p.tracker.InFlight())
 	}
-	if !p.paused && p.tracker.InFlight() >= d.cfg.Dispatch.MaxInFlight {
-		if err := d.consumer.Pause([]kafka.TopicPartition{p.tp}); err != nil {
-			d.log.Error("pause", "topic", p.topic, "partition", p.id, "error", err)
-			return
-		}
-		p.paused = true
-		d.anyPaused = true
-		p.pausedGauge.Set(1)
-		d.metrics.Pauses.Inc()
-		d.log.Debug("partition paused", "topic", p.topic, "partition", p.id, "in_flight", p.tracker.InFlight())
+	if p.paused {
+		return
 	}
+	inFlight, span := p.tracker.InFlight(), p.tracker.Span()
+	if inFlight < d.cfg.Dispatch.MaxInFlight && span < d.cfg.Dispatch.MaxSpan {
+		return
+	}
+	if err := d.consumer.Pause([]kafka.TopicPartition{p.tp}); err != nil {
+		d.log.Error("pause", "topic", p.topic, "partition", p.id, "error", err)
+		return
+	}
+	p.paused = true
+	p.spanPaused = span >= d.cfg.Dispatch.MaxSpan
+	d.anyPaused = true
+	p.pausedGauge.Set(1)
+	d.metrics.Pauses.Inc()
+	if p.spanPaused {
+		d.log.Warn("partition paused: the oldest unfinished message is dispatch.max_span offsets behind",
+			"topic", p.topic, "partition", p.id, "oldest_unfinished", p.tracker.Committable(), "span", span,
+			"oldest_age", p.tracker.OldestPending(time.Now()).Round(time.Second).String())
+		return
+	}
+	d.log.Debug("partition paused", "topic", p.topic, "partition", p.id, "in_flight", inFlight)
 }
 
 // maybeResume resumes paused partitions whose in-flight count fell to half
-// of max_in_flight.
+// of max_in_flight and, when the span paused them, whose span fell to half
+// of max_span.
 func (d *Dispatcher) maybeResume() {
 	if !d.anyPaused {
 		return
 	}
 	stillPaused := false
 	for _, p := range d.parts {
-		if !p.paused {
+		if !p.paused || p.revoking {
 			continue
 		}
-		if p.tracker.InFlight() > d.cfg.Dispatch.MaxInFlight/2 {
+		if p.tracker.InFlight() > d.cfg.Dispatch.MaxInFlight/2 || p.spanPaused && p.tracker.Span() > d.cfg.Dispatch.MaxSpan/2 {
 			stillPaused = true
 			continue
 		}
@@ -364,19 +408,26 @@ func (d *Dispatcher) ownedPartitions() []*partition {
 	return ps
 }
 
-// commit commits the completed prefix of each given partition, where it
-// advanced. Only partitions in d.parts are ever passed: the poll loop removes
-// a partition after its final commit on revoke, so no commit is sent for a
-// partition this member no longer owns.
+// commit commits the completed prefix of each given partition, with the
+// record of what finished beyond it (offsets.Tracker.Progress) as the
+// commit's metadata, where either changed. Only partitions in d.parts are
+// ever passed: the poll loop removes a partition after its final commit on
+// revoke, so no commit is sent for a partition this member no longer owns.
 func (d *Dispatcher) commit(ps []*partition) {
 	var offs []kafka.TopicPartition
 	var which []*partition
+	now := time.Now()
 	for _, p := range ps {
 		p.inFlightGauge.Set(float64(p.tracker.InFlight()))
-		c := p.tracker.Committable()
-		if c >= 0 && c > p.committed {
-			offs = append(offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c)})
+		p.spanGauge.Set(float64(p.tracker.Span()))
+		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
+		c, meta, truncated := p.tracker.Progress(p.budget)
+		if c >= 0 && (c > p.committed || c == p.committed && meta != p.committedMeta) {
+			offs = append(offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c), Metadata: &meta})
 			which = append(which, p)
+			if truncated {
+				d.metrics.ProgressTruncated.Inc()
+			}
 		}
 		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
 			base := max(p.committed, c)
@@ -391,44 +442,60 @@ func (d *Dispatcher) commit(ps []*partition) {
 	res, err := d.consumer.CommitOffsets(offs)
 	if err != nil {
 		d.metrics.CommitErrors.Inc()
+		var ke kafka.Error
+		if errors.As(err, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+			// The client reports one error for the request: every partition
+			// that sent a record shrinks it.
+			for i, p := range which {
+				d.metadataRefused(p, len(*offs[i].Metadata))
+			}
+			return
+		}
 		d.log.Warn("commit failed, will retry", "error", err)
 		return
 	}
 	for i, r := range res {
+		p := which[i]
 		if r.Error != nil {
 			d.metrics.CommitErrors.Inc()
+			var ke kafka.Error
+			if errors.As(r.Error, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+				d.metadataRefused(p, len(*offs[i].Metadata))
+				continue
+			}
 			d.log.Warn("commit failed for a partition, will retry", "topic", *r.Topic, "partition", r.Partition, "error", r.Error)
 			continue
 		}
-		p := which[i]
 		p.committed = int64(offs[i].Offset)
+		p.committedMeta = *offs[i].Metadata
 		p.committedGauge.Set(float64(p.committed))
 	}
 }
 
+// minProgressBudget is the smallest progress record worth sending: below
+// it a partition records no progress at all.
+const minProgressBudget = 32
+
+// metadataRefused halves p's progress budget after a broker refused a
+// record of size bytes as too large (its offset.metadata.max.bytes is
+// lower than dispatch.commit_metadata_max_bytes); the next commit fits.
+func (d *Dispatcher) metadataRefused(p *partition, size int) {
+	d.metrics.ProgressRefused.Inc()
+	p.budget = min(p.budget, size) / 2
+	if p.budget < minProgressBudget {
+		p.budget = 0
+	}
+	d.log.Warn("the broker refused the commit's progress record as too large: lower dispatch.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes",
+		"topic", p.topic, "partition", p.id, "bytes", size, "budget_now", p.budget)
+}
+
 // onRebalance runs inside Poll, on the poll loop. The library performs the
-// (incremental) assign or unassign after it returns.
+// (incremental) assign or unassign after it returns. It may run again,
+// nested, while revoke polls during a drain.
 func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	switch e := ev.(type) {
 	case kafka.AssignedPartitions:
-		for _, tp := range e.Partitions {
-			k := partKey{*tp.Topic, tp.Partition}
-			if d.parts[k] == nil {
-				d.parts[k] = newPartition(d, tp)
-			}
-		}
-		// The committed offsets start the committed/lag metrics where the
-		// group left off; a failure here only delays them to the first commit.
-		if res, err := c.Committed(e.Partitions, 5000); err == nil {
-			for _, tp := range res {
-				if p := d.parts[partKey{*tp.Topic, tp.Partition}]; p != nil && tp.Offset >= 0 {
-					p.committed = int64(tp.Offset)
-					p.committedGauge.Set(float64(p.committed))
-				}
-			}
-		} else {
-			d.log.Warn("unable to read committed offsets", "error", err)
-		}
+		d.assign(c, e.Partitions)
 		d.metrics.Rebalances.WithLabelValues("assigned").Add(float64(len(e.Partitions)))
 		d.assigned.Store(true)
 		d.log.Info("partitions assigned", "partitions", tpString(e.Partitions), "protocol", c.GetRebalanceProtocol())
@@ -441,14 +508,73 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 		d.metrics.Rebalances.WithLabelValues(kind).Add(float64(len(e.Partitions)))
 		var ps []*partition
 		for _, tp := range e.Partitions {
-			if p := d.parts[partKey{*tp.Topic, tp.Partition}]; p != nil {
+			p := d.parts[partKey{*tp.Topic, tp.Partition}]
+			switch {
+			case p == nil:
+			case p.revoking:
+				// Draining in an outer revoke: a loss cuts that drain short
+				// and its commit out; a second revoke changes nothing.
+				if lost {
+					p.lost = true
+					p.hurry()
+				}
+			default:
 				ps = append(ps, p)
 			}
 		}
-		d.release(ps, !lost)
+		if lost {
+			d.release(ps, false)
+		} else {
+			d.revoke(ps)
+		}
 		d.log.Info("partitions "+kind, "partitions", tpString(e.Partitions))
 	}
 	return nil
+}
+
+// assign starts the newly assigned partitions where the group left off:
+// each partition's tracker starts from the committed offset and the
+// progress record committed with it, so that messages an earlier owner
+// finished beyond the committed offset are not sent again.
+func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) {
+	committed := map[partKey]kafka.TopicPartition{}
+	if res, err := c.Committed(tps, 5000); err == nil {
+		for _, tp := range res {
+			committed[partKey{*tp.Topic, tp.Partition}] = tp
+		}
+	} else {
+		// The partitions start without progress: what finished beyond the
+		// committed offset is sent again (at-least-once).
+		d.log.Warn("unable to read committed offsets and progress", "error", err)
+	}
+	for _, tp := range tps {
+		k := partKey{*tp.Topic, tp.Partition}
+		if d.parts[k] != nil {
+			continue
+		}
+		start, meta := int64(-1), ""
+		if ct, ok := committed[k]; ok && ct.Offset >= 0 {
+			start = int64(ct.Offset)
+			if ct.Metadata != nil {
+				meta = *ct.Metadata
+			}
+		}
+		tracker := offsets.New(start)
+		if start >= 0 {
+			t, err := offsets.NewFromProgress(start, meta)
+			if err != nil {
+				d.log.Warn("ignoring the progress record of the committed offset: finished messages beyond it are sent again",
+					"topic", k.topic, "partition", k.partition, "committed", start, "error", err)
+			}
+			tracker = t
+		}
+		p := newPartition(d, tp, tracker)
+		if start >= 0 {
+			p.committed, p.committedMeta = start, meta
+			p.committedGauge.Set(float64(start))
+		}
+		d.parts[k] = p
+	}
 }
 
 // release stops the given partitions, and forgets them: revoked (commit),
@@ -459,6 +585,85 @@ func (d *Dispatcher) release(ps []*partition, commit bool) {
 	if len(ps) == 0 {
 		return
 	}
+	d.resumeForGood(ps)
+	if commit {
+		d.stopAll(ps, d.cfg.Dispatch.DrainTimeout.D(), true)
+		d.commit(ps)
+	} else {
+		// Lost: another member may own these partitions already and
+		// start from the committed offset. Sending on while it does
+		// would interleave two runs of the same keys; stop at once.
+		d.stopAll(ps, 0, true)
+	}
+	d.forget(ps)
+}
+
+// revoke stops revoked partitions, commits what they finished and forgets
+// them. It runs inside the rebalance callback, because the partitions may
+// go to their next owner only once their lanes stopped sending, and
+// librdkafka holds back every partition's messages until it returns: so
+// the lanes finish only the attempt or DLQ write under way (within
+// drain_timeout) and leave the rest of their queues to the next owner,
+// which skips what finished (the progress record). Meanwhile it polls on,
+// so the partitions that stay keep being committed and resumed.
+func (d *Dispatcher) revoke(ps []*partition) {
+	if len(ps) == 0 {
+		return
+	}
+	tps := make([]kafka.TopicPartition, len(ps))
+	ids := make([]int32, len(ps))
+	for i, p := range ps {
+		p.revoking = true
+		tps[i], ids[i] = p.tp, p.id
+	}
+	if d.onRevoke != nil {
+		d.onRevoke(ids)
+	}
+	if err := d.consumer.Pause(tps); err != nil {
+		d.log.Warn("pause of revoked partitions", "error", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.stopAll(ps, d.cfg.Dispatch.DrainTimeout.D(), false)
+	}()
+	d.pollUntil(done)
+	// librdkafka would keep them paused should they come back to this member.
+	if err := d.consumer.Resume(tps); err != nil {
+		d.log.Warn("resume of revoked partitions", "error", err)
+	}
+	var keep []*partition
+	for _, p := range ps {
+		if !p.lost {
+			keep = append(keep, p)
+		}
+	}
+	d.commit(keep)
+	d.forget(ps)
+}
+
+// pollUntil runs the poll loop's work (messages, resumes, commits) until
+// done is closed. Fatal errors are logged: the caller is a drain that
+// ends within drain_timeout, after which the poll loop sees them again.
+func (d *Dispatcher) pollUntil(done <-chan struct{}) {
+	for {
+		select {
+		case <-done:
+			return
+		default:
+		}
+		switch e := d.consumer.Poll(10).(type) {
+		case *kafka.Message:
+			d.handleMessage(e)
+		case kafka.Error:
+			d.log.Warn("consumer error during a drain", "error", e)
+		}
+		d.afterPoll()
+	}
+}
+
+// resumeForGood resumes the paused partitions among ps before they go.
+func (d *Dispatcher) resumeForGood(ps []*partition) {
 	for _, p := range ps {
 		if p.paused {
 			_ = d.consumer.Resume([]kafka.TopicPartition{p.tp})
@@ -466,27 +671,23 @@ func (d *Dispatcher) release(ps []*partition, commit bool) {
 			p.pausedGauge.Set(0)
 		}
 	}
-	if commit {
-		d.stopAll(ps, d.cfg.Dispatch.DrainTimeout.D())
-		d.commit(ps)
-	} else {
-		// Lost: another member may own these partitions already and
-		// start from the committed offset. Sending on while it does
-		// would interleave two runs of the same keys; stop at once.
-		d.stopAll(ps, 0)
-	}
+}
+
+// forget drops stopped partitions from the poll loop's map and their metrics.
+func (d *Dispatcher) forget(ps []*partition) {
 	for _, p := range ps {
 		delete(d.parts, partKey{p.topic, p.id})
 		p.forgetMetrics()
 	}
 }
 
-// stopAll stops partitions concurrently, each draining for at most timeout.
-func (d *Dispatcher) stopAll(ps []*partition, timeout time.Duration) {
+// stopAll stops partitions concurrently, each draining (whole or only what
+// is under way, see partition.stop) for at most timeout.
+func (d *Dispatcher) stopAll(ps []*partition, timeout time.Duration, whole bool) {
 	var wg sync.WaitGroup
 	for _, p := range ps {
 		wg.Go(func() {
-			if !p.stop(timeout) {
+			if !p.stop(timeout, whole) {
 				d.log.Warn("unfinished messages abandoned, they will be redelivered",
 					"topic", p.topic, "partition", p.id, "committable", p.tracker.Committable(),
 					"drained_for", timeout.String())

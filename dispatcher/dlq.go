@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -26,6 +27,9 @@ const (
 	HeaderOriginalOffset    = "orderly.original_offset"
 	HeaderOriginalTimestamp = "orderly.original_timestamp"
 	HeaderFailedAt          = "orderly.failed_at"
+	// HeaderValueTruncated is set, to the original value's size in bytes,
+	// on a record whose value was cut because the DLQ refused it whole.
+	HeaderValueTruncated = "orderly.value_truncated"
 )
 
 // failure describes why a message is dead-lettered.
@@ -49,49 +53,133 @@ func (d *Dispatcher) stall(p *partition, it *item) {
 
 // deadLetter writes l's head message it to the DLQ; l is parked (parkDLQ)
 // until the DLQ acknowledges it. Then the message is done and l moves on; a
-// failed write is retried after a backoff, the key waiting meanwhile.
+// failed write is retried (see dlqAcked), the key waiting meanwhile.
 func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
-	if l.dlqBackoff == 0 {
+	if l.dlqBackoff == 0 && !l.dlqCut {
 		telemetry.MessageDeadLettered(it.span(), it.fail.reason)
 	}
-	d.dlq.produce(dlqRecord(d.dlq.topic, it, it.fail, time.Now()), func(err error) { d.dlqAcked(p, l, it, err) })
+	keep := -1
+	if l.dlqCut {
+		keep = l.dlqKeep
+	}
+	d.dlq.produce(dlqRecord(d.dlq.topic, it, it.fail, time.Now(), keep), func(err error) { d.dlqAcked(p, l, it, err) })
 }
 
-// dlqAcked handles the DLQ's answer for l's head message it.
+// dlqAcked handles the DLQ's answer for l's head message it:
+//   - acknowledged: the message is done, l moves on;
+//   - refused for its size (the DLQ topic's max.message.bytes, or the
+//     producer's message.max.bytes, is below the source topic's): it is
+//     written again at once with half as much of its value (and
+//     orderly.value_truncated), until it fits;
+//   - any other failure (authorization, unknown topic, broker down): it
+//     is written again after a backoff, reported at error level, in
+//     orderly_dlq_failing and on /readyz; the key waits, nothing is
+//     skipped, and a drain does not wait for it (it is redelivered).
 func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	p.mu.Lock()
 	if l.abandoned || l.parked != parkDLQ || len(l.q) == 0 || l.q[0] != it {
 		p.mu.Unlock()
 		return
 	}
+	// Only the goroutine holding l touches its dlq* fields: here, the
+	// acknowledgement of the write it started.
+	if err != nil && tooLarge(err) {
+		size := len(it.msg.Value)
+		if l.dlqCut {
+			size = l.dlqKeep
+		}
+		if size > 0 {
+			l.dlqCut, l.dlqKeep = true, size/2
+			p.handing++ // as in advance: stop waits while this goroutine produces
+			p.mu.Unlock()
+			d.log.Warn("the DLQ refused a record for its size: writing it with its value cut",
+				"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "dlq", d.dlq.topic,
+				"value_bytes", len(it.msg.Value), "keep_bytes", l.dlqKeep, "error", err)
+			d.deadLetter(p, l, it)
+			p.mu.Lock()
+			p.handing--
+			p.checkQuietLocked()
+			p.mu.Unlock()
+			return
+		}
+	}
 	if err != nil {
-		// Only the goroutine holding l touches dlqBackoff: here, the
-		// acknowledgement of the write it started.
 		l.dlqBackoff = min(max(2*l.dlqBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
 		wait := l.dlqBackoff
-		p.backoffLocked(l, wait)
+		p.backoffLocked(l, wait, parkDLQRetry)
 		p.mu.Unlock()
 		d.metrics.DLQErrors.Inc()
+		d.dlqFailing(err)
 		d.log.Error("dlq write failed, retrying: the key waits", "topic", p.topic, "partition", p.id,
-			"offset", it.msg.Offset, "dlq", d.dlq.topic, "error", err, "retry_in", wait.String())
+			"offset", it.msg.Offset, "key", string(it.msg.Key), "dlq", d.dlq.topic, "error", err, "retry_in", wait.String())
 		return
 	}
+	cut := l.dlqCut
 	l.parked, l.running = parkNone, true
 	l.popLocked()
 	p.mu.Unlock()
+	d.dlqFailing(nil)
 	d.metrics.DLQProduced.Inc()
+	if cut {
+		d.metrics.DLQTruncated.Inc()
+	}
 	it.span().End()
 	p.finish(&it.msg, telemetry.OutcomeDeadLettered)
+	d.commitSoon.Store(true)
 	d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-		"dlq", d.dlq.topic, "reason", it.fail.reason)
+		"dlq", d.dlq.topic, "reason", it.fail.reason, "value_truncated", cut)
 	p.moveOn(l)
 }
 
+// tooLarge reports whether a DLQ write failed for the record's size.
+func tooLarge(err error) bool {
+	var ke kafka.Error
+	if !errors.As(err, &ke) {
+		return false
+	}
+	switch ke.Code() {
+	case kafka.ErrMsgSizeTooLarge, kafka.ErrRecordListTooLarge:
+		return true
+	}
+	return false
+}
+
+// dlqFailing records the outcome of the latest DLQ write: nil clears the
+// failure, anything else is kept for /readyz and orderly_dlq_failing.
+func (d *Dispatcher) dlqFailing(err error) {
+	if err == nil {
+		if d.dlqErr.Load() != nil {
+			d.dlqErr.Store(nil)
+			d.metrics.DLQFailing.Set(0)
+			d.log.Info("dlq writes succeed again", "dlq", d.cfg.DLQ.Topic)
+		}
+		return
+	}
+	d.dlqErr.Store(&dlqProblem{err: err, since: time.Now()})
+	d.metrics.DLQFailing.Set(1)
+}
+
+type dlqProblem struct {
+	err   error
+	since time.Time
+}
+
+// Problems lists what keeps the dispatcher from working fully although it
+// is ready: today, failing DLQ writes. Safe for concurrent use.
+func (d *Dispatcher) Problems() []string {
+	if pr := d.dlqErr.Load(); pr != nil {
+		return []string{fmt.Sprintf("dead-letter writes to %s failing (last at %s): %v; the keys concerned wait",
+			d.cfg.DLQ.Topic, pr.since.UTC().Format(time.RFC3339), pr.err)}
+	}
+	return nil
+}
+
 // dlqRecord builds the DLQ record: the original key, value and headers
-// plus the orderly.* headers.
-func dlqRecord(topic string, it *item, f *failure, now time.Time) *kafka.Message {
+// plus the orderly.* headers. keep >= 0 cuts the value to that many bytes
+// and says so in orderly.value_truncated.
+func dlqRecord(topic string, it *item, f *failure, now time.Time, keep int) *kafka.Message {
 	m := &it.msg
-	hs := make([]kafka.Header, 0, len(m.Headers)+10)
+	hs := make([]kafka.Header, 0, len(m.Headers)+11)
 	for _, h := range m.Headers {
 		hs = append(hs, kafka.Header{Key: h.Key, Value: h.Value})
 	}
@@ -106,10 +194,15 @@ func dlqRecord(topic string, it *item, f *failure, now time.Time) *kafka.Message
 	add(HeaderOriginalOffset, strconv.FormatInt(m.Offset, 10))
 	add(HeaderOriginalTimestamp, m.Timestamp.UTC().Format(time.RFC3339Nano))
 	add(HeaderFailedAt, now.UTC().Format(time.RFC3339Nano))
+	value := m.Value
+	if keep >= 0 && keep < len(value) {
+		value = value[:keep]
+		add(HeaderValueTruncated, strconv.Itoa(len(m.Value)))
+	}
 	return &kafka.Message{
 		TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
 		Key:            m.Key,
-		Value:          m.Value,
+		Value:          value,
 		Headers:        hs,
 	}
 }

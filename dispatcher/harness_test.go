@@ -36,10 +36,22 @@ type harness struct {
 
 func newHarness(t *testing.T, partitions int) *harness {
 	t.Helper()
-	b, err := embedded.Start(embedded.Options{
+	return newHarnessWith(t, partitions, nil)
+}
+
+type embeddedOptions = embedded.Options
+
+// newHarnessWith is newHarness with the broker's options adjusted by tweak.
+func newHarnessWith(t *testing.T, partitions int, tweak func(*embeddedOptions)) *harness {
+	t.Helper()
+	o := embedded.Options{
 		Listen: "127.0.0.1:0", Partitions: partitions, Topics: []string{"orders", "orderly.dlq"},
 		MinSessionTimeout: 500 * time.Millisecond,
-	})
+	}
+	if tweak != nil {
+		tweak(&o)
+	}
+	b, err := embedded.Start(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,6 +71,12 @@ func newHarness(t *testing.T, partitions int) *harness {
 // config returns a configuration for the harness, with extra TOML appended
 // to the [dispatch] table (dispatch keys) and the route posting to the sink.
 func (h *harness) config(group, dispatchTOML, extraTOML string) *config.Config {
+	h.t.Helper()
+	return h.configTo(h.srv.URL, group, dispatchTOML, extraTOML)
+}
+
+// configTo is config with the route posting to base instead of the sink.
+func (h *harness) configTo(base, group, dispatchTOML, extraTOML string) *config.Config {
 	h.t.Helper()
 	src := fmt.Sprintf(`
 [kafka]
@@ -85,7 +103,7 @@ listen = ""
 name = "people"
   [[routes.requests]]
   url = "%s/people/{{ .Key }}"
-`, h.broker.Addr(), group, h.topic, dispatchTOML, extraTOML, h.srv.URL)
+`, h.broker.Addr(), group, h.topic, dispatchTOML, extraTOML, base)
 	cfg, err := config.Parse([]byte(src), "test.toml")
 	if err != nil {
 		h.t.Fatalf("config: %v\n%s", err, src)
@@ -135,6 +153,13 @@ func (h *harness) run(cfg *config.Config, tweak func(*Dispatcher)) (d *Dispatche
 // partition, read with a separate librdkafka client.
 func (h *harness) committed(group string) (committed, end []int64) {
 	h.t.Helper()
+	committed, end, _ = h.committedMeta(group)
+	return committed, end
+}
+
+// committedMeta is committed with each partition's commit metadata.
+func (h *harness) committedMeta(group string) (committed, end []int64, meta []string) {
+	h.t.Helper()
 	c, err := kafka.NewConsumer(&kafka.ConfigMap{"bootstrap.servers": h.broker.Addr(), "group.id": group,
 		"enable.metrics.push": false, "log_level": 3})
 	if err != nil {
@@ -151,13 +176,18 @@ func (h *harness) committed(group string) (committed, end []int64) {
 	}
 	for _, tp := range res {
 		committed = append(committed, int64(tp.Offset))
+		md := ""
+		if tp.Metadata != nil {
+			md = *tp.Metadata
+		}
+		meta = append(meta, md)
 		_, hi, err := c.QueryWatermarkOffsets(h.topic, tp.Partition, 10000)
 		if err != nil {
 			h.t.Fatal(err)
 		}
 		end = append(end, hi)
 	}
-	return committed, end
+	return committed, end, meta
 }
 
 func testLogger(t *testing.T) *slog.Logger {

@@ -77,10 +77,11 @@ const (
 type parkKind uint8
 
 const (
-	parkNone    parkKind = iota // in a sender pool's queue, or held by a goroutine
-	parkBackoff                 // on its retry timer (HTTP backoff or DLQ write retry)
-	parkDLQ                     // for the DLQ's acknowledgement of its head message
-	parkStalled                 // its head message failed and there is no DLQ: until the partition stops
+	parkNone     parkKind = iota // in a sender pool's queue, or held by a goroutine
+	parkBackoff                  // on its retry timer after an HTTP attempt
+	parkDLQ                      // for the DLQ's acknowledgement of its head message
+	parkDLQRetry                 // on its retry timer after a failed DLQ write: a drain does not wait for it
+	parkStalled                  // its head message failed and there is no DLQ: until the partition stops
 )
 
 // lane delivers the messages of one key in order, one at a time. A lane is
@@ -95,13 +96,16 @@ type lane struct {
 	// lane: its plan (rendered into reqs when rendered is set), next the
 	// index of its request being sent and call that request's attempts
 	// (zero when not started); dlqBackoff is the wait before its next DLQ
-	// write after a failed one.
+	// write after a failed one, and dlqKeep, when dlqCut is set, how much
+	// of the value the next DLQ write keeps (the DLQ refused it for size).
 	plan       filters.Plan
 	rendered   bool
 	reqs       [2]filters.Request
 	next       int
 	call       httpclient.Call
 	dlqBackoff time.Duration
+	dlqCut     bool
+	dlqKeep    int
 	// Protected by p.mu.
 	q         []*item // in order; q[0] is being delivered
 	busy      bool    // has work (q non-empty)
@@ -133,12 +137,15 @@ type partition struct {
 	// stopWorker tells the worker to stop taking messages.
 	stopWorker chan struct{}
 	workerDone chan struct{}
+	// hurryCh, closed by hurry, cuts a drain short.
+	hurryCh   chan struct{}
+	hurryOnce sync.Once
 
 	mu       sync.Mutex        // protects the fields below and every lane's fields
 	keyed    map[string]*lane  // the lanes of keyed messages
 	lanes    map[laneKey]*lane // the others (unkeyed, one per message with unkeyed = "parallel")
 	busy     int               // lanes with work
-	stalled  int               // of those, lanes parked on a failure with no DLQ: they wait for the stop
+	stalled  int               // of those, lanes a drain does not wait for: parked on a failure with no DLQ, or on a failed DLQ write
 	handing  int               // goroutines handing a lane's message to the DLQ writer right now
 	idleCh   chan struct{}     // closed once quietLocked (set by waitIdle)
 	draining bool              // the worker takes no more messages
@@ -147,17 +154,29 @@ type partition struct {
 	laneFree *sync.Cond        // signalled when a lane goes idle while waiting
 
 	// Owned by the poll loop.
-	paused    bool
-	committed int64 // last committed offset, -1 if none yet
+	paused     bool
+	spanPaused bool  // paused because the span reached max_span
+	committed  int64 // last committed offset, -1 if none yet
+	// committedMeta is the progress record sent with the last commit;
+	// budget bounds the next one (dispatch.commit_metadata_max_bytes,
+	// halved each time a broker refuses one as too large).
+	committedMeta string
+	budget        int
+	revoking      bool // revoked and draining: its messages are dropped
+	lost          bool // lost while draining: nothing more is committed
 
 	labels         prometheus.Labels
 	inFlightGauge  prometheus.Gauge
 	pausedGauge    prometheus.Gauge
 	committedGauge prometheus.Gauge
 	lagGauge       prometheus.Gauge
+	spanGauge      prometheus.Gauge
+	oldestGauge    prometheus.Gauge
 }
 
-func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
+// newPartition starts the worker of a newly assigned partition whose
+// completion tracker starts where the group left off.
+func newPartition(d *Dispatcher, tp kafka.TopicPartition, tracker *offsets.Tracker) *partition {
 	ctx, cancel := context.WithCancel(d.ctx)
 	labels := prometheus.Labels{"topic": *tp.Topic, "partition": strconv.Itoa(int(tp.Partition))}
 	p := &partition{
@@ -166,7 +185,8 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 		tp:             kafka.TopicPartition{Topic: tp.Topic, Partition: tp.Partition},
 		topic:          *tp.Topic,
 		id:             tp.Partition,
-		tracker:        offsets.New(-1),
+		tracker:        tracker,
+		hurryCh:        make(chan struct{}),
 		in:             make(chan *kafka.Message, d.cfg.Dispatch.MaxInFlight+1),
 		ctx:            ctx,
 		cancel:         cancel,
@@ -175,10 +195,13 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition) *partition {
 		keyed:          make(map[string]*lane),
 		lanes:          make(map[laneKey]*lane),
 		committed:      -1,
+		budget:         d.cfg.Dispatch.CommitMetadataMaxBytes,
 		inFlightGauge:  d.metrics.InFlight.With(labels),
 		pausedGauge:    d.metrics.Paused.With(labels),
 		committedGauge: d.metrics.Committed.With(labels),
 		lagGauge:       d.metrics.Lag.With(labels),
+		spanGauge:      d.metrics.Span.With(labels),
+		oldestGauge:    d.metrics.OldestUnfinished.With(labels),
 	}
 	p.laneFree = sync.NewCond(&p.mu)
 	go p.work()
@@ -404,6 +427,15 @@ func (p *partition) advance(l *lane) *pool {
 	p.mu.Lock()
 	for {
 		if p.dead {
+			if len(l.q) > 0 && l.q[0].fail == nil && l.rendered && l.next >= len(l.plan.Requests) {
+				// Its last request just succeeded: record it before the
+				// rest of the lane is dropped, or its next owner sends it again.
+				it := l.q[0]
+				l.popLocked()
+				p.mu.Unlock()
+				p.delivered(it)
+				p.mu.Lock()
+			}
 			p.abandonLocked(l)
 			p.mu.Unlock()
 			return nil
@@ -454,11 +486,16 @@ func (p *partition) advance(l *lane) *pool {
 		// Every request succeeded.
 		l.popLocked()
 		p.mu.Unlock()
-		telemetry.MessageOutcome(it.span(), telemetry.OutcomeDelivered)
-		it.span().End()
-		p.finish(&it.msg, telemetry.OutcomeDelivered)
+		p.delivered(it)
 		p.mu.Lock()
 	}
+}
+
+// delivered finishes a message whose requests all succeeded.
+func (p *partition) delivered(it *item) {
+	telemetry.MessageOutcome(it.span(), telemetry.OutcomeDelivered)
+	it.span().End()
+	p.finish(&it.msg, telemetry.OutcomeDelivered)
 }
 
 // render renders the requests of l's head message it (the caller holds l)
@@ -482,7 +519,7 @@ func (p *partition) render(l *lane, it *item) {
 func (l *lane) popLocked() {
 	l.q[0] = nil
 	l.q = l.q[1:]
-	l.plan, l.rendered, l.next, l.dlqBackoff = filters.Plan{}, false, 0, 0
+	l.plan, l.rendered, l.next, l.dlqBackoff, l.dlqCut, l.dlqKeep = filters.Plan{}, false, 0, 0, false, 0
 	l.call.Reset(nil, "")
 	clear(l.reqs[:])
 }
@@ -504,27 +541,35 @@ func (p *partition) park(l *lane, d time.Duration) {
 		p.abandonLocked(l)
 		return
 	}
-	p.backoffLocked(l, d)
+	p.backoffLocked(l, d, parkBackoff)
 }
 
-// backoffLocked parks l on its retry timer for d.
-func (p *partition) backoffLocked(l *lane, d time.Duration) {
+// backoffLocked parks l on its retry timer for d; kind is parkBackoff or
+// parkDLQRetry.
+func (p *partition) backoffLocked(l *lane, d time.Duration, kind parkKind) {
 	l.running = false
-	l.parked = parkBackoff
+	l.parked = kind
+	if kind == parkDLQRetry {
+		p.stalled++
+		p.checkQuietLocked()
+	}
 	if l.retry == nil {
-		l.retry = time.AfterFunc(d, func() { p.unpark(l, parkBackoff) })
+		l.retry = time.AfterFunc(d, func() { p.unpark(l) })
 	} else {
 		l.retry.Reset(d)
 	}
 }
 
-// unpark takes l back from where it was parked (kind) and moves it on.
-// A lane abandoned or no longer parked there is left alone.
-func (p *partition) unpark(l *lane, kind parkKind) {
+// unpark takes l back from its retry timer and moves it on. A lane
+// abandoned or no longer parked on its timer is left alone.
+func (p *partition) unpark(l *lane) {
 	p.mu.Lock()
-	if l.abandoned || l.parked != kind {
+	if l.abandoned || l.parked != parkBackoff && l.parked != parkDLQRetry {
 		p.mu.Unlock()
 		return
+	}
+	if l.parked == parkDLQRetry {
+		p.stalled--
 	}
 	l.parked, l.running = parkNone, true
 	p.mu.Unlock()
@@ -560,7 +605,7 @@ func (p *partition) abandonLocked(l *lane) {
 		it.span().End()
 	}
 	l.q = nil
-	if l.parked == parkStalled {
+	if l.parked == parkStalled || l.parked == parkDLQRetry {
 		p.stalled--
 	}
 	if l.busy {
@@ -601,13 +646,15 @@ func (p *partition) finish(m *filters.Message, outcome string) {
 }
 
 // stop ends the partition: the worker stops taking messages, the lanes finish
-// what they hold within timeout (a lane stalled on a failure with no DLQ is
-// not waited for: it cannot finish), then everything left is abandoned. It
-// returns once no goroutine sends or dead-letters for the partition any
-// more (a retry timer or a late DLQ acknowledgement that fires afterwards
-// finds its lane abandoned and lets it go); whether the lanes drained in
-// time is reported.
-func (p *partition) stop(timeout time.Duration) (drained bool) {
+// within timeout what they hold (whole) or only the attempt or DLQ write
+// they are making (!whole: the rest is left to the partition's next owner,
+// which skips what finished), then everything left is abandoned. A lane
+// stalled on a failure with no DLQ, or waiting to retry a failed DLQ write,
+// is not waited for. It returns once no goroutine sends or dead-letters for
+// the partition any more (a retry timer or a late DLQ acknowledgement that
+// fires afterwards finds its lane abandoned and lets it go); whether the
+// lanes drained in time is reported.
+func (p *partition) stop(timeout time.Duration, whole bool) (drained bool) {
 	close(p.stopWorker)
 	p.mu.Lock()
 	p.draining = true // also releases a worker waiting at the lane cap
@@ -615,6 +662,18 @@ func (p *partition) stop(timeout time.Duration) (drained bool) {
 	p.mu.Unlock()
 	<-p.workerDone
 
+	if !whole {
+		// Lanes stop after what they are doing now (advance and attempt
+		// see dead); the queued and parked ones have nothing under way.
+		p.mu.Lock()
+		p.dead = true
+		p.eachLaneLocked(func(l *lane) {
+			if l.busy && !l.running && l.parked != parkDLQ {
+				p.abandonLocked(l)
+			}
+		})
+		p.mu.Unlock()
+	}
 	drained = p.waitIdle(timeout)
 	p.mu.Lock()
 	drained = drained && p.stalled == 0
@@ -666,8 +725,14 @@ func (p *partition) waitIdle(timeout time.Duration) bool {
 		return true
 	case <-t.C:
 		return false
+	case <-p.hurryCh:
+		return false
 	}
 }
+
+// hurry ends a drain in progress (and any later one) at once: the
+// partition was lost, another member may own it already.
+func (p *partition) hurry() { p.hurryOnce.Do(func() { close(p.hurryCh) }) }
 
 // toMessage fills m with the filters' view of a librdkafka message.
 func toMessage(km *kafka.Message, m *filters.Message) {
@@ -694,6 +759,8 @@ func (p *partition) forgetMetrics() {
 	m.Paused.Delete(p.labels)
 	m.Committed.Delete(p.labels)
 	m.Lag.Delete(p.labels)
+	m.Span.Delete(p.labels)
+	m.OldestUnfinished.Delete(p.labels)
 }
 
 // badMessage keeps errors.As's target off the hot path: declared in

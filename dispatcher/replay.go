@@ -465,7 +465,7 @@ func (a *DLQAdmin) replayOne(m *kafka.Message, w *dlqWriter) (string, error) {
 }
 
 func (a *DLQAdmin) reDeadLetter(w *dlqWriter, it *item, f *failure) (string, error) {
-	rec := dlqRecord(w.topic, it, f, time.Now())
+	rec := dlqRecord(w.topic, it, f, time.Now(), -1)
 	if err := w.write(a.ctx, rec); err != nil {
 		return "", fmt.Errorf("replay: writing back to the DLQ: %w", err)
 	}

@@ -89,7 +89,7 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		dlq = s.dlq
 	}
 	if cfg.Admin.Listen != "" {
-		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Metrics: s.metrics,
+		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Problems: s.disp.Problems, Metrics: s.metrics,
 			Token: cfg.Admin.Token, DLQ: dlq, Logger: log})
 		if err != nil {
 			s.Close()

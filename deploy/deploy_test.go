@@ -10,8 +10,13 @@
 //     periods against admin.drain_grace + dispatch.drain_timeout;
 //   - the Grafana dashboard is valid JSON whose queries name only metrics and
 //     labels Orderly exports, each filtered by $job and $instance;
-//   - `haproxy -c` accepts haproxy/haproxy.cfg (skipped without haproxy,
-//     unless ORDERLY_E2E=1).
+//   - prometheus/alerts.yml is a Prometheus rules file whose expressions
+//     name only metrics and labels Orderly exports, prometheus.yml loads it,
+//     docker-compose.yml mounts it there, and the Prometheus Operator's copy
+//     (kubernetes/prometheus-operator) matches it;
+//   - `haproxy -c` accepts haproxy/haproxy.cfg and `promtool check` the
+//     rules and prometheus.yml (each skipped without the tool, unless
+//     ORDERLY_E2E=1).
 package deploy_test
 
 import (
@@ -27,6 +32,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -879,6 +885,15 @@ type dashPanel struct {
 	Targets []struct {
 		Expr string `json:"expr"`
 	} `json:"targets"`
+	FieldConfig struct {
+		Defaults struct {
+			Thresholds *struct {
+				Steps []struct {
+					Value *float64 `json:"value"`
+				} `json:"steps"`
+			} `json:"thresholds"`
+		} `json:"defaults"`
+	} `json:"fieldConfig"`
 	Panels []dashPanel `json:"panels"` // inside collapsed rows
 }
 
@@ -889,6 +904,103 @@ var (
 	byRE        = regexp.MustCompile(`\b(?:by|without)\s*\(([^)]*)\)`)
 	matcherRE   = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"`)
 )
+
+// promQL checks PromQL expressions (dashboard queries, alert rules) against
+// what Orderly's registry exports.
+type promQL struct {
+	t  *testing.T
+	ex exported
+	// vars are the $variables an expression may use (the dashboard's); nil
+	// for none.
+	vars map[string]bool
+	// filtered: every selector must filter on job=~"$job" and
+	// instance=~"$instance" (the dashboard's convention).
+	filtered bool
+	// used collects the exported families the expressions refer to.
+	used map[string]bool
+}
+
+// check reports what is wrong with expr (at where): unbalanced brackets or
+// quotes, undefined variables, metrics Orderly does not export, matchers
+// or groupings on labels they do not have.
+func (c promQL) check(where, expr string) {
+	t, ex := c.t, c.ex
+	t.Helper()
+	if strings.Count(expr, "(") != strings.Count(expr, ")") || strings.Count(expr, "{") != strings.Count(expr, "}") ||
+		strings.Count(expr, "[") != strings.Count(expr, "]") || strings.Count(expr, `"`)%2 != 0 {
+		t.Errorf("%s: unbalanced brackets or quotes in %s", where, expr)
+	}
+	for _, v := range regexp.MustCompile(`\$\{?(\w+)`).FindAllStringSubmatch(expr, -1) {
+		if !c.vars[v[1]] {
+			t.Errorf("%s: uses $%s, which is not defined here", where, v[1])
+		}
+	}
+	allowed := map[string]bool{"job": true, "instance": true}
+	refs := metricRefRE.FindAllStringSubmatch(expr, -1)
+	if len(refs) == 0 {
+		t.Errorf("%s: queries no Orderly metric: %s", where, expr)
+	}
+	for _, ref := range refs {
+		fam := ex.metricOf(ref[1])
+		if fam == "" {
+			t.Errorf("%s: queries %s, which Orderly does not export", where, ref[1])
+			continue
+		}
+		if c.used != nil {
+			c.used[fam] = true
+		}
+		for l := range ex.labels[fam] {
+			allowed[l] = true
+		}
+		if fam != ref[1] && strings.HasSuffix(ref[1], "_bucket") {
+			allowed["le"] = true
+		}
+		sel := ref[2]
+		if c.filtered && (!strings.Contains(sel, `job=~"$job"`) || !strings.Contains(sel, `instance=~"$instance"`)) {
+			t.Errorf("%s: %s%s is not filtered by job=~\"$job\" and instance=~\"$instance\"", where, ref[1], sel)
+		}
+		for _, m := range matcherRE.FindAllStringSubmatch(sel, -1) {
+			if m[1] != "job" && m[1] != "instance" && !ex.labels[fam][m[1]] {
+				t.Errorf("%s: %s has no label %q", where, ref[1], m[1])
+			}
+		}
+	}
+	for _, by := range byRE.FindAllStringSubmatch(expr, -1) {
+		for _, l := range strings.Split(by[1], ",") {
+			if l = strings.TrimSpace(l); l != "" && !allowed[l] {
+				t.Errorf("%s: groups by %q, which none of its metrics has (%v)", where, l, keys(allowed))
+			}
+		}
+	}
+}
+
+// aggRE is an aggregation with its optional leading by/without clause.
+var aggRE = regexp.MustCompile(`\b(?:sum|min|max|avg|group|count|stddev|stdvar)\s*(?:(by|without)\s*\(([^)]*)\))?\s*\(`)
+
+// resultLabels approximates the labels of expr's result series: those of
+// its metrics plus job and instance, narrowed by every aggregation (an
+// aggregation without by keeps none). Alert annotations may use these as
+// $labels.
+func (c promQL) resultLabels(expr string) map[string]bool {
+	out := map[string]bool{"job": true, "instance": true}
+	for _, ref := range metricRefRE.FindAllStringSubmatch(expr, -1) {
+		for l := range c.ex.labels[c.ex.metricOf(ref[1])] {
+			out[l] = true
+		}
+	}
+	for _, a := range aggRE.FindAllStringSubmatch(expr, -1) {
+		listed := map[string]bool{}
+		for _, l := range strings.Split(a[2], ",") {
+			listed[strings.TrimSpace(l)] = true
+		}
+		for l := range out {
+			if a[1] == "" || (a[1] == "by") != listed[l] {
+				delete(out, l)
+			}
+		}
+	}
+	return out
+}
 
 func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	raw := readFile(t, "grafana/orderly-dashboard.json")
@@ -926,52 +1038,8 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	}
 	used := map[string]bool{}
 	ids := map[int]string{}
-	checkExpr := func(where, expr string) {
-		if strings.Count(expr, "(") != strings.Count(expr, ")") || strings.Count(expr, "{") != strings.Count(expr, "}") ||
-			strings.Count(expr, "[") != strings.Count(expr, "]") || strings.Count(expr, `"`)%2 != 0 {
-			t.Errorf("%s: unbalanced brackets or quotes in %s", where, expr)
-		}
-		for _, v := range regexp.MustCompile(`\$\{?(\w+)`).FindAllStringSubmatch(expr, -1) {
-			if !vars[v[1]] {
-				t.Errorf("%s: uses $%s, which the dashboard does not define", where, v[1])
-			}
-		}
-		allowed := map[string]bool{"job": true, "instance": true}
-		refs := metricRefRE.FindAllStringSubmatch(expr, -1)
-		if len(refs) == 0 {
-			t.Errorf("%s: queries no Orderly metric: %s", where, expr)
-		}
-		for _, ref := range refs {
-			fam := ex.metricOf(ref[1])
-			if fam == "" {
-				t.Errorf("%s: queries %s, which Orderly does not export", where, ref[1])
-				continue
-			}
-			used[fam] = true
-			for l := range ex.labels[fam] {
-				allowed[l] = true
-			}
-			if fam != ref[1] && strings.HasSuffix(ref[1], "_bucket") {
-				allowed["le"] = true
-			}
-			sel := ref[2]
-			if !strings.Contains(sel, `job=~"$job"`) || !strings.Contains(sel, `instance=~"$instance"`) {
-				t.Errorf("%s: %s%s is not filtered by job=~\"$job\" and instance=~\"$instance\"", where, ref[1], sel)
-			}
-			for _, m := range matcherRE.FindAllStringSubmatch(sel, -1) {
-				if m[1] != "job" && m[1] != "instance" && !ex.labels[fam][m[1]] {
-					t.Errorf("%s: %s has no label %q", where, ref[1], m[1])
-				}
-			}
-		}
-		for _, by := range byRE.FindAllStringSubmatch(expr, -1) {
-			for _, l := range strings.Split(by[1], ",") {
-				if l = strings.TrimSpace(l); l != "" && !allowed[l] {
-					t.Errorf("%s: groups by %q, which none of its metrics has (%v)", where, l, keys(allowed))
-				}
-			}
-		}
-	}
+	check := promQL{t: t, ex: ex, vars: vars, filtered: true, used: used}
+	checkExpr := func(where, expr string) { check.check(where, expr) }
 	for _, a := range dash.Annotations.List {
 		if a.Expr != "" {
 			checkExpr("annotation", a.Expr)
@@ -1015,10 +1083,49 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	for _, name := range []string{"orderly_messages_total", "orderly_http_requests_total", "orderly_http_request_duration_seconds",
 		"orderly_http_retries_total", "orderly_breaker_state", "orderly_partition_in_flight", "orderly_partition_paused",
 		"orderly_committed_offset", "orderly_consumer_lag", "orderly_active_lanes", "orderly_dlq_produced_total",
-		"orderly_dlq_errors_total", "orderly_rebalances_total"} {
+		"orderly_dlq_errors_total", "orderly_rebalances_total", "orderly_partition_span_offsets",
+		"orderly_partition_oldest_unfinished_seconds", "orderly_http_attempts_uncounted_total", "orderly_dlq_failing",
+		"orderly_dlq_truncated_total", "orderly_commit_metadata_refused_total"} {
 		if !used[name] {
 			t.Errorf("no panel shows %s", name)
 		}
+	}
+	// The panels an operator looks for when an alert of
+	// prometheus/alerts.yml fires, by title.
+	byTitle := map[string]dashPanel{}
+	for _, p := range panels {
+		byTitle[p.Title] = p
+	}
+	for title, metrics := range map[string][]string{
+		"Oldest unfinished message (age) per partition": {"orderly_partition_oldest_unfinished_seconds"},
+		"Offset span per partition":                     {"orderly_partition_span_offsets"},
+		"Attempts not counted (target down)":            {"orderly_http_attempts_uncounted_total"},
+		"DLQ health":                                    {"orderly_dlq_failing", "orderly_dlq_truncated_total"},
+	} {
+		p, ok := byTitle[title]
+		if !ok {
+			t.Errorf("no panel %q", title)
+			continue
+		}
+		for _, m := range metrics {
+			found := false
+			for _, tg := range p.Targets {
+				found = found || strings.Contains(tg.Expr, m+"{")
+			}
+			if !found {
+				t.Errorf("panel %q does not query %s", title, m)
+			}
+		}
+	}
+	// The span panel marks where a partition pauses by default.
+	maxSpan := float64(config.Defaults().Dispatch.MaxSpan)
+	if th := byTitle["Offset span per partition"].FieldConfig.Defaults.Thresholds; th == nil || !slices.ContainsFunc(th.Steps,
+		func(s struct {
+			Value *float64 `json:"value"`
+		}) bool {
+			return s.Value != nil && *s.Value == maxSpan
+		}) {
+		t.Errorf("panel \"Offset span per partition\": no threshold at dispatch.max_span's default %v", maxSpan)
 	}
 	var unused []string
 	for name := range ex.labels {
@@ -1029,6 +1136,253 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	if len(unused) > 0 {
 		sort.Strings(unused)
 		t.Logf("exported but on no panel: %v", unused)
+	}
+}
+
+// ------------------------------------------------------ Prometheus alerts
+
+// alertsFile is the alerting rules file prometheus.yml loads.
+const alertsFile = "prometheus/alerts.yml"
+
+// ruleFile is the structure of a Prometheus rules file; unknown keys are
+// errors (decoded with KnownFields).
+type ruleFile struct {
+	Groups []struct {
+		Name     string `yaml:"name"`
+		Interval string `yaml:"interval"`
+		Limit    int    `yaml:"limit"`
+		Rules    []struct {
+			Alert         string            `yaml:"alert"`
+			Record        string            `yaml:"record"`
+			Expr          string            `yaml:"expr"`
+			For           string            `yaml:"for"`
+			KeepFiringFor string            `yaml:"keep_firing_for"`
+			Labels        map[string]string `yaml:"labels"`
+			Annotations   map[string]string `yaml:"annotations"`
+		} `yaml:"rules"`
+	} `yaml:"groups"`
+}
+
+// promDurationRE is a Prometheus duration ("5m", "1h30m", "0s").
+var promDurationRE = regexp.MustCompile(`^(?:\d+y)?(?:\d+w)?(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?(?:\d+ms)?$`)
+
+func TestAlertRules(t *testing.T) {
+	var rf ruleFile
+	dec := yaml.NewDecoder(bytes.NewReader(readFile(t, alertsFile)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&rf); err != nil {
+		t.Fatalf("%s: not a Prometheus rules file: %v", alertsFile, err)
+	}
+	if len(rf.Groups) == 0 {
+		t.Fatalf("%s: no groups", alertsFile)
+	}
+	ex := exportedMetrics(t)
+	check := promQL{t: t, ex: ex, used: map[string]bool{}}
+	type alert struct{ expr, for_, description string }
+	alerts := map[string]alert{}
+	groups := map[string]bool{}
+	labelRefRE := regexp.MustCompile(`\$labels\.(\w+)`)
+	for _, g := range rf.Groups {
+		if g.Name == "" || groups[g.Name] {
+			t.Errorf("%s: group name %q empty or not unique", alertsFile, g.Name)
+		}
+		groups[g.Name] = true
+		if g.Interval != "" && !promDurationRE.MatchString(g.Interval) {
+			t.Errorf("group %s: interval %q is not a Prometheus duration", g.Name, g.Interval)
+		}
+		if len(g.Rules) == 0 {
+			t.Errorf("group %s: no rules", g.Name)
+		}
+		for i, r := range g.Rules {
+			where := fmt.Sprintf("group %s rule %d (%s)", g.Name, i, r.Alert)
+			if r.Alert == "" || r.Record != "" {
+				t.Errorf("%s: want an alerting rule (alert, not record)", where)
+				continue
+			}
+			if !regexp.MustCompile(`^Orderly[A-Z][A-Za-z0-9]*$`).MatchString(r.Alert) {
+				t.Errorf("%s: alert names are OrderlyCamelCase", where)
+			}
+			if _, dup := alerts[r.Alert]; dup {
+				t.Errorf("%s: alert %s defined twice", where, r.Alert)
+			}
+			alerts[r.Alert] = alert{strings.Join(strings.Fields(r.Expr), " "), r.For, r.Annotations["description"]}
+			if strings.TrimSpace(r.Expr) == "" {
+				t.Errorf("%s: no expr", where)
+				continue
+			}
+			check.check(where, r.Expr)
+			if r.For == "" || !promDurationRE.MatchString(r.For) {
+				t.Errorf("%s: for %q, want a Prometheus duration", where, r.For)
+			}
+			if r.KeepFiringFor != "" && !promDurationRE.MatchString(r.KeepFiringFor) {
+				t.Errorf("%s: keep_firing_for %q, want a Prometheus duration", where, r.KeepFiringFor)
+			}
+			if sev := r.Labels["severity"]; sev != "critical" && sev != "warning" && sev != "info" {
+				t.Errorf("%s: labels.severity %q, want critical, warning or info", where, sev)
+			}
+			for _, a := range []string{"summary", "description"} {
+				if strings.TrimSpace(r.Annotations[a]) == "" {
+					t.Errorf("%s: no %s annotation", where, a)
+				}
+			}
+			// Templates: balanced, and $labels only those the result
+			// series carry.
+			have := check.resultLabels(r.Expr)
+			for name, text := range r.Annotations {
+				if strings.Count(text, "{{") != strings.Count(text, "}}") {
+					t.Errorf("%s: annotation %s: unbalanced {{ }}", where, name)
+				}
+				for _, m := range labelRefRE.FindAllStringSubmatch(text, -1) {
+					if !have[m[1]] {
+						t.Errorf("%s: annotation %s uses $labels.%s, which the expression's series do not carry (%v)",
+							where, name, m[1], keys(have))
+					}
+				}
+			}
+		}
+	}
+
+	// The alerts operators rely on, as documented in README.md.
+	for _, w := range []struct {
+		name, for_ string
+		expr       []string // substrings of the expression, spaces normalised
+		desc       []string // substrings of the description
+	}{
+		{"OrderlyStuckKey", "5m", []string{"orderly_partition_oldest_unfinished_seconds", "> 300"}, nil},
+		{"OrderlySpanNearLimit", "10m", []string{"orderly_partition_span_offsets", "> 800000"}, []string{"dispatch.max_span"}},
+		{"OrderlyDLQFailing", "2m", []string{"orderly_dlq_failing", "== 1"}, nil},
+		{"OrderlyCommitMetadataRefused", "", []string{"increase(orderly_commit_metadata_refused_total[15m])", "> 0"},
+			[]string{"dispatch.commit_metadata_max_bytes"}},
+	} {
+		a, ok := alerts[w.name]
+		if !ok {
+			t.Errorf("%s: no alert %s", alertsFile, w.name)
+			continue
+		}
+		if w.for_ != "" && a.for_ != w.for_ {
+			t.Errorf("%s: for %q, want %q", w.name, a.for_, w.for_)
+		}
+		for _, sub := range w.expr {
+			if !strings.Contains(a.expr, sub) {
+				t.Errorf("%s: expr %q, want it to contain %q", w.name, a.expr, sub)
+			}
+		}
+		for _, sub := range w.desc {
+			if !strings.Contains(a.description, sub) {
+				t.Errorf("%s: the description does not mention %s", w.name, sub)
+			}
+		}
+	}
+	// The span alert fires before the partitions of the deployed
+	// configurations pause, and above where they resume.
+	if m := regexp.MustCompile(`> (\d+)`).FindStringSubmatch(alerts["OrderlySpanNearLimit"].expr); m != nil {
+		threshold, _ := strconv.ParseInt(m[1], 10, 64)
+		for name, src := range map[string][]byte{"orderly.toml": readFile(t, "orderly.toml"), "kubernetes/configmap.yaml": configMapTOML(t)} {
+			if ms := loadOrderly(t, name, src).Dispatch.MaxSpan; threshold >= ms || threshold <= ms/2 {
+				t.Errorf("OrderlySpanNearLimit fires above %d offsets; %s's dispatch.max_span is %d: want it between half of it and it",
+					threshold, name, ms)
+			}
+		}
+	}
+}
+
+// TestPrometheusLoadsAlertRules checks that prometheus.yml names the rules
+// file, that docker-compose.yml mounts it where that name resolves, and
+// that the Prometheus Operator's copy holds the same groups.
+func TestPrometheusLoadsAlertRules(t *testing.T) {
+	var prom struct {
+		RuleFiles []string `yaml:"rule_files"`
+	}
+	decodeYAML(t, "prometheus/prometheus.yml", &prom)
+	found := false
+	for _, rf := range prom.RuleFiles {
+		// Relative to the configuration's directory, as Prometheus and
+		// promtool resolve them; an absolute path would not exist here.
+		if filepath.IsAbs(rf) {
+			t.Errorf("prometheus.yml rule_files: %q, want a path relative to prometheus.yml", rf)
+			continue
+		}
+		local := filepath.Join("prometheus", rf)
+		if m, err := filepath.Glob(local); err != nil || len(m) == 0 {
+			t.Errorf("prometheus.yml rule_files: %q matches no file (%s)", rf, local)
+		}
+		found = found || filepath.ToSlash(local) == alertsFile
+	}
+	if !found {
+		t.Errorf("prometheus.yml rule_files %v does not load %s", prom.RuleFiles, alertsFile)
+	}
+
+	var c composeFile
+	decodeYAML(t, "docker-compose.yml", &c)
+	svc, ok := c.Services["prometheus"]
+	if !ok {
+		t.Fatalf("docker-compose.yml: no prometheus service")
+	}
+	mounts := map[string]string{} // source -> target
+	for _, v := range svc.Volumes {
+		parts := strings.Split(v, ":")
+		if len(parts) >= 2 {
+			mounts[path.Clean(parts[0])] = parts[1]
+		}
+	}
+	cfgAt, ok := mounts["prometheus/prometheus.yml"]
+	if !ok {
+		t.Fatalf("prometheus service volumes %v: prometheus.yml is not mounted", svc.Volumes)
+	}
+	for _, rf := range prom.RuleFiles {
+		if filepath.IsAbs(rf) {
+			continue
+		}
+		want := path.Join(path.Dir(cfgAt), rf)
+		if got := mounts[path.Join("prometheus", rf)]; got != want {
+			t.Errorf("prometheus service: ./prometheus/%s is mounted at %q, want %s (next to %s)", rf, got, want, cfgAt)
+		}
+	}
+
+	// kubernetes/prometheus-operator/prometheusrule.yaml: spec.groups is
+	// alerts.yml's groups.
+	const crFile = "kubernetes/prometheus-operator/prometheusrule.yaml"
+	var cr struct {
+		APIVersion string `yaml:"apiVersion"`
+		Kind       string `yaml:"kind"`
+		Spec       struct {
+			Groups any `yaml:"groups"`
+		} `yaml:"spec"`
+	}
+	decodeYAML(t, crFile, &cr)
+	var rules struct {
+		Groups any `yaml:"groups"`
+	}
+	decodeYAML(t, alertsFile, &rules)
+	if cr.APIVersion != "monitoring.coreos.com/v1" || cr.Kind != "PrometheusRule" {
+		t.Errorf("%s: %s %s, want a monitoring.coreos.com/v1 PrometheusRule", crFile, cr.APIVersion, cr.Kind)
+	}
+	if rules.Groups == nil || !reflect.DeepEqual(cr.Spec.Groups, rules.Groups) {
+		t.Errorf("%s: spec.groups differs from %s: copy the groups over (indented under spec:)", crFile, alertsFile)
+	}
+}
+
+// TestPromtoolAcceptsRules runs promtool over the rules and the
+// configuration (skipped without promtool, unless ORDERLY_E2E=1).
+func TestPromtoolAcceptsRules(t *testing.T) {
+	pt, err := exec.LookPath("promtool")
+	if err != nil {
+		const how = "promtool is not installed (Debian: apt-get install prometheus; or " +
+			"go install github.com/prometheus/prometheus/cmd/promtool@latest)"
+		if os.Getenv("ORDERLY_E2E") == "1" {
+			t.Fatal(how + " and ORDERLY_E2E=1 requires it")
+		}
+		t.Skip(how + "; set ORDERLY_E2E=1 to make this a failure")
+	}
+	for _, args := range [][]string{
+		{"check", "rules", alertsFile},
+		// Also loads rule_files, relative to prometheus.yml.
+		{"check", "config", "prometheus/prometheus.yml"},
+	} {
+		out, err := exec.Command(pt, args...).CombinedOutput()
+		if err != nil {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
 	}
 }
 

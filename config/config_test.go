@@ -308,6 +308,8 @@ func TestValidationNamesKeyAndLine(t *testing.T) {
 		{"[dispatch]\nunmatched = \"dlq\"\n[dlq]\ntopic = \"\"\n", `t.toml:2:1: dispatch.unmatched: "dlq" needs a dead-letter topic, but dlq.topic is ""`},
 		{"[dispatch]\nmax_lanes = 0\n", "t.toml:2:1: dispatch.max_lanes: must be at least 1, not 0"},
 		{"[dispatch]\nlane_idle = \"0s\"\n", "t.toml:2:1: dispatch.lane_idle: must be positive"},
+		{"[dlq]\ntopic = \"\"\nquarantine_keys = true\n", `t.toml:3:1: dlq.quarantine_keys: needs a dead-letter topic, but dlq.topic is ""`},
+		{"[dlq]\nquarantine_topic = \"orderly.dlq\"\n", `t.toml:2:1: dlq.quarantine_topic: "orderly.dlq" must differ from dlq.topic and kafka.topics`},
 		{"[dispatch]\nmax_span = 10\n", "t.toml:2:1: dispatch.max_span: must be at least dispatch.max_in_flight (10000), not 10"},
 		{"[dispatch]\ncommit_metadata_max_bytes = -1\n", "t.toml:2:1: dispatch.commit_metadata_max_bytes: must not be negative (0 = record no progress), not -1"},
 		{"[dispatch]\ndrain_timeout = \"296s\"\n", "t.toml:2:1: dispatch.drain_timeout: 4m56s does not fit in max.poll.interval.ms (5m0s) with 5s to spare"},

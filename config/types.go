@@ -112,6 +112,12 @@ type Breaker struct {
 // DLQ configures the dead-letter topic. An empty Topic disables it.
 type DLQ struct {
 	Topic string `toml:"topic"`
+	// QuarantineKeys: once a message is dead-lettered, its key's later
+	// messages go to the DLQ too, in order, until a replay or a release.
+	QuarantineKeys bool `toml:"quarantine_keys"`
+	// QuarantineTopic keeps the quarantined keys (compacted); "" means
+	// "<topic>.quarantine".
+	QuarantineTopic string `toml:"quarantine_topic"`
 }
 
 // Admin configures the admin HTTP server.

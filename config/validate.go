@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,6 +24,7 @@ func (c *Config) Validate() error {
 	v := &validator{c: c}
 	v.kafka()
 	v.dispatch()
+	v.dlq()
 	v.http()
 	v.rest()
 	v.routes()
@@ -127,6 +129,16 @@ func (v *validator) kafka() {
 		} else if hint, owned := ownedProperties[name]; owned {
 			v.fail(p, "Orderly sets this librdkafka property itself: %s", hint)
 		}
+	}
+}
+
+func (v *validator) dlq() {
+	d := &v.c.DLQ
+	if d.QuarantineKeys && d.Topic == "" {
+		v.failAt(key("dlq", "quarantine_keys"), key("dlq", "topic"), `needs a dead-letter topic, but dlq.topic is ""`)
+	}
+	if d.QuarantineTopic != "" && (d.QuarantineTopic == d.Topic || slices.Contains(v.c.Kafka.Topics, d.QuarantineTopic)) {
+		v.fail(key("dlq", "quarantine_topic"), "%q must differ from dlq.topic and kafka.topics", d.QuarantineTopic)
 	}
 }
 

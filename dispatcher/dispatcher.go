@@ -61,6 +61,9 @@ type Options struct {
 	// Brokers overrides Config.Kafka.Brokers (the embedded broker's actual
 	// address, for instance).
 	Brokers string
+	// OnQuarantine, if set, is called with the key quarantine once Run has
+	// loaded it (dlq.quarantine_keys), so that replays can release keys.
+	OnQuarantine func(*Quarantine)
 }
 
 func (o Options) logger() *slog.Logger {
@@ -101,6 +104,9 @@ type Dispatcher struct {
 
 	dlq    *dlqWriter                 // nil when dlq.topic is ""
 	dlqErr atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
+	// quarantine is the key quarantine, nil unless dlq.quarantine_keys.
+	quarantine   *Quarantine
+	onQuarantine func(*Quarantine)
 	// commitSoon asks the poll loop to commit at its next turn.
 	commitSoon atomic.Bool
 	senders    *senders // the sender pools, one per target
@@ -135,7 +141,8 @@ func New(o Options) (*Dispatcher, error) {
 	}
 	d := &Dispatcher{
 		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers, tracing: o.Tracing,
-		parts: make(map[partKey]*partition), outcomes: make(map[string]prometheus.Counter),
+		onQuarantine: o.OnQuarantine,
+		parts:        make(map[partKey]*partition), outcomes: make(map[string]prometheus.Counter),
 	}
 	for _, oc := range []string{telemetry.OutcomeDelivered, telemetry.OutcomeDeadLettered, telemetry.OutcomeSkipped, telemetry.OutcomeStalled} {
 		d.outcomes[oc] = o.Metrics.Messages.WithLabelValues(oc)
@@ -199,6 +206,21 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		defer w.close()
 	}
 
+	if d.cfg.DLQ.QuarantineKeys {
+		q, err := d.loadQuarantine(ctx)
+		if err != nil {
+			return nil // ctx ended while the brokers were unreachable
+		}
+		d.quarantine = q
+		qctx, stopQ := context.WithCancel(context.Background())
+		var follow sync.WaitGroup
+		follow.Go(func() { q.Run(qctx) })
+		defer func() { stopQ(); follow.Wait(); q.Close() }()
+		if d.onQuarantine != nil {
+			d.onQuarantine(q)
+		}
+	}
+
 	c, err := kafka.NewConsumer(d.consumerConfig(logs))
 	if err != nil {
 		return fmt.Errorf("dispatcher: unable to create the consumer: %w", err)
@@ -218,6 +240,23 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	d.log.Info("stopped")
 	return runErr
+}
+
+// loadQuarantine reads the key quarantine, retrying while the brokers are
+// unreachable, until ctx ends.
+func (d *Dispatcher) loadQuarantine(ctx context.Context) (*Quarantine, error) {
+	for {
+		q, err := NewQuarantine(ctx, d.brokers, d.cfg, d.log, d.metrics)
+		if err == nil {
+			return q, nil
+		}
+		d.log.Warn("unable to load the key quarantine, retrying", "topic", QuarantineTopic(d.cfg), "error", err)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(5 * time.Second):
+		}
+	}
 }
 
 func (d *Dispatcher) consumerConfig(logs chan kafka.LogEvent) *kafka.ConfigMap {
@@ -265,8 +304,12 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 		// While a partition is paused, poll briefly so that it resumes as
 		// soon as its lanes have drained to half of max_in_flight.
 		timeout := 100
-		if d.anyPaused {
+		switch {
+		case d.anyPaused:
 			timeout = 5
+		case d.commitSoon.Load() || d.held.Load() > 0:
+			// Messages may finish any moment: come back in time to commit them.
+			timeout = int(soonest / time.Millisecond)
 		}
 		switch e := d.consumer.Poll(timeout).(type) {
 		case nil:
@@ -291,10 +334,12 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 }
 
 // soonest is the shortest time between two commits asked for by commitSoon.
-const soonest = 100 * time.Millisecond
+// A commit is sent only for partitions where messages finished since the
+// last one, so an idle dispatcher sends none.
+const soonest = 25 * time.Millisecond
 
 // afterPoll resumes what may resume and commits every commit_interval, or
-// sooner (at most every 100 ms) after a message was dead-lettered or when
+// sooner (at most every 25 ms) after a message was dead-lettered or when
 // there was nothing to consume: the sooner what finished is committed, the
 // less a crash sends (or dead-letters) twice. commit sends nothing when
 // nothing changed.
@@ -416,23 +461,28 @@ func (d *Dispatcher) ownedPartitions() []*partition {
 func (d *Dispatcher) commit(ps []*partition) {
 	var offs []kafka.TopicPartition
 	var which []*partition
+	var finishedAt []int64 // each committed partition's finished count when its progress was taken
 	now := time.Now()
 	for _, p := range ps {
 		p.inFlightGauge.Set(float64(p.tracker.InFlight()))
 		p.spanGauge.Set(float64(p.tracker.Span()))
 		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
+		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
+			if base := max(p.committed, p.tracker.Committable()); base >= 0 {
+				p.lagGauge.Set(float64(max(high-base, 0)))
+			}
+		}
+		finished := p.finished.Load()
+		if finished == p.committedFinished && p.tracker.Committable() <= p.committed {
+			continue // nothing finished since the last commit
+		}
 		c, meta, truncated := p.tracker.Progress(p.budget)
 		if c >= 0 && (c > p.committed || c == p.committed && meta != p.committedMeta) {
 			offs = append(offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c), Metadata: &meta})
 			which = append(which, p)
+			finishedAt = append(finishedAt, finished)
 			if truncated {
 				d.metrics.ProgressTruncated.Inc()
-			}
-		}
-		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
-			base := max(p.committed, c)
-			if base >= 0 {
-				p.lagGauge.Set(float64(max(high-base, 0)))
 			}
 		}
 	}
@@ -468,6 +518,7 @@ func (d *Dispatcher) commit(ps []*partition) {
 		}
 		p.committed = int64(offs[i].Offset)
 		p.committedMeta = *offs[i].Metadata
+		p.committedFinished = finishedAt[i]
 		p.committedGauge.Set(float64(p.committed))
 	}
 }
@@ -537,6 +588,15 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 // progress record committed with it, so that messages an earlier owner
 // finished beyond the committed offset are not sent again.
 func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) {
+	if d.quarantine != nil {
+		// Keys the partitions' previous owner quarantined must be known
+		// before their next messages are dispatched.
+		ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+		if err := d.quarantine.CatchUp(ctx); err != nil {
+			d.log.Warn("the key quarantine may be behind", "error", err)
+		}
+		cancel()
+	}
 	committed := map[partKey]kafka.TopicPartition{}
 	if res, err := c.Committed(tps, 5000); err == nil {
 		for _, tp := range res {

@@ -149,6 +149,7 @@ func TestBackPressure(t *testing.T) {
 	}
 	cfg := h.config("backpressure", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["max.poll.interval.ms"] = "1000"
+	cfg.Kafka.Properties["session.timeout.ms"] = "1000" // librdkafka wants it <= max.poll.interval.ms
 	var peak, peakHeld atomic.Int64
 	start := time.Now()
 	d, m, stop := h.run(cfg, func(d *Dispatcher) {

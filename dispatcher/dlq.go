@@ -39,6 +39,9 @@ type failure struct {
 	route        string // "" when no route took the message
 	requestIndex int    // 0-based index of the failed request, -1 if none was sent
 	attempts     int
+	// quarantinedBy, if set, is the message whose failure quarantined this
+	// message's key: this one was not attempted.
+	quarantinedBy *Cause
 }
 
 // stall records that a message failed permanently with no DLQ configured:
@@ -114,6 +117,33 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 			"offset", it.msg.Offset, "key", string(it.msg.Key), "dlq", d.dlq.topic, "error", err, "retry_in", wait.String())
 		return
 	}
+	if q := d.quarantine; q != nil && len(it.msg.Key) > 0 && it.fail.quarantinedBy == nil {
+		// Its key is quarantined before the message counts as done: were
+		// the process to die in between, the message comes again and
+		// quarantines the key then.
+		p.handing++
+		p.mu.Unlock()
+		go func() {
+			err := q.Quarantine(p.ctx, p.topic, it.msg.Key, Cause{Topic: p.topic, Partition: p.id, Offset: it.msg.Offset})
+			p.mu.Lock()
+			p.handing--
+			p.checkQuietLocked()
+			if err != nil || l.abandoned || l.parked != parkDLQ || len(l.q) == 0 || l.q[0] != it {
+				p.mu.Unlock()
+				return // the partition stopped: the message comes again to its next owner
+			}
+			d.log.Warn("key quarantined: its later messages go to the DLQ until it is replayed or released",
+				"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "key", string(it.msg.Key))
+			d.deadLettered(p, l, it)
+		}()
+		return
+	}
+	d.deadLettered(p, l, it)
+}
+
+// deadLettered finishes l's head message it, acknowledged by the DLQ, and
+// moves l on. The caller holds p.mu; deadLettered releases it.
+func (d *Dispatcher) deadLettered(p *partition, l *lane, it *item) {
 	cut := l.dlqCut
 	l.parked, l.running = parkNone, true
 	l.popLocked()
@@ -122,6 +152,9 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	d.metrics.DLQProduced.Inc()
 	if cut {
 		d.metrics.DLQTruncated.Inc()
+	}
+	if it.fail.quarantinedBy != nil {
+		d.metrics.QuarantinedMessages.Inc()
 	}
 	it.span().End()
 	p.finish(&it.msg, telemetry.OutcomeDeadLettered)
@@ -179,7 +212,7 @@ func (d *Dispatcher) Problems() []string {
 // and says so in orderly.value_truncated.
 func dlqRecord(topic string, it *item, f *failure, now time.Time, keep int) *kafka.Message {
 	m := &it.msg
-	hs := make([]kafka.Header, 0, len(m.Headers)+11)
+	hs := make([]kafka.Header, 0, len(m.Headers)+13)
 	for _, h := range m.Headers {
 		hs = append(hs, kafka.Header{Key: h.Key, Value: h.Value})
 	}
@@ -194,6 +227,10 @@ func dlqRecord(topic string, it *item, f *failure, now time.Time, keep int) *kaf
 	add(HeaderOriginalOffset, strconv.FormatInt(m.Offset, 10))
 	add(HeaderOriginalTimestamp, m.Timestamp.UTC().Format(time.RFC3339Nano))
 	add(HeaderFailedAt, now.UTC().Format(time.RFC3339Nano))
+	if f.quarantinedBy != nil {
+		add(HeaderQuarantined, "true")
+		add(HeaderQuarantinedBy, f.quarantinedBy.String())
+	}
 	value := m.Value
 	if keep >= 0 && keep < len(value) {
 		value = value[:keep]

@@ -84,7 +84,7 @@ brokers = %q
 group_id = %q
 topics = [%q]
 [kafka.properties]
-"session.timeout.ms" = 1000
+"session.timeout.ms" = 2000
 "heartbeat.interval.ms" = 250
 "topic.metadata.refresh.interval.ms" = 1000
 [dispatch]

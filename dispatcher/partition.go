@@ -77,11 +77,12 @@ const (
 type parkKind uint8
 
 const (
-	parkNone     parkKind = iota // in a sender pool's queue, or held by a goroutine
-	parkBackoff                  // on its retry timer after an HTTP attempt
-	parkDLQ                      // for the DLQ's acknowledgement of its head message
-	parkDLQRetry                 // on its retry timer after a failed DLQ write: a drain does not wait for it
-	parkStalled                  // its head message failed and there is no DLQ: until the partition stops
+	parkNone      parkKind = iota // in a sender pool's queue, or held by a goroutine
+	parkBackoff                   // on its retry timer after an HTTP attempt
+	parkDLQ                       // for the DLQ's acknowledgement of its head message
+	parkDLQRetry                  // on its retry timer after a failed DLQ write: a drain does not wait for it
+	parkReplaying                 // its key is being replayed: until the replay ends (a drain does not wait for it)
+	parkStalled                   // its head message failed and there is no DLQ: until the partition stops
 )
 
 // lane delivers the messages of one key in order, one at a time. A lane is
@@ -129,6 +130,9 @@ type partition struct {
 	tracker *offsets.Tracker
 	in      chan *kafka.Message // poll loop -> worker; never holds more than max_in_flight
 	held    atomic.Int64        // this partition's share of Dispatcher.held
+	// finished counts the messages finished here; the committer skips a
+	// partition where it did not change.
+	finished atomic.Int64
 
 	// ctx ends the partition's work: cancelled after the drain on revoke
 	// or shutdown, so in-flight attempts and breaker waits give up.
@@ -161,9 +165,11 @@ type partition struct {
 	// budget bounds the next one (dispatch.commit_metadata_max_bytes,
 	// halved each time a broker refuses one as too large).
 	committedMeta string
-	budget        int
-	revoking      bool // revoked and draining: its messages are dropped
-	lost          bool // lost while draining: nothing more is committed
+	// committedFinished is finished as of the last successful commit.
+	committedFinished int64
+	budget            int
+	revoking          bool // revoked and draining: its messages are dropped
+	lost              bool // lost while draining: nothing more is committed
 
 	labels         prometheus.Labels
 	inFlightGauge  prometheus.Gauge
@@ -446,6 +452,23 @@ func (p *partition) advance(l *lane) *pool {
 			return nil
 		}
 		it := l.q[0]
+		if it.fail == nil && !l.rendered && p.d.quarantine != nil && len(it.msg.Key) > 0 {
+			switch st, cause := p.d.quarantine.State(p.topic, it.msg.Key); st {
+			case KeyQuarantined:
+				it.fail = &failure{reason: "key quarantined: " + cause.String() + " was dead-lettered",
+					route: it.route.Name(), requestIndex: -1, quarantinedBy: &cause}
+				continue
+			case KeyReplaying:
+				// Behind the replay of its dead letters.
+				l.running = false
+				l.parked = parkReplaying
+				p.stalled++
+				p.checkQuietLocked()
+				p.mu.Unlock()
+				p.d.quarantine.Wait(p.topic, it.msg.Key, KeyReplaying, func() { p.unparkReplaying(l) })
+				return nil
+			}
+		}
 		if it.fail == nil && !l.rendered {
 			p.mu.Unlock()
 			p.render(l, it)
@@ -576,6 +599,19 @@ func (p *partition) unpark(l *lane) {
 	p.moveOn(l)
 }
 
+// unparkReplaying takes l back once its key's replay ended and moves it on.
+func (p *partition) unparkReplaying(l *lane) {
+	p.mu.Lock()
+	if l.abandoned || l.parked != parkReplaying {
+		p.mu.Unlock()
+		return
+	}
+	p.stalled--
+	l.parked, l.running = parkNone, true
+	p.mu.Unlock()
+	p.moveOn(l)
+}
+
 // idleLocked records that l ran out of work.
 func (p *partition) idleLocked(l *lane) {
 	l.busy, l.running = false, false
@@ -605,7 +641,7 @@ func (p *partition) abandonLocked(l *lane) {
 		it.span().End()
 	}
 	l.q = nil
-	if l.parked == parkStalled || l.parked == parkDLQRetry {
+	if l.parked == parkStalled || l.parked == parkDLQRetry || l.parked == parkReplaying {
 		p.stalled--
 	}
 	if l.busy {
@@ -639,6 +675,7 @@ func (p *partition) finish(m *filters.Message, outcome string) {
 	if err := p.tracker.Done(m.Offset); err != nil {
 		p.d.log.Error("offset tracking", "topic", p.topic, "partition", p.id, "error", err)
 	}
+	p.finished.Add(1)
 	n := heldSize(len(m.Key), len(m.Value), len(m.Headers))
 	p.held.Add(-n)
 	p.d.held.Add(-n)

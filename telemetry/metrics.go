@@ -59,6 +59,9 @@ type Metrics struct {
 	ProgressRefused   prometheus.Counter
 	DLQTruncated      prometheus.Counter
 	DLQFailing        prometheus.Gauge
+
+	QuarantinedKeys     prometheus.Gauge
+	QuarantinedMessages prometheus.Counter
 }
 
 // NewMetrics registers every Orderly collector, plus the Go and process
@@ -123,11 +126,16 @@ func NewMetrics() *Metrics {
 			Help: "Dead-letter records written with their value cut because the DLQ topic refused the whole record for its size."}),
 		DLQFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
 			Help: "1 while dead-letter writes fail (the keys concerned wait), 0 once one succeeds."}),
+		QuarantinedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_quarantined_keys",
+			Help: "Keys quarantined or being replayed (dlq.quarantine_keys), as this instance knows them."}),
+		QuarantinedMessages: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_quarantined_messages_total",
+			Help: "Messages dead-lettered without an attempt because their key was quarantined."}),
 	}
 	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.BreakerState, m.BreakerChanges,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive,
-		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing)
+		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,
+		m.QuarantinedKeys, m.QuarantinedMessages)
 	return m
 }
 

@@ -23,7 +23,8 @@ type chaosEnv struct {
 	cfg    string
 }
 
-func newChaosEnv(t *testing.T, partitions, n, keys int, group, dispatchTOML string, delay time.Duration) *chaosEnv {
+// setup, if given, sets the sink's hooks before it serves.
+func newChaosEnv(t *testing.T, partitions, n, keys int, group, dispatchTOML string, delay time.Duration, setup ...func(*testkit.Sink)) *chaosEnv {
 	t.Helper()
 	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: partitions,
 		Topics: []string{"orders", "orderly.dlq"}, MinSessionTimeout: 500 * time.Millisecond})
@@ -41,6 +42,9 @@ func newChaosEnv(t *testing.T, partitions, n, keys int, group, dispatchTOML stri
 		mu <- struct{}{}
 		defer func() { <-mu }()
 		return time.Duration(rng.IntN(1000)) * time.Microsecond
+	}
+	for _, f := range setup {
+		f(e.sink)
 	}
 	srv := httptest.NewServer(e.sink)
 	t.Cleanup(srv.Close)

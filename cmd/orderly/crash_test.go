@@ -160,26 +160,27 @@ func TestPoisonDeadLetteredOnceAcrossKills(t *testing.T) {
 		t.Skip("process crash test: skipped with -short")
 	}
 	const parts, keys, n = 1, 100, 10000
-	e := newChaosEnv(t, parts, n, keys, "poison-kills", "", 2*time.Millisecond)
 	poison := map[string]bool{}
 	for i := range 5 {
 		poison[fmt.Sprintf("key-%d/1", 1+i*7)] = true
 	}
-	e.sink.Status = func(d *testkit.Delivery) int {
-		if poison[fmt.Sprintf("%s/%d", d.Key, d.Seq)] {
-			return http.StatusBadRequest
-		}
-		return 0
-	}
 	release := make(chan struct{})
-	e.sink.Observe = func(d *testkit.Delivery, r *http.Request) {
-		if d.Key == "key-0" && d.Seq == 0 {
-			select {
-			case <-release:
-			case <-r.Context().Done():
+	e := newChaosEnv(t, parts, n, keys, "poison-kills", "", 2*time.Millisecond, func(s *testkit.Sink) {
+		s.Status = func(d *testkit.Delivery) int {
+			if poison[fmt.Sprintf("%s/%d", d.Key, d.Seq)] {
+				return http.StatusBadRequest
+			}
+			return 0
+		}
+		s.Observe = func(d *testkit.Delivery, r *http.Request) {
+			if d.Key == "key-0" && d.Seq == 0 {
+				select {
+				case <-release:
+				case <-r.Context().Done():
+				}
 			}
 		}
-	}
+	})
 	p := start(t, "run", "--config", e.cfg)
 	for _, at := range []int{n / 4, n / 2} {
 		testkit.WaitFor(t, 2*time.Minute, fmt.Sprintf("%d delivered", at), func() bool { return e.sink.Distinct() >= at })

@@ -1,0 +1,424 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/telemetry"
+)
+
+// DLQ headers of a message dead-lettered because its key was quarantined.
+const (
+	HeaderQuarantined   = "orderly.quarantined"    // "true"
+	HeaderQuarantinedBy = "orderly.quarantined_by" // <topic>/<partition>/<offset> of the message whose failure quarantined the key
+)
+
+// KeyState is a key's state in the quarantine.
+type KeyState uint8
+
+const (
+	// KeyFree: the key's messages are delivered as usual.
+	KeyFree KeyState = iota
+	// KeyQuarantined: a message of the key was dead-lettered; its later
+	// messages go to the DLQ, in order, without an attempt.
+	KeyQuarantined
+	// KeyReplaying: a replay redelivers the key's dead letters; its live
+	// messages wait behind it.
+	KeyReplaying
+)
+
+var keyStateNames = map[KeyState]string{KeyFree: "free", KeyQuarantined: "quarantined", KeyReplaying: "replaying"}
+
+func (s KeyState) String() string { return keyStateNames[s] }
+
+// Cause names the message whose failure quarantined a key.
+type Cause struct {
+	Topic     string `json:"topic"`
+	Partition int32  `json:"partition"`
+	Offset    int64  `json:"offset"`
+}
+
+func (c Cause) String() string {
+	return c.Topic + "/" + strconv.Itoa(int(c.Partition)) + "/" + strconv.FormatInt(c.Offset, 10)
+}
+
+// keyRecord is the value of a quarantine topic record; its key is
+// "<source topic>/<message key>" (topic names cannot hold a slash). A
+// released key is a tombstone, so compaction forgets it.
+type keyRecord struct {
+	State string    `json:"state"` // "quarantined" or "replaying"
+	Cause Cause     `json:"cause"`
+	Since time.Time `json:"since"`
+}
+
+type keyEntry struct {
+	state KeyState
+	cause Cause
+}
+
+// Quarantine is the set of quarantined keys (dlq.quarantine_keys), kept in
+// a compacted Kafka topic so that it survives restarts and follows
+// partitions to whichever instance owns them: every instance reads the
+// whole topic at start and then follows it. A key's owner changes its
+// state (the dispatcher when it dead-letters, a replay when it redelivers
+// or releases) and sees its own change at once; the others see it when
+// they read it. Safe for concurrent use; Run follows the topic until its
+// context ends, Close then releases the clients.
+type Quarantine struct {
+	topic   string
+	log     *slog.Logger
+	metrics *telemetry.Metrics
+	prod    *kafka.Producer
+	cons    *kafka.Consumer
+
+	mu      sync.Mutex // protects the fields below
+	keys    map[string]keyEntry
+	waiters map[string][]func() // called once at the key's next change
+	read    map[int32]int64     // next offset to read per partition of the topic
+	changed chan struct{}       // closed and replaced when read advances
+}
+
+// QuarantineTopic is the topic a configuration keeps its quarantine in.
+func QuarantineTopic(cfg *config.Config) string {
+	if cfg.DLQ.QuarantineTopic != "" {
+		return cfg.DLQ.QuarantineTopic
+	}
+	return cfg.DLQ.Topic + ".quarantine"
+}
+
+// NewQuarantine connects to brokers, creates the quarantine topic if it
+// does not exist (one partition, compacted) and reads it to its end.
+func NewQuarantine(ctx context.Context, brokers string, cfg *config.Config, log *slog.Logger, m *telemetry.Metrics) (*Quarantine, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	q := &Quarantine{topic: QuarantineTopic(cfg), log: log, metrics: m, keys: map[string]keyEntry{},
+		waiters: map[string][]func(){}, read: map[int32]int64{}, changed: make(chan struct{})}
+	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
+	for k, v := range cfg.Kafka.Properties {
+		if producerProperty(k) {
+			common[k] = v
+		}
+	}
+	if err := q.ensureTopic(ctx, common); err != nil {
+		return nil, err
+	}
+	pc := kafka.ConfigMap{"enable.idempotence": true, "acks": "all", "linger.ms": 0, "client.id": "orderly-quarantine"}
+	cc := kafka.ConfigMap{"group.id": cfg.Kafka.GroupID + ".quarantine-reader", "enable.auto.commit": false,
+		"auto.offset.reset": "earliest", "client.id": "orderly-quarantine", "fetch.wait.max.ms": 50}
+	for k, v := range common {
+		pc[k], cc[k] = v, v
+	}
+	var err error
+	if q.prod, err = kafka.NewProducer(&pc); err != nil {
+		return nil, fmt.Errorf("quarantine: unable to create the producer: %w", err)
+	}
+	go func() {
+		for range q.prod.Events() { // delivery reports come on per-call channels
+		}
+	}()
+	if q.cons, err = kafka.NewConsumer(&cc); err != nil {
+		q.prod.Close()
+		return nil, fmt.Errorf("quarantine: unable to create the reader: %w", err)
+	}
+	md, err := q.cons.GetMetadata(&q.topic, false, 10000)
+	if err != nil {
+		q.Close()
+		return nil, fmt.Errorf("quarantine: metadata of %s: %w", q.topic, err)
+	}
+	var tps []kafka.TopicPartition
+	for _, p := range md.Topics[q.topic].Partitions {
+		tps = append(tps, kafka.TopicPartition{Topic: &q.topic, Partition: p.ID, Offset: kafka.OffsetBeginning})
+		q.read[p.ID] = 0
+	}
+	if len(tps) == 0 {
+		q.Close()
+		return nil, fmt.Errorf("quarantine: topic %s has no partitions", q.topic)
+	}
+	if err := q.cons.Assign(tps); err != nil {
+		q.Close()
+		return nil, fmt.Errorf("quarantine: %w", err)
+	}
+	// Read what is there before anything is dispatched.
+	if err := q.catchUp(ctx, func() { q.poll(100) }); err != nil {
+		q.Close()
+		return nil, err
+	}
+	q.log.Info("quarantine loaded", "topic", q.topic, "keys", q.Count())
+	return q, nil
+}
+
+func (q *Quarantine) ensureTopic(ctx context.Context, common kafka.ConfigMap) error {
+	a, err := kafka.NewAdminClient(&common)
+	if err != nil {
+		return fmt.Errorf("quarantine: unable to create an admin client: %w", err)
+	}
+	defer a.Close()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	res, err := a.CreateTopics(cctx, []kafka.TopicSpecification{{Topic: q.topic, NumPartitions: 1, ReplicationFactor: -1,
+		Config: map[string]string{"cleanup.policy": "compact"}}})
+	if err != nil {
+		return fmt.Errorf("quarantine: unable to create topic %s: %w", q.topic, err)
+	}
+	for _, r := range res {
+		if c := r.Error.Code(); c != kafka.ErrNoError && c != kafka.ErrTopicAlreadyExists {
+			return fmt.Errorf("quarantine: unable to create topic %s: %v", q.topic, r.Error)
+		}
+	}
+	return nil
+}
+
+// Run follows the quarantine topic until ctx ends.
+func (q *Quarantine) Run(ctx context.Context) {
+	for ctx.Err() == nil {
+		q.poll(100)
+	}
+}
+
+// Close releases the clients. Run must have returned.
+func (q *Quarantine) Close() {
+	if q.cons != nil {
+		q.cons.Close()
+	}
+	if q.prod != nil {
+		q.prod.Flush(5000)
+		q.prod.Close()
+	}
+}
+
+// poll reads at most one record and applies it.
+func (q *Quarantine) poll(ms int) {
+	switch e := q.cons.Poll(ms).(type) {
+	case *kafka.Message:
+		if e.TopicPartition.Error != nil {
+			q.log.Warn("quarantine read", "error", e.TopicPartition.Error)
+			return
+		}
+		q.apply(e)
+	case kafka.Error:
+		q.log.Warn("quarantine reader", "error", e)
+	}
+}
+
+// apply takes a record read from the topic into the map.
+func (q *Quarantine) apply(m *kafka.Message) {
+	var e keyEntry
+	if m.Value != nil {
+		var r keyRecord
+		if err := json.Unmarshal(m.Value, &r); err != nil {
+			q.log.Warn("quarantine: unreadable record skipped", "offset", m.TopicPartition.Offset, "error", err)
+		} else {
+			e = keyEntry{state: KeyQuarantined, cause: r.Cause}
+			if r.State == KeyReplaying.String() {
+				e.state = KeyReplaying
+			}
+		}
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.setLocked(string(m.Key), e)
+	q.read[m.TopicPartition.Partition] = int64(m.TopicPartition.Offset) + 1
+	close(q.changed)
+	q.changed = make(chan struct{})
+}
+
+// setLocked records a key's state and wakes whoever waits for it.
+func (q *Quarantine) setLocked(id string, e keyEntry) {
+	if old, ok := q.keys[id]; ok && old == e || !ok && e.state == KeyFree {
+		return
+	}
+	if e.state == KeyFree {
+		delete(q.keys, id)
+	} else {
+		q.keys[id] = e
+	}
+	q.metrics.QuarantinedKeys.Set(float64(len(q.keys)))
+	ws := q.waiters[id]
+	delete(q.waiters, id)
+	for _, w := range ws {
+		go w()
+	}
+}
+
+// catchUp waits until everything written to the topic before the call
+// has been read (step reads when nothing else does).
+func (q *Quarantine) catchUp(ctx context.Context, step func()) error {
+	want := map[int32]int64{}
+	q.mu.Lock()
+	parts := make([]int32, 0, len(q.read))
+	for p := range q.read {
+		parts = append(parts, p)
+	}
+	q.mu.Unlock()
+	for _, p := range parts {
+		_, hi, err := q.cons.QueryWatermarkOffsets(q.topic, p, 10000)
+		if err != nil {
+			return fmt.Errorf("quarantine: end of %s: %w", q.topic, err)
+		}
+		want[p] = hi
+	}
+	for {
+		q.mu.Lock()
+		done := true
+		for p, hi := range want {
+			if q.read[p] < hi {
+				done = false
+			}
+		}
+		changed := q.changed
+		q.mu.Unlock()
+		if done {
+			return nil
+		}
+		if step != nil {
+			step()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("quarantine: catching up with %s: %w", q.topic, ctx.Err())
+		case <-changed:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// CatchUp waits until Run has read everything written to the topic before
+// the call: a partition assigned afterwards sees every key its previous
+// owner quarantined.
+func (q *Quarantine) CatchUp(ctx context.Context) error { return q.catchUp(ctx, nil) }
+
+func keyID(topic string, key []byte) string { return topic + "/" + string(key) }
+
+// State returns the state of a key of a source topic and, unless free,
+// what caused its quarantine.
+func (q *Quarantine) State(topic string, key []byte) (KeyState, Cause) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e := q.keys[keyID(topic, key)]
+	return e.state, e.cause
+}
+
+// Count returns the number of keys not free.
+func (q *Quarantine) Count() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.keys)
+}
+
+// Wait calls fn once, on its own goroutine, at the key's next change of
+// state, or at once when its state is no longer st.
+func (q *Quarantine) Wait(topic string, key []byte, st KeyState, fn func()) {
+	id := keyID(topic, key)
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.keys[id].state != st {
+		go fn()
+		return
+	}
+	q.waiters[id] = append(q.waiters[id], fn)
+}
+
+// set writes a key's new state to the topic, retrying with backoff until
+// it is acknowledged or ctx ends, and applies it here at once.
+func (q *Quarantine) set(ctx context.Context, topic string, key []byte, e keyEntry) error {
+	id := keyID(topic, key)
+	rec := &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &q.topic, Partition: kafka.PartitionAny}, Key: []byte(id)}
+	if e.state != KeyFree {
+		v, err := json.Marshal(keyRecord{State: e.state.String(), Cause: e.cause, Since: time.Now().UTC()})
+		if err != nil {
+			return err
+		}
+		rec.Value = v
+	}
+	q.mu.Lock()
+	q.setLocked(id, e)
+	q.mu.Unlock()
+	wait := 100 * time.Millisecond
+	for {
+		err := q.produce(ctx, rec)
+		if err == nil {
+			return nil
+		}
+		q.log.Error("quarantine write failed, retrying", "key", id, "state", e.state.String(), "error", err, "retry_in", wait.String())
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("quarantine: writing %s: %w", id, errors.Join(err, ctx.Err()))
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 10*time.Second)
+	}
+}
+
+func (q *Quarantine) produce(ctx context.Context, rec *kafka.Message) error {
+	ch := make(chan kafka.Event, 1)
+	if err := q.prod.Produce(rec, ch); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case ev := <-ch:
+		if m, ok := ev.(*kafka.Message); ok && m.TopicPartition.Error != nil {
+			return m.TopicPartition.Error
+		}
+		return nil
+	}
+}
+
+// Quarantine quarantines a key after its message cause was dead-lettered.
+func (q *Quarantine) Quarantine(ctx context.Context, topic string, key []byte, cause Cause) error {
+	return q.set(ctx, topic, key, keyEntry{state: KeyQuarantined, cause: cause})
+}
+
+// Hold marks the key as being replayed: its live messages wait. It
+// implements KeyGate for replays.
+func (q *Quarantine) Hold(ctx context.Context, topic string, key []byte) error {
+	_, cause := q.State(topic, key)
+	return q.set(ctx, topic, key, keyEntry{state: KeyReplaying, cause: cause})
+}
+
+// Release frees the key. It implements KeyGate for replays and releases.
+func (q *Quarantine) Release(ctx context.Context, topic string, key []byte) error {
+	return q.set(ctx, topic, key, keyEntry{})
+}
+
+// Requarantine keeps the key quarantined after a replayed message of it
+// failed again. It implements KeyGate for replays.
+func (q *Quarantine) Requarantine(ctx context.Context, topic string, key []byte, partition int32, offset int64) error {
+	return q.Quarantine(ctx, topic, key, Cause{Topic: topic, Partition: partition, Offset: offset})
+}
+
+// Keys lists the keys not free, for the admin API.
+func (q *Quarantine) Keys() []QuarantinedKey {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	out := make([]QuarantinedKey, 0, len(q.keys))
+	for id, e := range q.keys {
+		topic, key, _ := strings.Cut(id, "/")
+		out = append(out, QuarantinedKey{Topic: topic, Key: key, State: e.state.String(), Cause: e.cause.String()})
+	}
+	return out
+}
+
+// QuarantinedKey is a key not free, as the admin API shows it.
+type QuarantinedKey struct {
+	Topic string `json:"topic"`
+	Key   string `json:"key"`
+	State string `json:"state"`
+	Cause string `json:"cause"`
+}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -14,9 +15,12 @@ import (
 
 // DLQ is what the /dlq/ endpoints need; *dispatcher.DLQAdmin implements it.
 type DLQ interface {
-	List(ctx context.Context, f dispatcher.DLQFilter) ([]dispatcher.DLQRecord, error)
+	List(ctx context.Context, f dispatcher.DLQFilter) (dispatcher.DLQPage, error)
 	StartReplay(req dispatcher.ReplayRequest) (string, error)
+	StartRelease(req dispatcher.ReplayRequest) (string, error)
 	Job(id string) (dispatcher.ReplayJob, bool)
+	Jobs() []dispatcher.ReplayJob
+	Cancel(id string) (dispatcher.ReplayJob, error)
 }
 
 const maxListLimit = 1000
@@ -24,9 +28,22 @@ const maxListLimit = 1000
 // dlqRoutes registers the bearer-protected /dlq/ endpoints.
 func (s *Server) dlqRoutes(mux *http.ServeMux) {
 	mux.Handle("GET /dlq/messages", s.auth(http.HandlerFunc(s.listDLQ)))
-	mux.Handle("POST /dlq/replay", s.auth(http.HandlerFunc(s.startReplay)))
+	mux.Handle("POST /dlq/replay", s.auth(s.startJob(dispatcher.JobReplay)))
+	mux.Handle("POST /dlq/release", s.auth(s.startJob(dispatcher.JobRelease)))
+	mux.Handle("GET /dlq/replay", s.auth(http.HandlerFunc(s.listJobs)))
 	mux.Handle("GET /dlq/replay/{id}", s.auth(http.HandlerFunc(s.replayStatus)))
+	mux.Handle("DELETE /dlq/replay/{id}", s.auth(http.HandlerFunc(s.cancelJob)))
+	allowed := map[string]string{"/dlq/messages": "GET", "/dlq/replay": "GET, POST", "/dlq/release": "POST"}
 	mux.Handle("/dlq/", s.auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		allow, ok := allowed[r.URL.Path]
+		if rest, found := strings.CutPrefix(r.URL.Path, "/dlq/replay/"); found && rest != "" && !strings.Contains(rest, "/") {
+			allow, ok = "GET, DELETE", true
+		}
+		if ok {
+			w.Header().Set("Allow", allow)
+			WriteError(w, http.StatusMethodNotAllowed, r.Method+" is not allowed on "+r.URL.Path+" (allowed: "+allow+")")
+			return
+		}
 		WriteError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
 	})))
 }
@@ -52,6 +69,9 @@ func (s *Server) auth(next http.Handler) http.Handler {
 	})
 }
 
+// listDLQ serves GET /dlq/messages: a page of DLQ records across every
+// partition (or one). "next" says where the next page starts and
+// "next_page" is the request for it (cursor=<partition>:<offset>).
 func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	f := dispatcher.DLQFilter{Partition: -1, To: -1, Limit: 100, Route: q.Get("route"), Key: q.Get("key")}
@@ -71,6 +91,19 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 	intParam("from", &f.From)
 	intParam("to", &to)
 	intParam("limit", &limit)
+	if v := q.Get("cursor"); v != "" {
+		ps, offs, ok := strings.Cut(v, ":")
+		p, err1 := strconv.ParseInt(ps, 10, 32)
+		o, err2 := strconv.ParseInt(offs, 10, 64)
+		if !ok || err1 != nil || err2 != nil || p < 0 || o < 0 {
+			bad = append(bad, "cursor must be <partition>:<offset>, as in next_page")
+		} else {
+			f.Cursor = &dispatcher.DLQPosition{Partition: int32(p), From: o}
+		}
+	}
+	if part > 1<<31-1 {
+		bad = append(bad, "partition is out of range")
+	}
 	if len(bad) > 0 {
 		WriteError(w, http.StatusBadRequest, strings.Join(bad, "; "))
 		return
@@ -83,58 +116,91 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 	if to >= 0 {
 		f.To = to + 1
 	}
-	recs, err := s.o.DLQ.List(r.Context(), f)
+	if f.Cursor != nil && f.Partition >= 0 && f.Cursor.Partition != f.Partition {
+		WriteError(w, http.StatusBadRequest, "cursor is in another partition than partition")
+		return
+	}
+	page, err := s.o.DLQ.List(r.Context(), f)
 	if err != nil {
 		WriteError(w, http.StatusBadGateway, "reading the DLQ: "+err.Error())
 		return
 	}
+	recs := page.Records
 	if recs == nil {
 		recs = []dispatcher.DLQRecord{}
 	}
 	out := map[string]any{"messages": recs, "count": len(recs)}
-	if len(recs) == f.Limit {
-		last := recs[len(recs)-1]
-		out["next"] = map[string]int64{"partition": int64(last.Partition), "from": last.Offset + 1}
+	if n := page.Next; n != nil {
+		out["next"] = map[string]int64{"partition": int64(n.Partition), "from": n.From}
+		q.Set("cursor", strconv.Itoa(int(n.Partition))+":"+strconv.FormatInt(n.From, 10))
+		out["next_page"] = "/dlq/messages?" + q.Encode()
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (s *Server) startReplay(w http.ResponseWriter, r *http.Request) {
-	var req dispatcher.ReplayRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		WriteError(w, http.StatusBadRequest, "invalid replay request: "+err.Error())
-		return
-	}
-	switch {
-	case req.Limit < 0:
-		WriteError(w, http.StatusBadRequest, "limit must not be negative")
-		return
-	case req.FromOffset != nil && req.ToOffset != nil && *req.ToOffset < *req.FromOffset:
-		WriteError(w, http.StatusBadRequest, "to_offset is before from_offset")
-		return
-	case req.Partition != nil && *req.Partition < 0:
-		WriteError(w, http.StatusBadRequest, "partition must not be negative")
-		return
-	}
-	id, err := s.o.DLQ.StartReplay(req)
-	switch {
-	case errors.Is(err, dispatcher.ErrReplayRunning):
-		WriteError(w, http.StatusConflict, err.Error())
-	case err != nil:
-		WriteError(w, http.StatusInternalServerError, err.Error())
-	default:
-		w.Header().Set("Location", "/dlq/replay/"+id)
-		writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "status": "/dlq/replay/" + id})
-	}
+// startJob serves POST /dlq/replay and POST /dlq/release: 202 and the id
+// of the job started, 409 while another one runs.
+func (s *Server) startJob(kind string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req dispatcher.ReplayRequest
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			WriteError(w, http.StatusBadRequest, "invalid "+kind+" request: "+err.Error())
+			return
+		}
+		if dec.More() {
+			WriteError(w, http.StatusBadRequest, "invalid "+kind+" request: more than one JSON value")
+			return
+		}
+		start := s.o.DLQ.StartReplay
+		if kind == dispatcher.JobRelease {
+			start = s.o.DLQ.StartRelease
+		}
+		id, err := start(req)
+		switch {
+		case errors.Is(err, dispatcher.ErrBadRequest):
+			WriteError(w, http.StatusBadRequest, err.Error())
+		case errors.Is(err, dispatcher.ErrReplayRunning):
+			WriteError(w, http.StatusConflict, err.Error())
+		case err != nil:
+			WriteError(w, http.StatusInternalServerError, err.Error())
+		default:
+			status := "/dlq/replay/" + url.PathEscape(id)
+			w.Header().Set("Location", status)
+			writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "kind": kind, "status": status})
+		}
+	})
+}
+
+// listJobs serves GET /dlq/replay: the jobs kept, newest first.
+func (s *Server) listJobs(w http.ResponseWriter, _ *http.Request) {
+	jobs := s.o.DLQ.Jobs()
+	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs, "count": len(jobs)})
 }
 
 func (s *Server) replayStatus(w http.ResponseWriter, r *http.Request) {
 	job, ok := s.o.DLQ.Job(r.PathValue("id"))
 	if !ok {
-		WriteError(w, http.StatusNotFound, "no replay job "+r.PathValue("id"))
+		WriteError(w, http.StatusNotFound, "no job "+r.PathValue("id"))
 		return
 	}
 	writeJSON(w, http.StatusOK, job)
+}
+
+// cancelJob serves DELETE /dlq/replay/{id}: 202 and the job, now
+// "cancelling"; 404 for an unknown job, 409 for one that has finished.
+func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	job, err := s.o.DLQ.Cancel(id)
+	switch {
+	case errors.Is(err, dispatcher.ErrNoJob):
+		WriteError(w, http.StatusNotFound, "no job "+id)
+	case errors.Is(err, dispatcher.ErrJobFinished):
+		WriteError(w, http.StatusConflict, "job "+id+" has already finished ("+job.State+")")
+	case err != nil:
+		WriteError(w, http.StatusInternalServerError, err.Error())
+	default:
+		writeJSON(w, http.StatusAccepted, job)
+	}
 }

@@ -3,9 +3,11 @@ package dispatcher
 import (
 	"context"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -101,5 +103,87 @@ func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 	}
 	if got := m2.Sum("orderly_quarantined_messages_total"); got != more {
 		t.Fatalf("the second run quarantined %v messages, want its %d of key-3", got, more)
+	}
+}
+
+// TestRedriveReleasesTheKeyInOrder: key-3 is quarantined after its seq 5
+// was rejected. Once the target accepts it, a replay of key-3 sends its
+// dead letters in order; a message of key-3 produced while the replay runs
+// (held back by a slow target) arrives after them, then the key is free and
+// its next messages flow directly. The target sees every sequence in
+// order, nothing twice.
+func TestRedriveReleasesTheKeyInOrder(t *testing.T) {
+	h := newHarness(t, 2)
+	var fixed atomic.Bool
+	var slow atomic.Bool
+	h.sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == "key-3" && d.Seq == 5 && !fixed.Load() {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	h.sink.Delay = func(d *testkit.Delivery) time.Duration {
+		if slow.Load() && d.Key == "key-3" {
+			return 100 * time.Millisecond
+		}
+		return 0
+	}
+	const keys, per = 6, 20
+	gen := &testkit.Generator{Keys: keys}
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*per)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("redrive", "", "[dlq]\nquarantine_keys = true\n")
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var admin *DLQAdmin
+	_, m, stop := h.run(cfg, func(d *Dispatcher) {
+		admin = NewDLQAdmin(Options{Config: cfg, Router: router, Sender: d.sender, Metrics: d.metrics, Brokers: h.broker.Addr()})
+		d.onQuarantine = func(q *Quarantine) { admin.SetGate(q) }
+	})
+	t.Cleanup(func() { admin.Close() })
+	testkit.WaitFor(t, time.Minute, "all messages finished, key-3 quarantined", func() bool {
+		return m.Sum("orderly_committed_offset") == keys*per && m.Sum("orderly_quarantined_keys") == 1
+	})
+	if got := len(h.sink.Sequences("key-3")); got != 5 {
+		t.Fatalf("the target accepted %d messages of key-3 before the fix, want 5", got)
+	}
+
+	fixed.Store(true)
+	slow.Store(true)
+	id, err := admin.StartReplay(ReplayRequest{Key: "key-3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A new message of key-3 while the replay runs: it waits behind it.
+	testkit.WaitFor(t, time.Minute, "the replay under way", func() bool { return len(h.sink.Sequences("key-3")) >= 7 })
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, time.Minute, "the replay done", func() bool {
+		j, ok := admin.Job(id)
+		return ok && j.State == JobDone
+	})
+	slow.Store(false)
+	testkit.WaitFor(t, time.Minute, "key-3 free and every message finished", func() bool {
+		return m.Sum("orderly_quarantined_keys") == 0 && m.Sum("orderly_committed_offset") == keys*(per+1)
+	})
+	// And after the release, the key's messages flow directly.
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, time.Minute, "the last messages delivered", func() bool {
+		return h.sink.Distinct() == keys*(per+2)
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.sink.Check(gen.Expected()); !rep.OK() || rep.Duplicates != 0 {
+		t.Fatalf("deliveries: %s", rep)
+	}
+	if j, _ := admin.Job(id); j.Replayed != per-5 {
+		t.Fatalf("replayed %d, want key-3's %d dead letters", j.Replayed, per-5)
 	}
 }

@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -17,14 +20,79 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// ErrReplayRunning is returned by StartReplay while another job runs.
-var ErrReplayRunning = errors.New("a replay job is already running")
+// HeaderReplayOf is set on a record a replay wrote back to the DLQ (a
+// record that failed again, or one copied forward behind it) to
+// "<dlq partition>/<dlq offset>" of the record it copies.
+const HeaderReplayOf = "orderly.replay_of"
 
-// ErrNoDLQ is returned when dlq.topic is empty.
-var ErrNoDLQ = errors.New("dlq.topic is not configured")
+// Job kinds.
+const (
+	JobReplay  = "replay"  // sends the matching dead letters again
+	JobRelease = "release" // marks them handled without sending (drops them)
+)
+
+// Job states.
+const (
+	JobRunning    = "running"
+	JobCancelling = "cancelling" // cancel asked; the records in flight finish
+	JobDone       = "done"
+	JobCancelled  = "cancelled"
+	JobFailed     = "failed"
+)
+
+var (
+	// ErrReplayRunning is returned by StartReplay and StartRelease while
+	// another job runs.
+	ErrReplayRunning = errors.New("a replay or release job is already running")
+	// ErrNoDLQ is returned when dlq.topic is empty.
+	ErrNoDLQ = errors.New("dlq.topic is not configured")
+	// ErrNoJob is returned for a job id that is unknown or was pruned.
+	ErrNoJob = errors.New("no such job")
+	// ErrJobFinished is returned when cancelling a job that has finished.
+	ErrJobFinished = errors.New("the job has already finished")
+	// ErrBadRequest wraps what is wrong with a ReplayRequest.
+	ErrBadRequest = errors.New("invalid request")
+)
+
+const (
+	// replayLanes bounds the keys a replay sends at once (and so its
+	// requests in flight); http.max_conns_per_host lowers it.
+	replayLanes = 16
+	// replayWindow bounds the records a replay has read and not finished.
+	replayWindow = 1024
+	// replayProgressBytes is the budget of the progress record committed
+	// with the replay group's offsets (Kafka's offset.metadata.max.bytes
+	// defaults to 4096).
+	replayProgressBytes = 4096
+	// replayCommitEvery is how often a job commits its progress.
+	replayCommitEvery = 250 * time.Millisecond
+	// replayCancelGrace is how long a cancelled job lets the records in
+	// flight finish before it abandons their sends (they stay unhandled).
+	replayCancelGrace = 10 * time.Second
+	// replayTailPasses bounds the passes over the DLQ's end for the held
+	// keys' later records.
+	replayTailPasses = 5
+	// replayGateTimeout bounds the key gate calls a job makes as it ends.
+	replayGateTimeout = 30 * time.Second
+	// Finished jobs are kept for jobRetention, at most jobsKept of them.
+	jobRetention = time.Hour
+	jobsKept     = 100
+)
+
+// KeyGate is the key quarantine as replay sees it (nil when dlq.quarantine_keys is off).
+type KeyGate interface {
+	// Hold marks the key as being replayed: its live messages wait behind the replay.
+	Hold(ctx context.Context, topic string, key []byte) error
+	// Release frees the key: its live messages flow again.
+	Release(ctx context.Context, topic string, key []byte) error
+	// Requarantine keeps the key quarantined after a replayed record of it failed again;
+	// cause is the original message (topic, partition, offset) of the failed record.
+	Requarantine(ctx context.Context, topic string, key []byte, causePartition int32, causeOffset int64) error
+}
 
 // DLQRecord is a dead-lettered message as the admin API shows it.
 type DLQRecord struct {
@@ -42,6 +110,25 @@ type DLQRecord struct {
 	OriginalPartition int32  `json:"original_partition"`
 	OriginalOffset    int64  `json:"original_offset"`
 	FailedAt          string `json:"failed_at"`
+	// ReplayOf is "<partition>/<offset>" of the DLQ record this one copies
+	// (orderly.replay_of), "" for a first dead letter.
+	ReplayOf string `json:"replay_of"`
+	// Handled: a replay or release job has handled the record (replayed,
+	// written back, or released), so later jobs pass over it.
+	Handled bool `json:"handled"`
+}
+
+// DLQPosition is a place in the DLQ: an offset in a partition.
+type DLQPosition struct {
+	Partition int32 `json:"partition"`
+	From      int64 `json:"from"`
+}
+
+// DLQPage is one page of the DLQ listing. Next, when set, is where the next
+// page starts (possibly at the start of a later partition).
+type DLQPage struct {
+	Records []DLQRecord
+	Next    *DLQPosition
 }
 
 // DLQFilter selects DLQ records. Zero values select everything; To is
@@ -53,41 +140,124 @@ type DLQFilter struct {
 	Route     string // "": any
 	Key       string // "": any
 	Limit     int    // 0: no limit
+	// Cursor, if set, resumes a listing: partitions before Cursor.Partition
+	// are passed over and that one starts at Cursor.From.
+	Cursor *DLQPosition
 }
 
-// ReplayRequest is the body of POST /dlq/replay.
+// ReplayRequest is the body of POST /dlq/replay and POST /dlq/release.
 type ReplayRequest struct {
 	Partition  *int32 `json:"partition"`
 	FromOffset *int64 `json:"from_offset"`
 	ToOffset   *int64 `json:"to_offset"` // inclusive
 	Route      string `json:"route"`
 	Key        string `json:"key"`
-	Limit      int    `json:"limit"`
+	Limit      int    `json:"limit"` // at most this many records not yet handled
 	DryRun     bool   `json:"dry_run"`
+	// Rate caps a replay's pace in records per second (0: no cap).
+	Rate float64 `json:"rate,omitempty"`
 }
 
-// ReplayJob is a replay's progress.
+// Validate reports what is wrong with r for a job of the given kind; the
+// error wraps ErrBadRequest.
+func (r ReplayRequest) Validate(kind string) error {
+	bad := func(msg string) error { return fmt.Errorf("%w: %s", ErrBadRequest, msg) }
+	switch {
+	case r.Limit < 0:
+		return bad("limit must not be negative")
+	case r.Partition != nil && *r.Partition < 0:
+		return bad("partition must not be negative")
+	case r.FromOffset != nil && *r.FromOffset < 0:
+		return bad("from_offset must not be negative")
+	case r.ToOffset != nil && *r.ToOffset < 0:
+		return bad("to_offset must not be negative")
+	case r.FromOffset != nil && r.ToOffset != nil && *r.ToOffset < *r.FromOffset:
+		return bad("to_offset is before from_offset")
+	case r.Rate < 0:
+		return bad("rate must not be negative")
+	case r.Rate != 0 && kind != JobReplay:
+		return bad("rate applies to replay jobs only")
+	}
+	return nil
+}
+
+func (r ReplayRequest) filter() DLQFilter {
+	f := DLQFilter{Partition: -1, To: -1, Route: r.Route, Key: r.Key, Limit: r.Limit}
+	if r.Partition != nil {
+		f.Partition = *r.Partition
+	}
+	if r.FromOffset != nil {
+		f.From = *r.FromOffset
+	}
+	if r.ToOffset != nil {
+		f.To = *r.ToOffset + 1
+	}
+	return f
+}
+
+// ReplayJob is a replay or release job's progress. A job reads each
+// selected DLQ partition from the point where earlier jobs' handled records
+// stop (the committed offset of "<group_id>.replay") to its end when the
+// job started (or to_offset), passing over the records earlier jobs
+// handled; with the key gate it then reads on to the DLQ's current end for
+// the keys it holds (see DLQAdmin).
 type ReplayJob struct {
-	ID         string        `json:"id"`
-	State      string        `json:"state"` // running, done, failed
-	DryRun     bool          `json:"dry_run"`
-	Request    ReplayRequest `json:"request"`
-	Scanned    int           `json:"scanned"`
-	Matched    int           `json:"matched"`
-	Replayed   int           `json:"replayed"`
-	Failed     int           `json:"failed"` // dead-lettered again
-	Skipped    int           `json:"skipped"`
-	Error      string        `json:"error,omitempty"`
-	StartedAt  time.Time     `json:"started_at"`
-	FinishedAt *time.Time    `json:"finished_at,omitempty"`
+	ID      string        `json:"id"`
+	Kind    string        `json:"kind"`  // replay or release
+	State   string        `json:"state"` // running, cancelling, done, cancelled, failed
+	DryRun  bool          `json:"dry_run"`
+	Request ReplayRequest `json:"request"`
+	// Scanned counts the DLQ records read: every record in the range
+	// scanned, whether it matched or not, handled before or not.
+	Scanned int `json:"scanned"`
+	// Matched counts the records the job took on: matching the filter and
+	// not handled by an earlier job (at most limit), plus, with the key
+	// gate, the later records of the keys it held. A dry run stops here:
+	// Matched is what the real job would send (or release).
+	Matched int `json:"matched"`
+	// Skipped counts the records matching the filter that an earlier job
+	// already handled: they are not sent again.
+	Skipped int `json:"skipped"`
+	// Replayed counts the records delivered.
+	Replayed int `json:"replayed"`
+	// Failed counts the records that failed again and were written back
+	// to the DLQ with orderly.attempts increased (and those whose value the
+	// DLQ holds cut, orderly.value_truncated, written back unsent).
+	Failed int `json:"failed"`
+	// Deferred counts the records not sent because an earlier record of
+	// their key failed again in this job: they were copied forward to the
+	// DLQ behind the failed one, unchanged, keeping the key's order.
+	Deferred int `json:"deferred"`
+	// Released counts the records a release job marked handled unsent.
+	Released   int        `json:"released"`
+	Error      string     `json:"error,omitempty"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
 }
 
-// DLQAdmin lists the DLQ and replays it. Replayed messages go through the
-// route named in orderly.route, resuming at orderly.request_index, with the
-// same sender (retries, breakers); those that fail again go back to the DLQ
-// with orderly.attempts increased. Progress is committed under the consumer
-// group "<group_id>.replay" so a restarted replay does not resend what it
-// already replayed. Safe for concurrent use; Close stops a running job.
+// DLQAdmin lists the DLQ and runs replay and release jobs, one at a time.
+//
+// A replay sends each record through the route named in orderly.route,
+// from orderly.request_index on, with the same sender (retries, breakers):
+// records of different keys concurrently (up to 16 keys, fewer with
+// http.max_conns_per_host), those of one key strictly in DLQ order. A
+// record that fails again goes back to the DLQ with orderly.attempts
+// increased and orderly.replay_of; the later records of its key in the job
+// are then not sent but copied forward behind it, so the DLQ keeps the
+// key's sequence in order for the next replay.
+//
+// Which records are handled (replayed, written back, copied forward or
+// released) is committed under the consumer group "<group_id>.replay": its
+// offset is the first record not handled and its commit metadata an
+// offsets progress record of those handled beyond. Records a job did not
+// match are never marked, so a later job with other filters still finds
+// them.
+//
+// With a key gate (SetGate), a replay holds each key before sending its
+// first record, reads on to the DLQ's end for the held keys' later records
+// (live messages dead-lettered before the hold took effect) and at the end
+// releases the keys whose records all went through, or requarantines the
+// others. Safe for concurrent use; Close stops a running job.
 type DLQAdmin struct {
 	brokers string
 	cfg     *config.Config
@@ -96,23 +266,48 @@ type DLQAdmin struct {
 	metrics *telemetry.Metrics
 	log     *slog.Logger
 
-	ctx    context.Context
+	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // the running job's goroutine
 
-	mu   sync.Mutex // protects jobs and running
-	jobs map[string]*ReplayJob
-	run  string // id of the running job, "" if none
+	mu      sync.Mutex // protects gate, jobs, order, running and every jobEntry's job and cancelled
+	gate    KeyGate
+	jobs    map[string]*jobEntry
+	order   []*jobEntry // oldest first
+	running *jobEntry
+
+	// retention and keep bound the finished jobs kept; now is the clock.
+	// Set only before use (tests shorten them).
+	retention time.Duration
+	keep      int
+	now       func() time.Time
+}
+
+type jobEntry struct {
+	job       ReplayJob          // under DLQAdmin.mu
+	cancelled bool               // under DLQAdmin.mu: Cancel asked it to stop
+	stop      context.CancelFunc // asks the job to stop
 }
 
 // NewDLQAdmin returns a DLQAdmin; it connects only when used.
 func NewDLQAdmin(o Options) *DLQAdmin {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &DLQAdmin{brokers: o.brokers(), cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
-		log: o.logger(), ctx: ctx, cancel: cancel, jobs: make(map[string]*ReplayJob)}
+		log: o.logger(), ctx: ctx, cancel: cancel, jobs: make(map[string]*jobEntry),
+		retention: jobRetention, keep: jobsKept, now: time.Now}
 }
 
-// Close cancels a running job and waits for it.
+// SetGate sets the key gate replay and release jobs use from their next
+// start on; nil (the default) means no gate. g must be a usable gate or a
+// nil interface, not a nil pointer in an interface.
+func (a *DLQAdmin) SetGate(g KeyGate) {
+	a.mu.Lock()
+	a.gate = g
+	a.mu.Unlock()
+}
+
+// Close stops a running job (the records in flight are abandoned and stay
+// unhandled), waits for it and its final commit.
 func (a *DLQAdmin) Close() {
 	a.cancel()
 	a.wg.Wait()
@@ -130,87 +325,229 @@ func (a *DLQAdmin) consumer(group string) (*kafka.Consumer, error) {
 	return kafka.NewConsumer(&cm)
 }
 
-// List returns DLQ records matching f, in partition then offset order.
-func (a *DLQAdmin) List(ctx context.Context, f DLQFilter) ([]DLQRecord, error) {
-	if a.cfg.DLQ.Topic == "" {
-		return nil, ErrNoDLQ
-	}
-	c, err := a.consumer(a.cfg.Kafka.GroupID + ".dlq-browser")
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	var out []DLQRecord
-	err = a.scan(ctx, c, f, nil, func(m *kafka.Message) bool {
-		out = append(out, toRecord(m))
-		return f.Limit <= 0 || len(out) < f.Limit
-	})
-	return out, err
+func (a *DLQAdmin) replayGroup() string { return a.cfg.Kafka.GroupID + ".replay" }
+
+// dlqPart is one DLQ partition as a job or a listing sees it. The fields
+// are owned by the goroutine reading the partition (the job's), except
+// that workers call t.Done and set dirty.
+type dlqPart struct {
+	id     int32
+	lo, hi int64 // watermarks when opened
+	// t tracks which records are handled: restored from the replay group's
+	// commit, it answers Begin with alreadyDone for those handled before.
+	t *offsets.Tracker
+	// next is the next offset to Begin: offsets are begun in order, and
+	// one never begun below the newest begun counts as handled, so gaps
+	// the job does not read are begun (as not handled) by fill.
+	next int64
+	// commOff and commMeta are the replay group's commit (-1: none).
+	commOff  int64
+	commMeta string
+	budget   int         // the progress record's size bound, halved when refused
+	warned   bool        // a truncated progress record was reported
+	dirty    atomic.Bool // a record was marked handled since the last commit
 }
 
-// scan reads the DLQ partitions selected by f from their start (f.From, or
-// the committed offset when committed is given and later) to their end at
-// the time of the call, calling fn for each matching record until it returns
-// false.
-func (a *DLQAdmin) scan(ctx context.Context, c *kafka.Consumer, f DLQFilter, committed map[int32]int64, fn func(*kafka.Message) bool) error {
-	topic := a.cfg.DLQ.Topic
-	md, err := c.GetMetadata(&topic, false, 10000)
-	if err != nil {
-		return fmt.Errorf("dlq metadata: %w", err)
-	}
-	tm, ok := md.Topics[topic]
-	if !ok || tm.Error.Code() != kafka.ErrNoError {
-		return fmt.Errorf("dlq topic %q: %v", topic, tm.Error)
-	}
-	for _, pm := range tm.Partitions {
-		if f.Partition >= 0 && pm.ID != f.Partition {
-			continue
-		}
-		lo, hi, err := c.QueryWatermarkOffsets(topic, pm.ID, 10000)
-		if err != nil {
-			return fmt.Errorf("dlq offsets: %w", err)
-		}
-		start := max(lo, f.From)
-		if c, ok := committed[pm.ID]; ok && c > start {
-			start = c
-		}
-		end := hi
-		if f.To >= 0 && f.To < end {
-			end = f.To
-		}
-		if start >= end {
-			continue
-		}
-		if err := c.Assign([]kafka.TopicPartition{{Topic: &topic, Partition: pm.ID, Offset: kafka.Offset(start)}}); err != nil {
-			return err
-		}
-		for next := start; next < end; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			switch e := c.Poll(200).(type) {
-			case *kafka.Message:
-				if e.TopicPartition.Error != nil {
-					return e.TopicPartition.Error
-				}
-				next = int64(e.TopicPartition.Offset) + 1
-				if int64(e.TopicPartition.Offset) >= end {
-					break
-				}
-				if matches(e, f) && !fn(e) {
-					return c.Unassign()
-				}
-			case kafka.Error:
-				if e.IsFatal() {
-					return e
-				}
-			}
-		}
-		if err := c.Unassign(); err != nil {
+// fill begins the offsets from p.next up to off as not handled (unless an
+// earlier job handled them), so that the commit cannot pass records the job
+// does not read.
+func (p *dlqPart) fill(off int64) error {
+	for ; p.next < off; p.next++ {
+		if _, err := p.t.Begin(p.next); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// openParts returns the DLQ partitions selected (all when partition is
+// -1), in id order, with their watermarks and the replay group's progress.
+func (a *DLQAdmin) openParts(c *kafka.Consumer, partition int32) ([]*dlqPart, error) {
+	topic := a.cfg.DLQ.Topic
+	md, err := c.GetMetadata(&topic, false, 10000)
+	if err != nil {
+		return nil, fmt.Errorf("dlq metadata: %w", err)
+	}
+	tm, ok := md.Topics[topic]
+	if !ok || tm.Error.Code() != kafka.ErrNoError {
+		return nil, fmt.Errorf("dlq topic %q: %v", topic, tm.Error)
+	}
+	var tps []kafka.TopicPartition
+	for _, pm := range tm.Partitions {
+		if partition < 0 || pm.ID == partition {
+			tps = append(tps, kafka.TopicPartition{Topic: &topic, Partition: pm.ID})
+		}
+	}
+	slices.SortFunc(tps, func(x, y kafka.TopicPartition) int { return int(x.Partition) - int(y.Partition) })
+	committed := map[int32]kafka.TopicPartition{}
+	if len(tps) > 0 {
+		res, err := c.Committed(tps, 10000)
+		var ke kafka.Error
+		switch {
+		case errors.As(err, &ke) && ke.Code() == kafka.ErrGroupIDNotFound: // no job has committed yet
+		case err != nil:
+			return nil, fmt.Errorf("reading the replay progress: %w", err)
+		default:
+			for _, tp := range res {
+				committed[tp.Partition] = tp
+			}
+		}
+	}
+	parts := make([]*dlqPart, 0, len(tps))
+	for _, tp := range tps {
+		lo, hi, err := c.QueryWatermarkOffsets(topic, tp.Partition, 10000)
+		if err != nil {
+			return nil, fmt.Errorf("dlq offsets: %w", err)
+		}
+		p := &dlqPart{id: tp.Partition, lo: lo, hi: hi, commOff: -1, budget: replayProgressBytes}
+		start := lo
+		if ct, ok := committed[tp.Partition]; ok && ct.Offset >= 0 {
+			if c := int64(ct.Offset); c > hi {
+				a.log.Warn("replay progress ignored: it is past the DLQ's end (was the topic recreated?)",
+					"dlq", topic, "partition", tp.Partition, "committed", c, "end", hi)
+			} else {
+				p.commOff, start = c, c
+				if ct.Metadata != nil {
+					p.commMeta = *ct.Metadata
+				}
+			}
+		}
+		if p.commOff >= 0 {
+			t, err := offsets.NewFromProgress(p.commOff, p.commMeta)
+			if err != nil {
+				a.log.Warn("replay progress record ignored: the records it marked handled are sent again",
+					"dlq", topic, "partition", tp.Partition, "error", err)
+			}
+			p.t = t
+		} else {
+			p.t = offsets.New(start)
+		}
+		// Offsets below lo are gone: the first Begin at lo or later counts
+		// them as done.
+		p.next = max(start, lo)
+		parts = append(parts, p)
+	}
+	return parts, nil
+}
+
+// read reads DLQ partition part from offset from up to end (exclusive) or
+// the partition's end, calling fn for each record until it returns false
+// or an error, or ctx ends.
+func (a *DLQAdmin) read(ctx context.Context, c *kafka.Consumer, part int32, from, end int64, fn func(*kafka.Message) (bool, error)) error {
+	if from >= end {
+		return nil
+	}
+	topic := a.cfg.DLQ.Topic
+	if err := c.Assign([]kafka.TopicPartition{{Topic: &topic, Partition: part, Offset: kafka.Offset(from)}}); err != nil {
+		return err
+	}
+	defer func() { _ = c.Unassign() }()
+	for next := from; next < end; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		switch e := c.Poll(100).(type) {
+		case *kafka.Message:
+			if e.TopicPartition.Error != nil {
+				return e.TopicPartition.Error
+			}
+			off := int64(e.TopicPartition.Offset)
+			if e.TopicPartition.Partition != part || off < next {
+				continue // left over from an earlier assignment
+			}
+			if off >= end {
+				return nil
+			}
+			next = off + 1
+			if ok, err := fn(e); err != nil || !ok {
+				return err
+			}
+		case kafka.PartitionEOF:
+			if e.Partition == part && int64(e.Offset) >= next {
+				return nil // what remains below end are not records (markers)
+			}
+		case kafka.Error:
+			if e.IsFatal() {
+				return e
+			}
+		}
+	}
+	return nil
+}
+
+// List returns a page of the DLQ records matching f, in partition then
+// offset order, each marked handled or not. When the page is full (Limit)
+// and more may follow, Next says where the next page starts: after the last
+// record, or at the start of the next partition that holds records.
+func (a *DLQAdmin) List(ctx context.Context, f DLQFilter) (DLQPage, error) {
+	var page DLQPage
+	if a.cfg.DLQ.Topic == "" {
+		return page, ErrNoDLQ
+	}
+	c, err := a.consumer(a.replayGroup()) // reads the group's progress, commits nothing
+	if err != nil {
+		return page, err
+	}
+	defer c.Close()
+	parts, err := a.openParts(c, f.Partition)
+	if err != nil {
+		return page, err
+	}
+	span := func(p *dlqPart) (int64, int64) {
+		start, end := max(p.lo, f.From), p.hi
+		if f.Cursor != nil && p.id == f.Cursor.Partition {
+			start = max(start, f.Cursor.From)
+		}
+		if f.To >= 0 {
+			end = min(end, f.To)
+		}
+		return start, end
+	}
+	for i, p := range parts {
+		if f.Cursor != nil && p.id < f.Cursor.Partition {
+			continue
+		}
+		start, end := span(p)
+		last := int64(-1)
+		err := a.read(ctx, c, p.id, start, end, func(m *kafka.Message) (bool, error) {
+			off := int64(m.TopicPartition.Offset)
+			handled := p.commOff >= 0 && off < p.commOff
+			if !handled && p.commOff >= 0 && off >= p.next {
+				done, err := p.t.Begin(off)
+				handled = err == nil && done
+				p.next = off + 1
+			}
+			if !matches(m, f) {
+				return true, nil
+			}
+			r := toRecord(m)
+			r.Handled = handled
+			page.Records = append(page.Records, r)
+			if f.Limit > 0 && len(page.Records) >= f.Limit {
+				last = off
+				return false, nil
+			}
+			return true, nil
+		})
+		if err != nil {
+			return page, err
+		}
+		if last < 0 {
+			continue
+		}
+		if last+1 < end {
+			page.Next = &DLQPosition{Partition: p.id, From: last + 1}
+			return page, nil
+		}
+		for _, q := range parts[i+1:] {
+			if s, e := span(q); s < e {
+				page.Next = &DLQPosition{Partition: q.id, From: s}
+				break
+			}
+		}
+		return page, nil
+	}
+	return page, nil
 }
 
 func matches(m *kafka.Message, f DLQFilter) bool {
@@ -227,7 +564,7 @@ func matches(m *kafka.Message, f DLQFilter) bool {
 }
 
 func hdr(m *kafka.Message, key string) (string, bool) {
-	for i := len(m.Headers) - 1; i >= 0; i-- { // the last wins: replays append
+	for i := len(m.Headers) - 1; i >= 0; i-- { // the last wins
 		if m.Headers[i].Key == key {
 			return string(m.Headers[i].Value), true
 		}
@@ -250,6 +587,7 @@ func toRecord(m *kafka.Message) DLQRecord {
 	r.Route, _ = hdr(m, HeaderRoute)
 	r.OriginalTopic, _ = hdr(m, HeaderOriginalTopic)
 	r.FailedAt, _ = hdr(m, HeaderFailedAt)
+	r.ReplayOf, _ = hdr(m, HeaderReplayOf)
 	v := m.Value
 	if len(v) > 256 {
 		v = v[:256]
@@ -264,47 +602,145 @@ func toRecord(m *kafka.Message) DLQRecord {
 
 // StartReplay starts a background replay job and returns its id.
 func (a *DLQAdmin) StartReplay(req ReplayRequest) (string, error) {
+	return a.start(JobReplay, req)
+}
+
+// StartRelease starts a background release job, which marks the matching
+// records not yet handled as handled without sending them (the operator
+// drops those dead letters) and frees their keys at the key gate, and
+// returns its id.
+func (a *DLQAdmin) StartRelease(req ReplayRequest) (string, error) {
+	return a.start(JobRelease, req)
+}
+
+func (a *DLQAdmin) start(kind string, req ReplayRequest) (string, error) {
 	if a.cfg.DLQ.Topic == "" {
 		return "", ErrNoDLQ
 	}
+	if err := req.Validate(kind); err != nil {
+		return "", err
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.run != "" {
+	if a.running != nil {
 		return "", ErrReplayRunning
+	}
+	if a.ctx.Err() != nil {
+		return "", errors.New("the DLQ admin is closed")
 	}
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	job := &ReplayJob{ID: hex.EncodeToString(b[:]), State: "running", DryRun: req.DryRun, Request: req, StartedAt: time.Now().UTC()}
-	a.jobs[job.ID] = job
-	a.run = job.ID
+	now := a.now()
+	a.pruneLocked(now)
+	stopCtx, stop := context.WithCancel(a.ctx)
+	e := &jobEntry{stop: stop, job: ReplayJob{ID: hex.EncodeToString(b[:]), Kind: kind, State: JobRunning,
+		DryRun: req.DryRun, Request: req, StartedAt: now.UTC()}}
+	a.jobs[e.job.ID] = e
+	a.order = append(a.order, e)
+	a.running = e
 	a.metrics.ReplayJobsActive.Set(1)
+	r := &run{a: a, e: e, kind: kind, req: req, f: req.filter(), dry: req.DryRun, gate: a.gate, stop: stopCtx}
 	a.wg.Go(func() {
-		err := a.replay(job)
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		now := time.Now().UTC()
-		job.FinishedAt = &now
-		job.State = "done"
-		if err != nil {
-			job.State, job.Error = "failed", err.Error()
-		}
-		a.run = ""
-		a.metrics.ReplayJobsActive.Set(0)
-		a.log.Info("replay finished", "id", job.ID, "state", job.State, "matched", job.Matched,
-			"replayed", job.Replayed, "failed", job.Failed, "error", job.Error)
+		defer stop()
+		stopped, err := r.run()
+		a.finish(e, stopped, err)
 	})
-	return job.ID, nil
+	return e.job.ID, nil
+}
+
+func (a *DLQAdmin) finish(e *jobEntry, stopped bool, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := a.now()
+	t := now.UTC()
+	j := &e.job
+	j.FinishedAt = &t
+	switch {
+	case err != nil:
+		j.State, j.Error = JobFailed, err.Error()
+	case stopped:
+		j.State = JobCancelled
+		if !e.cancelled {
+			j.Error = "stopped by shutdown"
+		}
+	default:
+		j.State = JobDone
+	}
+	a.running = nil
+	a.metrics.ReplayJobsActive.Set(0)
+	a.log.Info("dlq job finished", "id", j.ID, "kind", j.Kind, "state", j.State, "dry_run", j.DryRun,
+		"scanned", j.Scanned, "matched", j.Matched, "skipped", j.Skipped, "replayed", j.Replayed,
+		"failed", j.Failed, "deferred", j.Deferred, "released", j.Released, "error", j.Error)
+	a.pruneLocked(now)
+}
+
+// pruneLocked forgets the finished jobs older than the retention, and the
+// oldest finished ones beyond the number kept.
+func (a *DLQAdmin) pruneLocked(now time.Time) {
+	finished := 0
+	for _, e := range a.order {
+		if e.job.FinishedAt != nil {
+			finished++
+		}
+	}
+	kept := a.order[:0]
+	for _, e := range a.order {
+		if f := e.job.FinishedAt; f != nil && (now.Sub(*f) > a.retention || finished > a.keep) {
+			finished--
+			delete(a.jobs, e.job.ID)
+			continue
+		}
+		kept = append(kept, e)
+	}
+	clear(a.order[len(kept):])
+	a.order = kept
 }
 
 // Job returns a copy of a job's progress.
 func (a *DLQAdmin) Job(id string) (ReplayJob, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	j, ok := a.jobs[id]
+	a.pruneLocked(a.now())
+	e, ok := a.jobs[id]
 	if !ok {
 		return ReplayJob{}, false
 	}
-	return *j, true
+	return e.job, true
+}
+
+// Jobs returns copies of the jobs kept, newest first.
+func (a *DLQAdmin) Jobs() []ReplayJob {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pruneLocked(a.now())
+	out := make([]ReplayJob, 0, len(a.order))
+	for i := len(a.order) - 1; i >= 0; i-- {
+		out = append(out, a.order[i].job)
+	}
+	return out
+}
+
+// Cancel asks a running job to stop: it takes no more records, lets those
+// in flight finish (for up to 10 s), commits its progress and ends
+// "cancelled"; a new job resumes where it stopped. It returns the job as it
+// is now (ErrNoJob, ErrJobFinished otherwise).
+func (a *DLQAdmin) Cancel(id string) (ReplayJob, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pruneLocked(a.now())
+	e, ok := a.jobs[id]
+	switch {
+	case !ok:
+		return ReplayJob{}, ErrNoJob
+	case e.job.FinishedAt != nil:
+		return e.job, ErrJobFinished
+	}
+	if !e.cancelled {
+		e.cancelled = true
+		e.job.State = JobCancelling
+		e.stop()
+	}
+	return e.job, nil
 }
 
 func (a *DLQAdmin) update(fn func()) {
@@ -313,115 +749,566 @@ func (a *DLQAdmin) update(fn func()) {
 	a.mu.Unlock()
 }
 
-// replay runs one job: records are replayed one at a time in DLQ order,
-// which keeps the order of each key (a key's records share a DLQ partition).
-func (a *DLQAdmin) replay(job *ReplayJob) error {
-	req := job.Request
-	f := DLQFilter{Partition: -1, To: -1, Route: req.Route, Key: req.Key}
-	if req.Partition != nil {
-		f.Partition = *req.Partition
-	}
-	if req.FromOffset != nil {
-		f.From = *req.FromOffset
-	}
-	if req.ToOffset != nil {
-		f.To = *req.ToOffset + 1
-	}
-	group := a.cfg.Kafka.GroupID + ".replay"
-	c, err := a.consumer(group)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	var committed map[int32]int64
-	if !req.DryRun {
-		committed, err = a.committed(c)
-		if err != nil {
-			return err
-		}
-	}
-	var w *dlqWriter
-	if !req.DryRun {
-		logs := make(chan kafka.LogEvent, 16)
-		stop := make(chan struct{})
-		var lw sync.WaitGroup
-		lw.Go(func() { pumpLogs(a.log, logs, stop) })
-		defer func() { close(stop); lw.Wait() }()
-		if w, err = newDLQWriter(a.brokers, a.cfg, a.log, logs); err != nil {
-			return err
-		}
-		defer w.close()
-	}
-	n := 0
-	var sendErr error
-	err = a.scan(a.ctx, c, f, committed, func(m *kafka.Message) bool {
-		n++
-		a.update(func() { job.Matched++ })
-		if !req.DryRun {
-			outcome, err := a.replayOne(m, w)
-			if err != nil {
-				sendErr = err
-				return false
-			}
-			a.metrics.ReplayMessages.WithLabelValues(outcome).Inc()
-			a.update(func() {
-				switch outcome {
-				case telemetry.OutcomeDelivered:
-					job.Replayed++
-				case telemetry.OutcomeDeadLettered:
-					job.Failed++
-				default:
-					job.Skipped++
-				}
-			})
-			tp := m.TopicPartition
-			tp.Offset++
-			if _, err := c.CommitOffsets([]kafka.TopicPartition{tp}); err != nil {
-				a.log.Warn("replay: commit failed", "error", err)
-			}
-		}
-		return req.Limit <= 0 || n < req.Limit
-	})
-	if sendErr != nil {
-		return sendErr
-	}
-	return err
+// laneID names a replay lane, as the dispatcher's lanes go: the records of
+// one key of one source topic, the unkeyed records of one source partition,
+// or (dispatch.unkeyed = "parallel") one unkeyed record.
+type laneID struct {
+	topic string
+	key   string
+	keyed bool
+	// Unkeyed: the source partition, or with single the DLQ record's place.
+	at     pos
+	single bool
 }
 
-func (a *DLQAdmin) committed(c *kafka.Consumer) (map[int32]int64, error) {
-	topic := a.cfg.DLQ.Topic
-	md, err := c.GetMetadata(&topic, false, 10000)
+// pos is a place in a topic: a partition and an offset.
+type pos struct {
+	partition int32
+	offset    int64
+}
+
+// originOf returns where m's original message was consumed.
+func originOf(m *kafka.Message) pos {
+	return pos{int32(hdrInt(m, HeaderOriginalPartition)), hdrInt(m, HeaderOriginalOffset)}
+}
+
+// dlqRec is a record a replay has taken on, with its partition.
+type dlqRec struct {
+	p *dlqPart
+	m *kafka.Message
+}
+
+// rlane is one lane of a replay: its records are handled one at a time,
+// in DLQ order, by whichever worker holds the lane.
+type rlane struct {
+	id  laneID
+	key []byte // nil when unkeyed
+
+	q    []dlqRec // under run.mu
+	busy bool     // under run.mu: queued in ready or held by a worker
+
+	// Touched only by the worker holding the lane, and by the job's
+	// goroutine after the workers stopped.
+	held    bool // the gate holds the key
+	failed  bool // a record failed again: the rest are copied forward
+	dropped bool // a record was left unhandled (the job stopped)
+	cause   pos  // the failed, or first dropped, record's original
+	last    pos  // the last record's original
+	touched bool // a record was handled
+}
+
+// run is one job at work. Its fields are set before the job's goroutine
+// starts, or by that goroutine, unless noted.
+type run struct {
+	a    *DLQAdmin
+	e    *jobEntry
+	kind string
+	req  ReplayRequest
+	f    DLQFilter
+	dry  bool
+	gate KeyGate
+
+	c       *kafka.Consumer // the job goroutine's alone
+	parts   []*dlqPart
+	matched int // records taken on (for the limit)
+
+	stop       context.Context    // Cancel or Close
+	halt       context.Context    // stop or a failure: take no more records
+	halted     context.CancelFunc // ends halt
+	send       context.Context    // sends and DLQ writes: ends replayCancelGrace after halt, or with Close
+	cancelSend context.CancelFunc
+	tick       *time.Ticker // commits while the job reads or waits
+
+	w       *dlqWriter
+	pace    *pacer
+	ready   chan *rlane   // lanes with records to handle; workers take them
+	window  chan struct{} // a slot per record taken on and not finished
+	pending sync.WaitGroup
+	workers sync.WaitGroup
+
+	mu      sync.Mutex // protects lanes, touched, written, failure, and each rlane's q and busy
+	lanes   map[laneID]*rlane
+	touched map[laneID][]byte // keyed lanes the job took records of, with their key
+	written map[pos]bool      // DLQ (partition, offset) of the records the job wrote
+	failure error
+}
+
+// run runs the job. stopped reports that it was cancelled or shut down
+// before it finished.
+func (r *run) run() (stopped bool, err error) {
+	a := r.a
+	r.halt, r.halted = context.WithCancel(r.stop)
+	defer r.halted()
+	r.send, r.cancelSend = context.WithCancel(a.ctx)
+	defer r.cancelSend()
+	r.lanes, r.touched, r.written = map[laneID]*rlane{}, map[laneID][]byte{}, map[pos]bool{}
+	r.tick = time.NewTicker(replayCommitEvery)
+	defer r.tick.Stop()
+	if r.c, err = a.consumer(a.replayGroup()); err != nil {
+		return false, err
+	}
+	defer r.c.Close()
+	if r.parts, err = a.openParts(r.c, r.f.Partition); err != nil {
+		return false, err
+	}
+	if r.kind == JobReplay && !r.dry {
+		logs := make(chan kafka.LogEvent, 16)
+		stopLogs := make(chan struct{})
+		var lw sync.WaitGroup
+		lw.Go(func() { pumpLogs(a.log, logs, stopLogs) })
+		defer func() { close(stopLogs); lw.Wait() }()
+		if r.w, err = newDLQWriter(a.brokers, a.cfg, a.log, logs); err != nil {
+			return false, err
+		}
+		defer r.w.close()
+		r.pace = newPacer(r.req.Rate)
+		n := replayLanes
+		if m := a.cfg.HTTP.MaxConnsPerHost; m > 0 {
+			n = min(n, m)
+		}
+		r.ready = make(chan *rlane, replayWindow)
+		r.window = make(chan struct{}, replayWindow)
+		for range n {
+			r.workers.Go(r.worker)
+		}
+	}
+	if err = r.scan(false); err != nil {
+		r.halted()
+	}
+	r.drain()
+	// The held keys' later records: live messages dead-lettered before the
+	// hold took effect. Passes repeat while they find some.
+	for pass := 0; pass < replayTailPasses && err == nil && r.gate != nil && r.kind == JobReplay && r.halt.Err() == nil; pass++ {
+		before := r.matched
+		if err = r.scan(true); err != nil {
+			r.halted()
+		}
+		r.drain()
+		if r.matched == before {
+			break
+		}
+	}
+	if r.ready != nil {
+		close(r.ready)
+		r.workers.Wait()
+	}
+	r.mu.Lock()
+	if r.failure != nil {
+		err = errors.Join(r.failure, err)
+	}
+	r.mu.Unlock()
+	if err == nil && r.stop.Err() != nil {
+		stopped = true
+	}
+	if !r.dry {
+		if cerr := r.commit(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("committing the replay progress: %w", cerr))
+		}
+		if r.gate != nil {
+			if gerr := r.gateActions(stopped || err != nil); gerr != nil {
+				err = errors.Join(err, gerr)
+			}
+		}
+	}
+	if stopped && err == nil {
+		return true, nil
+	}
+	return false, err
+}
+
+// scan reads the selected partitions, taking on the records that match and
+// no earlier job handled, until the limit. tail (the key gate's second
+// pass) reads on from where the first pass stopped to each partition's
+// current end, taking on the later records of the keys the job took.
+func (r *run) scan(tail bool) error {
+	for _, p := range r.parts {
+		start := max(p.next, p.lo, r.f.From)
+		end := p.hi
+		if tail {
+			_, hi, err := r.c.QueryWatermarkOffsets(r.a.cfg.DLQ.Topic, p.id, 10000)
+			if err != nil {
+				return fmt.Errorf("dlq offsets: %w", err)
+			}
+			end = hi
+		} else if r.f.To >= 0 {
+			end = min(end, r.f.To)
+		}
+		if start >= end {
+			continue
+		}
+		if err := p.fill(start); err != nil {
+			return err
+		}
+		more := true
+		err := r.a.read(r.halt, r.c, p.id, start, end, func(m *kafka.Message) (bool, error) {
+			ok, err := r.record(p, m, tail)
+			more = ok
+			return ok, err
+		})
+		if err != nil {
+			if r.halt.Err() != nil {
+				return nil // stopped: what was not taken on stays for a later job
+			}
+			return err
+		}
+		if !more {
+			return nil
+		}
+	}
+	return nil
+}
+
+// record handles one record read; false stops the scan (the limit, or the
+// job halted).
+func (r *run) record(p *dlqPart, m *kafka.Message, tail bool) (bool, error) {
+	off := int64(m.TopicPartition.Offset)
+	done, err := p.t.Begin(off)
 	if err != nil {
-		return nil, err
+		return false, err
+	}
+	p.next = off + 1
+	r.a.update(func() { r.e.job.Scanned++ })
+	select {
+	case <-r.tick.C:
+		r.commitLogged()
+	default:
+	}
+	id := r.laneOf(m)
+	switch {
+	case done:
+		if !tail && matches(m, r.f) {
+			r.a.update(func() { r.e.job.Skipped++ })
+		}
+		return true, nil
+	case tail:
+		r.mu.Lock()
+		_, held := r.touched[id]
+		ours := r.written[pos{p.id, off}]
+		r.mu.Unlock()
+		if !held || ours {
+			return true, nil
+		}
+	case !matches(m, r.f):
+		return true, nil
+	}
+	r.matched++
+	r.a.update(func() { r.e.job.Matched++ })
+	if id.keyed {
+		r.mu.Lock()
+		r.touched[id] = m.Key
+		r.mu.Unlock()
+	}
+	switch {
+	case r.dry:
+	case r.kind == JobRelease:
+		r.done(p, m, &r.e.job.Released, "released")
+	default:
+		if !r.dispatch(id, dlqRec{p, m}) {
+			return false, nil
+		}
+	}
+	return tail || r.f.Limit <= 0 || r.matched < r.f.Limit, nil
+}
+
+func (r *run) laneOf(m *kafka.Message) laneID {
+	topic, _ := hdr(m, HeaderOriginalTopic)
+	if len(m.Key) > 0 {
+		return laneID{topic: topic, key: string(m.Key), keyed: true}
+	}
+	if r.a.cfg.Dispatch.Unkeyed == config.UnkeyedParallel {
+		return laneID{single: true, at: pos{m.TopicPartition.Partition, int64(m.TopicPartition.Offset)}}
+	}
+	return laneID{topic: topic, at: pos{int32(hdrInt(m, HeaderOriginalPartition)), -1}}
+}
+
+// dispatch queues rec on its lane, waiting for room in the window; false
+// means the job halted first.
+func (r *run) dispatch(id laneID, rec dlqRec) bool {
+	for acquired := false; !acquired; {
+		select {
+		case r.window <- struct{}{}:
+			acquired = true
+		case <-r.halt.Done():
+			return false
+		case <-r.tick.C:
+			r.commitLogged()
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.lanes[id]
+	if l == nil {
+		l = &rlane{id: id}
+		if id.keyed {
+			l.key = rec.m.Key
+		}
+		r.lanes[id] = l
+	}
+	l.q = append(l.q, rec)
+	r.pending.Add(1)
+	if !l.busy {
+		l.busy = true
+		r.ready <- l // never blocks: a lane is queued at most once, and lanes queued <= records in the window
+	}
+	return true
+}
+
+// worker handles the records of the lanes it takes, one record per turn,
+// until ready is closed.
+func (r *run) worker() {
+	for l := range r.ready {
+		r.mu.Lock()
+		rec := l.q[0]
+		r.mu.Unlock()
+		r.handle(l, rec)
+		r.mu.Lock()
+		l.q[0] = dlqRec{}
+		l.q = l.q[1:]
+		switch {
+		case len(l.q) > 0:
+			r.ready <- l // to the back: other keys get their turn
+		default:
+			l.busy = false
+			if !l.held && !l.failed && !l.dropped {
+				delete(r.lanes, l.id) // nothing to remember: a later record starts afresh
+			}
+		}
+		r.mu.Unlock()
+		<-r.window
+		r.pending.Done()
+	}
+}
+
+// handle replays one record of l (or copies it forward behind its key's
+// failure), marking it handled unless the job halted first.
+func (r *run) handle(l *rlane, rec dlqRec) {
+	m := rec.m
+	orig := originOf(m)
+	drop := func() {
+		if !l.dropped && !l.failed {
+			l.cause = orig
+		}
+		l.dropped = true
+	}
+	if r.halt.Err() != nil {
+		drop()
+		return
+	}
+	if l.failed {
+		if err := r.writeBack(copyForward(r.w.topic, m), m); err != nil {
+			r.fail(fmt.Errorf("copying %d/%d forward in the DLQ: %w", rec.p.id, m.TopicPartition.Offset, err))
+			drop()
+			return
+		}
+		r.done(rec.p, m, &r.e.job.Deferred, "deferred")
+		return
+	}
+	if r.gate != nil && l.id.keyed && !l.held {
+		if err := r.gate.Hold(r.send, l.id.topic, l.key); err != nil {
+			r.fail(fmt.Errorf("holding key %q of %s: %w", l.key, l.id.topic, err))
+			drop()
+			return
+		}
+		l.held = true
+	}
+	if err := r.pace.wait(r.halt); err != nil {
+		drop()
+		return
+	}
+	back, err := r.replayOne(m)
+	if err != nil {
+		if r.halt.Err() == nil {
+			r.fail(err)
+		}
+		drop()
+		return
+	}
+	l.last = orig
+	if back == nil {
+		r.done(rec.p, m, &r.e.job.Replayed, telemetry.OutcomeDelivered)
+		return
+	}
+	if err := r.writeBack(back, m); err != nil {
+		r.fail(fmt.Errorf("writing %d/%d back to the DLQ: %w", rec.p.id, m.TopicPartition.Offset, err))
+		drop()
+		return
+	}
+	l.failed, l.cause = true, orig
+	r.done(rec.p, m, &r.e.job.Failed, telemetry.OutcomeDeadLettered)
+}
+
+// done marks m handled, counting it in *counter (a field of the job) and
+// under outcome in orderly_replay_messages_total.
+func (r *run) done(p *dlqPart, m *kafka.Message, counter *int, outcome string) {
+	if err := p.t.Done(int64(m.TopicPartition.Offset)); err != nil {
+		r.a.log.Error("replay: offset tracking", "partition", p.id, "error", err)
+	}
+	p.dirty.Store(true)
+	r.a.update(func() { *counter++ })
+	r.a.metrics.ReplayMessages.WithLabelValues(outcome).Inc()
+}
+
+// fail records the job's first failure and halts it.
+func (r *run) fail(err error) {
+	r.mu.Lock()
+	if r.failure == nil {
+		r.failure = err
+	}
+	r.mu.Unlock()
+	r.halted()
+}
+
+// drain waits until the records taken on are finished, committing on the
+// way; once the job halted it gives those in flight replayCancelGrace.
+func (r *run) drain() {
+	if r.ready == nil {
+		return
+	}
+	idle := make(chan struct{})
+	go func() { // ends when the workers finish the records taken on, which they always do
+		r.pending.Wait()
+		close(idle)
+	}()
+	halt := r.halt.Done()
+	var grace <-chan time.Time
+	for {
+		select {
+		case <-idle:
+			return
+		case <-r.tick.C:
+			r.commitLogged()
+		case <-halt:
+			halt = nil
+			t := time.NewTimer(replayCancelGrace)
+			defer t.Stop()
+			grace = t.C
+		case <-grace:
+			grace = nil
+			r.cancelSend()
+		}
+	}
+}
+
+// commit commits the handled prefix of each partition where records were
+// handled since the last commit, with the progress record of those beyond.
+func (r *run) commit() error {
+	if r.dry {
+		return nil
 	}
 	var tps []kafka.TopicPartition
-	for _, p := range md.Topics[topic].Partitions {
-		tps = append(tps, kafka.TopicPartition{Topic: &topic, Partition: p.ID})
+	var which []*dlqPart
+	topic := r.a.cfg.DLQ.Topic
+	for _, p := range r.parts {
+		if !p.dirty.Swap(false) {
+			continue
+		}
+		off, meta, truncated := p.t.Progress(p.budget)
+		if off < 0 || off == p.commOff && meta == p.commMeta {
+			continue
+		}
+		if truncated {
+			r.a.metrics.ProgressTruncated.Inc()
+			if !p.warned {
+				p.warned = true
+				r.a.log.Warn("replay progress record full: records handled beyond it will be sent again by a later job",
+					"dlq", topic, "partition", p.id, "committed", off, "budget_bytes", p.budget)
+			}
+		}
+		tps = append(tps, kafka.TopicPartition{Topic: &topic, Partition: p.id, Offset: kafka.Offset(off), Metadata: &meta})
+		which = append(which, p)
 	}
-	res, err := c.Committed(tps, 10000)
-	var ke kafka.Error
-	if errors.As(err, &ke) && ke.Code() == kafka.ErrGroupIDNotFound {
-		return map[int32]int64{}, nil // no replay has committed yet
+	if len(tps) == 0 {
+		return nil
 	}
-	if err != nil {
-		return nil, fmt.Errorf("replay: reading committed progress: %w", err)
-	}
-	out := make(map[int32]int64, len(res))
-	for _, tp := range res {
-		if tp.Offset >= 0 {
-			out[tp.Partition] = int64(tp.Offset)
+	refused := func(p *dlqPart, size int) {
+		r.a.metrics.ProgressRefused.Inc()
+		p.budget = min(p.budget, size) / 2
+		if p.budget < minProgressBudget {
+			p.budget = 0
 		}
 	}
-	return out, nil
+	res, err := r.c.CommitOffsets(tps)
+	if err != nil {
+		var ke kafka.Error
+		for i, p := range which {
+			p.dirty.Store(true)
+			if errors.As(err, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+				refused(p, len(*tps[i].Metadata))
+			}
+		}
+		return err
+	}
+	var errs []error
+	for i, tp := range res {
+		p := which[i]
+		if tp.Error != nil {
+			p.dirty.Store(true)
+			var ke kafka.Error
+			if errors.As(tp.Error, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+				refused(p, len(*tps[i].Metadata))
+			}
+			errs = append(errs, fmt.Errorf("partition %d: %w", p.id, tp.Error))
+			continue
+		}
+		p.commOff, p.commMeta = int64(tps[i].Offset), *tps[i].Metadata
+	}
+	return errors.Join(errs...)
 }
 
-// replayOne sends one DLQ record's remaining requests. A permanent failure
-// writes it back to the DLQ; an error means the job must stop.
-func (a *DLQAdmin) replayOne(m *kafka.Message, w *dlqWriter) (string, error) {
+func (r *run) commitLogged() {
+	if err := r.commit(); err != nil {
+		r.a.log.Warn("replay: committing progress failed, will retry", "error", err)
+	}
+}
+
+// gateActions tells the key gate how the job left each key, once its
+// progress is committed: a release job releases the keys it took (and,
+// with a key filter, that key on every source topic); a replay releases
+// the keys whose records all went through, and requarantines those where a
+// record failed again or was left unhandled (or, the job having stopped
+// early, whose later records it did not look for).
+func (r *run) gateActions(stoppedEarly bool) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.a.ctx), replayGateTimeout)
+	defer cancel()
+	var errs []error
+	note := func(what string, id laneID, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s key %q of %s: %w", what, id.key, id.topic, err))
+		}
+	}
+	if r.kind == JobRelease {
+		if r.f.Key != "" && r.f.Route == "" {
+			for _, t := range r.a.cfg.Kafka.Topics {
+				r.touched[laneID{topic: t, key: r.f.Key, keyed: true}] = []byte(r.f.Key)
+			}
+		}
+		for id, key := range r.touched {
+			note("releasing", id, r.gate.Release(ctx, id.topic, key))
+		}
+		return errors.Join(errs...)
+	}
+	for _, l := range r.lanes {
+		if !l.held {
+			continue
+		}
+		switch {
+		case l.failed || l.dropped:
+			note("requarantining", l.id, r.gate.Requarantine(ctx, l.id.topic, l.key, l.cause.partition, l.cause.offset))
+		case stoppedEarly:
+			note("requarantining", l.id, r.gate.Requarantine(ctx, l.id.topic, l.key, l.last.partition, l.last.offset))
+		default:
+			note("releasing", l.id, r.gate.Release(ctx, l.id.topic, l.key))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// source rebuilds the original message of a DLQ record.
+func source(m *kafka.Message) filters.Message {
 	orig := filters.Message{Key: m.Key, Value: m.Value, Timestamp: m.Timestamp}
 	orig.Topic, _ = hdr(m, HeaderOriginalTopic)
-	orig.Partition = int32(hdrInt(m, HeaderOriginalPartition))
-	orig.Offset = hdrInt(m, HeaderOriginalOffset)
+	o := originOf(m)
+	orig.Partition, orig.Offset = o.partition, o.offset
 	if ts, ok := hdr(m, HeaderOriginalTimestamp); ok {
 		if t, err := time.Parse(time.RFC3339Nano, ts); err == nil {
 			orig.Timestamp = t
@@ -432,43 +1319,148 @@ func (a *DLQAdmin) replayOne(m *kafka.Message, w *dlqWriter) (string, error) {
 			orig.Headers = append(orig.Headers, filters.Header{Key: h.Key, Value: h.Value})
 		}
 	}
+	return orig
+}
+
+// replayOne sends a DLQ record's remaining requests. When the record fails
+// permanently it returns the record to write back to the DLQ; an error
+// means the send context ended.
+func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
+	orig := source(m)
 	route, _ := hdr(m, HeaderRoute)
-	start := int(hdrInt(m, HeaderRequestIndex))
-	prevAttempts := int(hdrInt(m, HeaderAttempts))
+	start := max(int(hdrInt(m, HeaderRequestIndex)), 0)
+	prev := int(hdrInt(m, HeaderAttempts))
+	if n, ok := hdr(m, HeaderValueTruncated); ok {
+		// Sending a cut value would deliver something else: it stays a
+		// dead letter, for a release or a re-produce of the original.
+		return rewrite(r.w.topic, m, map[string]string{
+			HeaderError: "replay: the DLQ holds this value cut from " + n + " bytes; release it, or produce the original (" +
+				orig.Topic + "/" + strconv.Itoa(int(orig.Partition)) + "/" + strconv.FormatInt(orig.Offset, 10) + ") again",
+			HeaderFailedAt: time.Now().UTC().Format(time.RFC3339Nano),
+		}), nil
+	}
 	it := &item{msg: orig}
+	back := func(f *failure) *kafka.Message {
+		rec := dlqRecord(r.w.topic, it, f, time.Now(), -1)
+		rec.Headers = append(rec.Headers, kafka.Header{Key: HeaderReplayOf, Value: []byte(dlqPos(m))})
+		return rec
+	}
 	var plan filters.Plan
 	var err error
 	if route == "" {
-		plan, err = a.router.Plan(&orig)
+		plan, err = r.a.router.Plan(&orig)
 	} else {
-		plan, err = a.router.PlanRoute(route, &orig)
+		plan, err = r.a.router.PlanRoute(route, &orig)
 	}
 	if err != nil {
-		return a.reDeadLetter(w, it, &failure{reason: "replay: " + err.Error(), route: route, requestIndex: start, attempts: prevAttempts})
+		return back(&failure{reason: "replay: " + err.Error(), route: route, requestIndex: start, attempts: prev}), nil
 	}
-	for i := max(start, 0); i < len(plan.Requests); i++ {
-		_, err := a.sender.Send(a.ctx, &plan.Requests[i], idempotencyKey(&orig, i))
+	for i := start; i < len(plan.Requests); i++ {
+		res, err := r.a.sender.Send(r.send, &plan.Requests[i], idempotencyKey(&orig, i))
+		prev += res.Attempts // orderly.attempts adds this run's attempts to the earlier ones
 		if err == nil {
 			continue
 		}
 		if !httpclient.IsPermanent(err) {
-			return "", fmt.Errorf("replay stopped: %w", err)
+			return nil, fmt.Errorf("replay stopped: %w", err)
 		}
-		f := &failure{reason: err.Error(), route: plan.Route, requestIndex: i, attempts: prevAttempts}
-		var he *httpclient.Error
-		if errors.As(err, &he) {
-			f.status, f.attempts = he.Status, prevAttempts+he.Attempts
-		}
-		return a.reDeadLetter(w, it, f)
+		return back(&failure{reason: err.Error(), status: res.Status, route: plan.Route, requestIndex: i, attempts: prev}), nil
 	}
-	return telemetry.OutcomeDelivered, nil
+	return nil, nil
 }
 
-func (a *DLQAdmin) reDeadLetter(w *dlqWriter, it *item, f *failure) (string, error) {
-	rec := dlqRecord(w.topic, it, f, time.Now(), -1)
-	if err := w.write(a.ctx, rec); err != nil {
-		return "", fmt.Errorf("replay: writing back to the DLQ: %w", err)
+func dlqPos(m *kafka.Message) string {
+	return strconv.Itoa(int(m.TopicPartition.Partition)) + "/" + strconv.FormatInt(int64(m.TopicPartition.Offset), 10)
+}
+
+// copyForward returns m as it goes back to the DLQ unsent behind its key's
+// failure: the same key, value and headers, orderly.replay_of naming m.
+func copyForward(topic string, m *kafka.Message) *kafka.Message {
+	return rewrite(topic, m, nil)
+}
+
+// rewrite returns a copy of m for the DLQ with the headers in set replaced
+// and orderly.replay_of naming m.
+func rewrite(topic string, m *kafka.Message, set map[string]string) *kafka.Message {
+	hs := make([]kafka.Header, 0, len(m.Headers)+len(set)+1)
+	for _, h := range m.Headers {
+		if _, ok := set[h.Key]; !ok && h.Key != HeaderReplayOf {
+			hs = append(hs, h)
+		}
 	}
-	a.metrics.DLQProduced.Inc()
-	return telemetry.OutcomeDeadLettered, nil
+	for _, k := range slices.Sorted(maps.Keys(set)) {
+		hs = append(hs, kafka.Header{Key: k, Value: []byte(set[k])})
+	}
+	hs = append(hs, kafka.Header{Key: HeaderReplayOf, Value: []byte(dlqPos(m))})
+	return &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
+		Key: m.Key, Value: m.Value, Headers: hs}
+}
+
+// writeBack writes rec, the copy of m, to the DLQ and waits for its
+// acknowledgement, remembering where it landed so that the gate's second
+// pass does not take it for a later record of its key.
+func (r *run) writeBack(rec *kafka.Message, m *kafka.Message) error {
+	ch := make(chan kafka.Event, 1)
+	if err := r.w.p.Produce(rec, ch); err != nil {
+		return err
+	}
+	select {
+	case <-r.send.Done():
+		return r.send.Err()
+	case ev := <-ch:
+		d, ok := ev.(*kafka.Message)
+		if !ok {
+			return fmt.Errorf("unexpected delivery event %v", ev)
+		}
+		if d.TopicPartition.Error != nil {
+			return d.TopicPartition.Error
+		}
+		r.mu.Lock()
+		r.written[pos{d.TopicPartition.Partition, int64(d.TopicPartition.Offset)}] = true
+		r.mu.Unlock()
+		r.a.metrics.DLQProduced.Inc()
+		return nil
+	}
+}
+
+// pacer spaces the records a replay sends to a rate; a nil pacer does not
+// wait.
+type pacer struct {
+	every time.Duration
+	mu    sync.Mutex // protects next
+	next  time.Time  // the earliest time the next record may go
+}
+
+func newPacer(rate float64) *pacer {
+	if rate <= 0 {
+		return nil
+	}
+	return &pacer{every: time.Duration(float64(time.Second) / rate)}
+}
+
+// wait waits for the next record's turn, or ctx.
+func (p *pacer) wait(ctx context.Context) error {
+	if p == nil {
+		return ctx.Err()
+	}
+	p.mu.Lock()
+	now := time.Now()
+	at := p.next
+	if at.Before(now) {
+		at = now
+	}
+	p.next = at.Add(p.every)
+	p.mu.Unlock()
+	d := at.Sub(now)
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

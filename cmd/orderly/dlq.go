@@ -14,10 +14,15 @@ import (
 )
 
 const dlqUsage = `Usage:
-  orderly dlq list   [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N]
-  orderly dlq replay [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--dry-run] [--wait]
-  orderly dlq status [--admin ADDR] ID
+  orderly dlq list    [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--cursor P:O]
+  orderly dlq replay  [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--rate R] [--dry-run] [--wait]
+  orderly dlq release [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--dry-run] [--wait]
+  orderly dlq status  [--admin ADDR] [ID]
+  orderly dlq cancel  [--admin ADDR] [--wait] ID
 
+list pages with --cursor (the "next_page" of the previous answer); replay resends dead letters,
+release marks them handled without sending (drops them); status without ID lists the jobs, newest
+first; cancel stops a running job after the records in flight (a new replay resumes there).
 The admin token is read from $ORDERLY_ADMIN_TOKEN (or --token). ADDR defaults to 127.0.0.1:9464.
 `
 
@@ -38,8 +43,10 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 	route := fs.String("route", "", "only records of this route")
 	key := fs.String("key", "", "only records with this key")
 	limit := fs.Int("limit", 0, "at most this many records")
-	dryRun := fs.Bool("dry-run", false, "replay: count what would be replayed, send nothing")
-	wait := fs.Bool("wait", false, "replay: wait for the job to finish and print its final state")
+	cursor := fs.String("cursor", "", "list: resume at PARTITION:OFFSET (from next_page)")
+	rate := fs.Float64("rate", 0, "replay: at most this many records per second (0: no cap)")
+	dryRun := fs.Bool("dry-run", false, "replay, release: count what would be handled, change nothing")
+	wait := fs.Bool("wait", false, "replay, release, cancel: wait for the job to finish and print its final state")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
@@ -69,8 +76,11 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 		if *limit > 0 {
 			q.Set("limit", strconv.Itoa(*limit))
 		}
+		if *cursor != "" {
+			q.Set("cursor", *cursor)
+		}
 		return c.call("GET", "/dlq/messages?"+q.Encode(), nil, nil)
-	case "replay":
+	case "replay", "release":
 		body := map[string]any{"dry_run": *dryRun}
 		if *partition >= 0 {
 			body["partition"] = *partition
@@ -90,33 +100,56 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 		if *limit > 0 {
 			body["limit"] = *limit
 		}
+		if *rate != 0 {
+			body["rate"] = *rate
+		}
 		var started struct{ ID string }
-		if code := c.call("POST", "/dlq/replay", body, &started); code != 0 || !*wait {
+		if code := c.call("POST", "/dlq/"+sub, body, &started); code != 0 || !*wait {
 			return code
 		}
-		for {
-			var job struct{ State string }
-			if code := c.quiet("GET", "/dlq/replay/"+started.ID, &job); code != 0 {
-				return code
-			}
-			if job.State != "running" {
-				code := c.call("GET", "/dlq/replay/"+started.ID, nil, nil)
-				if code == 0 && job.State != "done" {
-					return 1
-				}
-				return code
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		return c.wait(started.ID, "done")
 	case "status":
+		switch fs.NArg() {
+		case 0:
+			return c.call("GET", "/dlq/replay", nil, nil)
+		case 1:
+			return c.call("GET", "/dlq/replay/"+url.PathEscape(fs.Arg(0)), nil, nil)
+		}
+		fmt.Fprint(stderr, dlqUsage)
+		return 2
+	case "cancel":
 		if fs.NArg() != 1 {
 			fmt.Fprint(stderr, dlqUsage)
 			return 2
 		}
-		return c.call("GET", "/dlq/replay/"+url.PathEscape(fs.Arg(0)), nil, nil)
+		id := fs.Arg(0)
+		if code := c.call("DELETE", "/dlq/replay/"+url.PathEscape(id), nil, nil); code != 0 || !*wait {
+			return code
+		}
+		return c.wait(id, "cancelled")
 	default:
 		fmt.Fprintf(stderr, "orderly dlq: unknown subcommand %q\n\n%s", sub, dlqUsage)
 		return 2
+	}
+}
+
+// wait polls job id until it finishes, prints it and returns 0 when it
+// ended in state want, 1 otherwise.
+func (c apiCaller) wait(id, want string) int {
+	path := "/dlq/replay/" + url.PathEscape(id)
+	for {
+		var job struct{ State string }
+		if code := c.quiet("GET", path, &job); code != 0 {
+			return code
+		}
+		if job.State != "running" && job.State != "cancelling" {
+			code := c.call("GET", path, nil, nil)
+			if code == 0 && job.State != want {
+				return 1
+			}
+			return code
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

@@ -77,6 +77,12 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 	dopts := dispatcher.Options{
 		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
 		Tracing: s.tracing,
+		// Replays release the keys they redeliver.
+		OnQuarantine: func(q *dispatcher.Quarantine) {
+			if s.dlq != nil {
+				s.dlq.SetGate(q)
+			}
+		},
 	}
 	s.disp, err = dispatcher.New(dopts)
 	if err != nil {

@@ -154,6 +154,8 @@ name = "people"
 			R        string `json:"route"`
 			Status   int    `json:"status"`
 			Attempts int    `json:"attempts"`
+			ReplayOf string `json:"replay_of"`
+			Handled  bool   `json:"handled"`
 		} `json:"messages"`
 		Count int `json:"count"`
 	}
@@ -232,8 +234,11 @@ name = "people"
 		t.Fatalf("third replay job %+v: want one record failing again", job)
 	}
 	api.do("GET", "/dlq/messages?limit=1000&key=bad", nil, &list)
-	if last := list.Messages[len(list.Messages)-1]; list.Count != 12 || last.Attempts != 2 || last.Status != 422 {
-		t.Fatalf("re-dead-lettered record: count %d, last %+v; want 12 records, the last with attempts 2", list.Count, last)
+	if last := list.Messages[len(list.Messages)-1]; list.Count != 12 || last.Attempts != 2 || last.Status != 422 || last.ReplayOf == "" || last.Handled {
+		t.Fatalf("re-dead-lettered record: count %d, last %+v; want 12 records, the last with attempts 2, a replay_of and not handled", list.Count, last)
+	}
+	if prev := list.Messages[len(list.Messages)-2]; !prev.Handled || prev.ReplayOf != "" {
+		t.Fatalf("the record replayed: %+v; want it handled", prev)
 	}
 
 	if st := api.do("GET", "/dlq/replay/nope", nil, nil); st != 404 {
@@ -252,4 +257,214 @@ func httpGet(t *testing.T, url string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// TestDLQJobsAPI: the listing pages across partitions; release drops dead
+// letters (a later replay does not send them); a running job can be
+// cancelled and a new replay sends exactly the rest; jobs are listed newest
+// first; every error is JSON with the right status.
+func TestDLQJobsAPI(t *testing.T) {
+	sink := testkit.NewSink()
+	var rejecting, holding atomic.Bool
+	rejecting.Store(true)
+	hold := make(chan struct{})
+	var holdOnce sync.Once
+	sink.Status = func(*testkit.Delivery) int {
+		if rejecting.Load() {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	sink.Delay = func(*testkit.Delivery) time.Duration {
+		if holding.Load() {
+			<-hold
+		}
+		return 0
+	}
+	srv := httptest.NewServer(sink)
+	defer srv.Close()
+	adminAddr := testkit.FreeAddr(t)
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`
+[kafka]
+brokers = "embedded"
+group_id = "jobsapi"
+embedded_listen = "127.0.0.1:0"
+embedded_partitions = 3
+[dispatch]
+commit_interval = "100ms"
+[admin]
+listen = %q
+token = "s3cret"
+[[routes]]
+name = "people"
+  [[routes.requests]]
+  url = "%s/people/{{ .Key }}"
+`, adminAddr, srv.URL)), "t.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- svc.Run(ctx) }()
+	defer func() {
+		holdOnce.Do(func() { close(hold) })
+		cancel()
+		if err := <-runErr; err != nil {
+			t.Errorf("run: %v", err)
+		}
+	}()
+	prod, err := testkit.NewProducer(svc.Brokers())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prod.Close()
+	gen := &testkit.Generator{Keys: 4}
+	if err := prod.Produce(context.Background(), "orders", gen.Records(20)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, 30*time.Second, "20 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 20 })
+	api := apiClient{t: t, base: "http://" + adminAddr, token: "s3cret"}
+
+	// Paging across the partitions with next_page.
+	seen := map[string]bool{}
+	parts := map[int32]bool{}
+	for path := "/dlq/messages?limit=3"; path != ""; {
+		var page struct {
+			Messages []struct {
+				Partition int32 `json:"partition"`
+				Offset    int64 `json:"offset"`
+			} `json:"messages"`
+			Next     map[string]int `json:"next"`
+			NextPage string         `json:"next_page"`
+		}
+		if st := api.do("GET", path, nil, &page); st != 200 {
+			t.Fatalf("GET %s: %d", path, st)
+		}
+		for _, m := range page.Messages {
+			id := fmt.Sprint(m.Partition, "/", m.Offset)
+			if seen[id] {
+				t.Fatalf("%s listed twice", id)
+			}
+			seen[id], parts[m.Partition] = true, true
+		}
+		if (page.Next == nil) != (page.NextPage == "") {
+			t.Fatalf("next %v with next_page %q", page.Next, page.NextPage)
+		}
+		path = page.NextPage
+	}
+	if len(seen) != 20 || len(parts) < 2 {
+		t.Fatalf("paging saw %d records in %d partitions, want 20 in several", len(seen), len(parts))
+	}
+	for path, want := range map[string]int{
+		"/dlq/messages?cursor=x":               400,
+		"/dlq/messages?cursor=1:2&partition=0": 400,
+		"/dlq/messages?cursor=2:0&partition=2": 200,
+		"/dlq/nope":                            404,
+		"/dlq/replay/nope":                     404,
+	} {
+		if st := api.do("GET", path, nil, nil); st != want {
+			t.Fatalf("GET %s: %d, want %d", path, st, want)
+		}
+	}
+	for _, c := range []struct {
+		method, path string
+		want         int
+	}{{"PUT", "/dlq/replay", 405}, {"PATCH", "/dlq/replay/x", 405}, {"GET", "/dlq/release", 405}, {"DELETE", "/dlq/replay/nope", 404}} {
+		if st := api.do(c.method, c.path, nil, nil); st != c.want {
+			t.Fatalf("%s %s: %d, want %d", c.method, c.path, st, c.want)
+		}
+	}
+	for _, body := range []map[string]any{{"rate": 5}, {"limit": -1}, {"from_offset": 5, "to_offset": 1}, {"bogus": true}} {
+		if st := api.do("POST", "/dlq/release", body, nil); st != 400 {
+			t.Fatalf("release %v: %d, want 400", body, st)
+		}
+	}
+
+	type jobT struct {
+		ID       string `json:"id"`
+		Kind     string `json:"kind"`
+		State    string `json:"state"`
+		Scanned  int    `json:"scanned"`
+		Matched  int    `json:"matched"`
+		Skipped  int    `json:"skipped"`
+		Replayed int    `json:"replayed"`
+		Released int    `json:"released"`
+	}
+	wait := func(id string) jobT {
+		var j jobT
+		testkit.WaitFor(t, 30*time.Second, "job "+id, func() bool {
+			api.do("GET", "/dlq/replay/"+id, nil, &j)
+			return j.State != "running" && j.State != "cancelling"
+		})
+		return j
+	}
+	var started struct{ ID, Kind string }
+	if st := api.do("POST", "/dlq/release", map[string]any{"key": "key-0", "dry_run": true}, &started); st != 202 || started.Kind != "release" {
+		t.Fatalf("dry-run release: %d %+v", st, started)
+	}
+	if j := wait(started.ID); j.State != "done" || j.Kind != "release" || j.Matched != 5 || j.Released != 0 || j.Scanned == 0 {
+		t.Fatalf("dry-run release: %+v", j)
+	}
+	api.do("POST", "/dlq/release", map[string]any{"key": "key-0"}, &started)
+	release := started.ID
+	if j := wait(release); j.State != "done" || j.Released != 5 {
+		t.Fatalf("release: %+v", j)
+	}
+
+	// A replay held at the target, cancelled.
+	rejecting.Store(false)
+	holding.Store(true)
+	if st := api.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 {
+		t.Fatalf("replay: %d", st)
+	}
+	cancelled := started.ID
+	testkit.WaitFor(t, 30*time.Second, "a request held at the target", func() bool { return sink.InFlight() > 0 })
+	if st := api.do("POST", "/dlq/release", map[string]any{}, nil); st != 409 {
+		t.Fatalf("release while a replay runs: %d, want 409", st)
+	}
+	var j jobT
+	if st := api.do("DELETE", "/dlq/replay/"+cancelled, nil, &j); st != 202 || j.State != "cancelling" {
+		t.Fatalf("cancel: %d %+v", st, j)
+	}
+	holding.Store(false)
+	holdOnce.Do(func() { close(hold) })
+	if j = wait(cancelled); j.State != "cancelled" || j.Replayed >= 15 || int64(j.Replayed) != sink.Delivered() {
+		t.Fatalf("cancelled job %+v; the sink has %d", j, sink.Delivered())
+	}
+	if st := api.do("DELETE", "/dlq/replay/"+cancelled, nil, nil); st != 409 {
+		t.Fatalf("cancelling a finished job: %d, want 409", st)
+	}
+	firstReplayed := j.Replayed
+	api.do("POST", "/dlq/replay", map[string]any{}, &started)
+	if j = wait(started.ID); j.State != "done" || j.Replayed != 15-firstReplayed {
+		t.Fatalf("replay after the cancel: %+v; the cancelled one replayed %d", j, firstReplayed)
+	}
+	want := gen.Expected()
+	delete(want, "key-0")
+	if rep := sink.Check(want); !rep.OK() || rep.Duplicates != 0 || len(sink.Sequences("key-0")) != 0 {
+		t.Fatalf("%s; released key-0 got %v", rep, sink.Sequences("key-0"))
+	}
+	var jobs struct {
+		Jobs  []jobT `json:"jobs"`
+		Count int    `json:"count"`
+	}
+	if api.do("GET", "/dlq/replay", nil, &jobs); jobs.Count != 4 || jobs.Jobs[0].ID != started.ID || jobs.Jobs[1].ID != cancelled || jobs.Jobs[2].ID != release {
+		t.Fatalf("jobs: %+v", jobs)
+	}
+	var list struct {
+		Messages []struct {
+			Handled bool `json:"handled"`
+		} `json:"messages"`
+	}
+	api.do("GET", "/dlq/messages?limit=1000", nil, &list)
+	for i, m := range list.Messages {
+		if !m.Handled {
+			t.Fatalf("record %d not handled after the replays and the release", i)
+		}
+	}
 }

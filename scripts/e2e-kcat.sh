@@ -6,19 +6,9 @@
 # nothing again (everything was committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v kcat >/dev/null || ! command -v jq >/dev/null || ! command -v curl >/dev/null; then
-  if [ "${ORDERLY_E2E:-}" = 1 ]; then echo "e2e-kcat: kcat, jq and curl are required" >&2; exit 1; fi
-  echo "e2e-kcat: SKIP (needs kcat, jq, curl)"; exit 0
-fi
-make -s build
-go build -o bin/sinkserver ./internal/testkit/sinkserver
+NAME=e2e-kcat
+source scripts/e2e-lib.sh
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
 kport=$(free_port); sport=$(free_port); aport=$(free_port)
 
 bin/sinkserver -listen "127.0.0.1:$sport" & pids+=($!); disown
@@ -27,11 +17,6 @@ sed -e "s/127.0.0.1:9092/127.0.0.1:$kport/" -e "s/127.0.0.1:9464/127.0.0.1:$apor
   config.example.toml > "$work/orderly.toml"
 export ORDERLY_ADMIN_TOKEN=e2e
 bin/orderly validate --config "$work/orderly.toml"
-
-wait_for() { # seconds, description, command...
-  local n=$(( $1 * 10 )) what=$2; shift 2
-  until "$@" >/dev/null 2>&1; do n=$((n-1)); if [ $n -le 0 ]; then echo "e2e-kcat: timed out waiting for $what" >&2; return 1; fi; sleep 0.1; done
-}
 
 bin/orderly run --config "$work/orderly.toml" > "$work/run1.log" 2>&1 & run=$!; pids+=($run)
 wait_for 60 readiness curl -sf "127.0.0.1:$aport/readyz"

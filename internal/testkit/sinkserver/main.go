@@ -2,7 +2,10 @@
 // end-to-end scripts and process tests: it records every event it receives
 // and reports on GET /stats how many arrived and whether per-key order held.
 //
-//	sinkserver -listen 127.0.0.1:8081 [-latency 5ms] [-fail-rate 0.1]
+//	sinkserver -listen 127.0.0.1:8081 [-latency 5ms] [-fail-rate 0.1] [-reject user-3:4,...]
+//
+// -reject answers 400 to the events listed (key:seq) until POST /fix: a
+// target that rejects one message, then is fixed.
 package main
 
 import (
@@ -26,6 +29,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:8081", "address to serve on")
 	latency := flag.Duration("latency", 0, "time taken per request")
 	failRate := flag.Float64("fail-rate", 0, "share of requests answered 503")
+	reject := flag.String("reject", "", "events answered 400 until POST /fix, as key:seq,key:seq")
 	flag.Parse()
 
 	sink := testkit.NewSink()
@@ -34,15 +38,22 @@ func main() {
 	}
 	var mu sync.Mutex
 	rng := rand.New(rand.NewPCG(7, 7))
-	if *failRate > 0 {
-		sink.Status = func(*testkit.Delivery) int {
-			mu.Lock()
-			defer mu.Unlock()
-			if rng.Float64() < *failRate {
-				return http.StatusServiceUnavailable
-			}
-			return 0
+	rejected := map[string]bool{}
+	if *reject != "" {
+		for _, ev := range strings.Split(*reject, ",") {
+			rejected[strings.TrimSpace(ev)] = true
 		}
+	}
+	sink.Status = func(d *testkit.Delivery) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if rejected[fmt.Sprintf("%s:%d", d.Key, d.Seq)] {
+			return http.StatusBadRequest
+		}
+		if *failRate > 0 && rng.Float64() < *failRate {
+			return http.StatusServiceUnavailable
+		}
+		return 0
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, r *http.Request) {
@@ -74,6 +85,12 @@ func main() {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(out)
+	})
+	mux.HandleFunc("POST /fix", func(w http.ResponseWriter, _ *http.Request) {
+		mu.Lock()
+		clear(rejected)
+		mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.Handle("/", sink)
 	srv := &http.Server{Addr: *listen, Handler: mux, ReadHeaderTimeout: 5 * time.Second}

@@ -30,6 +30,7 @@ lint:
 # Each native fuzz target for a short while (longer: make fuzz FUZZTIME=5m).
 fuzz:
 	scripts/fuzz.sh ./offsets FuzzTracker $(FUZZTIME)
+	scripts/fuzz.sh ./offsets FuzzProgress $(FUZZTIME)
 	scripts/fuzz.sh ./config  FuzzParse   $(FUZZTIME)
 	scripts/fuzz.sh ./filters FuzzPlan    $(FUZZTIME)
 

@@ -91,7 +91,7 @@ func NewMetrics() *Metrics {
 		Paused: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_paused",
 			Help: "1 while a partition is paused for back-pressure."}, pl),
 		Pauses: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_partition_pauses_total",
-			Help: "Times a partition was paused because it held max_in_flight messages."}),
+			Help: "Times a partition was paused because it held max_in_flight messages or spanned max_span offsets."}),
 		Committed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_committed_offset",
 			Help: "Last committed offset per partition."}, pl),
 		Lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_consumer_lag",

@@ -484,6 +484,8 @@ func (d *Dispatcher) commit(ps []*partition) {
 			if truncated {
 				d.metrics.ProgressTruncated.Inc()
 			}
+		} else if c == p.committed {
+			p.committedFinished = finished // the record did not change: nothing to send
 		}
 	}
 	if len(offs) == 0 {

@@ -139,7 +139,9 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 }
 
 // startJob serves POST /dlq/replay and POST /dlq/release: 202 and the id
-// of the job started, 409 while another one runs.
+// of the job queued (in the jobs topic: whichever instance owns it runs
+// it), 409 while another one is queued or runs, 503 while the jobs topic
+// is not loaded yet.
 func (s *Server) startJob(kind string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var req dispatcher.ReplayRequest
@@ -163,6 +165,8 @@ func (s *Server) startJob(kind string) http.Handler {
 			WriteError(w, http.StatusBadRequest, err.Error())
 		case errors.Is(err, dispatcher.ErrReplayRunning):
 			WriteError(w, http.StatusConflict, err.Error())
+		case errors.Is(err, dispatcher.ErrJobsNotReady):
+			WriteError(w, http.StatusServiceUnavailable, err.Error())
 		case err != nil:
 			WriteError(w, http.StatusInternalServerError, err.Error())
 		default:
@@ -173,7 +177,8 @@ func (s *Server) startJob(kind string) http.Handler {
 	})
 }
 
-// listJobs serves GET /dlq/replay: the jobs kept, newest first.
+// listJobs serves GET /dlq/replay: the jobs kept, newest first, as the
+// jobs topic shows them on this instance.
 func (s *Server) listJobs(w http.ResponseWriter, _ *http.Request) {
 	jobs := s.o.DLQ.Jobs()
 	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs, "count": len(jobs)})
@@ -189,7 +194,9 @@ func (s *Server) replayStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 // cancelJob serves DELETE /dlq/replay/{id}: 202 and the job, now
-// "cancelling"; 404 for an unknown job, 409 for one that has finished.
+// "cancelling" (the cancel request is written to the jobs topic; the
+// instance running the job stops it); 404 for an unknown job, 409 for one
+// that has finished.
 func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	job, err := s.o.DLQ.Cancel(id)
@@ -198,6 +205,8 @@ func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, http.StatusNotFound, "no job "+id)
 	case errors.Is(err, dispatcher.ErrJobFinished):
 		WriteError(w, http.StatusConflict, "job "+id+" has already finished ("+job.State+")")
+	case errors.Is(err, dispatcher.ErrJobsNotReady):
+		WriteError(w, http.StatusServiceUnavailable, err.Error())
 	case err != nil:
 		WriteError(w, http.StatusInternalServerError, err.Error())
 	default:

@@ -37,6 +37,7 @@ const (
 
 // Job states.
 const (
+	JobQueued     = "queued" // written to the jobs topic, waiting for the runner
 	JobRunning    = "running"
 	JobCancelling = "cancelling" // cancel asked; the records in flight finish
 	JobDone       = "done"
@@ -46,8 +47,8 @@ const (
 
 var (
 	// ErrReplayRunning is returned by StartReplay and StartRelease while
-	// another job runs.
-	ErrReplayRunning = errors.New("a replay or release job is already running")
+	// another job is queued or runs (as the jobs topic shows it here).
+	ErrReplayRunning = errors.New("a replay or release job is already queued or running")
 	// ErrNoDLQ is returned when dlq.topic is empty.
 	ErrNoDLQ = errors.New("dlq.topic is not configured")
 	// ErrNoJob is returned for a job id that is unknown or was pruned.
@@ -204,7 +205,7 @@ func (r ReplayRequest) filter() DLQFilter {
 type ReplayJob struct {
 	ID      string        `json:"id"`
 	Kind    string        `json:"kind"`  // replay or release
-	State   string        `json:"state"` // running, cancelling, done, cancelled, failed
+	State   string        `json:"state"` // queued, running, cancelling, done, cancelled, failed
 	DryRun  bool          `json:"dry_run"`
 	Request ReplayRequest `json:"request"`
 	// Scanned counts the DLQ records read: every record in the range
@@ -229,13 +230,20 @@ type ReplayJob struct {
 	// DLQ behind the failed one, unchanged, keeping the key's order.
 	Deferred int `json:"deferred"`
 	// Released counts the records a release job marked handled unsent.
-	Released   int        `json:"released"`
-	Error      string     `json:"error,omitempty"`
-	StartedAt  time.Time  `json:"started_at"`
-	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	Released int    `json:"released"`
+	Error    string `json:"error,omitempty"`
+	// CancelRequested: DELETE /dlq/replay/{id} asked the job to stop (on
+	// any instance); the runner cancels it.
+	CancelRequested bool       `json:"cancel_requested"`
+	QueuedAt        time.Time  `json:"queued_at"`
+	StartedAt       time.Time  `json:"started_at"` // zero while queued
+	FinishedAt      *time.Time `json:"finished_at,omitempty"`
 }
 
-// DLQAdmin lists the DLQ and runs replay and release jobs, one at a time.
+// DLQAdmin lists the DLQ and runs replay and release jobs, one at a time
+// per consumer group: jobs are queued, followed and cancelled through the
+// jobs topic, and run by the one instance that owns it (see Run, and
+// jobs.go). Run must be running (once) for jobs to start and be seen.
 //
 // A replay sends each record through the route named in orderly.route,
 // from orderly.request_index on, with the same sender (retries, breakers):
@@ -270,11 +278,14 @@ type DLQAdmin struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the running job's goroutine
 
-	mu      sync.Mutex // protects gate, jobs, order, running and every jobEntry's job and cancelled
-	gate    KeyGate
-	jobs    map[string]*jobEntry
-	order   []*jobEntry // oldest first
-	running *jobEntry
+	ready   chan struct{} // closed when Run has loaded the jobs topic
+	startMu sync.Mutex    // serializes the 409 check and the queueing of a job
+
+	mu         sync.Mutex // protects gate, store, running and the running jobEntry's job and cancelled
+	gate       KeyGate
+	store      *jobStore // set by Run
+	runClaimed bool      // Run (or autoRun) runs the jobs
+	running    *jobEntry // the job this instance runs
 
 	// retention and keep bound the finished jobs kept; now is the clock.
 	// Set only before use (tests shorten them).
@@ -293,7 +304,7 @@ type jobEntry struct {
 func NewDLQAdmin(o Options) *DLQAdmin {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &DLQAdmin{brokers: o.brokers(), cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
-		log: o.logger(), ctx: ctx, cancel: cancel, jobs: make(map[string]*jobEntry),
+		log: o.logger(), ctx: ctx, cancel: cancel, ready: make(chan struct{}),
 		retention: jobRetention, keep: jobsKept, now: time.Now}
 }
 
@@ -306,8 +317,9 @@ func (a *DLQAdmin) SetGate(g KeyGate) {
 	a.mu.Unlock()
 }
 
-// Close stops a running job (the records in flight are abandoned and stay
-// unhandled), waits for it and its final commit.
+// Close stops Run and a running job (the records in flight are abandoned
+// and stay unhandled), waits for the job and its final commit. The job
+// stays "running" in the jobs topic: the next owner goes on with it.
 func (a *DLQAdmin) Close() {
 	a.cancel()
 	a.wg.Wait()
@@ -620,127 +632,160 @@ func (a *DLQAdmin) start(kind string, req ReplayRequest) (string, error) {
 	if err := req.Validate(kind); err != nil {
 		return "", err
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.running != nil {
-		return "", ErrReplayRunning
+	st, err := a.waitStore()
+	if err != nil {
+		return "", err
 	}
-	if a.ctx.Err() != nil {
-		return "", errors.New("the DLQ admin is closed")
+	a.startMu.Lock()
+	for _, j := range a.view() {
+		if !finished(j) {
+			a.startMu.Unlock()
+			return "", ErrReplayRunning
+		}
 	}
 	var b [8]byte
 	_, _ = rand.Read(b[:])
+	j := ReplayJob{ID: hex.EncodeToString(b[:]), Kind: kind, State: JobQueued, DryRun: req.DryRun, Request: req,
+		QueuedAt: a.now().UTC()}
+	st.mu.Lock()
+	st.applyLocked(j.ID, &j) // the next start here sees it at once
+	st.mu.Unlock()
+	a.startMu.Unlock()
+	ctx, cancel := context.WithTimeout(a.ctx, jobsWriteTimeout)
+	defer cancel()
+	if err := st.write(ctx, j.ID, &j); err != nil {
+		st.forget(j.ID)
+		return "", err
+	}
+	return j.ID, nil
+}
+
+// waitStore waits (a while) for Run to load the jobs topic.
+func (a *DLQAdmin) waitStore() (*jobStore, error) {
+	a.autoRun()
+	t := time.NewTimer(jobsReadyTimeout)
+	defer t.Stop()
+	select {
+	case <-a.ready:
+	case <-a.ctx.Done():
+		return nil, errors.New("the DLQ admin is closed")
+	case <-t.C:
+		return nil, ErrJobsNotReady
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.store, nil
+}
+
+// view returns the jobs as this instance knows them (the jobs topic, and
+// the live counts of the job it runs), not pruned, oldest first.
+func (a *DLQAdmin) view() []ReplayJob {
+	a.autoRun()
+	a.mu.Lock()
+	st, live := a.store, a.running
+	var lj ReplayJob
+	if live != nil {
+		lj = live.job
+	}
+	a.mu.Unlock()
+	if st == nil {
+		return nil
+	}
+	jobs := st.list()
+	for i, j := range jobs {
+		if live != nil && j.ID == lj.ID {
+			jobs[i] = mergeJob(j, lj)
+		}
+	}
+	return jobs
+}
+
+// pruned returns the ids of the finished jobs of jobs (oldest first) past
+// the retention, and of the oldest finished ones beyond the number kept.
+func (a *DLQAdmin) pruned(jobs []ReplayJob) []string {
 	now := a.now()
-	a.pruneLocked(now)
-	stopCtx, stop := context.WithCancel(a.ctx)
-	e := &jobEntry{stop: stop, job: ReplayJob{ID: hex.EncodeToString(b[:]), Kind: kind, State: JobRunning,
-		DryRun: req.DryRun, Request: req, StartedAt: now.UTC()}}
-	a.jobs[e.job.ID] = e
-	a.order = append(a.order, e)
-	a.running = e
-	a.metrics.ReplayJobsActive.Set(1)
-	r := &run{a: a, e: e, kind: kind, req: req, f: req.filter(), dry: req.DryRun, gate: a.gate, stop: stopCtx}
-	a.wg.Go(func() {
-		defer stop()
-		stopped, err := r.run()
-		a.finish(e, stopped, err)
-	})
-	return e.job.ID, nil
-}
-
-func (a *DLQAdmin) finish(e *jobEntry, stopped bool, err error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	now := a.now()
-	t := now.UTC()
-	j := &e.job
-	j.FinishedAt = &t
-	switch {
-	case err != nil:
-		j.State, j.Error = JobFailed, err.Error()
-	case stopped:
-		j.State = JobCancelled
-		if !e.cancelled {
-			j.Error = "stopped by shutdown"
-		}
-	default:
-		j.State = JobDone
-	}
-	a.running = nil
-	a.metrics.ReplayJobsActive.Set(0)
-	a.log.Info("dlq job finished", "id", j.ID, "kind", j.Kind, "state", j.State, "dry_run", j.DryRun,
-		"scanned", j.Scanned, "matched", j.Matched, "skipped", j.Skipped, "replayed", j.Replayed,
-		"failed", j.Failed, "deferred", j.Deferred, "released", j.Released, "error", j.Error)
-	a.pruneLocked(now)
-}
-
-// pruneLocked forgets the finished jobs older than the retention, and the
-// oldest finished ones beyond the number kept.
-func (a *DLQAdmin) pruneLocked(now time.Time) {
-	finished := 0
-	for _, e := range a.order {
-		if e.job.FinishedAt != nil {
-			finished++
+	n := 0
+	for _, j := range jobs {
+		if j.FinishedAt != nil {
+			n++
 		}
 	}
-	kept := a.order[:0]
-	for _, e := range a.order {
-		if f := e.job.FinishedAt; f != nil && (now.Sub(*f) > a.retention || finished > a.keep) {
-			finished--
-			delete(a.jobs, e.job.ID)
-			continue
+	var out []string
+	for _, j := range jobs {
+		if f := j.FinishedAt; f != nil && (now.Sub(*f) > a.retention || n > a.keep) {
+			n--
+			out = append(out, j.ID)
 		}
-		kept = append(kept, e)
-	}
-	clear(a.order[len(kept):])
-	a.order = kept
-}
-
-// Job returns a copy of a job's progress.
-func (a *DLQAdmin) Job(id string) (ReplayJob, bool) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.pruneLocked(a.now())
-	e, ok := a.jobs[id]
-	if !ok {
-		return ReplayJob{}, false
-	}
-	return e.job, true
-}
-
-// Jobs returns copies of the jobs kept, newest first.
-func (a *DLQAdmin) Jobs() []ReplayJob {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.pruneLocked(a.now())
-	out := make([]ReplayJob, 0, len(a.order))
-	for i := len(a.order) - 1; i >= 0; i-- {
-		out = append(out, a.order[i].job)
 	}
 	return out
 }
 
-// Cancel asks a running job to stop: it takes no more records, lets those
-// in flight finish (for up to 10 s), commits its progress and ends
-// "cancelled"; a new job resumes where it stopped. It returns the job as it
-// is now (ErrNoJob, ErrJobFinished otherwise).
+// kept returns the jobs not pruned, oldest first, as shown.
+func (a *DLQAdmin) kept() []ReplayJob {
+	jobs := a.view()
+	gone := a.pruned(jobs)
+	out := jobs[:0]
+	for _, j := range jobs {
+		if !slices.Contains(gone, j.ID) {
+			out = append(out, shown(j))
+		}
+	}
+	return out
+}
+
+// Job returns a job's progress, as the jobs topic shows it on this
+// instance (the same on every instance, once they have read it).
+func (a *DLQAdmin) Job(id string) (ReplayJob, bool) {
+	for _, j := range a.kept() {
+		if j.ID == id {
+			return j, true
+		}
+	}
+	return ReplayJob{}, false
+}
+
+// Jobs returns the jobs kept, newest first.
+func (a *DLQAdmin) Jobs() []ReplayJob {
+	jobs := a.kept()
+	slices.Reverse(jobs)
+	return jobs
+}
+
+// Cancel asks a job to stop, on whichever instance runs it: a queued job
+// ends "cancelled" without running; a running one takes no more records,
+// lets those in flight finish (for up to 10 s), commits its progress and
+// ends "cancelled"; a new job resumes where it stopped. It returns the job
+// as it is now, "cancelling" (ErrNoJob, ErrJobFinished otherwise).
 func (a *DLQAdmin) Cancel(id string) (ReplayJob, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.pruneLocked(a.now())
-	e, ok := a.jobs[id]
+	st, err := a.waitStore()
+	if err != nil {
+		return ReplayJob{}, err
+	}
+	j, ok := a.Job(id)
 	switch {
 	case !ok:
 		return ReplayJob{}, ErrNoJob
-	case e.job.FinishedAt != nil:
-		return e.job, ErrJobFinished
+	case finished(j):
+		return j, ErrJobFinished
 	}
-	if !e.cancelled {
-		e.cancelled = true
-		e.job.State = JobCancelling
-		e.stop()
+	if stored, ok := st.get(id); ok {
+		j = stored
 	}
-	return e.job, nil
+	j.CancelRequested = true
+	ctx, cancel := context.WithTimeout(a.ctx, jobsWriteTimeout)
+	defer cancel()
+	if err := st.put(ctx, j); err != nil {
+		return ReplayJob{}, err
+	}
+	// Running here: stop it now rather than when the runner sees the record.
+	a.mu.Lock()
+	e := a.running
+	here := e != nil && e.job.ID == id
+	a.mu.Unlock()
+	if here {
+		a.stopCancelled(e)
+	}
+	return shown(j), nil
 }
 
 func (a *DLQAdmin) update(fn func()) {

@@ -21,9 +21,17 @@ import (
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// dlqAdmin returns a DLQAdmin for cfg on the harness's broker, closed by
-// t.Cleanup.
+// dlqAdmin returns a DLQAdmin for cfg on the harness's broker, its Run
+// (the jobs runner) started, closed by t.Cleanup.
 func (h *harness) dlqAdmin(cfg *config.Config) *DLQAdmin {
+	h.t.Helper()
+	a, _ := h.dlqInstance(cfg)
+	return a
+}
+
+// dlqInstance is dlqAdmin, also returning a function that stops its Run
+// (as a shutdown does: the running job is handed over) and waits for it.
+func (h *harness) dlqInstance(cfg *config.Config) (*DLQAdmin, func()) {
 	h.t.Helper()
 	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
 	if err != nil {
@@ -32,8 +40,17 @@ func (h *harness) dlqAdmin(cfg *config.Config) *DLQAdmin {
 	m := telemetry.NewMetrics()
 	sender := httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: "test", Metrics: m})
 	a := NewDLQAdmin(Options{Config: cfg, Router: router, Sender: sender, Metrics: m, Logger: testLogger(h.t), Brokers: h.broker.Addr()})
-	h.t.Cleanup(func() { a.Close(); sender.Close() })
-	return a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := a.Run(ctx); err != nil {
+			h.t.Errorf("DLQAdmin.Run: %v", err)
+		}
+	}()
+	stop := func() { cancel(); <-done }
+	h.t.Cleanup(func() { stop(); a.Close(); sender.Close() })
+	return a, stop
 }
 
 // dead is a dead letter to seed the DLQ with: event seq of key.

@@ -21,8 +21,9 @@ const dlqUsage = `Usage:
   orderly dlq cancel  [--admin ADDR] [--wait] ID
 
 list pages with --cursor (the "next_page" of the previous answer); replay resends dead letters,
-release marks them handled without sending (drops them); status without ID lists the jobs, newest
-first; cancel stops a running job after the records in flight (a new replay resumes there).
+release marks them handled without sending (drops them); both queue a job that one instance of the
+group runs (any instance answers for it); status without ID lists the jobs, newest first; cancel
+stops a queued or running job (after the records in flight; a new replay resumes there).
 The admin token is read from $ORDERLY_ADMIN_TOKEN (or --token). ADDR defaults to 127.0.0.1:9464.
 `
 
@@ -134,15 +135,24 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 }
 
 // wait polls job id until it finishes, prints it and returns 0 when it
-// ended in state want, 1 otherwise.
+// ended in state want, 1 otherwise. Behind a load balancer the instance
+// asked may not have read a job just queued yet: a 404 is retried for a
+// few seconds.
 func (c apiCaller) wait(id, want string) int {
 	path := "/dlq/replay/" + url.PathEscape(id)
+	unknownUntil := time.Now().Add(5 * time.Second)
 	for {
 		var job struct{ State string }
-		if code := c.quiet("GET", path, &job); code != 0 {
-			return code
+		if b, status, err := c.do("GET", path, nil); err == nil && status == http.StatusNotFound && time.Now().Before(unknownUntil) {
+			time.Sleep(200 * time.Millisecond)
+			continue
+		} else if err != nil || status >= 300 {
+			fmt.Fprintf(c.errw, "orderly dlq: GET %s: %v %s\n", path, err, b)
+			return 1
+		} else {
+			_ = json.Unmarshal(b, &job)
 		}
-		if job.State != "running" && job.State != "cancelling" {
+		if job.State != "queued" && job.State != "running" && job.State != "cancelling" {
 			code := c.call("GET", path, nil, nil)
 			if code == 0 && job.State != want {
 				return 1
@@ -178,16 +188,6 @@ func (c apiCaller) call(method, path string, body, into any) int {
 	if into != nil {
 		_ = json.Unmarshal(b, into)
 	}
-	return 0
-}
-
-func (c apiCaller) quiet(method, path string, into any) int {
-	b, status, err := c.do(method, path, nil)
-	if err != nil || status >= 300 {
-		fmt.Fprintf(c.errw, "orderly dlq: %s %s: %v %s\n", method, path, err, b)
-		return 1
-	}
-	_ = json.Unmarshal(b, into)
 	return 0
 }
 

@@ -143,6 +143,19 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	dispErr := make(chan error, 1)
 	wg.Go(func() { dispErr <- s.disp.Run(dctx) })
+	// The DLQ jobs runner follows the jobs topic (every instance answers
+	// for every job) and runs the jobs while this instance owns them. It
+	// stops when shutdown begins, so that a running job is handed over to
+	// another instance while this one drains.
+	rctx, stopRunner := context.WithCancel(context.Background())
+	defer stopRunner()
+	if s.dlq != nil {
+		wg.Go(func() {
+			if err := s.dlq.Run(rctx); err != nil {
+				s.log.Error("dlq jobs runner stopped", "error", err)
+			}
+		})
+	}
 	// The collector's headroom follows what is held in flight (see
 	// gcpolicy); it stops with the admin context, after the dispatcher.
 	wg.Go(func() { gcpolicy.Run(actx, gcpolicy.Options{Held: s.disp.HeldBytes, Logger: s.log}) })
@@ -151,6 +164,7 @@ func (s *Service) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		s.draining.Store(true)
+		stopRunner()
 		s.log.Info("shutting down", "drain_grace", s.cfg.Admin.DrainGrace.D().String())
 		if g := s.cfg.Admin.DrainGrace.D(); g > 0 {
 			t := time.NewTimer(g)
@@ -174,6 +188,7 @@ func (s *Service) Run(ctx context.Context) error {
 			err = errors.Join(err, derr)
 		}
 	}
+	stopRunner()
 	stopAdmin()
 	wg.Wait()
 	return err

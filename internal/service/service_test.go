@@ -196,7 +196,7 @@ name = "people"
 	}
 	testkit.WaitFor(t, 30*time.Second, "the replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "running"
+		return job.State != "" && job.State != "queued" && job.State != "running"
 	})
 	if job.State != "done" || job.Replayed != 10 || job.Failed != 0 {
 		t.Fatalf("replay job %+v", job)
@@ -212,7 +212,7 @@ name = "people"
 	}
 	testkit.WaitFor(t, 30*time.Second, "the second replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "running"
+		return job.State != "" && job.State != "queued" && job.State != "running"
 	})
 	if job.State != "done" || job.Matched != 0 {
 		t.Fatalf("second replay job %+v: want nothing matched", job)
@@ -228,7 +228,7 @@ name = "people"
 	}
 	testkit.WaitFor(t, 30*time.Second, "the third replay to finish", func() bool {
 		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "running"
+		return job.State != "" && job.State != "queued" && job.State != "running"
 	})
 	if job.State != "done" || job.Matched != 1 || job.Failed != 1 {
 		t.Fatalf("third replay job %+v: want one record failing again", job)
@@ -399,7 +399,7 @@ name = "people"
 		var j jobT
 		testkit.WaitFor(t, 30*time.Second, "job "+id, func() bool {
 			api.do("GET", "/dlq/replay/"+id, nil, &j)
-			return j.State != "running" && j.State != "cancelling"
+			return j.State != "" && j.State != "queued" && j.State != "running" && j.State != "cancelling"
 		})
 		return j
 	}
@@ -466,5 +466,130 @@ name = "people"
 		if !m.Handled {
 			t.Fatalf("record %d not handled after the replays and the release", i)
 		}
+	}
+}
+
+// TestDLQJobsAcrossInstances: two instances of one group on one broker. A
+// replay posted to the second answers on both with the same final state,
+// and delivers every dead letter once; the jobs list is the same on both.
+func TestDLQJobsAcrossInstances(t *testing.T) {
+	sink := testkit.NewSink()
+	var rejecting atomic.Bool
+	rejecting.Store(true)
+	sink.Status = func(*testkit.Delivery) int {
+		if rejecting.Load() {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	srv := httptest.NewServer(sink)
+	defer srv.Close()
+	parse := func(brokers, adminAddr string) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse([]byte(fmt.Sprintf(`
+[kafka]
+brokers = %q
+group_id = "twoinstances"
+embedded_listen = "127.0.0.1:0"
+embedded_partitions = 2
+[kafka.properties]
+"session.timeout.ms" = 1000
+"heartbeat.interval.ms" = 250
+[dispatch]
+commit_interval = "100ms"
+[admin]
+listen = %q
+token = "s3cret"
+[[routes]]
+name = "people"
+  [[routes.requests]]
+  url = "%s/people/{{ .Key }}"
+`, brokers, adminAddr, srv.URL)), "t.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	start := func(cfg *config.Config) *Service {
+		t.Helper()
+		svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		runErr := make(chan error, 1)
+		go func() { runErr <- svc.Run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			if err := <-runErr; err != nil {
+				t.Errorf("run: %v", err)
+			}
+			svc.Close()
+		})
+		return svc
+	}
+	addrA, addrB := testkit.FreeAddr(t), testkit.FreeAddr(t)
+	a := start(parse("embedded", addrA))
+	b := start(parse(a.Brokers(), addrB)) // stopped first (cleanups run last first), before A's broker
+	apiA := apiClient{t: t, base: "http://" + addrA, token: "s3cret"}
+	apiB := apiClient{t: t, base: "http://" + addrB, token: "s3cret"}
+
+	prod, err := testkit.NewProducer(a.Brokers())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prod.Close()
+	gen := &testkit.Generator{Keys: 4}
+	if err := prod.Produce(context.Background(), "orders", gen.Records(20)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, 30*time.Second, "20 dead letters", func() bool {
+		return a.Metrics().Sum("orderly_dlq_produced_total")+b.Metrics().Sum("orderly_dlq_produced_total") >= 20
+	})
+	rejecting.Store(false)
+
+	var started struct{ ID string }
+	if st := apiB.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 || started.ID == "" {
+		t.Fatalf("replay on B: status %d %+v", st, started)
+	}
+	type job struct {
+		ID       string `json:"id"`
+		State    string `json:"state"`
+		Replayed int    `json:"replayed"`
+		Matched  int    `json:"matched"`
+	}
+	var ja, jb job
+	testkit.WaitFor(t, 30*time.Second, "the replay done, the same on both instances", func() bool {
+		ja, jb = job{}, job{}
+		apiA.do("GET", "/dlq/replay/"+started.ID, nil, &ja)
+		apiB.do("GET", "/dlq/replay/"+started.ID, nil, &jb)
+		return ja.State == "done" && ja == jb
+	})
+	if ja.Replayed != 20 {
+		t.Fatalf("job %+v; want 20 replayed", ja)
+	}
+	if rep := sink.Check(gen.Expected()); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != 20 {
+		t.Fatalf("at the sink: %s", rep)
+	}
+	var listA, listB struct {
+		Jobs  []job `json:"jobs"`
+		Count int   `json:"count"`
+	}
+	apiA.do("GET", "/dlq/replay", nil, &listA)
+	apiB.do("GET", "/dlq/replay", nil, &listB)
+	if listA.Count != 1 || listB.Count != 1 || listA.Jobs[0] != listB.Jobs[0] {
+		t.Fatalf("jobs on A %+v, on B %+v", listA, listB)
+	}
+	// A second replay, posted to A, finds nothing left.
+	if st := apiA.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 {
+		t.Fatalf("second replay on A: status %d", st)
+	}
+	testkit.WaitFor(t, 30*time.Second, "the second replay done on B", func() bool {
+		jb = job{}
+		apiB.do("GET", "/dlq/replay/"+started.ID, nil, &jb)
+		return jb.State == "done"
+	})
+	if jb.Matched != 0 || sink.Delivered() != 20 {
+		t.Fatalf("second job %+v, %d delivered; want nothing matched", jb, sink.Delivered())
 	}
 }

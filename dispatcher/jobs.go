@@ -102,129 +102,47 @@ func shown(j ReplayJob) ReplayJob {
 // concurrent use; follow reads until its context ends, close then releases
 // the clients.
 type jobStore struct {
-	topic string
 	log   *slog.Logger
-	prod  *kafka.Producer
-	cons  *kafka.Consumer // assigned the whole topic from its beginning; commits nothing
+	store *compacted
 
-	mu      sync.Mutex // protects the fields below
-	jobs    map[string]ReplayJob
-	order   []string         // job ids, first seen first
-	at      map[string]int64 // the offset of each job's first record read
-	read    int64            // next offset to read (partition 0)
-	changed chan struct{}
+	mu    sync.Mutex // protects the fields below
+	jobs  map[string]ReplayJob
+	order []string         // job ids, first seen first
+	at    map[string]int64 // the offset of each job's first record read
 }
 
 // openJobStore creates the jobs topic if it does not exist (one partition,
 // compacted), connects and reads it to its end.
 func openJobStore(ctx context.Context, brokers string, cfg *config.Config, log *slog.Logger) (*jobStore, error) {
-	s := &jobStore{topic: JobsTopic(cfg), log: log, jobs: map[string]ReplayJob{}, at: map[string]int64{}, changed: make(chan struct{})}
-	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
-	for k, v := range cfg.Kafka.Properties {
-		if producerProperty(k) {
-			common[k] = v
-		}
-	}
-	if err := ensureCompacted(ctx, common, s.topic); err != nil {
+	s := &jobStore{log: log, jobs: map[string]ReplayJob{}, at: map[string]int64{}}
+	store, err := openCompacted(ctx, "dlq jobs", JobsTopic(cfg), brokers, cfg.Kafka.GroupID+".dlq-jobs-reader", cfg, log, s.apply)
+	if err != nil {
 		return nil, err
 	}
-	pc := kafka.ConfigMap{"enable.idempotence": true, "acks": "all", "linger.ms": 0, "client.id": "orderly-dlq-jobs"}
-	cc := kafka.ConfigMap{"group.id": cfg.Kafka.GroupID + ".dlq-jobs-reader", "enable.auto.commit": false,
-		"auto.offset.reset": "earliest", "client.id": "orderly-dlq-jobs", "fetch.wait.max.ms": 50}
-	for k, v := range common {
-		pc[k], cc[k] = v, v
-	}
-	var err error
-	if s.prod, err = kafka.NewProducer(&pc); err != nil {
-		return nil, fmt.Errorf("dlq jobs: unable to create the producer: %w", err)
-	}
-	go func() {
-		for range s.prod.Events() { // delivery reports come on per-call channels; ends when prod closes
-		}
-	}()
-	if s.cons, err = kafka.NewConsumer(&cc); err != nil {
-		s.close()
-		return nil, fmt.Errorf("dlq jobs: unable to create the reader: %w", err)
-	}
-	if err := s.cons.Assign([]kafka.TopicPartition{{Topic: &s.topic, Partition: 0, Offset: kafka.OffsetBeginning}}); err != nil {
-		s.close()
-		return nil, fmt.Errorf("dlq jobs: %w", err)
-	}
-	if err := s.catchUp(ctx, func() { s.poll(100) }); err != nil {
-		s.close()
-		return nil, err
-	}
+	s.store = store
 	return s, nil
 }
 
-// ensureCompacted creates topic with one partition, compacted, unless it exists.
-func ensureCompacted(ctx context.Context, common kafka.ConfigMap, topic string) error {
-	a, err := kafka.NewAdminClient(&common)
-	if err != nil {
-		return fmt.Errorf("dlq jobs: unable to create an admin client: %w", err)
-	}
-	defer a.Close()
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	res, err := a.CreateTopics(cctx, []kafka.TopicSpecification{{Topic: topic, NumPartitions: 1, ReplicationFactor: -1,
-		Config: map[string]string{"cleanup.policy": "compact"}}})
-	if err != nil {
-		return fmt.Errorf("dlq jobs: unable to create topic %s: %w", topic, err)
-	}
-	for _, r := range res {
-		if c := r.Error.Code(); c != kafka.ErrNoError && c != kafka.ErrTopicAlreadyExists {
-			return fmt.Errorf("dlq jobs: unable to create topic %s: %v", topic, r.Error)
-		}
-	}
-	return nil
-}
+func (s *jobStore) close()                                         { s.store.close() }
+func (s *jobStore) follow(ctx context.Context)                     { s.store.follow(ctx) }
+func (s *jobStore) catchUp(ctx context.Context, step func()) error { return s.store.catchUp(ctx, step) }
 
-func (s *jobStore) close() {
-	if s.cons != nil {
-		s.cons.Close()
-	}
-	if s.prod != nil {
-		s.prod.Flush(5000)
-		s.prod.Close()
-	}
-}
-
-// follow reads the topic until ctx ends.
-func (s *jobStore) follow(ctx context.Context) {
-	for ctx.Err() == nil {
-		s.poll(100)
-	}
-}
-
-func (s *jobStore) poll(ms int) {
-	switch e := s.cons.Poll(ms).(type) {
-	case *kafka.Message:
-		if e.TopicPartition.Error != nil {
-			s.log.Warn("dlq jobs read", "error", e.TopicPartition.Error)
+// apply takes a record read from the topic into the map.
+func (s *jobStore) apply(m *kafka.Message) {
+	var j *ReplayJob
+	if m.Value != nil {
+		j = new(ReplayJob)
+		if err := json.Unmarshal(m.Value, j); err != nil {
+			s.log.Warn("dlq jobs: unreadable record skipped", "offset", m.TopicPartition.Offset, "error", err)
 			return
 		}
-		var j *ReplayJob
-		if e.Value != nil {
-			j = new(ReplayJob)
-			if err := json.Unmarshal(e.Value, j); err != nil {
-				s.log.Warn("dlq jobs: unreadable record skipped", "offset", e.TopicPartition.Offset, "error", err)
-				j = nil
-			}
-		}
-		s.mu.Lock()
-		if e.Value == nil || j != nil {
-			id := string(e.Key)
-			s.applyLocked(id, j)
-			if _, ok := s.at[id]; !ok && j != nil {
-				s.at[id] = int64(e.TopicPartition.Offset)
-			}
-		}
-		s.read = int64(e.TopicPartition.Offset) + 1
-		close(s.changed)
-		s.changed = make(chan struct{})
-		s.mu.Unlock()
-	case kafka.Error:
-		s.log.Warn("dlq jobs reader", "error", e)
+	}
+	id := string(m.Key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.applyLocked(id, j)
+	if _, ok := s.at[id]; !ok && j != nil {
+		s.at[id] = int64(m.TopicPartition.Offset)
 	}
 }
 
@@ -248,39 +166,6 @@ func (s *jobStore) applyLocked(id string, j *ReplayJob) {
 	default:
 		s.jobs[id] = *j
 		s.order = append(s.order, id)
-	}
-}
-
-// catchUp waits until everything written to the topic before the call has
-// been read (step reads when nothing else does).
-func (s *jobStore) catchUp(ctx context.Context, step func()) error {
-	_, hi, err := s.cons.QueryWatermarkOffsets(s.topic, 0, 10000)
-	if err != nil {
-		return fmt.Errorf("dlq jobs: end of %s: %w", s.topic, err)
-	}
-	for {
-		s.mu.Lock()
-		done, changed := s.read >= hi, s.changed
-		s.mu.Unlock()
-		if done {
-			return nil
-		}
-		if step != nil {
-			step()
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			continue
-		}
-		t := time.NewTimer(100 * time.Millisecond)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("dlq jobs: catching up with %s: %w", s.topic, ctx.Err())
-		case <-changed:
-		case <-t.C:
-		}
-		t.Stop()
 	}
 }
 
@@ -335,46 +220,14 @@ func (s *jobStore) del(ctx context.Context, id string) error {
 }
 
 func (s *jobStore) write(ctx context.Context, id string, j *ReplayJob) error {
-	rec := &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &s.topic, Partition: kafka.PartitionAny}, Key: []byte(id)}
+	var v []byte
 	if j != nil {
-		v, err := json.Marshal(j)
-		if err != nil {
+		var err error
+		if v, err = json.Marshal(j); err != nil {
 			return err
 		}
-		rec.Value = v
 	}
-	wait := 100 * time.Millisecond
-	for {
-		err := s.produce(ctx, rec)
-		if err == nil {
-			return nil
-		}
-		s.log.Warn("dlq jobs: write failed, retrying", "id", id, "error", err, "retry_in", wait.String())
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("dlq jobs: writing job %s: %w", id, errors.Join(err, ctx.Err()))
-		case <-t.C:
-		}
-		wait = min(2*wait, 5*time.Second)
-	}
-}
-
-func (s *jobStore) produce(ctx context.Context, rec *kafka.Message) error {
-	ch := make(chan kafka.Event, 1)
-	if err := s.prod.Produce(rec, ch); err != nil {
-		return err
-	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case ev := <-ch:
-		if m, ok := ev.(*kafka.Message); ok && m.TopicPartition.Error != nil {
-			return m.TopicPartition.Error
-		}
-		return nil
-	}
+	return s.store.write(ctx, []byte(id), v)
 }
 
 // Run loads the jobs topic (creating it if missing), then until ctx ends
@@ -458,7 +311,7 @@ func (a *DLQAdmin) runJobs(ctx context.Context) error {
 	a.store = s
 	a.mu.Unlock()
 	close(a.ready)
-	a.log.Info("dlq jobs loaded", "topic", s.topic, "jobs", len(s.list()))
+	a.log.Info("dlq jobs loaded", "topic", s.store.topic, "jobs", len(s.list()))
 	r := &runner{a: a, s: s}
 	return r.loop(ctx)
 }
@@ -506,7 +359,7 @@ func (r *runner) loop(ctx context.Context) error {
 		r.owner = false
 		r.c.Close()
 	}()
-	topic := r.s.topic
+	topic := r.s.store.topic
 	if err := r.c.Subscribe(topic, func(c *kafka.Consumer, ev kafka.Event) error {
 		switch e := ev.(type) {
 		case kafka.AssignedPartitions:

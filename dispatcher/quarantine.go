@@ -3,8 +3,6 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -75,17 +73,13 @@ type keyEntry struct {
 // they read it. Safe for concurrent use; Run follows the topic until its
 // context ends, Close then releases the clients.
 type Quarantine struct {
-	topic   string
 	log     *slog.Logger
 	metrics *telemetry.Metrics
-	prod    *kafka.Producer
-	cons    *kafka.Consumer
+	store   *compacted
 
 	mu      sync.Mutex // protects the fields below
 	keys    map[string]keyEntry
 	waiters map[string][]func() // called once at the key's next change
-	read    map[int32]int64     // next offset to read per partition of the topic
-	changed chan struct{}       // closed and replaced when read advances
 }
 
 // QuarantineTopic is the topic a configuration keeps its quarantine in.
@@ -102,114 +96,21 @@ func NewQuarantine(ctx context.Context, brokers string, cfg *config.Config, log 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	q := &Quarantine{topic: QuarantineTopic(cfg), log: log, metrics: m, keys: map[string]keyEntry{},
-		waiters: map[string][]func(){}, read: map[int32]int64{}, changed: make(chan struct{})}
-	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
-	for k, v := range cfg.Kafka.Properties {
-		if producerProperty(k) {
-			common[k] = v
-		}
-	}
-	if err := q.ensureTopic(ctx, common); err != nil {
-		return nil, err
-	}
-	pc := kafka.ConfigMap{"enable.idempotence": true, "acks": "all", "linger.ms": 0, "client.id": "orderly-quarantine"}
-	cc := kafka.ConfigMap{"group.id": cfg.Kafka.GroupID + ".quarantine-reader", "enable.auto.commit": false,
-		"auto.offset.reset": "earliest", "client.id": "orderly-quarantine", "fetch.wait.max.ms": 50}
-	for k, v := range common {
-		pc[k], cc[k] = v, v
-	}
-	var err error
-	if q.prod, err = kafka.NewProducer(&pc); err != nil {
-		return nil, fmt.Errorf("quarantine: unable to create the producer: %w", err)
-	}
-	go func() {
-		for range q.prod.Events() { // delivery reports come on per-call channels
-		}
-	}()
-	if q.cons, err = kafka.NewConsumer(&cc); err != nil {
-		q.prod.Close()
-		return nil, fmt.Errorf("quarantine: unable to create the reader: %w", err)
-	}
-	md, err := q.cons.GetMetadata(&q.topic, false, 10000)
+	q := &Quarantine{log: log, metrics: m, keys: map[string]keyEntry{}, waiters: map[string][]func(){}}
+	store, err := openCompacted(ctx, "quarantine", QuarantineTopic(cfg), brokers, cfg.Kafka.GroupID+".quarantine-reader", cfg, log, q.apply)
 	if err != nil {
-		q.Close()
-		return nil, fmt.Errorf("quarantine: metadata of %s: %w", q.topic, err)
-	}
-	var tps []kafka.TopicPartition
-	for _, p := range md.Topics[q.topic].Partitions {
-		tps = append(tps, kafka.TopicPartition{Topic: &q.topic, Partition: p.ID, Offset: kafka.OffsetBeginning})
-		q.read[p.ID] = 0
-	}
-	if len(tps) == 0 {
-		q.Close()
-		return nil, fmt.Errorf("quarantine: topic %s has no partitions", q.topic)
-	}
-	if err := q.cons.Assign(tps); err != nil {
-		q.Close()
-		return nil, fmt.Errorf("quarantine: %w", err)
-	}
-	// Read what is there before anything is dispatched.
-	if err := q.catchUp(ctx, func() { q.poll(100) }); err != nil {
-		q.Close()
 		return nil, err
 	}
-	q.log.Info("quarantine loaded", "topic", q.topic, "keys", q.Count())
+	q.store = store
+	q.log.Info("quarantine loaded", "topic", store.topic, "keys", q.Count())
 	return q, nil
 }
 
-func (q *Quarantine) ensureTopic(ctx context.Context, common kafka.ConfigMap) error {
-	a, err := kafka.NewAdminClient(&common)
-	if err != nil {
-		return fmt.Errorf("quarantine: unable to create an admin client: %w", err)
-	}
-	defer a.Close()
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	res, err := a.CreateTopics(cctx, []kafka.TopicSpecification{{Topic: q.topic, NumPartitions: 1, ReplicationFactor: -1,
-		Config: map[string]string{"cleanup.policy": "compact"}}})
-	if err != nil {
-		return fmt.Errorf("quarantine: unable to create topic %s: %w", q.topic, err)
-	}
-	for _, r := range res {
-		if c := r.Error.Code(); c != kafka.ErrNoError && c != kafka.ErrTopicAlreadyExists {
-			return fmt.Errorf("quarantine: unable to create topic %s: %v", q.topic, r.Error)
-		}
-	}
-	return nil
-}
-
 // Run follows the quarantine topic until ctx ends.
-func (q *Quarantine) Run(ctx context.Context) {
-	for ctx.Err() == nil {
-		q.poll(100)
-	}
-}
+func (q *Quarantine) Run(ctx context.Context) { q.store.follow(ctx) }
 
 // Close releases the clients. Run must have returned.
-func (q *Quarantine) Close() {
-	if q.cons != nil {
-		q.cons.Close()
-	}
-	if q.prod != nil {
-		q.prod.Flush(5000)
-		q.prod.Close()
-	}
-}
-
-// poll reads at most one record and applies it.
-func (q *Quarantine) poll(ms int) {
-	switch e := q.cons.Poll(ms).(type) {
-	case *kafka.Message:
-		if e.TopicPartition.Error != nil {
-			q.log.Warn("quarantine read", "error", e.TopicPartition.Error)
-			return
-		}
-		q.apply(e)
-	case kafka.Error:
-		q.log.Warn("quarantine reader", "error", e)
-	}
-}
+func (q *Quarantine) Close() { q.store.close() }
 
 // apply takes a record read from the topic into the map.
 func (q *Quarantine) apply(m *kafka.Message) {
@@ -218,19 +119,16 @@ func (q *Quarantine) apply(m *kafka.Message) {
 		var r keyRecord
 		if err := json.Unmarshal(m.Value, &r); err != nil {
 			q.log.Warn("quarantine: unreadable record skipped", "offset", m.TopicPartition.Offset, "error", err)
-		} else {
-			e = keyEntry{state: KeyQuarantined, cause: r.Cause}
-			if r.State == KeyReplaying.String() {
-				e.state = KeyReplaying
-			}
+			return
+		}
+		e = keyEntry{state: KeyQuarantined, cause: r.Cause}
+		if r.State == KeyReplaying.String() {
+			e.state = KeyReplaying
 		}
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.setLocked(string(m.Key), e)
-	q.read[m.TopicPartition.Partition] = int64(m.TopicPartition.Offset) + 1
-	close(q.changed)
-	q.changed = make(chan struct{})
 }
 
 // setLocked records a key's state and wakes whoever waits for it.
@@ -251,56 +149,10 @@ func (q *Quarantine) setLocked(id string, e keyEntry) {
 	}
 }
 
-// catchUp waits until everything written to the topic before the call
-// has been read (step reads when nothing else does).
-func (q *Quarantine) catchUp(ctx context.Context, step func()) error {
-	want := map[int32]int64{}
-	q.mu.Lock()
-	parts := make([]int32, 0, len(q.read))
-	for p := range q.read {
-		parts = append(parts, p)
-	}
-	q.mu.Unlock()
-	for _, p := range parts {
-		_, hi, err := q.cons.QueryWatermarkOffsets(q.topic, p, 10000)
-		if err != nil {
-			return fmt.Errorf("quarantine: end of %s: %w", q.topic, err)
-		}
-		want[p] = hi
-	}
-	for {
-		q.mu.Lock()
-		done := true
-		for p, hi := range want {
-			if q.read[p] < hi {
-				done = false
-			}
-		}
-		changed := q.changed
-		q.mu.Unlock()
-		if done {
-			return nil
-		}
-		if step != nil {
-			step()
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			continue
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("quarantine: catching up with %s: %w", q.topic, ctx.Err())
-		case <-changed:
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
 // CatchUp waits until Run has read everything written to the topic before
 // the call: a partition assigned afterwards sees every key its previous
 // owner quarantined.
-func (q *Quarantine) CatchUp(ctx context.Context) error { return q.catchUp(ctx, nil) }
+func (q *Quarantine) CatchUp(ctx context.Context) error { return q.store.catchUp(ctx, nil) }
 
 func keyID(topic string, key []byte) string { return topic + "/" + string(key) }
 
@@ -337,47 +189,17 @@ func (q *Quarantine) Wait(topic string, key []byte, st KeyState, fn func()) {
 // it is acknowledged or ctx ends, and applies it here at once.
 func (q *Quarantine) set(ctx context.Context, topic string, key []byte, e keyEntry) error {
 	id := keyID(topic, key)
-	rec := &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &q.topic, Partition: kafka.PartitionAny}, Key: []byte(id)}
+	var v []byte
 	if e.state != KeyFree {
-		v, err := json.Marshal(keyRecord{State: e.state.String(), Cause: e.cause, Since: time.Now().UTC()})
-		if err != nil {
+		var err error
+		if v, err = json.Marshal(keyRecord{State: e.state.String(), Cause: e.cause, Since: time.Now().UTC()}); err != nil {
 			return err
 		}
-		rec.Value = v
 	}
 	q.mu.Lock()
 	q.setLocked(id, e)
 	q.mu.Unlock()
-	wait := 100 * time.Millisecond
-	for {
-		err := q.produce(ctx, rec)
-		if err == nil {
-			return nil
-		}
-		q.log.Error("quarantine write failed, retrying", "key", id, "state", e.state.String(), "error", err, "retry_in", wait.String())
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("quarantine: writing %s: %w", id, errors.Join(err, ctx.Err()))
-		case <-time.After(wait):
-		}
-		wait = min(2*wait, 10*time.Second)
-	}
-}
-
-func (q *Quarantine) produce(ctx context.Context, rec *kafka.Message) error {
-	ch := make(chan kafka.Event, 1)
-	if err := q.prod.Produce(rec, ch); err != nil {
-		return err
-	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case ev := <-ch:
-		if m, ok := ev.(*kafka.Message); ok && m.TopicPartition.Error != nil {
-			return m.TopicPartition.Error
-		}
-		return nil
-	}
+	return q.store.write(ctx, []byte(id), v)
 }
 
 // Quarantine quarantines a key after its message cause was dead-lettered.

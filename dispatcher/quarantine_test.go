@@ -187,3 +187,56 @@ func TestRedriveReleasesTheKeyInOrder(t *testing.T) {
 		t.Fatalf("replayed %d, want key-3's %d dead letters", j.Replayed, per-5)
 	}
 }
+
+// TestQuarantineFollowsThePartition: key-3 is quarantined by one member;
+// its partitions then move to a second member (the first stops), which
+// keeps the key quarantined: its new messages go to the DLQ, the other
+// keys' are delivered.
+func TestQuarantineFollowsThePartition(t *testing.T) {
+	h := newHarness(t, 2)
+	h.sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == "key-3" && d.Seq == 2 {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	const keys = 6
+	gen := &testkit.Generator{Keys: keys}
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*5)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.config("quarantine-move", "", "[dlq]\nquarantine_keys = true\n")
+	_, m1, stop1 := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the first member finished, key-3 quarantined", func() bool {
+		return m1.Sum("orderly_committed_offset") == keys*5 && m1.Sum("orderly_quarantined_keys") == 1
+	})
+	_, m2, stop2 := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the second member loaded the quarantine", func() bool {
+		return m2.Sum("orderly_quarantined_keys") == 1
+	})
+	if err := stop1(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*5)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, time.Minute, "the second member finished the new messages", func() bool {
+		return m2.Sum("orderly_committed_offset") == keys*10
+	})
+	if err := stop2(); err != nil {
+		t.Fatal(err)
+	}
+	if got := m2.Sum("orderly_quarantined_messages_total"); got != 5 {
+		t.Fatalf("the second member quarantined %v messages, want key-3's 5 new ones", got)
+	}
+	want := map[string][]int64{}
+	for k, seqs := range gen.Expected() {
+		if k == "key-3" {
+			seqs = seqs[:2]
+		}
+		want[k] = seqs
+	}
+	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+		t.Fatalf("deliveries: %s", rep)
+	}
+}

@@ -100,7 +100,17 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		if c.id == 0 {
 			c.id = s.callIDs.Add(1)
 		}
-		othersFailed, otherSucceeded = tg.failed(c)
+		var why string
+		if err != nil {
+			why = err.Error() // names the method and URL (roundTrip's *url.Error)
+		} else {
+			why = fmt.Sprintf("%s answered %d", c.what(), resp.StatusCode)
+		}
+		var starts bool
+		othersFailed, otherSucceeded, starts = tg.failed(c, why)
+		if starts {
+			s.failing(tg, why)
+		}
 	}
 	if done != nil {
 		done(outcome)
@@ -139,6 +149,21 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		}
 	}
 	return s.verdict(ctx, c, resp, err, retry)
+}
+
+// failingLogEvery spaces the log lines of a target's runs of failures.
+const failingLogEvery = 30 * time.Second
+
+// failing logs that a target that answered (or had not been tried) now
+// fails, with the first failure: what an operator needs to see a refused
+// connection or a wrong URL. At most one such line per target every 30 s.
+func (s *Sender) failing(tg *target, why string) {
+	now := time.Now().UnixNano()
+	last := tg.failingLogged.Load()
+	if now-last < int64(failingLogEvery) || !tg.failingLogged.CompareAndSwap(last, now) {
+		return
+	}
+	s.log.Warn("target failing: its requests are retried, see orderly_http_requests_total and the breaker", "host", tg.host, "error", why)
 }
 
 // roundTrip sends one attempt of c and returns the response with its body

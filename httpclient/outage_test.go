@@ -550,3 +550,61 @@ func TestUnavailableLoneCallKeepsRetrying(t *testing.T) {
 		})
 	}
 }
+
+// lines is a slog handler that keeps every record at warn or above as
+// "message key=value ...".
+type lines struct {
+	mu  sync.Mutex
+	got []string
+}
+
+func (l *lines) Enabled(_ context.Context, lv slog.Level) bool { return lv >= slog.LevelWarn }
+func (l *lines) WithAttrs([]slog.Attr) slog.Handler            { return l }
+func (l *lines) WithGroup(string) slog.Handler                 { return l }
+func (l *lines) Handle(_ context.Context, rec slog.Record) error {
+	s := rec.Message
+	rec.Attrs(func(a slog.Attr) bool { s += " " + a.Key + "=" + a.Value.String(); return true })
+	l.mu.Lock()
+	l.got = append(l.got, s)
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *lines) with(substr ...string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+next:
+	for _, s := range l.got {
+		for _, sub := range substr {
+			if !strings.Contains(s, sub) {
+				continue next
+			}
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// TestRefusedConnectionsAreExplained: a target that refuses connections
+// is logged once per run of failures, with the URL and the cause, and the
+// breaker's opening names the last failure.
+func TestRefusedConnectionsAreExplained(t *testing.T) {
+	addr, _ := closedAddr(t)
+	h := breakerHTTP(10 * time.Millisecond)
+	h.Breaker.ConsecutiveFailures = 2
+	h.Retry.MaxAttempts = 0
+	l := &lines{}
+	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: telemetry.NewMetrics(), Logger: slog.New(l)})
+	t.Cleanup(s.Close)
+	x := drive(t, s, post("http://"+addr+"/orders", []byte("x")))
+	waitFor(t, 20*time.Second, "8 refused attempts", func() bool { return x.made(t, "x", 8) })
+	failing := l.with("target failing", "host="+addr, "http://"+addr+"/orders", "connection refused")
+	if len(failing) != 1 {
+		t.Fatalf("%d 'target failing' lines naming the URL and the cause, want 1 (rate-limited):\n%s",
+			len(failing), strings.Join(l.with("target failing"), "\n"))
+	}
+	if opened := l.with("circuit breaker opened", "host="+addr, "last_failure=", "connection refused"); len(opened) == 0 {
+		t.Fatalf("no breaker-open line names the last failure; lines:\n%s", strings.Join(l.with(""), "\n"))
+	}
+}

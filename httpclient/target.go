@@ -54,6 +54,11 @@ type target struct {
 	first uint64      // id of the first call that failed since the last success, 0: none
 	many  bool        // another call failed since the last success too
 	dirty atomic.Bool // first != 0
+	// lastFailure describes the newest retryable failure (protected by
+	// hmu), for the log line of a breaker that opens; failingLogged is
+	// when the target's last run of failures was logged (unix nanoseconds).
+	lastFailure   string
+	failingLogged atomic.Int64
 
 	// Mirrors of the breaker, written by OnStateChange under its lock.
 	state atomic.Int32 // the gobreaker.State
@@ -113,7 +118,15 @@ func (s *Sender) target(host string) *target {
 }
 
 func (s *Sender) breakerChanged(t *target, from, to gobreaker.State) {
-	s.log.Warn("circuit breaker state changed", "host", t.host, "from", from.String(), "to", to.String())
+	if to == gobreaker.StateOpen {
+		t.hmu.Lock()
+		last := t.lastFailure
+		t.hmu.Unlock()
+		s.log.Warn("circuit breaker opened: requests to this target wait until it answers again",
+			"host", t.host, "from", from.String(), "last_failure", last, "open_for", s.breaker.OpenTimeout.D().String())
+	} else {
+		s.log.Warn("circuit breaker state changed", "host", t.host, "from", from.String(), "to", to.String())
+	}
 	s.metrics.BreakerChanges.WithLabelValues(t.host, to.String()).Inc()
 	s.metrics.BreakerState.WithLabelValues(t.host).Set(breakerGauge(to))
 	if to == gobreaker.StateOpen {
@@ -149,12 +162,14 @@ func (t *target) succeeded() {
 	t.hmu.Unlock()
 }
 
-// failed records a retryable failure of c (whose id is set) and reports
-// whether another call failed since the target's last success, and whether
-// another call succeeded since c's current run of failures began.
-func (t *target) failed(c *Call) (othersFailed, otherSucceeded bool) {
+// failed records a retryable failure of c (whose id is set), described by
+// why, and reports whether another call failed since the target's last
+// success, whether another call succeeded since c's current run of
+// failures began, and whether this failure starts a run for the target.
+func (t *target) failed(c *Call, why string) (othersFailed, otherSucceeded, starts bool) {
 	t.hmu.Lock()
 	defer t.hmu.Unlock()
+	t.lastFailure = why
 	if !c.failing {
 		c.failing, c.runEpoch = true, t.epoch
 	}
@@ -162,11 +177,12 @@ func (t *target) failed(c *Call) (othersFailed, otherSucceeded bool) {
 	case 0:
 		t.first, t.many = c.id, false
 		t.dirty.Store(true)
+		starts = true
 	case c.id:
 	default:
 		t.many = true
 	}
-	return t.many, t.epoch != c.runEpoch
+	return t.many, t.epoch != c.runEpoch, starts
 }
 
 // stateChanged returns a channel closed at the next breaker state change.

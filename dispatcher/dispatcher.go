@@ -467,13 +467,14 @@ func (d *Dispatcher) commit(ps []*partition) {
 		p.inFlightGauge.Set(float64(p.tracker.InFlight()))
 		p.spanGauge.Set(float64(p.tracker.Span()))
 		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
+		committable := p.tracker.Committable()
 		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
-			if base := max(p.committed, p.tracker.Committable()); base >= 0 {
+			if base := max(p.committed, committable); base >= 0 {
 				p.lagGauge.Set(float64(max(high-base, 0)))
 			}
 		}
 		finished := p.finished.Load()
-		if finished == p.committedFinished && p.tracker.Committable() <= p.committed {
+		if finished == p.committedFinished && committable <= p.committed {
 			continue // nothing finished since the last commit
 		}
 		c, meta, truncated := p.tracker.Progress(p.budget)

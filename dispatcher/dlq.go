@@ -145,7 +145,7 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 // moves l on. The caller holds p.mu; deadLettered releases it.
 func (d *Dispatcher) deadLettered(p *partition, l *lane, it *item) {
 	cut := l.dlqCut
-	l.parked, l.running = parkNone, true
+	p.unparkedLocked(l)
 	l.popLocked()
 	p.mu.Unlock()
 	d.dlqFailing(nil)

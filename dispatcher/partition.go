@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -460,12 +461,9 @@ func (p *partition) advance(l *lane) *pool {
 				continue
 			case KeyReplaying:
 				// Behind the replay of its dead letters.
-				l.running = false
-				l.parked = parkReplaying
-				p.stalled++
-				p.checkQuietLocked()
+				p.parkLocked(l, parkReplaying)
 				p.mu.Unlock()
-				p.d.quarantine.Wait(p.topic, it.msg.Key, KeyReplaying, func() { p.unparkReplaying(l) })
+				p.d.quarantine.Wait(p.topic, it.msg.Key, KeyReplaying, func() { p.unpark(l, parkReplaying) })
 				return nil
 			}
 		}
@@ -477,16 +475,13 @@ func (p *partition) advance(l *lane) *pool {
 		}
 		switch {
 		case it.fail != nil:
-			l.running = false
 			if p.d.dlq == nil {
-				l.parked = parkStalled
-				p.stalled++
-				p.checkQuietLocked()
+				p.parkLocked(l, parkStalled)
 				p.mu.Unlock()
 				p.d.stall(p, it)
 				return nil
 			}
-			l.parked = parkDLQ // before the write: its acknowledgement may come at once
+			p.parkLocked(l, parkDLQ) // before the write: its acknowledgement may come at once
 			// The lane is the DLQ writer's now, but stop must not return
 			// (and the writer close) while this goroutine is producing.
 			p.handing++
@@ -570,44 +565,46 @@ func (p *partition) park(l *lane, d time.Duration) {
 // backoffLocked parks l on its retry timer for d; kind is parkBackoff or
 // parkDLQRetry.
 func (p *partition) backoffLocked(l *lane, d time.Duration, kind parkKind) {
-	l.running = false
-	l.parked = kind
-	if kind == parkDLQRetry {
-		p.stalled++
-		p.checkQuietLocked()
-	}
+	p.parkLocked(l, kind)
 	if l.retry == nil {
-		l.retry = time.AfterFunc(d, func() { p.unpark(l) })
+		l.retry = time.AfterFunc(d, func() { p.unpark(l, parkBackoff, parkDLQRetry) })
 	} else {
 		l.retry.Reset(d)
 	}
 }
 
-// unpark takes l back from its retry timer and moves it on. A lane
-// abandoned or no longer parked on its timer is left alone.
-func (p *partition) unpark(l *lane) {
-	p.mu.Lock()
-	if l.abandoned || l.parked != parkBackoff && l.parked != parkDLQRetry {
-		p.mu.Unlock()
-		return
+// unwaited reports whether a drain does not wait for a lane parked as k:
+// it cannot finish by itself meanwhile.
+func (k parkKind) unwaited() bool { return k == parkStalled || k == parkDLQRetry || k == parkReplaying }
+
+// parkLocked parks l, held by the caller, as kind, counting the lanes a
+// drain does not wait for.
+func (p *partition) parkLocked(l *lane, kind parkKind) {
+	l.running, l.parked = false, kind
+	if kind.unwaited() {
+		p.stalled++
+		p.checkQuietLocked()
 	}
-	if l.parked == parkDLQRetry {
+}
+
+// unparkedLocked takes l back from where it was parked: the caller holds it.
+func (p *partition) unparkedLocked(l *lane) {
+	if l.parked.unwaited() {
 		p.stalled--
 	}
 	l.parked, l.running = parkNone, true
-	p.mu.Unlock()
-	p.moveOn(l)
 }
 
-// unparkReplaying takes l back once its key's replay ended and moves it on.
-func (p *partition) unparkReplaying(l *lane) {
+// unpark takes l back from its retry timer or its key's replay (one of
+// kinds) and moves it on. A lane abandoned or parked elsewhere by now is
+// left alone.
+func (p *partition) unpark(l *lane, kinds ...parkKind) {
 	p.mu.Lock()
-	if l.abandoned || l.parked != parkReplaying {
+	if l.abandoned || !slices.Contains(kinds, l.parked) {
 		p.mu.Unlock()
 		return
 	}
-	p.stalled--
-	l.parked, l.running = parkNone, true
+	p.unparkedLocked(l)
 	p.mu.Unlock()
 	p.moveOn(l)
 }
@@ -641,7 +638,7 @@ func (p *partition) abandonLocked(l *lane) {
 		it.span().End()
 	}
 	l.q = nil
-	if l.parked == parkStalled || l.parked == parkDLQRetry || l.parked == parkReplaying {
+	if l.parked.unwaited() {
 		p.stalled--
 	}
 	if l.busy {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"log/slog"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -223,24 +222,4 @@ func (q *Quarantine) Release(ctx context.Context, topic string, key []byte) erro
 // failed again. It implements KeyGate for replays.
 func (q *Quarantine) Requarantine(ctx context.Context, topic string, key []byte, partition int32, offset int64) error {
 	return q.Quarantine(ctx, topic, key, Cause{Topic: topic, Partition: partition, Offset: offset})
-}
-
-// Keys lists the keys not free, for the admin API.
-func (q *Quarantine) Keys() []QuarantinedKey {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	out := make([]QuarantinedKey, 0, len(q.keys))
-	for id, e := range q.keys {
-		topic, key, _ := strings.Cut(id, "/")
-		out = append(out, QuarantinedKey{Topic: topic, Key: key, State: e.state.String(), Cause: e.cause.String()})
-	}
-	return out
-}
-
-// QuarantinedKey is a key not free, as the admin API shows it.
-type QuarantinedKey struct {
-	Topic string `json:"topic"`
-	Key   string `json:"key"`
-	State string `json:"state"`
-	Cause string `json:"cause"`
 }

@@ -10,17 +10,17 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/orderly-dispatch/orderly/dispatcher"
+	"github.com/orderly-dispatch/orderly/dlq"
 )
 
-// DLQ is what the /dlq/ endpoints need; *dispatcher.DLQAdmin implements it.
+// DLQ is what the /dlq/ endpoints need; *dlq.Admin implements it.
 type DLQ interface {
-	List(ctx context.Context, f dispatcher.DLQFilter) (dispatcher.DLQPage, error)
-	StartReplay(req dispatcher.ReplayRequest) (string, error)
-	StartRelease(req dispatcher.ReplayRequest) (string, error)
-	Job(id string) (dispatcher.ReplayJob, bool)
-	Jobs() []dispatcher.ReplayJob
-	Cancel(id string) (dispatcher.ReplayJob, error)
+	List(ctx context.Context, f dlq.Filter) (dlq.Page, error)
+	StartReplay(req dlq.ReplayRequest) (string, error)
+	StartRelease(req dlq.ReplayRequest) (string, error)
+	Job(id string) (dlq.ReplayJob, bool)
+	Jobs() []dlq.ReplayJob
+	Cancel(id string) (dlq.ReplayJob, error)
 }
 
 const maxListLimit = 1000
@@ -28,8 +28,8 @@ const maxListLimit = 1000
 // dlqRoutes registers the bearer-protected /dlq/ endpoints.
 func (s *Server) dlqRoutes(mux *http.ServeMux) {
 	mux.Handle("GET /dlq/messages", s.auth(http.HandlerFunc(s.listDLQ)))
-	mux.Handle("POST /dlq/replay", s.auth(s.startJob(dispatcher.JobReplay)))
-	mux.Handle("POST /dlq/release", s.auth(s.startJob(dispatcher.JobRelease)))
+	mux.Handle("POST /dlq/replay", s.auth(s.startJob(dlq.JobReplay)))
+	mux.Handle("POST /dlq/release", s.auth(s.startJob(dlq.JobRelease)))
 	mux.Handle("GET /dlq/replay", s.auth(http.HandlerFunc(s.listJobs)))
 	mux.Handle("GET /dlq/replay/{id}", s.auth(http.HandlerFunc(s.replayStatus)))
 	mux.Handle("DELETE /dlq/replay/{id}", s.auth(http.HandlerFunc(s.cancelJob)))
@@ -74,7 +74,7 @@ func (s *Server) auth(next http.Handler) http.Handler {
 // "next_page" is the request for it (cursor=<partition>:<offset>).
 func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := dispatcher.DLQFilter{Partition: -1, To: -1, Limit: 100, Route: q.Get("route"), Key: q.Get("key")}
+	f := dlq.Filter{Partition: -1, To: -1, Limit: 100, Route: q.Get("route"), Key: q.Get("key")}
 	var bad []string
 	intParam := func(name string, dst *int64) {
 		if v := q.Get(name); v != "" {
@@ -98,7 +98,7 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 		if !ok || err1 != nil || err2 != nil || p < 0 || o < 0 {
 			bad = append(bad, "cursor must be <partition>:<offset>, as in next_page")
 		} else {
-			f.Cursor = &dispatcher.DLQPosition{Partition: int32(p), From: o}
+			f.Cursor = &dlq.Position{Partition: int32(p), From: o}
 		}
 	}
 	if part > 1<<31-1 {
@@ -127,7 +127,7 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 	}
 	recs := page.Records
 	if recs == nil {
-		recs = []dispatcher.DLQRecord{}
+		recs = []dlq.Record{}
 	}
 	out := map[string]any{"messages": recs, "count": len(recs)}
 	if n := page.Next; n != nil {
@@ -144,7 +144,7 @@ func (s *Server) listDLQ(w http.ResponseWriter, r *http.Request) {
 // is not loaded yet.
 func (s *Server) startJob(kind string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var req dispatcher.ReplayRequest
+		var req dlq.ReplayRequest
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
@@ -156,16 +156,16 @@ func (s *Server) startJob(kind string) http.Handler {
 			return
 		}
 		start := s.o.DLQ.StartReplay
-		if kind == dispatcher.JobRelease {
+		if kind == dlq.JobRelease {
 			start = s.o.DLQ.StartRelease
 		}
 		id, err := start(req)
 		switch {
-		case errors.Is(err, dispatcher.ErrBadRequest):
+		case errors.Is(err, dlq.ErrBadRequest):
 			WriteError(w, http.StatusBadRequest, err.Error())
-		case errors.Is(err, dispatcher.ErrReplayRunning):
+		case errors.Is(err, dlq.ErrReplayRunning):
 			WriteError(w, http.StatusConflict, err.Error())
-		case errors.Is(err, dispatcher.ErrJobsNotReady):
+		case errors.Is(err, dlq.ErrJobsNotReady):
 			WriteError(w, http.StatusServiceUnavailable, err.Error())
 		case err != nil:
 			WriteError(w, http.StatusInternalServerError, err.Error())
@@ -201,11 +201,11 @@ func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	job, err := s.o.DLQ.Cancel(id)
 	switch {
-	case errors.Is(err, dispatcher.ErrNoJob):
+	case errors.Is(err, dlq.ErrNoJob):
 		WriteError(w, http.StatusNotFound, "no job "+id)
-	case errors.Is(err, dispatcher.ErrJobFinished):
+	case errors.Is(err, dlq.ErrJobFinished):
 		WriteError(w, http.StatusConflict, "job "+id+" has already finished ("+job.State+")")
-	case errors.Is(err, dispatcher.ErrJobsNotReady):
+	case errors.Is(err, dlq.ErrJobsNotReady):
 		WriteError(w, http.StatusServiceUnavailable, err.Error())
 	case err != nil:
 		WriteError(w, http.StatusInternalServerError, err.Error())

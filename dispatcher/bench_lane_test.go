@@ -172,7 +172,7 @@ func BenchmarkIdempotencyKey(b *testing.B) {
 	m := &filters.Message{Topic: "orders", Partition: 7, Offset: 123456789}
 	b.ReportAllocs()
 	for b.Loop() {
-		_ = idempotencyKey(m, 2)
+		_ = m.IdempotencyKey(2)
 	}
 }
 

@@ -20,6 +20,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -33,20 +34,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/internal/kafkalog"
 	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // Sender makes HTTP attempts with circuit breaking and says what comes next
 // (see httpclient.Step): the dispatcher waits out backoffs itself, holding no
-// goroutine. Send is the blocking loop DLQ replay uses; an error for which
-// httpclient.IsPermanent is true dead-letters the message, any other error
-// means the context ended. *httpclient.Sender implements it.
+// goroutine. *httpclient.Sender implements it.
 type Sender interface {
 	Attempt(ctx context.Context, c *httpclient.Call) httpclient.Step
-	Send(ctx context.Context, req *filters.Request, idempotencyKey string) (httpclient.Result, error)
 }
 
 // Options configures a Dispatcher.
@@ -63,21 +63,7 @@ type Options struct {
 	Brokers string
 	// OnQuarantine, if set, is called with the key quarantine once Run has
 	// loaded it (dlq.quarantine_keys), so that replays can release keys.
-	OnQuarantine func(*Quarantine)
-}
-
-func (o Options) logger() *slog.Logger {
-	if o.Logger == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return o.Logger
-}
-
-func (o Options) brokers() string {
-	if o.Brokers == "" {
-		return o.Config.Kafka.Brokers
-	}
-	return o.Brokers
+	OnQuarantine func(*dlq.Quarantine)
 }
 
 // Dispatcher is the service's engine. Create it with New and start it with
@@ -102,11 +88,11 @@ type Dispatcher struct {
 	lastCommit time.Time
 	anyPaused  bool // some partition is paused
 
-	dlq    *dlqWriter                 // nil when dlq.topic is ""
+	dlq    *dlq.Writer                // nil when dlq.topic is ""
 	dlqErr atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
 	// quarantine is the key quarantine, nil unless dlq.quarantine_keys.
-	quarantine   *Quarantine
-	onQuarantine func(*Quarantine)
+	quarantine   *dlq.Quarantine
+	onQuarantine func(*dlq.Quarantine)
 	// commitSoon asks the poll loop to commit at its next turn.
 	commitSoon atomic.Bool
 	senders    *senders // the sender pools, one per target
@@ -135,7 +121,7 @@ func New(o Options) (*Dispatcher, error) {
 	if o.Config == nil || o.Router == nil || o.Sender == nil || o.Metrics == nil {
 		return nil, errors.New("dispatcher: Config, Router, Sender and Metrics are required")
 	}
-	log, brokers := o.logger(), o.brokers()
+	log, brokers := cmp.Or(o.Logger, slog.New(slog.DiscardHandler)), cmp.Or(o.Brokers, o.Config.Kafka.Brokers)
 	if brokers == config.EmbeddedBrokers {
 		return nil, errors.New("dispatcher: brokers = \"embedded\" needs the embedded broker's address in Options.Brokers")
 	}
@@ -194,16 +180,16 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	var pumps sync.WaitGroup
 	logs := make(chan kafka.LogEvent, 256)
 	stopLogs := make(chan struct{})
-	pumps.Go(func() { pumpLogs(d.log, logs, stopLogs) })
+	pumps.Go(func() { kafkalog.Pump(d.log, logs, stopLogs) })
 	defer func() { close(stopLogs); pumps.Wait() }()
 
 	if d.cfg.DLQ.Topic != "" {
-		w, err := newDLQWriter(d.brokers, d.cfg, d.log, logs)
+		w, err := dlq.NewWriter(d.brokers, d.cfg, d.log, logs)
 		if err != nil {
 			return err
 		}
 		d.dlq = w
-		defer w.close()
+		defer w.Close()
 	}
 
 	if d.cfg.DLQ.QuarantineKeys {
@@ -244,13 +230,13 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 // loadQuarantine reads the key quarantine, retrying while the brokers are
 // unreachable, until ctx ends.
-func (d *Dispatcher) loadQuarantine(ctx context.Context) (*Quarantine, error) {
+func (d *Dispatcher) loadQuarantine(ctx context.Context) (*dlq.Quarantine, error) {
 	for {
-		q, err := NewQuarantine(ctx, d.brokers, d.cfg, d.log, d.metrics)
+		q, err := dlq.NewQuarantine(ctx, d.brokers, d.cfg, d.log, d.metrics)
 		if err == nil {
 			return q, nil
 		}
-		d.log.Warn("unable to load the key quarantine, retrying", "topic", QuarantineTopic(d.cfg), "error", err)
+		d.log.Warn("unable to load the key quarantine, retrying", "topic", dlq.QuarantineTopic(d.cfg), "error", err)
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -526,19 +512,12 @@ func (d *Dispatcher) commit(ps []*partition) {
 	}
 }
 
-// minProgressBudget is the smallest progress record worth sending: below
-// it a partition records no progress at all.
-const minProgressBudget = 32
-
 // metadataRefused halves p's progress budget after a broker refused a
 // record of size bytes as too large (its offset.metadata.max.bytes is
 // lower than dispatch.commit_metadata_max_bytes); the next commit fits.
 func (d *Dispatcher) metadataRefused(p *partition, size int) {
 	d.metrics.ProgressRefused.Inc()
-	p.budget = min(p.budget, size) / 2
-	if p.budget < minProgressBudget {
-		p.budget = 0
-	}
+	p.budget = offsets.RefusedBudget(p.budget, size)
 	d.log.Warn("the broker refused the commit's progress record as too large: lower dispatch.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes",
 		"topic", p.topic, "partition", p.id, "bytes", size, "budget_now", p.budget)
 }
@@ -782,29 +761,15 @@ func (d *Dispatcher) shutdown() {
 
 // failed turns the permanent error of request index of it into the
 // message's failure.
-func (d *Dispatcher) failed(p *partition, it *item, index int, err error) *failure {
-	f := &failure{reason: err.Error(), route: it.route.Name(), requestIndex: index}
+func (d *Dispatcher) failed(p *partition, it *item, index int, err error) *dlq.Failure {
+	f := &dlq.Failure{Reason: err.Error(), Route: it.route.Name(), RequestIndex: index}
 	var he *httpclient.Error
 	if errors.As(err, &he) {
-		f.status, f.attempts = he.Status, he.Attempts
+		f.Status, f.Attempts = he.Status, he.Attempts
 	}
 	d.log.Warn("delivery failed permanently", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 		"route", it.route.Name(), "request", index, "error", err)
 	return f
-}
-
-// idempotencyKey is <topic>-<partition>-<offset>-<index>, built on the
-// stack: one allocation, the string.
-func idempotencyKey(m *filters.Message, index int) string {
-	var buf [96]byte
-	b := append(buf[:0], m.Topic...)
-	b = append(b, '-')
-	b = strconv.AppendInt(b, int64(m.Partition), 10)
-	b = append(b, '-')
-	b = strconv.AppendInt(b, m.Offset, 10)
-	b = append(b, '-')
-	b = strconv.AppendInt(b, int64(index), 10)
-	return string(b)
 }
 
 func tpString(tps []kafka.TopicPartition) string {
@@ -818,25 +783,4 @@ func tpString(tps []kafka.TopicPartition) string {
 		b = strconv.AppendInt(b, int64(tp.Partition), 10)
 	}
 	return string(b)
-}
-
-// pumpLogs forwards librdkafka's log lines to slog until stop is closed.
-func pumpLogs(log *slog.Logger, logs <-chan kafka.LogEvent, stop <-chan struct{}) {
-	for {
-		select {
-		case <-stop:
-			return
-		case e := <-logs:
-			lvl := slog.LevelDebug
-			switch {
-			case e.Level <= 3:
-				lvl = slog.LevelError
-			case e.Level == 4:
-				lvl = slog.LevelWarn
-			case e.Level <= 6:
-				lvl = slog.LevelInfo
-			}
-			log.Log(context.Background(), lvl, e.Message, "component", "librdkafka", "client", e.Name, "tag", e.Tag)
-		}
-	}
 }

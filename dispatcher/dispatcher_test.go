@@ -23,7 +23,7 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 	h := newHarness(t, 8)
 	var mu sync.Mutex
 	rng := rand.New(rand.NewPCG(3, 4))
-	h.sink.Delay = func(*testkit.Delivery) time.Duration {
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration {
 		mu.Lock()
 		defer mu.Unlock()
 		if rng.IntN(10) == 0 {
@@ -33,14 +33,14 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 	}
 	gen := &testkit.Generator{Keys: keys, Size: 200}
 	ctx := context.Background()
-	if err := h.prod.Produce(ctx, h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(ctx, h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg := h.config("core", "", "")
+	cfg := h.Config("core", "", "")
 	_, m, stop := h.run(cfg, nil)
-	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
-	rep := h.sink.Check(gen.Expected())
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
+	rep := h.Sink.Check(gen.Expected())
 	if !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("first run: %s", rep)
 	}
@@ -50,7 +50,7 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	committed, end := h.committed("core")
+	committed, end := h.Committed("core")
 	for i := range end {
 		if committed[i] != end[i] {
 			t.Fatalf("partition %d: committed %d, end offset %d", i, committed[i], end[i])
@@ -63,17 +63,17 @@ func TestDeliversInOrderAndCommits(t *testing.T) {
 	// Second start of the group: a marker per key reaches the sink, the
 	// group commits to the new end, and nothing old came again.
 	markers := gen.Records(keys)
-	if err := h.prod.Produce(ctx, h.topic, markers); err != nil {
+	if err := h.Prod.Produce(ctx, h.Topic, markers); err != nil {
 		t.Fatal(err)
 	}
 	_, m2, stop2 := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "markers delivered and committed", func() bool {
-		return h.sink.Distinct() >= n+keys && m2.Sum("orderly_committed_offset") == float64(n+keys)
+		return h.Sink.Distinct() >= n+keys && m2.Sum("orderly_committed_offset") == float64(n+keys)
 	})
 	if err := stop2(); err != nil {
 		t.Fatal(err)
 	}
-	rep = h.sink.Check(gen.Expected())
+	rep = h.Sink.Check(gen.Expected())
 	if !rep.OK() || rep.Duplicates != 0 || rep.Delivered != n+keys {
 		t.Fatalf("second run redelivered or lost: %s", rep)
 	}
@@ -89,7 +89,7 @@ func TestSlowKeyDoesNotBlockOthers(t *testing.T) {
 	var others atomic.Int64
 	released := make(chan struct{})
 	var gate sync.Once
-	h.sink.Delay = func(d *testkit.Delivery) time.Duration {
+	h.Sink.Delay = func(d *testkit.Delivery) time.Duration {
 		if d.Key != "A" {
 			return 0
 		}
@@ -99,7 +99,7 @@ func TestSlowKeyDoesNotBlockOthers(t *testing.T) {
 		}
 		return 50 * time.Millisecond
 	}
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key != "A" && others.Add(1) == 2*perKey {
 			gate.Do(func() { close(released) })
 		}
@@ -112,24 +112,24 @@ func TestSlowKeyDoesNotBlockOthers(t *testing.T) {
 			if k == "A" && i >= 20 {
 				continue
 			}
-			recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i))})
+			recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, int64(i))})
 			expected[k] = append(expected[k], int64(i))
 		}
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	h.run(h.config("parallel", "", ""), nil)
+	h.run(h.Config("parallel", "", ""), nil)
 	select {
 	case <-released:
 	case <-time.After(60 * time.Second):
 		t.Fatalf("keys B and C were not delivered while key A was held: %d of %d", others.Load(), 2*perKey)
 	}
-	if got := len(h.sink.Sequences("A")); got != 0 {
+	if got := len(h.Sink.Sequences("A")); got != 0 {
 		t.Fatalf("key A delivered %d before it was released", got)
 	}
-	testkit.WaitFor(t, time.Minute, "key A delivered", func() bool { return h.sink.Distinct() == len(recs) })
-	if rep := h.sink.Check(expected); !rep.OK() {
+	testkit.WaitFor(t, time.Minute, "key A delivered", func() bool { return h.Sink.Distinct() == len(recs) })
+	if rep := h.Sink.Check(expected); !rep.OK() {
 		t.Fatal(rep)
 	}
 }
@@ -141,13 +141,13 @@ func TestBackPressure(t *testing.T) {
 	h := newHarness(t, 2)
 	// 10 keys of 200 messages at 20 ms each: at least 4 s of processing,
 	// four times max.poll.interval.ms below.
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
 	const n = 2000
 	gen := &testkit.Generator{Keys: 10}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("backpressure", "max_in_flight = 100", "")
+	cfg := h.Config("backpressure", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["max.poll.interval.ms"] = "1000"
 	cfg.Kafka.Properties["session.timeout.ms"] = "1000" // librdkafka wants it <= max.poll.interval.ms
 	var peak, peakHeld atomic.Int64
@@ -168,7 +168,7 @@ func TestBackPressure(t *testing.T) {
 			}
 		}
 	})
-	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
 	elapsed := time.Since(start)
 	if got := m.Sum("orderly_rebalances_total"); got != 2 {
 		t.Fatalf("rebalance events %v, want only the initial assignment of 2 partitions (no revoke)", got)
@@ -176,7 +176,7 @@ func TestBackPressure(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
 	if p := peak.Load(); p != 100 {
@@ -200,22 +200,4 @@ func TestBackPressure(t *testing.T) {
 	}
 	t.Logf("processing took %s with max.poll.interval.ms 1000; %v pauses", elapsed.Round(time.Millisecond),
 		m.Sum("orderly_partition_pauses_total"))
-}
-
-func eventJSON(key string, seq int64) []byte {
-	return []byte(`{"key":"` + key + `","seq":` + itoa(seq) + `}`)
-}
-
-func itoa(i int64) string {
-	if i == 0 {
-		return "0"
-	}
-	var b [20]byte
-	n := len(b)
-	for i > 0 {
-		n--
-		b[n] = byte('0' + i%10)
-		i /= 10
-	}
-	return string(b[n:])
 }

@@ -11,11 +11,13 @@ import (
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 
+	"github.com/orderly-dispatch/orderly/dlq"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
-var dlqHeaders = []string{HeaderError, HeaderStatus, HeaderRoute, HeaderRequestIndex, HeaderAttempts,
-	HeaderOriginalTopic, HeaderOriginalPartition, HeaderOriginalOffset, HeaderOriginalTimestamp, HeaderFailedAt}
+var dlqHeaders = []string{dlq.HeaderError, dlq.HeaderStatus, dlq.HeaderRoute, dlq.HeaderRequestIndex, dlq.HeaderAttempts,
+	dlq.HeaderOriginalTopic, dlq.HeaderOriginalPartition, dlq.HeaderOriginalOffset, dlq.HeaderOriginalTimestamp, dlq.HeaderFailedAt}
 
 // TestPermanentFailuresGoToTheDLQ: the sink answers 400 for every third
 // message of a chosen set of keys. Exactly those messages are in the DLQ with
@@ -25,7 +27,7 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 	h := newHarness(t, 4)
 	failing := map[string]bool{"key-3": true, "key-7": true, "key-11": true}
 	rejected := func(key string, seq int64) bool { return failing[key] && seq%3 == 0 }
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if rejected(d.Key, d.Seq) {
 			return http.StatusBadRequest
 		}
@@ -35,7 +37,7 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 	gen := &testkit.Generator{Keys: keys}
 	recs := gen.Records(n)
 	recs[0].Headers = []kafka.Header{{Key: "trace", Value: []byte("abc")}}
-	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, recs); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string][]int64{}
@@ -49,21 +51,21 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 			}
 		}
 	}
-	_, m, stop := h.run(h.config("dlq", "", ""), nil)
+	_, m, stop := h.run(h.Config("dlq", "", ""), nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == n
 	})
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
-	dlq := h.readAll("orderly.dlq", len(wantDLQ), 30*time.Second)
-	if len(dlq) != len(wantDLQ) {
-		t.Fatalf("DLQ holds %d records, want %d", len(dlq), len(wantDLQ))
+	letters := h.ReadAll("orderly.dlq", len(wantDLQ), 30*time.Second)
+	if len(letters) != len(wantDLQ) {
+		t.Fatalf("DLQ holds %d records, want %d", len(letters), len(wantDLQ))
 	}
-	for _, r := range dlq {
+	for _, r := range letters {
 		var ev struct {
 			Key string `json:"key"`
 			Seq int64  `json:"seq"`
@@ -80,20 +82,20 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 			t.Fatalf("DLQ key %q, want the original %q", r.Key, ev.Key)
 		}
 		for _, hk := range dlqHeaders {
-			if _, ok := header(r, hk); !ok {
+			if _, ok := kafkatest.Header(r, hk); !ok {
 				t.Fatalf("DLQ record %s lacks header %s", id, hk)
 			}
 		}
-		if st, _ := header(r, HeaderStatus); st != "400" {
+		if st, _ := kafkatest.Header(r, dlq.HeaderStatus); st != "400" {
 			t.Fatalf("orderly.status = %q, want 400", st)
 		}
-		if rt, _ := header(r, HeaderRoute); rt != "people" {
+		if rt, _ := kafkatest.Header(r, dlq.HeaderRoute); rt != "people" {
 			t.Fatalf("orderly.route = %q", rt)
 		}
-		if ot, _ := header(r, HeaderOriginalTopic); ot != "orders" {
+		if ot, _ := kafkatest.Header(r, dlq.HeaderOriginalTopic); ot != "orders" {
 			t.Fatalf("orderly.original_topic = %q", ot)
 		}
-		if a, _ := header(r, HeaderAttempts); a != "1" {
+		if a, _ := kafkatest.Header(r, dlq.HeaderAttempts); a != "1" {
 			t.Fatalf("orderly.attempts = %q, want 1 (400 is not retried)", a)
 		}
 	}
@@ -118,16 +120,16 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 			poison++
 			continue
 		}
-		recs = append(recs, testkit.Record{Key: []byte(key), Value: eventJSON(key, seq)})
+		recs = append(recs, testkit.Record{Key: []byte(key), Value: testkit.EventJSON(key, seq)})
 		want[key] = append(want[key], seq)
 	}
 	recs = append(recs, testkit.Record{Key: []byte("k-empty"), Value: nil})
 	poison++
-	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("poison", "", "")
-	cfg.Routes[0].Requests[0].URL = h.srv.URL + "/people/{{ .Value.key }}"
+	cfg := h.Config("poison", "", "")
+	cfg.Routes[0].Requests[0].URL = h.Srv.URL + "/people/{{ .Value.key }}"
 	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == float64(len(recs))
@@ -135,15 +137,15 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(want); !rep.OK() {
+	if rep := h.Sink.Check(want); !rep.OK() {
 		t.Fatal(rep)
 	}
-	dlq := h.readAll("orderly.dlq", poison, 30*time.Second)
-	if len(dlq) != poison {
-		t.Fatalf("DLQ holds %d records, want %d", len(dlq), poison)
+	letters := h.ReadAll("orderly.dlq", poison, 30*time.Second)
+	if len(letters) != poison {
+		t.Fatalf("DLQ holds %d records, want %d", len(letters), poison)
 	}
-	for _, r := range dlq {
-		reason, _ := header(r, HeaderError)
+	for _, r := range letters {
+		reason, _ := kafkatest.Header(r, dlq.HeaderError)
 		if !strings.Contains(strings.ToLower(reason), "json") {
 			t.Fatalf("orderly.error %q does not name the cause (JSON)", reason)
 		}
@@ -159,28 +161,28 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 // commits nothing past it.
 func TestStalledKeyDoesNotHoldTheDrain(t *testing.T) {
 	h := newHarness(t, 1)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "stuck" {
 			return http.StatusBadRequest
 		}
 		return 0
 	}
-	recs := []testkit.Record{{Key: []byte("stuck"), Value: eventJSON("stuck", 0)}}
+	recs := []testkit.Record{{Key: []byte("stuck"), Value: testkit.EventJSON("stuck", 0)}}
 	expected := map[string][]int64{}
 	for i := range 100 {
 		k := "k" + strconv.Itoa(i%10)
-		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i/10))})
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, int64(i/10))})
 		expected[k] = append(expected[k], int64(i/10))
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("stalled", "", "")
+	cfg := h.Config("stalled", "", "")
 	cfg.DLQ.Topic = ""
 	cfg.Dispatch.DrainTimeout.Duration = 5 * time.Minute
 	d, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "the other keys delivered and the stall counted", func() bool {
-		return h.sink.Distinct() >= 100 && m.Sum("orderly_messages_total") == 101
+		return h.Sink.Distinct() >= 100 && m.Sum("orderly_messages_total") == 101
 	})
 	if got := testutilCounter(t, m, "orderly_messages_total", "outcome", "stalled"); got != 1 {
 		t.Fatalf("stalled outcomes %v, want 1", got)
@@ -190,10 +192,10 @@ func TestStalledKeyDoesNotHoldTheDrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("stopped in %s with drain_timeout 5m and a stalled key", time.Since(start).Round(time.Millisecond))
-	if rep := h.sink.Check(expected); !rep.OK() {
+	if rep := h.Sink.Check(expected); !rep.OK() {
 		t.Fatal(rep)
 	}
-	if committed, _ := h.committed("stalled"); committed[0] > 0 {
+	if committed, _ := h.Committed("stalled"); committed[0] > 0 {
 		t.Fatalf("committed offset %d past the stalled message at offset 0", committed[0])
 	}
 	if got := d.HeldBytes(); got != 0 {

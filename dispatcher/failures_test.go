@@ -15,6 +15,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
+	"github.com/orderly-dispatch/orderly/dlq"
+	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -29,11 +32,11 @@ func TestLongOutageOnDefaultRetrySettings(t *testing.T) {
 	h := newHarness(t, 2)
 	gen := &testkit.Generator{Keys: 2}
 	const n = 100
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
 	addr := testkit.FreeAddr(t) // nothing listens there yet: connections are refused
-	cfg := h.configTo("http://"+addr, "outage-default", "", "[http.breaker]\nopen_timeout = \"300ms\"\n")
+	cfg := h.ConfigTo("http://"+addr, "outage-default", "", "[http.breaker]\nopen_timeout = \"300ms\"\n")
 	max := cfg.HTTP.Retry.MaxAttempts
 	if max != 10 {
 		t.Fatalf("default max_attempts is %d; the test assumes 10", max)
@@ -52,7 +55,7 @@ func TestLongOutageOnDefaultRetrySettings(t *testing.T) {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
 		}
-		h.sink.ServeHTTP(w, r)
+		h.Sink.ServeHTTP(w, r)
 	})}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -71,7 +74,7 @@ func TestLongOutageOnDefaultRetrySettings(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
 	if got := m.Sum("orderly_dlq_produced_total"); got != 0 {
@@ -89,7 +92,7 @@ func TestLongOutageOnDefaultRetrySettings(t *testing.T) {
 // after max_attempts (the default, 10) it is dead-lettered.
 func TestPoisonOnHealthyTargetExhaustsAttempts(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "key-3" && d.Seq == 5 {
 			return http.StatusInternalServerError
 		}
@@ -97,33 +100,33 @@ func TestPoisonOnHealthyTargetExhaustsAttempts(t *testing.T) {
 	}
 	gen := &testkit.Generator{Keys: 10}
 	const n = 300
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	_, m, stop := h.run(h.config("poison-healthy", "", ""), nil)
+	_, m, stop := h.run(h.Config("poison-healthy", "", ""), nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == n
 	})
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	dlq := h.readAll("orderly.dlq", 1, 30*time.Second)
-	if len(dlq) != 1 {
-		t.Fatalf("DLQ holds %d records, want 1", len(dlq))
+	letters := h.ReadAll("orderly.dlq", 1, 30*time.Second)
+	if len(letters) != 1 {
+		t.Fatalf("DLQ holds %d records, want 1", len(letters))
 	}
 	var ev struct {
 		Key string `json:"key"`
 		Seq int64  `json:"seq"`
 	}
-	if err := jsonUnmarshal(dlq[0].Value, &ev); err != nil || ev.Key != "key-3" || ev.Seq != 5 {
-		t.Fatalf("DLQ holds %s (%v), want key-3 seq 5", dlq[0].Value, err)
+	if err := jsonUnmarshal(letters[0].Value, &ev); err != nil || ev.Key != "key-3" || ev.Seq != 5 {
+		t.Fatalf("DLQ holds %s (%v), want key-3 seq 5", letters[0].Value, err)
 	}
-	if a, _ := header(dlq[0], HeaderAttempts); a != "10" {
+	if a, _ := kafkatest.Header(letters[0], dlq.HeaderAttempts); a != "10" {
 		t.Fatalf("orderly.attempts = %q, want 10", a)
 	}
 	want := gen.Expected()
 	want["key-3"] = append(append([]int64{}, want["key-3"][:5]...), want["key-3"][6:]...)
-	if rep := h.sink.Check(want); !rep.OK() {
+	if rep := h.Sink.Check(want); !rep.OK() {
 		t.Fatal(rep)
 	}
 }
@@ -174,13 +177,13 @@ func (hd *hold) release(key string) {
 // order.
 func TestSpanLimitPausesAndResumes(t *testing.T) {
 	h := newHarness(t, 1)
-	hd := newHold(h.sink, "key-0")
+	hd := newHold(h.Sink, "key-0")
 	gen := &testkit.Generator{Keys: 20}
 	const n, maxSpan = 2000, 500
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("span", "max_in_flight = 200\nmax_span = "+strconv.Itoa(maxSpan), "")
+	cfg := h.Config("span", "max_in_flight = 200\nmax_span = "+strconv.Itoa(maxSpan), "")
 	cfg.HTTP.Timeout.Duration = time.Minute
 	d, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "the partition paused at max_span", func() bool {
@@ -189,10 +192,10 @@ func TestSpanLimitPausesAndResumes(t *testing.T) {
 	// Paused, nothing more is fetched: the span and what is held stay put
 	// while the stuck key waits.
 	span, held := m.Sum("orderly_partition_span_offsets"), d.HeldBytes()
-	delivered := h.sink.Delivered()
+	delivered := h.Sink.Delivered()
 	testkit.WaitFor(t, time.Minute, "the others' deliveries to settle", func() bool {
 		time.Sleep(200 * time.Millisecond)
-		now := h.sink.Delivered()
+		now := h.Sink.Delivered()
 		settled := now == delivered
 		delivered = now
 		return settled
@@ -219,7 +222,7 @@ func TestSpanLimitPausesAndResumes(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
 }
@@ -230,8 +233,8 @@ func TestSpanLimitPausesAndResumes(t *testing.T) {
 // naming the original size; the partition commits past it.
 func TestOversizedDeadLetterIsTruncated(t *testing.T) {
 	h := newHarness(t, 1)
-	setTopicConfig(t, h.broker.Addr(), "orderly.dlq", "max.message.bytes", "20000")
-	h.sink.Status = func(d *testkit.Delivery) int {
+	setTopicConfig(t, h.Broker.Addr(), "orderly.dlq", "max.message.bytes", "20000")
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "key-1" && d.Seq == 2 {
 			return http.StatusBadRequest
 		}
@@ -243,42 +246,42 @@ func TestOversizedDeadLetterIsTruncated(t *testing.T) {
 	}
 	large := []byte(`{"key":"key-1","seq":2,"pad":"` + string(pad) + `"}`)
 	all := []testkit.Record{
-		{Key: []byte("key-1"), Value: eventJSON("key-1", 0)},
-		{Key: []byte("key-1"), Value: eventJSON("key-1", 1)},
+		{Key: []byte("key-1"), Value: testkit.EventJSON("key-1", 0)},
+		{Key: []byte("key-1"), Value: testkit.EventJSON("key-1", 1)},
 		{Key: []byte("key-1"), Value: large},
-		{Key: []byte("key-1"), Value: eventJSON("key-1", 3)},
-		{Key: []byte("key-2"), Value: eventJSON("key-2", 0)},
+		{Key: []byte("key-1"), Value: testkit.EventJSON("key-1", 3)},
+		{Key: []byte("key-2"), Value: testkit.EventJSON("key-2", 0)},
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, all); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, all); err != nil {
 		t.Fatal(err)
 	}
-	_, m, stop := h.run(h.config("dlq-size", "", ""), nil)
+	_, m, stop := h.run(h.Config("dlq-size", "", ""), nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == float64(len(all))
 	})
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	dlq := h.readAll("orderly.dlq", 1, 30*time.Second)
-	if len(dlq) != 1 {
-		t.Fatalf("DLQ holds %d records, want 1", len(dlq))
+	letters := h.ReadAll("orderly.dlq", 1, 30*time.Second)
+	if len(letters) != 1 {
+		t.Fatalf("DLQ holds %d records, want 1", len(letters))
 	}
-	r := dlq[0]
-	orig, ok := header(r, HeaderValueTruncated)
+	r := letters[0]
+	orig, ok := kafkatest.Header(r, dlq.HeaderValueTruncated)
 	if !ok || orig != strconv.Itoa(len(large)) {
 		t.Fatalf("orderly.value_truncated = %q, want the original size %d", orig, len(large))
 	}
 	if len(r.Value) == 0 || len(r.Value) >= 20000 || string(r.Value) != string(large[:len(r.Value)]) {
 		t.Fatalf("DLQ value of %d bytes, want a prefix of the original below the topic's limit", len(r.Value))
 	}
-	if off, _ := header(r, HeaderOriginalOffset); off != "2" {
+	if off, _ := kafkatest.Header(r, dlq.HeaderOriginalOffset); off != "2" {
 		t.Fatalf("orderly.original_offset = %q, want 2", off)
 	}
 	if got := m.Sum("orderly_dlq_truncated_total"); got != 1 {
 		t.Fatalf("orderly_dlq_truncated_total = %v, want 1", got)
 	}
 	want := map[string][]int64{"key-1": {0, 1, 3}, "key-2": {0}}
-	if rep := h.sink.Check(want); !rep.OK() {
+	if rep := h.Sink.Check(want); !rep.OK() {
 		t.Fatal(rep)
 	}
 }
@@ -314,34 +317,34 @@ func setTopicConfig(t *testing.T, brokers, topic, name, value string) {
 // finished is in the progress committed with the offset.
 func TestRefusedDLQWaitsLoudlyWithoutHoldingTheDrain(t *testing.T) {
 	h := newHarness(t, 1)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "bad" {
 			return http.StatusBadRequest
 		}
 		return 0
 	}
-	recs := []testkit.Record{{Key: []byte("bad"), Value: eventJSON("bad", 0)}}
+	recs := []testkit.Record{{Key: []byte("bad"), Value: testkit.EventJSON("bad", 0)}}
 	want := map[string][]int64{}
 	for i := range 50 {
 		k := "k" + strconv.Itoa(i%5)
-		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i/5))})
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, int64(i/5))})
 		want[k] = append(want[k], int64(i/5))
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	fh := h.broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq",
+	fh := h.Broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq",
 		Err: kerr.TopicAuthorizationFailed, Count: -1})
-	cfg := h.config("dlq-refused", "", "")
+	cfg := h.Config("dlq-refused", "", "")
 	cfg.Dispatch.DrainTimeout.Duration = 5 * time.Minute
 	d, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "the others delivered and the DLQ failure reported", func() bool {
-		return h.sink.Distinct() == 50 && m.Sum("orderly_dlq_errors_total") >= 2 && m.Sum("orderly_dlq_failing") == 1 &&
+		return h.Sink.Distinct() == 50 && m.Sum("orderly_dlq_errors_total") >= 2 && m.Sum("orderly_dlq_failing") == 1 &&
 			len(d.Problems()) == 1
 	})
 	t.Logf("problem reported: %s", d.Problems()[0])
 	testkit.WaitFor(t, time.Minute, "progress beyond the waiting message committed", func() bool {
-		c, _, meta := h.committedMeta("dlq-refused")
+		c, _, meta := h.CommittedMeta("dlq-refused")
 		return c[0] == 0 && meta[0] != ""
 	})
 	start := time.Now()
@@ -351,25 +354,25 @@ func TestRefusedDLQWaitsLoudlyWithoutHoldingTheDrain(t *testing.T) {
 	if took := time.Since(start); took > 2*time.Minute {
 		t.Fatalf("the stop took %s: it waited for a key whose DLQ write cannot succeed", took)
 	}
-	if c, _ := h.committed("dlq-refused"); c[0] != 0 {
+	if c, _ := h.Committed("dlq-refused"); c[0] != 0 {
 		t.Fatalf("committed offset %d past the message that was never dead-lettered", c[0])
 	}
 	fh.Remove()
 
-	_, m2, stop2 := h.run(h.config("dlq-refused", "", ""), nil)
+	_, m2, stop2 := h.run(h.Config("dlq-refused", "", ""), nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m2.Sum("orderly_committed_offset") == float64(len(recs))
 	})
 	if err := stop2(); err != nil {
 		t.Fatal(err)
 	}
-	if got := len(h.readAll("orderly.dlq", 1, 10*time.Second)); got != 1 {
+	if got := len(h.ReadAll("orderly.dlq", 1, 10*time.Second)); got != 1 {
 		t.Fatalf("DLQ holds %d records, want 1", got)
 	}
 	if got := testutilCounter(t, m2, "orderly_messages_total", "outcome", "already_done"); got != 50 {
 		t.Fatalf("the second run skipped %v messages as already done, want the 50 the first delivered", got)
 	}
-	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
 }
@@ -379,8 +382,8 @@ func TestRefusedDLQWaitsLoudlyWithoutHoldingTheDrain(t *testing.T) {
 // refuses the commit; Orderly shrinks the record until it fits, keeping
 // the offsets nearest the commit point, and keeps committing.
 func TestProgressRecordRefusedByTheBroker(t *testing.T) {
-	h := newHarnessWith(t, 1, func(o *embeddedOptions) { o.MaxCommitMetadata = 64 })
-	hd := newHold(h.sink, "stuck")
+	h := newHarnessWith(t, 1, func(o *embedded.Options) { o.MaxCommitMetadata = 64 })
+	hd := newHold(h.Sink, "stuck")
 	// The stuck key's messages alternate with the others', so the record
 	// of what finished needs a bit (or a byte) per offset.
 	var recs []testkit.Record
@@ -391,23 +394,23 @@ func TestProgressRecordRefusedByTheBroker(t *testing.T) {
 			k = "k" + strconv.Itoa(i%7)
 		}
 		seq := int64(len(want[k]))
-		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, seq)})
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, seq)})
 		want[k] = append(want[k], seq)
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("meta-refused", "", "")
+	cfg := h.Config("meta-refused", "", "")
 	cfg.HTTP.Timeout.Duration = time.Minute
 	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "the others delivered and a shrunk record committed", func() bool {
-		if h.sink.Distinct() != 500 || m.Sum("orderly_commit_metadata_refused_total") < 1 {
+		if h.Sink.Distinct() != 500 || m.Sum("orderly_commit_metadata_refused_total") < 1 {
 			return false
 		}
-		_, _, meta := h.committedMeta("meta-refused")
+		_, _, meta := h.CommittedMeta("meta-refused")
 		return meta[0] != ""
 	})
-	_, _, meta := h.committedMeta("meta-refused")
+	_, _, meta := h.CommittedMeta("meta-refused")
 	if len(meta[0]) > 64 {
 		t.Fatalf("committed a record of %d bytes past the broker's limit of 64", len(meta[0]))
 	}
@@ -421,7 +424,7 @@ func TestProgressRecordRefusedByTheBroker(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(want); !rep.OK() {
+	if rep := h.Sink.Check(want); !rep.OK() {
 		t.Fatal(rep)
 	}
 }
@@ -441,23 +444,23 @@ func TestRevokeKeepsOtherPartitionsCommitting(t *testing.T) {
 	for i := range slow {
 		slow[i] = "slow-" + strconv.Itoa(i)
 	}
-	hd := newHold(h.sink, slow...)
+	hd := newHold(h.Sink, slow...)
 	for i := range parts {
 		var recs []testkit.Record
 		for q := range int64(queued + 1) {
-			recs = append(recs, testkit.Record{Key: []byte(slow[i]), Value: eventJSON(slow[i], q)})
+			recs = append(recs, testkit.Record{Key: []byte(slow[i]), Value: testkit.EventJSON(slow[i], q)})
 			want[slow[i]] = append(want[slow[i]], q)
 		}
 		k := "other-" + strconv.Itoa(i)
 		for q := range int64(others) {
-			recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, q)})
+			recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, q)})
 			want[k] = append(want[k], q)
 		}
-		if err := h.prod.ProduceTo(context.Background(), h.topic, int32(i), recs); err != nil {
+		if err := h.Prod.ProduceTo(context.Background(), h.Topic, int32(i), recs); err != nil {
 			t.Fatal(err)
 		}
 	}
-	cfg := h.config("revoke", "", "")
+	cfg := h.Config("revoke", "", "")
 	cfg.Dispatch.DrainTimeout.Duration = time.Minute
 	cfg.HTTP.Timeout.Duration = 2 * time.Minute
 	// While the group rebalances, librdkafka counts no heartbeat as a
@@ -473,7 +476,7 @@ func TestRevokeKeepsOtherPartitionsCommitting(t *testing.T) {
 		}
 	})
 	testkit.WaitFor(t, time.Minute, "every partition's slow request held and the others delivered", func() bool {
-		return hd.waiting.Load() == parts && h.sink.Delivered() == parts*others
+		return hd.waiting.Load() == parts && h.Sink.Delivered() == parts*others
 	})
 	_, m2, stop2 := h.run(cfg, nil)
 	var gone []int32
@@ -525,7 +528,7 @@ func TestRevokeKeepsOtherPartitionsCommitting(t *testing.T) {
 	if err := stop2(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
 }

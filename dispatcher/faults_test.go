@@ -12,6 +12,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
+	"github.com/orderly-dispatch/orderly/dlq"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -22,12 +24,12 @@ func TestBrokerFaults(t *testing.T) {
 	t.Run("failing OffsetCommit", func(t *testing.T) {
 		h := newHarness(t, 2)
 		gen := &testkit.Generator{Keys: 20}
-		if err := h.prod.Produce(context.Background(), h.topic, gen.Records(1000)); err != nil {
+		if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(1000)); err != nil {
 			t.Fatal(err)
 		}
-		fh := h.broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.OffsetCommit}, Group: "f-commit",
+		fh := h.Broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.OffsetCommit}, Group: "f-commit",
 			Err: kerr.CoordinatorLoadInProgress, Count: 5})
-		_, m, stop := h.run(h.config("f-commit", "", ""), nil)
+		_, m, stop := h.run(h.Config("f-commit", "", ""), nil)
 		testkit.WaitFor(t, time.Minute, "commits to the end despite failing commits", func() bool {
 			return m.Sum("orderly_committed_offset") == 1000
 		})
@@ -37,26 +39,26 @@ func TestBrokerFaults(t *testing.T) {
 		if fh.Hits() != 5 || m.Sum("orderly_commit_errors_total") < 1 {
 			t.Fatalf("fault hits %d, commit errors counted %v", fh.Hits(), m.Sum("orderly_commit_errors_total"))
 		}
-		if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+		if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 			t.Fatal(rep)
 		}
 	})
 
 	t.Run("failing Produce to the DLQ", func(t *testing.T) {
 		h := newHarness(t, 2)
-		h.sink.Status = func(d *testkit.Delivery) int {
+		h.Sink.Status = func(d *testkit.Delivery) int {
 			if d.Seq%10 == 0 {
 				return http.StatusBadRequest
 			}
 			return 0
 		}
 		gen := &testkit.Generator{Keys: 10}
-		if err := h.prod.Produce(context.Background(), h.topic, gen.Records(500)); err != nil {
+		if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(500)); err != nil {
 			t.Fatal(err)
 		}
-		fh := h.broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq",
+		fh := h.Broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq",
 			Err: kerr.NotEnoughReplicas, Count: 3})
-		_, m, stop := h.run(h.config("f-dlq", "", ""), nil)
+		_, m, stop := h.run(h.Config("f-dlq", "", ""), nil)
 		testkit.WaitFor(t, time.Minute, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 500 })
 		if err := stop(); err != nil {
 			t.Fatal(err)
@@ -64,7 +66,7 @@ func TestBrokerFaults(t *testing.T) {
 		if fh.Hits() != 3 {
 			t.Fatalf("fault hits %d, want 3", fh.Hits())
 		}
-		if got := len(h.readAll("orderly.dlq", 50, 20*time.Second)); got != 50 {
+		if got := len(h.ReadAll("orderly.dlq", 50, 20*time.Second)); got != 50 {
 			t.Fatalf("DLQ holds %d records, want 50 (5 per key)", got)
 		}
 	})
@@ -72,10 +74,10 @@ func TestBrokerFaults(t *testing.T) {
 	t.Run("slow Fetch", func(t *testing.T) {
 		h := newHarness(t, 2)
 		gen := &testkit.Generator{Keys: 20}
-		if err := h.prod.Produce(context.Background(), h.topic, gen.Records(1000)); err != nil {
+		if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(1000)); err != nil {
 			t.Fatal(err)
 		}
-		cl := h.broker.Cluster()
+		cl := h.Broker.Cluster()
 		var slowed atomic.Int32
 		cl.ControlKey(int16(kmsg.Fetch), func(kmsg.Request) (kmsg.Response, error, bool) {
 			if slowed.Add(1) < 4 {
@@ -84,7 +86,7 @@ func TestBrokerFaults(t *testing.T) {
 			cl.SleepControl(func() { time.Sleep(1500 * time.Millisecond) })
 			return nil, nil, false
 		})
-		_, m, stop := h.run(h.config("f-fetch", "", ""), nil)
+		_, m, stop := h.run(h.Config("f-fetch", "", ""), nil)
 		testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return m.Sum("orderly_committed_offset") == 1000 })
 		if err := stop(); err != nil {
 			t.Fatal(err)
@@ -93,7 +95,7 @@ func TestBrokerFaults(t *testing.T) {
 			t.Fatal("no fetch was slowed")
 		}
 		t.Logf("%d fetches slowed by 1.5 s", slowed.Load())
-		if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+		if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 			t.Fatal(rep)
 		}
 	})
@@ -105,38 +107,38 @@ func TestBrokerFaults(t *testing.T) {
 func TestMultiRequestFailureIndex(t *testing.T) {
 	h := newHarness(t, 1)
 	var third atomic.Int32
-	h.sink.Observe = func(d *testkit.Delivery, r *http.Request) {
+	h.Sink.Observe = func(d *testkit.Delivery, r *http.Request) {
 		if strings.HasPrefix(r.URL.Path, "/third/") {
 			third.Add(1)
 		}
 	}
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "k" && d.Seq == 1 && d.Header.Get("X-Step") == "2" {
 			return http.StatusConflict
 		}
 		return 0
 	}
-	recs := []testkit.Record{{Key: []byte("k"), Value: eventJSON("k", 0)}, {Key: []byte("k"), Value: eventJSON("k", 1)},
-		{Key: []byte("k"), Value: eventJSON("k", 2)}}
-	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+	recs := []testkit.Record{{Key: []byte("k"), Value: testkit.EventJSON("k", 0)}, {Key: []byte("k"), Value: testkit.EventJSON("k", 1)},
+		{Key: []byte("k"), Value: testkit.EventJSON("k", 2)}}
+	if err := h.Prod.Produce(context.Background(), h.Topic, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("multi", "", "")
+	cfg := h.Config("multi", "", "")
 	base := cfg.Routes[0].Requests[0]
 	second, thirdReq := base, base
 	second.Headers = map[string]string{"X-Step": "2"}
-	thirdReq.URL = h.srv.URL + "/third/{{ .Key }}"
+	thirdReq.URL = h.Srv.URL + "/third/{{ .Key }}"
 	cfg.Routes[0].Requests = append(cfg.Routes[0].Requests, second, thirdReq)
 	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, 30*time.Second, "every message finished", func() bool { return m.Sum("orderly_committed_offset") == 3 })
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	dlq := h.readAll("orderly.dlq", 1, 10*time.Second)
-	if len(dlq) != 1 {
-		t.Fatalf("DLQ holds %d records, want 1", len(dlq))
+	letters := h.ReadAll("orderly.dlq", 1, 10*time.Second)
+	if len(letters) != 1 {
+		t.Fatalf("DLQ holds %d records, want 1", len(letters))
 	}
-	if idx, _ := header(dlq[0], HeaderRequestIndex); idx != "1" {
+	if idx, _ := kafkatest.Header(letters[0], dlq.HeaderRequestIndex); idx != "1" {
 		t.Fatalf("orderly.request_index = %q, want 1", idx)
 	}
 	if got := third.Load(); got != 2 {
@@ -144,7 +146,7 @@ func TestMultiRequestFailureIndex(t *testing.T) {
 	}
 	// Messages 0 and 2 delivered all three requests, in order; message 1
 	// delivered its first request only.
-	if seqs := h.sink.Sequences("k"); len(seqs) != 7 {
+	if seqs := h.Sink.Sequences("k"); len(seqs) != 7 {
 		t.Fatalf("deliveries for k: %v, want 3+1+3", seqs)
 	}
 }
@@ -153,19 +155,19 @@ func TestMultiRequestFailureIndex(t *testing.T) {
 // mid-run takes partitions over; nothing is lost and per-key order holds.
 func TestEagerRebalance(t *testing.T) {
 	h := newHarness(t, 4)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return time.Millisecond }
 	gen := &testkit.Generator{Keys: 40}
 	const n = 4000
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("eager", "max_in_flight = 100", "")
+	cfg := h.Config("eager", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["partition.assignment.strategy"] = "range"
 	_, m1, _ := h.run(cfg, nil)
-	testkit.WaitFor(t, time.Minute, "a quarter delivered", func() bool { return h.sink.Distinct() >= n/4 })
+	testkit.WaitFor(t, time.Minute, "a quarter delivered", func() bool { return h.Sink.Distinct() >= n/4 })
 	_, m2, _ := h.run(cfg, nil)
-	testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
-	rep := h.sink.Check(gen.Expected())
+	testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
+	rep := h.Sink.Check(gen.Expected())
 	if !rep.OK() {
 		t.Fatal(rep)
 	}

@@ -18,7 +18,7 @@ func TestTargetOutageIsNotPoison(t *testing.T) {
 	var once sync.Once
 	var downUntil time.Time
 	var mu sync.Mutex
-	h.sink.Status = func(*testkit.Delivery) int {
+	h.Sink.Status = func(*testkit.Delivery) int {
 		mu.Lock()
 		defer mu.Unlock()
 		once.Do(func() { downUntil = time.Now().Add(5 * time.Second) })
@@ -29,10 +29,10 @@ func TestTargetOutageIsNotPoison(t *testing.T) {
 	}
 	const n = 3000
 	gen := &testkit.Generator{Keys: 200}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("outage", "max_in_flight = 200", `
+	cfg := h.Config("outage", "max_in_flight = 200", `
 [http.breaker]
 min_requests = 5
 failure_ratio = 0.5
@@ -48,13 +48,13 @@ open_timeout = "500ms"
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
 	if got := m.Sum("orderly_dlq_produced_total"); got != 0 {
 		t.Fatalf("%v messages dead-lettered during an outage", got)
 	}
-	if got := len(h.readAll("orderly.dlq", 1, 2*time.Second)); got != 0 {
+	if got := len(h.ReadAll("orderly.dlq", 1, 2*time.Second)); got != 0 {
 		t.Fatalf("DLQ holds %d records after an outage", got)
 	}
 	opened := testutilCounter(t, m, "orderly_breaker_transitions_total", "to", "open")
@@ -66,5 +66,5 @@ open_timeout = "500ms"
 		t.Fatalf("no partition was paused during the outage")
 	}
 	t.Logf("breaker opened %v times, closed %v times; %v pauses; %d requests for %d messages",
-		opened, closed, m.Sum("orderly_partition_pauses_total"), h.sink.Requests(), n)
+		opened, closed, m.Sum("orderly_partition_pauses_total"), h.Sink.Requests(), n)
 }

@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/offsets"
@@ -31,7 +32,7 @@ type item struct {
 	route *filters.Route // the route that took it; nil when fail is set on arrival
 	// fail, if set, is why the message cannot be sent: it goes to the DLQ
 	// (or stalls its key) when its turn in the lane comes.
-	fail *failure
+	fail *dlq.Failure
 	// trace is the message's span and the context carrying it; nil (no
 	// span, the partition's context) when tracing is off and the message
 	// brought no trace context.
@@ -257,14 +258,14 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 			p.finish(&it.msg, telemetry.OutcomeSkipped)
 			return true
 		}
-		it.fail = &failure{reason: "no route matched the message", requestIndex: -1}
+		it.fail = &dlq.Failure{Reason: "no route matched the message", RequestIndex: -1}
 	default:
-		it.fail = &failure{reason: err.Error(), requestIndex: -1}
+		it.fail = &dlq.Failure{Reason: err.Error(), RequestIndex: -1}
 		if bad := badMessage(err); bad != nil {
-			it.fail.route, it.fail.requestIndex = bad.Route, bad.Index
+			it.fail.Route, it.fail.RequestIndex = bad.Route, bad.Index
 		}
 		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-			"route", it.fail.route, "error", err)
+			"route", it.fail.Route, "error", err)
 	}
 	if !p.enqueue(it) {
 		span.End() // the partition stops: abandoned, redelivered later
@@ -455,15 +456,15 @@ func (p *partition) advance(l *lane) *pool {
 		it := l.q[0]
 		if it.fail == nil && !l.rendered && p.d.quarantine != nil && len(it.msg.Key) > 0 {
 			switch st, cause := p.d.quarantine.State(p.topic, it.msg.Key); st {
-			case KeyQuarantined:
-				it.fail = &failure{reason: "key quarantined: " + cause.String() + " was dead-lettered",
-					route: it.route.Name(), requestIndex: -1, quarantinedBy: &cause}
+			case dlq.KeyQuarantined:
+				it.fail = &dlq.Failure{Reason: "key quarantined: " + cause.String() + " was dead-lettered",
+					Route: it.route.Name(), RequestIndex: -1, QuarantinedBy: &cause}
 				continue
-			case KeyReplaying:
+			case dlq.KeyReplaying:
 				// Behind the replay of its dead letters.
 				p.parkLocked(l, parkReplaying)
 				p.mu.Unlock()
-				p.d.quarantine.Wait(p.topic, it.msg.Key, KeyReplaying, func() { p.unpark(l, parkReplaying) })
+				p.d.quarantine.Wait(p.topic, it.msg.Key, dlq.KeyReplaying, func() { p.unpark(l, parkReplaying) })
 				return nil
 			}
 		}
@@ -495,7 +496,7 @@ func (p *partition) advance(l *lane) *pool {
 		case l.next < len(l.plan.Requests):
 			rq := &l.plan.Requests[l.next]
 			if l.call.Request() != rq {
-				l.call.Reset(rq, idempotencyKey(&it.msg, l.next))
+				l.call.Reset(rq, it.msg.IdempotencyKey(l.next))
 			}
 			l.running = false
 			p.mu.Unlock()
@@ -521,12 +522,12 @@ func (p *partition) delivered(it *item) {
 func (p *partition) render(l *lane, it *item) {
 	plan, err := it.route.Render(&it.msg, l.reqs[:0])
 	if err != nil {
-		it.fail = &failure{reason: err.Error(), route: it.route.Name(), requestIndex: -1}
+		it.fail = &dlq.Failure{Reason: err.Error(), Route: it.route.Name(), RequestIndex: -1}
 		if bad := badMessage(err); bad != nil {
-			it.fail.requestIndex = bad.Index
+			it.fail.RequestIndex = bad.Index
 		}
 		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
-			"route", it.fail.route, "error", err)
+			"route", it.fail.Route, "error", err)
 		return
 	}
 	l.plan, l.rendered = plan, true

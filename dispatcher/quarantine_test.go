@@ -7,7 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -18,7 +20,7 @@ import (
 // messages (the restart in the middle) keeps key-3 quarantined.
 func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 	h := newHarness(t, 4)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "key-3" && d.Seq == 10 {
 			return http.StatusBadRequest
 		}
@@ -26,10 +28,10 @@ func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 	}
 	const keys, first, more = 8, 30, 10
 	gen := &testkit.Generator{Keys: keys}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*first)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys*first)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("quarantine", "", "[dlq]\nquarantine_keys = true\n")
+	cfg := h.Config("quarantine", "", "[dlq]\nquarantine_keys = true\n")
 	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == keys*first
@@ -42,7 +44,7 @@ func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 	}
 
 	// The restart: more messages for every key, a new process.
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*more)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys*more)); err != nil {
 		t.Fatal(err)
 	}
 	_, m2, stop2 := h.run(cfg, nil)
@@ -61,18 +63,18 @@ func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 		}
 		want[k] = seqs
 	}
-	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
-	if n := len(h.sink.Sequences("key-3")); n != 10 {
+	if n := len(h.Sink.Sequences("key-3")); n != 10 {
 		t.Fatalf("the target saw %d requests of key-3's delivered messages, want 10", n)
 	}
-	dlq := h.readAll("orderly.dlq", first+more-10, 30*time.Second)
-	if len(dlq) != first+more-10 {
-		t.Fatalf("DLQ holds %d records, want key-3's seq 10..%d (%d)", len(dlq), first+more-1, first+more-10)
+	letters := h.ReadAll("orderly.dlq", first+more-10, 30*time.Second)
+	if len(letters) != first+more-10 {
+		t.Fatalf("DLQ holds %d records, want key-3's seq 10..%d (%d)", len(letters), first+more-1, first+more-10)
 	}
 	cause := ""
-	for i, r := range dlq {
+	for i, r := range letters {
 		var ev struct {
 			Key string `json:"key"`
 			Seq int64  `json:"seq"`
@@ -80,21 +82,21 @@ func TestQuarantineHoldsExactlyTheFailingKey(t *testing.T) {
 		if err := jsonUnmarshal(r.Value, &ev); err != nil || ev.Key != "key-3" || ev.Seq != int64(10+i) {
 			t.Fatalf("DLQ record %d holds %s, want key-3 seq %d (in order)", i, r.Value, 10+i)
 		}
-		q, _ := header(r, HeaderQuarantined)
-		by, _ := header(r, HeaderQuarantinedBy)
+		q, _ := kafkatest.Header(r, dlq.HeaderQuarantined)
+		by, _ := kafkatest.Header(r, dlq.HeaderQuarantinedBy)
 		if i == 0 {
 			if q != "" || by != "" {
 				t.Fatalf("the failing message is marked quarantined (%q, %q)", q, by)
 			}
-			part, _ := header(r, HeaderOriginalPartition)
-			off, _ := header(r, HeaderOriginalOffset)
+			part, _ := kafkatest.Header(r, dlq.HeaderOriginalPartition)
+			off, _ := kafkatest.Header(r, dlq.HeaderOriginalOffset)
 			cause = "orders/" + part + "/" + off
 			continue
 		}
 		if q != "true" || by != cause {
 			t.Fatalf("DLQ record of seq %d: quarantined %q by %q, want true by %s", 10+i, q, by, cause)
 		}
-		if a, _ := header(r, HeaderAttempts); a != "0" {
+		if a, _ := kafkatest.Header(r, dlq.HeaderAttempts); a != "0" {
 			t.Fatalf("a quarantined message was attempted: orderly.attempts = %s", a)
 		}
 	}
@@ -116,13 +118,13 @@ func TestRedriveReleasesTheKeyInOrder(t *testing.T) {
 	h := newHarness(t, 2)
 	var fixed atomic.Bool
 	var slow atomic.Bool
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "key-3" && d.Seq == 5 && !fixed.Load() {
 			return http.StatusBadRequest
 		}
 		return 0
 	}
-	h.sink.Delay = func(d *testkit.Delivery) time.Duration {
+	h.Sink.Delay = func(d *testkit.Delivery) time.Duration {
 		if slow.Load() && d.Key == "key-3" {
 			return 100 * time.Millisecond
 		}
@@ -130,57 +132,57 @@ func TestRedriveReleasesTheKeyInOrder(t *testing.T) {
 	}
 	const keys, per = 6, 20
 	gen := &testkit.Generator{Keys: keys}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*per)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys*per)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("redrive", "", "[dlq]\nquarantine_keys = true\n")
+	cfg := h.Config("redrive", "", "[dlq]\nquarantine_keys = true\n")
 	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var admin *DLQAdmin
+	var admin *dlq.Admin
 	_, m, stop := h.run(cfg, func(d *Dispatcher) {
-		admin = NewDLQAdmin(Options{Config: cfg, Router: router, Sender: d.sender, Metrics: d.metrics, Brokers: h.broker.Addr()})
-		d.onQuarantine = func(q *Quarantine) { admin.SetGate(q) }
+		admin = dlq.NewAdmin(dlq.Options{Config: cfg, Router: router, Sender: d.sender.(dlq.Sender), Metrics: d.metrics, Brokers: h.Broker.Addr()})
+		d.onQuarantine = func(q *dlq.Quarantine) { admin.SetGate(q) }
 	})
 	t.Cleanup(func() { admin.Close() })
 	testkit.WaitFor(t, time.Minute, "all messages finished, key-3 quarantined", func() bool {
 		return m.Sum("orderly_committed_offset") == keys*per && m.Sum("orderly_quarantined_keys") == 1
 	})
-	if got := len(h.sink.Sequences("key-3")); got != 5 {
+	if got := len(h.Sink.Sequences("key-3")); got != 5 {
 		t.Fatalf("the target accepted %d messages of key-3 before the fix, want 5", got)
 	}
 
 	fixed.Store(true)
 	slow.Store(true)
-	id, err := admin.StartReplay(ReplayRequest{Key: "key-3"})
+	id, err := admin.StartReplay(dlq.ReplayRequest{Key: "key-3"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A new message of key-3 while the replay runs: it waits behind it.
-	testkit.WaitFor(t, time.Minute, "the replay under way", func() bool { return len(h.sink.Sequences("key-3")) >= 7 })
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys)); err != nil {
+	testkit.WaitFor(t, time.Minute, "the replay under way", func() bool { return len(h.Sink.Sequences("key-3")) >= 7 })
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys)); err != nil {
 		t.Fatal(err)
 	}
 	testkit.WaitFor(t, time.Minute, "the replay done", func() bool {
 		j, ok := admin.Job(id)
-		return ok && j.State == JobDone
+		return ok && j.State == dlq.JobDone
 	})
 	slow.Store(false)
 	testkit.WaitFor(t, time.Minute, "key-3 free and every message finished", func() bool {
 		return m.Sum("orderly_quarantined_keys") == 0 && m.Sum("orderly_committed_offset") == keys*(per+1)
 	})
 	// And after the release, the key's messages flow directly.
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys)); err != nil {
 		t.Fatal(err)
 	}
 	testkit.WaitFor(t, time.Minute, "the last messages delivered", func() bool {
-		return h.sink.Distinct() == keys*(per+2)
+		return h.Sink.Distinct() == keys*(per+2)
 	})
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
 	if j, _ := admin.Job(id); j.Replayed != per-5 {
@@ -194,7 +196,7 @@ func TestRedriveReleasesTheKeyInOrder(t *testing.T) {
 // keys' are delivered.
 func TestQuarantineFollowsThePartition(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "key-3" && d.Seq == 2 {
 			return http.StatusBadRequest
 		}
@@ -202,10 +204,10 @@ func TestQuarantineFollowsThePartition(t *testing.T) {
 	}
 	const keys = 6
 	gen := &testkit.Generator{Keys: keys}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*5)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys*5)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("quarantine-move", "", "[dlq]\nquarantine_keys = true\n")
+	cfg := h.Config("quarantine-move", "", "[dlq]\nquarantine_keys = true\n")
 	_, m1, stop1 := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "the first member finished, key-3 quarantined", func() bool {
 		return m1.Sum("orderly_committed_offset") == keys*5 && m1.Sum("orderly_quarantined_keys") == 1
@@ -217,7 +219,7 @@ func TestQuarantineFollowsThePartition(t *testing.T) {
 	if err := stop1(); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(keys*5)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(keys*5)); err != nil {
 		t.Fatal(err)
 	}
 	testkit.WaitFor(t, time.Minute, "the second member finished the new messages", func() bool {
@@ -236,7 +238,7 @@ func TestQuarantineFollowsThePartition(t *testing.T) {
 		}
 		want[k] = seqs
 	}
-	if rep := h.sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
 	}
 }

@@ -33,26 +33,26 @@ func hostOf(srv *httptest.Server) string { return strings.TrimPrefix(srv.URL, "h
 // at the sink at once, everything delivered in order.
 func TestSendersBoundedPerTarget(t *testing.T) {
 	h := newHarness(t, 4)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
 	gen := &testkit.Generator{Keys: 100}
 	const n = 1500
-	if err := h.prod.Produce(context.Background(), h.topic, gen.Records(n)); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("bounded", "", "")
+	cfg := h.Config("bounded", "", "")
 	cfg.HTTP.MaxConnsPerHost = 3
 	d, m, stop := h.run(cfg, nil)
-	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.sink.Distinct() >= n })
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if rep := h.sink.Check(gen.Expected()); !rep.OK() {
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
-	if peak := poolPeak(d, hostOf(h.srv)); peak < 1 || peak > 3 {
+	if peak := poolPeak(d, hostOf(h.Srv)); peak < 1 || peak > 3 {
 		t.Fatalf("the target had up to %d senders, want 1..3", peak)
 	}
-	if got := h.sink.MaxInFlight(); got > 3 {
+	if got := h.Sink.MaxInFlight(); got > 3 {
 		t.Fatalf("the sink saw %d requests at once, want at most 3", got)
 	}
 	if got := m.Sum("orderly_http_senders"); got != 0 {
@@ -74,32 +74,32 @@ func TestBackoffHoldsNoSender(t *testing.T) {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
 		}
-		h.sink.ServeHTTP(w, r)
+		h.Sink.ServeHTTP(w, r)
 	}))
 	t.Cleanup(srv.Close)
 	var recs []testkit.Record
 	expected := map[string][]int64{}
-	recs = append(recs, testkit.Record{Key: []byte("slow"), Value: eventJSON("slow", 0)})
+	recs = append(recs, testkit.Record{Key: []byte("slow"), Value: testkit.EventJSON("slow", 0)})
 	for i := range 50 {
 		k := fmt.Sprintf("k%d", i%10)
-		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i/10))})
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, int64(i/10))})
 		expected[k] = append(expected[k], int64(i/10))
 	}
-	if err := h.prod.ProduceTo(context.Background(), h.topic, 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("backoff", "", "")
+	cfg := h.Config("backoff", "", "")
 	cfg.Dispatch.DrainTimeout.Duration = 100 * time.Millisecond
 	cfg.HTTP.MaxConnsPerHost = 1
 	cfg.HTTP.Retry.MaxAttempts = 0
 	cfg.HTTP.Retry.MaxBackoff.Duration = time.Minute
 	cfg.Routes[0].Requests[0].URL = srv.URL + "/people/{{ .Key }}"
 	d, m, stop := h.run(cfg, nil)
-	testkit.WaitFor(t, time.Minute, "the other keys delivered", func() bool { return h.sink.Distinct() >= 50 })
+	testkit.WaitFor(t, time.Minute, "the other keys delivered", func() bool { return h.Sink.Distinct() >= 50 })
 	if got := slowAttempts.Load(); got != 1 {
 		t.Fatalf("key slow was tried %d times before its Retry-After passed, want 1", got)
 	}
-	if rep := h.sink.Check(expected); !rep.OK() {
+	if rep := h.Sink.Check(expected); !rep.OK() {
 		t.Fatal(rep)
 	}
 	if peak := poolPeak(d, hostOf(srv)); peak != 1 {
@@ -116,7 +116,7 @@ func TestBackoffHoldsNoSender(t *testing.T) {
 	if got := d.HeldBytes(); got != 0 {
 		t.Fatalf("HeldBytes = %d after the stop abandoned key slow, want 0", got)
 	}
-	if committed, _ := h.committed("backoff"); committed[0] > 0 {
+	if committed, _ := h.Committed("backoff"); committed[0] > 0 {
 		t.Fatalf("committed offset %d past the unfinished message at offset 0", committed[0])
 	}
 }
@@ -139,15 +139,15 @@ func TestFailingTargetHoldsOnlyItsSenders(t *testing.T) {
 		if i%4 == 0 {
 			k = fmt.Sprintf("x%d", i%8)
 		}
-		recs = append(recs, testkit.Record{Key: []byte(k), Value: eventJSON(k, int64(i))})
+		recs = append(recs, testkit.Record{Key: []byte(k), Value: testkit.EventJSON(k, int64(i))})
 		if k[0] == 'y' {
 			expected[k] = append(expected[k], int64(i))
 		}
 	}
-	if err := h.prod.Produce(context.Background(), h.topic, recs); err != nil {
+	if err := h.Prod.Produce(context.Background(), h.Topic, recs); err != nil {
 		t.Fatal(err)
 	}
-	cfg := h.config("bulkhead", "", `
+	cfg := h.Config("bulkhead", "", `
 [http.breaker]
 min_requests = 5
 failure_ratio = 0.5
@@ -157,18 +157,18 @@ open_timeout = "1m"
 	cfg.HTTP.MaxConnsPerHost = 2
 	cfg.HTTP.Retry.MaxAttempts = 0
 	// Keys starting with x go to X, the others to the sink (Y).
-	cfg.Routes[0].Requests[0].URL = `{{ if eq (printf "%.1s" .Key) "x" }}` + x.URL + `{{ else }}` + h.srv.URL + `{{ end }}/people/{{ .Key }}`
+	cfg.Routes[0].Requests[0].URL = `{{ if eq (printf "%.1s" .Key) "x" }}` + x.URL + `{{ else }}` + h.Srv.URL + `{{ end }}/people/{{ .Key }}`
 	d, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "every message for target Y delivered", func() bool {
-		return h.sink.Distinct() >= 300
+		return h.Sink.Distinct() >= 300
 	})
-	if rep := h.sink.Check(expected); !rep.OK() {
+	if rep := h.Sink.Check(expected); !rep.OK() {
 		t.Fatal(rep)
 	}
 	if got := testutilCounter(t, m, "orderly_breaker_transitions_total", "to", "open"); got < 1 {
 		t.Fatalf("X's breaker never opened (%d requests to X)", xRequests.Load())
 	}
-	if px, py := poolPeak(d, hostOf(x)), poolPeak(d, hostOf(h.srv)); px > 2 || py > 2 || py < 1 {
+	if px, py := poolPeak(d, hostOf(x)), poolPeak(d, hostOf(h.Srv)); px > 2 || py > 2 || py < 1 {
 		t.Fatalf("senders: X up to %d, Y up to %d; want at most 2 each", px, py)
 	}
 	if err := stop(); err != nil {

@@ -2,6 +2,7 @@ package filters
 
 import (
 	"net/http"
+	"strconv"
 	"time"
 )
 
@@ -21,6 +22,21 @@ type Message struct {
 	Value     []byte
 	Headers   []Header
 	Timestamp time.Time
+}
+
+// IdempotencyKey is the Idempotency-Key of the message's request index:
+// <topic>-<partition>-<offset>-<index>, the same for every attempt, replay
+// and redelivery. Built on the stack: one allocation, the string.
+func (m *Message) IdempotencyKey(index int) string {
+	var buf [96]byte
+	b := append(buf[:0], m.Topic...)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, int64(m.Partition), 10)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, m.Offset, 10)
+	b = append(b, '-')
+	b = strconv.AppendInt(b, int64(index), 10)
+	return string(b)
 }
 
 // Request is one rendered HTTP request, ready to be sent. Header and Body

@@ -341,3 +341,18 @@ func decodeBitmap(data []byte, room uint64) ([]interval, error) {
 	}
 	return done, nil
 }
+
+// minProgressBudget is the smallest progress record worth sending: below it
+// a partition records no progress at all.
+const minProgressBudget = 32
+
+// RefusedBudget is the progress budget after a broker refused a record of
+// size bytes as too large (its offset.metadata.max.bytes is lower): half of
+// what was refused, or 0 when that is too small to be worth sending.
+func RefusedBudget(budget, size int) int {
+	b := min(budget, size) / 2
+	if b < minProgressBudget {
+		return 0
+	}
+	return b
+}

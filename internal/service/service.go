@@ -15,6 +15,7 @@ import (
 	"github.com/orderly-dispatch/orderly/admin"
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/dispatcher"
+	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/embedded"
@@ -31,8 +32,8 @@ type Service struct {
 	broker  *embedded.Broker // nil unless kafka.brokers = "embedded"
 	sender  *httpclient.Sender
 	disp    *dispatcher.Dispatcher
-	admin   *admin.Server        // nil when admin.listen is ""
-	dlq     *dispatcher.DLQAdmin // nil when dlq.topic is ""
+	admin   *admin.Server // nil when admin.listen is ""
+	dlq     *dlq.Admin    // nil when dlq.topic is ""
 	brokers string
 	tracing *telemetry.Tracing
 
@@ -78,7 +79,7 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
 		Tracing: s.tracing,
 		// Replays release the keys they redeliver.
-		OnQuarantine: func(q *dispatcher.Quarantine) {
+		OnQuarantine: func(q *dlq.Quarantine) {
 			if s.dlq != nil {
 				s.dlq.SetGate(q)
 			}
@@ -89,14 +90,14 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		s.Close()
 		return nil, err
 	}
-	var dlq admin.DLQ
+	var dlqAPI admin.DLQ
 	if cfg.DLQ.Topic != "" {
-		s.dlq = dispatcher.NewDLQAdmin(dopts)
-		dlq = s.dlq
+		s.dlq = dlq.NewAdmin(dlq.Options{Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers})
+		dlqAPI = s.dlq
 	}
 	if cfg.Admin.Listen != "" {
 		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Problems: s.disp.Problems, Metrics: s.metrics,
-			Token: cfg.Admin.Token, DLQ: dlq, Logger: log})
+			Token: cfg.Admin.Token, DLQ: dlqAPI, Logger: log})
 		if err != nil {
 			s.Close()
 			return nil, err

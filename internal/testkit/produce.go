@@ -153,3 +153,8 @@ func (g *Generator) Records(n int) []Record {
 	}
 	return recs
 }
+
+// EventJSON is the smallest event the sink checks: {"key":..,"seq":..}.
+func EventJSON(key string, seq int64) []byte {
+	return []byte(`{"key":"` + key + `","seq":` + strconv.FormatInt(seq, 10) + `}`)
+}

@@ -1,6 +1,7 @@
-package dispatcher
+package dlq
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -20,6 +21,7 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/internal/kafkalog"
 	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
@@ -95,8 +97,8 @@ type KeyGate interface {
 	Requarantine(ctx context.Context, topic string, key []byte, causePartition int32, causeOffset int64) error
 }
 
-// DLQRecord is a dead-lettered message as the admin API shows it.
-type DLQRecord struct {
+// Record is a dead-lettered message as the admin API shows it.
+type Record struct {
 	Partition         int32  `json:"partition"`
 	Offset            int64  `json:"offset"`
 	Key               string `json:"key"`
@@ -119,22 +121,22 @@ type DLQRecord struct {
 	Handled bool `json:"handled"`
 }
 
-// DLQPosition is a place in the DLQ: an offset in a partition.
-type DLQPosition struct {
+// Position is a place in the DLQ: an offset in a partition.
+type Position struct {
 	Partition int32 `json:"partition"`
 	From      int64 `json:"from"`
 }
 
-// DLQPage is one page of the DLQ listing. Next, when set, is where the next
+// Page is one page of the DLQ listing. Next, when set, is where the next
 // page starts (possibly at the start of a later partition).
-type DLQPage struct {
-	Records []DLQRecord
-	Next    *DLQPosition
+type Page struct {
+	Records []Record
+	Next    *Position
 }
 
-// DLQFilter selects DLQ records. Zero values select everything; To is
+// Filter selects DLQ records. Zero values select everything; To is
 // exclusive and -1 means "to the end".
-type DLQFilter struct {
+type Filter struct {
 	Partition int32  // -1: every partition
 	From      int64  // first offset
 	To        int64  // -1: the end
@@ -143,7 +145,7 @@ type DLQFilter struct {
 	Limit     int    // 0: no limit
 	// Cursor, if set, resumes a listing: partitions before Cursor.Partition
 	// are passed over and that one starts at Cursor.From.
-	Cursor *DLQPosition
+	Cursor *Position
 }
 
 // ReplayRequest is the body of POST /dlq/replay and POST /dlq/release.
@@ -182,8 +184,8 @@ func (r ReplayRequest) Validate(kind string) error {
 	return nil
 }
 
-func (r ReplayRequest) filter() DLQFilter {
-	f := DLQFilter{Partition: -1, To: -1, Route: r.Route, Key: r.Key, Limit: r.Limit}
+func (r ReplayRequest) filter() Filter {
+	f := Filter{Partition: -1, To: -1, Route: r.Route, Key: r.Key, Limit: r.Limit}
 	if r.Partition != nil {
 		f.Partition = *r.Partition
 	}
@@ -201,7 +203,7 @@ func (r ReplayRequest) filter() DLQFilter {
 // stop (the committed offset of "<group_id>.replay") to its end when the
 // job started (or to_offset), passing over the records earlier jobs
 // handled; with the key gate it then reads on to the DLQ's current end for
-// the keys it holds (see DLQAdmin).
+// the keys it holds (see Admin).
 type ReplayJob struct {
 	ID      string        `json:"id"`
 	Kind    string        `json:"kind"`  // replay or release
@@ -240,7 +242,7 @@ type ReplayJob struct {
 	FinishedAt      *time.Time `json:"finished_at,omitempty"`
 }
 
-// DLQAdmin lists the DLQ and runs replay and release jobs, one at a time
+// Admin lists the DLQ and runs replay and release jobs, one at a time
 // per consumer group: jobs are queued, followed and cancelled through the
 // jobs topic, and run by the one instance that owns it (see Run, and
 // jobs.go). Run must be running (once) for jobs to start and be seen.
@@ -266,7 +268,7 @@ type ReplayJob struct {
 // (live messages dead-lettered before the hold took effect) and at the end
 // releases the keys whose records all went through, or requarantines the
 // others. Safe for concurrent use; Close stops a running job.
-type DLQAdmin struct {
+type Admin struct {
 	brokers string
 	cfg     *config.Config
 	router  *filters.Router
@@ -295,23 +297,23 @@ type DLQAdmin struct {
 }
 
 type jobEntry struct {
-	job       ReplayJob          // under DLQAdmin.mu
-	cancelled bool               // under DLQAdmin.mu: Cancel asked it to stop
+	job       ReplayJob          // under Admin.mu
+	cancelled bool               // under Admin.mu: Cancel asked it to stop
 	stop      context.CancelFunc // asks the job to stop
 }
 
-// NewDLQAdmin returns a DLQAdmin; it connects only when used.
-func NewDLQAdmin(o Options) *DLQAdmin {
+// NewAdmin returns a Admin; it connects only when used.
+func NewAdmin(o Options) *Admin {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &DLQAdmin{brokers: o.brokers(), cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
-		log: o.logger(), ctx: ctx, cancel: cancel, ready: make(chan struct{}),
+	return &Admin{brokers: cmp.Or(o.Brokers, o.Config.Kafka.Brokers), cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics,
+		log: cmp.Or(o.Logger, slog.New(slog.DiscardHandler)), ctx: ctx, cancel: cancel, ready: make(chan struct{}),
 		retention: jobRetention, keep: jobsKept, now: time.Now}
 }
 
 // SetGate sets the key gate replay and release jobs use from their next
 // start on; nil (the default) means no gate. g must be a usable gate or a
 // nil interface, not a nil pointer in an interface.
-func (a *DLQAdmin) SetGate(g KeyGate) {
+func (a *Admin) SetGate(g KeyGate) {
 	a.mu.Lock()
 	a.gate = g
 	a.mu.Unlock()
@@ -320,12 +322,12 @@ func (a *DLQAdmin) SetGate(g KeyGate) {
 // Close stops Run and a running job (the records in flight are abandoned
 // and stay unhandled), waits for the job and its final commit. The job
 // stays "running" in the jobs topic: the next owner goes on with it.
-func (a *DLQAdmin) Close() {
+func (a *Admin) Close() {
 	a.cancel()
 	a.wg.Wait()
 }
 
-func (a *DLQAdmin) consumer(group string) (*kafka.Consumer, error) {
+func (a *Admin) consumer(group string) (*kafka.Consumer, error) {
 	cm := kafka.ConfigMap{"bootstrap.servers": a.brokers, "group.id": group, "enable.auto.commit": false,
 		"enable.auto.offset.store": false, "auto.offset.reset": "earliest", "enable.metrics.push": false,
 		"enable.partition.eof": true, "log_level": 3}
@@ -337,7 +339,7 @@ func (a *DLQAdmin) consumer(group string) (*kafka.Consumer, error) {
 	return kafka.NewConsumer(&cm)
 }
 
-func (a *DLQAdmin) replayGroup() string { return a.cfg.Kafka.GroupID + ".replay" }
+func (a *Admin) replayGroup() string { return a.cfg.Kafka.GroupID + ".replay" }
 
 // dlqPart is one DLQ partition as a job or a listing sees it. The fields
 // are owned by the goroutine reading the partition (the job's), except
@@ -374,7 +376,7 @@ func (p *dlqPart) fill(off int64) error {
 
 // openParts returns the DLQ partitions selected (all when partition is
 // -1), in id order, with their watermarks and the replay group's progress.
-func (a *DLQAdmin) openParts(c *kafka.Consumer, partition int32) ([]*dlqPart, error) {
+func (a *Admin) openParts(c *kafka.Consumer, partition int32) ([]*dlqPart, error) {
 	topic := a.cfg.DLQ.Topic
 	md, err := c.GetMetadata(&topic, false, 10000)
 	if err != nil {
@@ -445,7 +447,7 @@ func (a *DLQAdmin) openParts(c *kafka.Consumer, partition int32) ([]*dlqPart, er
 // read reads DLQ partition part from offset from up to end (exclusive) or
 // the partition's end, calling fn for each record until it returns false
 // or an error, or ctx ends.
-func (a *DLQAdmin) read(ctx context.Context, c *kafka.Consumer, part int32, from, end int64, fn func(*kafka.Message) (bool, error)) error {
+func (a *Admin) read(ctx context.Context, c *kafka.Consumer, part int32, from, end int64, fn func(*kafka.Message) (bool, error)) error {
 	if from >= end {
 		return nil
 	}
@@ -491,8 +493,8 @@ func (a *DLQAdmin) read(ctx context.Context, c *kafka.Consumer, part int32, from
 // offset order, each marked handled or not. When the page is full (Limit)
 // and more may follow, Next says where the next page starts: after the last
 // record, or at the start of the next partition that holds records.
-func (a *DLQAdmin) List(ctx context.Context, f DLQFilter) (DLQPage, error) {
-	var page DLQPage
+func (a *Admin) List(ctx context.Context, f Filter) (Page, error) {
+	var page Page
 	if a.cfg.DLQ.Topic == "" {
 		return page, ErrNoDLQ
 	}
@@ -548,12 +550,12 @@ func (a *DLQAdmin) List(ctx context.Context, f DLQFilter) (DLQPage, error) {
 			continue
 		}
 		if last+1 < end {
-			page.Next = &DLQPosition{Partition: p.id, From: last + 1}
+			page.Next = &Position{Partition: p.id, From: last + 1}
 			return page, nil
 		}
 		for _, q := range parts[i+1:] {
 			if s, e := span(q); s < e {
-				page.Next = &DLQPosition{Partition: q.id, From: s}
+				page.Next = &Position{Partition: q.id, From: s}
 				break
 			}
 		}
@@ -562,7 +564,7 @@ func (a *DLQAdmin) List(ctx context.Context, f DLQFilter) (DLQPage, error) {
 	return page, nil
 }
 
-func matches(m *kafka.Message, f DLQFilter) bool {
+func matches(m *kafka.Message, f Filter) bool {
 	if f.Key != "" && string(m.Key) != f.Key {
 		return false
 	}
@@ -590,8 +592,8 @@ func hdrInt(m *kafka.Message, key string) int64 {
 	return n
 }
 
-func toRecord(m *kafka.Message) DLQRecord {
-	r := DLQRecord{Partition: m.TopicPartition.Partition, Offset: int64(m.TopicPartition.Offset), Key: string(m.Key),
+func toRecord(m *kafka.Message) Record {
+	r := Record{Partition: m.TopicPartition.Partition, Offset: int64(m.TopicPartition.Offset), Key: string(m.Key),
 		ValueBytes: len(m.Value), Status: int(hdrInt(m, HeaderStatus)), RequestIndex: int(hdrInt(m, HeaderRequestIndex)),
 		Attempts: int(hdrInt(m, HeaderAttempts)), OriginalPartition: int32(hdrInt(m, HeaderOriginalPartition)),
 		OriginalOffset: hdrInt(m, HeaderOriginalOffset)}
@@ -613,7 +615,7 @@ func toRecord(m *kafka.Message) DLQRecord {
 }
 
 // StartReplay starts a background replay job and returns its id.
-func (a *DLQAdmin) StartReplay(req ReplayRequest) (string, error) {
+func (a *Admin) StartReplay(req ReplayRequest) (string, error) {
 	return a.start(JobReplay, req)
 }
 
@@ -621,11 +623,11 @@ func (a *DLQAdmin) StartReplay(req ReplayRequest) (string, error) {
 // records not yet handled as handled without sending them (the operator
 // drops those dead letters) and frees their keys at the key gate, and
 // returns its id.
-func (a *DLQAdmin) StartRelease(req ReplayRequest) (string, error) {
+func (a *Admin) StartRelease(req ReplayRequest) (string, error) {
 	return a.start(JobRelease, req)
 }
 
-func (a *DLQAdmin) start(kind string, req ReplayRequest) (string, error) {
+func (a *Admin) start(kind string, req ReplayRequest) (string, error) {
 	if a.cfg.DLQ.Topic == "" {
 		return "", ErrNoDLQ
 	}
@@ -661,7 +663,7 @@ func (a *DLQAdmin) start(kind string, req ReplayRequest) (string, error) {
 }
 
 // waitStore waits (a while) for Run to load the jobs topic.
-func (a *DLQAdmin) waitStore() (*jobStore, error) {
+func (a *Admin) waitStore() (*jobStore, error) {
 	a.autoRun()
 	t := time.NewTimer(jobsReadyTimeout)
 	defer t.Stop()
@@ -679,7 +681,7 @@ func (a *DLQAdmin) waitStore() (*jobStore, error) {
 
 // view returns the jobs as this instance knows them (the jobs topic, and
 // the live counts of the job it runs), not pruned, oldest first.
-func (a *DLQAdmin) view() []ReplayJob {
+func (a *Admin) view() []ReplayJob {
 	a.autoRun()
 	a.mu.Lock()
 	st, live := a.store, a.running
@@ -702,7 +704,7 @@ func (a *DLQAdmin) view() []ReplayJob {
 
 // pruned returns the ids of the finished jobs of jobs (oldest first) past
 // the retention, and of the oldest finished ones beyond the number kept.
-func (a *DLQAdmin) pruned(jobs []ReplayJob) []string {
+func (a *Admin) pruned(jobs []ReplayJob) []string {
 	now := a.now()
 	n := 0
 	for _, j := range jobs {
@@ -721,7 +723,7 @@ func (a *DLQAdmin) pruned(jobs []ReplayJob) []string {
 }
 
 // kept returns the jobs not pruned, oldest first, as shown.
-func (a *DLQAdmin) kept() []ReplayJob {
+func (a *Admin) kept() []ReplayJob {
 	jobs := a.view()
 	gone := a.pruned(jobs)
 	out := jobs[:0]
@@ -735,7 +737,7 @@ func (a *DLQAdmin) kept() []ReplayJob {
 
 // Job returns a job's progress, as the jobs topic shows it on this
 // instance (the same on every instance, once they have read it).
-func (a *DLQAdmin) Job(id string) (ReplayJob, bool) {
+func (a *Admin) Job(id string) (ReplayJob, bool) {
 	for _, j := range a.kept() {
 		if j.ID == id {
 			return j, true
@@ -745,7 +747,7 @@ func (a *DLQAdmin) Job(id string) (ReplayJob, bool) {
 }
 
 // Jobs returns the jobs kept, newest first.
-func (a *DLQAdmin) Jobs() []ReplayJob {
+func (a *Admin) Jobs() []ReplayJob {
 	jobs := a.kept()
 	slices.Reverse(jobs)
 	return jobs
@@ -756,7 +758,7 @@ func (a *DLQAdmin) Jobs() []ReplayJob {
 // lets those in flight finish (for up to 10 s), commits its progress and
 // ends "cancelled"; a new job resumes where it stopped. It returns the job
 // as it is now, "cancelling" (ErrNoJob, ErrJobFinished otherwise).
-func (a *DLQAdmin) Cancel(id string) (ReplayJob, error) {
+func (a *Admin) Cancel(id string) (ReplayJob, error) {
 	st, err := a.waitStore()
 	if err != nil {
 		return ReplayJob{}, err
@@ -788,7 +790,7 @@ func (a *DLQAdmin) Cancel(id string) (ReplayJob, error) {
 	return shown(j), nil
 }
 
-func (a *DLQAdmin) update(fn func()) {
+func (a *Admin) update(fn func()) {
 	a.mu.Lock()
 	fn()
 	a.mu.Unlock()
@@ -845,11 +847,11 @@ type rlane struct {
 // run is one job at work. Its fields are set before the job's goroutine
 // starts, or by that goroutine, unless noted.
 type run struct {
-	a    *DLQAdmin
+	a    *Admin
 	e    *jobEntry
 	kind string
 	req  ReplayRequest
-	f    DLQFilter
+	f    Filter
 	dry  bool
 	gate KeyGate
 
@@ -864,7 +866,7 @@ type run struct {
 	cancelSend context.CancelFunc
 	tick       *time.Ticker // commits while the job reads or waits
 
-	w       *dlqWriter
+	w       *Writer
 	pace    *pacer
 	ready   chan *rlane   // lanes with records to handle; workers take them
 	window  chan struct{} // a slot per record taken on and not finished
@@ -900,12 +902,12 @@ func (r *run) run() (stopped bool, err error) {
 		logs := make(chan kafka.LogEvent, 16)
 		stopLogs := make(chan struct{})
 		var lw sync.WaitGroup
-		lw.Go(func() { pumpLogs(a.log, logs, stopLogs) })
+		lw.Go(func() { kafkalog.Pump(a.log, logs, stopLogs) })
 		defer func() { close(stopLogs); lw.Wait() }()
-		if r.w, err = newDLQWriter(a.brokers, a.cfg, a.log, logs); err != nil {
+		if r.w, err = NewWriter(a.brokers, a.cfg, a.log, logs); err != nil {
 			return false, err
 		}
-		defer r.w.close()
+		defer r.w.Close()
 		r.pace = newPacer(r.req.Rate)
 		n := replayLanes
 		if m := a.cfg.HTTP.MaxConnsPerHost; m > 0 {
@@ -1267,10 +1269,7 @@ func (r *run) commit() error {
 	}
 	refused := func(p *dlqPart, size int) {
 		r.a.metrics.ProgressRefused.Inc()
-		p.budget = min(p.budget, size) / 2
-		if p.budget < minProgressBudget {
-			p.budget = 0
-		}
+		p.budget = offsets.RefusedBudget(p.budget, size)
 	}
 	res, err := r.c.CommitOffsets(tps)
 	if err != nil {
@@ -1384,9 +1383,8 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 			HeaderFailedAt: time.Now().UTC().Format(time.RFC3339Nano),
 		}), nil
 	}
-	it := &item{msg: orig}
-	back := func(f *failure) *kafka.Message {
-		rec := dlqRecord(r.w.topic, it, f, time.Now(), -1)
+	back := func(f *Failure) *kafka.Message {
+		rec := Build(r.w.topic, &orig, f, time.Now(), -1)
 		rec.Headers = append(rec.Headers, kafka.Header{Key: HeaderReplayOf, Value: []byte(dlqPos(m))})
 		return rec
 	}
@@ -1398,10 +1396,10 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		plan, err = r.a.router.PlanRoute(route, &orig)
 	}
 	if err != nil {
-		return back(&failure{reason: "replay: " + err.Error(), route: route, requestIndex: start, attempts: prev}), nil
+		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}
 	for i := start; i < len(plan.Requests); i++ {
-		res, err := r.a.sender.Send(r.send, &plan.Requests[i], idempotencyKey(&orig, i))
+		res, err := r.a.sender.Send(r.send, &plan.Requests[i], orig.IdempotencyKey(i))
 		prev += res.Attempts // orderly.attempts adds this run's attempts to the earlier ones
 		if err == nil {
 			continue
@@ -1409,7 +1407,7 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		if !httpclient.IsPermanent(err) {
 			return nil, fmt.Errorf("replay stopped: %w", err)
 		}
-		return back(&failure{reason: err.Error(), status: res.Status, route: plan.Route, requestIndex: i, attempts: prev}), nil
+		return back(&Failure{Reason: err.Error(), Status: res.Status, Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
 	}
 	return nil, nil
 }

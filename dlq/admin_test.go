@@ -1,4 +1,4 @@
-package dispatcher
+package dlq
 
 import (
 	"context"
@@ -17,39 +17,40 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// dlqAdmin returns a DLQAdmin for cfg on the harness's broker, its Run
+// dlqAdmin returns a Admin for cfg on the harness's broker, its Run
 // (the jobs runner) started, closed by t.Cleanup.
-func (h *harness) dlqAdmin(cfg *config.Config) *DLQAdmin {
-	h.t.Helper()
+func (h *harness) dlqAdmin(cfg *config.Config) *Admin {
+	h.T.Helper()
 	a, _ := h.dlqInstance(cfg)
 	return a
 }
 
 // dlqInstance is dlqAdmin, also returning a function that stops its Run
 // (as a shutdown does: the running job is handed over) and waits for it.
-func (h *harness) dlqInstance(cfg *config.Config) (*DLQAdmin, func()) {
-	h.t.Helper()
+func (h *harness) dlqInstance(cfg *config.Config) (*Admin, func()) {
+	h.T.Helper()
 	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
 	if err != nil {
-		h.t.Fatal(err)
+		h.T.Fatal(err)
 	}
 	m := telemetry.NewMetrics()
 	sender := httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: "test", Metrics: m})
-	a := NewDLQAdmin(Options{Config: cfg, Router: router, Sender: sender, Metrics: m, Logger: testLogger(h.t), Brokers: h.broker.Addr()})
+	a := NewAdmin(Options{Config: cfg, Router: router, Sender: sender, Metrics: m, Logger: kafkatest.Logger(h.T), Brokers: h.Broker.Addr()})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		if err := a.Run(ctx); err != nil {
-			h.t.Errorf("DLQAdmin.Run: %v", err)
+			h.T.Errorf("Admin.Run: %v", err)
 		}
 	}()
 	stop := func() { cancel(); <-done }
-	h.t.Cleanup(func() { stop(); a.Close(); sender.Close() })
+	h.T.Cleanup(func() { stop(); a.Close(); sender.Close() })
 	return a, stop
 }
 
@@ -65,9 +66,9 @@ var seedOffset atomic.Int64 // original offsets of seeded dead letters, unique p
 // 0, one attempt, status 400) to DLQ partition part, or by key when part is
 // kafka.PartitionAny, in order.
 func (h *harness) seedDLQ(part int32, ds ...dead) {
-	h.t.Helper()
-	if err := h.prod.ProduceTo(context.Background(), "orderly.dlq", part, h.deadLetters(ds...)); err != nil {
-		h.t.Fatal(err)
+	h.T.Helper()
+	if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", part, h.deadLetters(ds...)); err != nil {
+		h.T.Fatal(err)
 	}
 }
 
@@ -77,12 +78,12 @@ func (h *harness) deadLetters(ds ...dead) []testkit.Record {
 	for i, d := range ds {
 		hs := []kafka.Header{{Key: "trace", Value: []byte("t-" + d.key)}}
 		for _, kv := range [][2]string{{HeaderError, "seeded"}, {HeaderStatus, "400"}, {HeaderRoute, "people"},
-			{HeaderRequestIndex, "0"}, {HeaderAttempts, "1"}, {HeaderOriginalTopic, h.topic},
+			{HeaderRequestIndex, "0"}, {HeaderAttempts, "1"}, {HeaderOriginalTopic, h.Topic},
 			{HeaderOriginalPartition, "0"}, {HeaderOriginalOffset, strconv.FormatInt(seedOffset.Add(1), 10)},
 			{HeaderOriginalTimestamp, time.Now().UTC().Format(time.RFC3339Nano)}, {HeaderFailedAt, time.Now().UTC().Format(time.RFC3339Nano)}} {
 			hs = append(hs, kafka.Header{Key: kv[0], Value: []byte(kv[1])})
 		}
-		recs[i] = testkit.Record{Key: []byte(d.key), Value: eventJSON(d.key, d.seq), Headers: hs}
+		recs[i] = testkit.Record{Key: []byte(d.key), Value: testkit.EventJSON(d.key, d.seq), Headers: hs}
 	}
 	return recs
 }
@@ -108,7 +109,7 @@ func expected(ds ...dead) map[string][]int64 {
 }
 
 // runJob starts a job and waits for it to finish.
-func runJob(t *testing.T, a *DLQAdmin, kind string, req ReplayRequest) ReplayJob {
+func runJob(t *testing.T, a *Admin, kind string, req ReplayRequest) ReplayJob {
 	t.Helper()
 	start := a.StartReplay
 	if kind == JobRelease {
@@ -121,7 +122,7 @@ func runJob(t *testing.T, a *DLQAdmin, kind string, req ReplayRequest) ReplayJob
 	return waitJob(t, a, id)
 }
 
-func waitJob(t *testing.T, a *DLQAdmin, id string) ReplayJob {
+func waitJob(t *testing.T, a *Admin, id string) ReplayJob {
 	t.Helper()
 	var j ReplayJob
 	testkit.WaitFor(t, time.Minute, "job "+id+" to finish", func() bool {
@@ -156,15 +157,15 @@ func TestReplayFilteredThenRest(t *testing.T) {
 	h.seedDLQ(0, p0...)
 	h.seedDLQ(2, p2...)
 	total := len(p0) + len(p2)
-	a := h.dlqAdmin(h.config("filtered", "", ""))
+	a := h.dlqAdmin(h.Config("filtered", "", ""))
 
 	wantCounts(t, "dry run, all", runJob(t, a, JobReplay, ReplayRequest{DryRun: true}), total, total, 0, 0)
 	wantCounts(t, "dry run, user-3", runJob(t, a, JobReplay, ReplayRequest{Key: "user-3", DryRun: true}), total, 5, 0, 0)
-	if n := h.sink.Requests(); n != 0 {
+	if n := h.Sink.Requests(); n != 0 {
 		t.Fatalf("dry runs sent %d requests", n)
 	}
 	wantCounts(t, "replay user-3", runJob(t, a, JobReplay, ReplayRequest{Key: "user-3"}), total, 5, 0, 5)
-	if rep := h.sink.Check(expected(dead{"user-3", 0}, dead{"user-3", 1}, dead{"user-3", 2}, dead{"user-3", 3}, dead{"user-3", 4})); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(dead{"user-3", 0}, dead{"user-3", 1}, dead{"user-3", 2}, dead{"user-3", 3}, dead{"user-3", 4})); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("after the filtered replay: %s", rep)
 	}
 	// The commit point stays at the first record not handled (user-1/0 at
@@ -176,7 +177,7 @@ func TestReplayFilteredThenRest(t *testing.T) {
 	wantCounts(t, "dry run, the rest", runJob(t, a, JobReplay, ReplayRequest{DryRun: true}), total, total-5, 5, 0)
 	wantCounts(t, "replay, the rest", runJob(t, a, JobReplay, ReplayRequest{}), total, total-5, 5, total-5)
 	all := append(slices.Clone(p0), p2...)
-	if rep := h.sink.Check(expected(all...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != total {
+	if rep := h.Sink.Check(expected(all...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != total {
 		t.Fatalf("after both replays: %s", rep)
 	}
 	// Everything is handled: the commit is at the end, a new job reads nothing.
@@ -185,7 +186,7 @@ func TestReplayFilteredThenRest(t *testing.T) {
 		t.Fatalf("committed %v, ends %v", c, end)
 	}
 	wantCounts(t, "replay, nothing left", runJob(t, a, JobReplay, ReplayRequest{}), 0, 0, 0, 0)
-	page, err := a.List(context.Background(), DLQFilter{Partition: -1, To: -1})
+	page, err := a.List(context.Background(), Filter{Partition: -1, To: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,11 +200,11 @@ func TestReplayFilteredThenRest(t *testing.T) {
 // committedDLQ returns group's committed offsets (-1001 when none), the end
 // offsets and the commit metadata of the DLQ's partitions.
 func (h *harness) committedDLQ(group string) (committed, end []int64, meta []string) {
-	h.t.Helper()
-	topic := h.topic
-	h.topic = "orderly.dlq"
-	defer func() { h.topic = topic }()
-	return h.committedMeta(group)
+	h.T.Helper()
+	topic := h.Topic
+	h.Topic = "orderly.dlq"
+	defer func() { h.Topic = topic }()
+	return h.CommittedMeta(group)
 }
 
 // TestReplayFiltersByRangeAndLimit: a replay of an offset range with a
@@ -212,21 +213,21 @@ func TestReplayFiltersByRangeAndLimit(t *testing.T) {
 	h := newHarness(t, 1)
 	ds := seqs([]string{"a", "b"}, 10) // offsets 0..19
 	h.seedDLQ(0, ds...)
-	a := h.dlqAdmin(h.config("ranged", "", ""))
+	a := h.dlqAdmin(h.Config("ranged", "", ""))
 	from, to := int64(4), int64(15)
 	// Offsets 4..15 of key a: 4, 6, ..., 14 (seq 2..7); the limit takes 3.
 	j := runJob(t, a, JobReplay, ReplayRequest{FromOffset: &from, ToOffset: &to, Key: "a", Limit: 3})
 	if j.State != JobDone || j.Matched != 3 || j.Replayed != 3 || j.Scanned != 5 {
 		t.Fatalf("ranged replay: %s; want 3 of key a replayed after 5 records read", counts(j))
 	}
-	if got := h.sink.Sequences("a"); !slices.Equal(got, []int64{2, 3, 4}) {
+	if got := h.Sink.Sequences("a"); !slices.Equal(got, []int64{2, 3, 4}) {
 		t.Fatalf("key a got %v, want [2 3 4]", got)
 	}
 	j = runJob(t, a, JobReplay, ReplayRequest{})
 	if j.Replayed != 17 || j.Skipped != 3 || j.Scanned != 20 {
 		t.Fatalf("the rest: %s; want 17 replayed, 3 skipped", counts(j))
 	}
-	if got := h.sink.Sequences("a"); !slices.Equal(got, []int64{2, 3, 4, 0, 1, 5, 6, 7, 8, 9}) {
+	if got := h.Sink.Sequences("a"); !slices.Equal(got, []int64{2, 3, 4, 0, 1, 5, 6, 7, 8, 9}) {
 		t.Fatalf("key a got %v", got)
 	}
 }
@@ -236,19 +237,19 @@ func TestReplayFiltersByRangeAndLimit(t *testing.T) {
 // remaining records, none twice.
 func TestReplayCancel(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
 	keys := make([]string, 8)
 	for i := range keys {
 		keys[i] = "k" + strconv.Itoa(i)
 	}
 	ds := seqs(keys, 40)
 	h.seedDLQ(kafka.PartitionAny, ds...)
-	a := h.dlqAdmin(h.config("cancel", "", ""))
+	a := h.dlqAdmin(h.Config("cancel", "", ""))
 	id, err := a.StartReplay(ReplayRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.sink.Delivered() >= 30 })
+	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.Sink.Delivered() >= 30 })
 	if j, err := a.Cancel(id); err != nil || (j.State != JobCancelling && j.State != JobCancelled) {
 		t.Fatalf("cancel: %v, %s", err, counts(j))
 	}
@@ -256,7 +257,7 @@ func TestReplayCancel(t *testing.T) {
 	if first.State != JobCancelled || first.Replayed >= len(ds) || first.Replayed < 30 {
 		t.Fatalf("cancelled job: %s", counts(first))
 	}
-	if got := h.sink.Delivered(); got != int64(first.Replayed) {
+	if got := h.Sink.Delivered(); got != int64(first.Replayed) {
 		t.Fatalf("the sink got %d records, the job counts %d replayed", got, first.Replayed)
 	}
 	if _, err := a.Cancel(id); err != ErrJobFinished {
@@ -269,7 +270,7 @@ func TestReplayCancel(t *testing.T) {
 		second.Scanned != second.Matched+second.Skipped {
 		t.Fatalf("second job: %s; first replayed %d of %d", counts(second), first.Replayed, len(ds))
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("after the second replay: %s", rep)
 	}
 }
@@ -278,25 +279,25 @@ func TestReplayCancel(t *testing.T) {
 // each key's records in order; rate caps the pace.
 func TestReplayIsParallelAndOrdered(t *testing.T) {
 	h := newHarness(t, 4)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
 	keys := make([]string, 40)
 	for i := range keys {
 		keys[i] = "key-" + strconv.Itoa(i)
 	}
 	ds := seqs(keys, 10)
 	h.seedDLQ(kafka.PartitionAny, ds...)
-	a := h.dlqAdmin(h.config("parallel", "", ""))
+	a := h.dlqAdmin(h.Config("parallel", "", ""))
 	j := runJob(t, a, JobReplay, ReplayRequest{})
 	if j.State != JobDone || j.Replayed != len(ds) {
 		t.Fatalf("replay: %s", counts(j))
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatal(rep)
 	}
-	if n := h.sink.MaxInFlight(); n < 2 || n > replayLanes {
+	if n := h.Sink.MaxInFlight(); n < 2 || n > replayLanes {
 		t.Fatalf("at most %d requests in flight at once, want 2..%d", n, replayLanes)
 	}
-	t.Logf("%d records, up to %d requests in flight", len(ds), h.sink.MaxInFlight())
+	t.Logf("%d records, up to %d requests in flight", len(ds), h.Sink.MaxInFlight())
 
 	// rate: 15 more records at 50 per second take at least 14/50 s.
 	more := seqs([]string{"r1", "r2", "r3"}, 5)
@@ -321,7 +322,7 @@ func TestReplayFailsAgain(t *testing.T) {
 	h := newHarness(t, 1)
 	var rejecting atomic.Bool
 	rejecting.Store(true)
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "K" && d.Seq == 1 && rejecting.Load() {
 			return http.StatusUnprocessableEntity
 		}
@@ -329,15 +330,15 @@ func TestReplayFailsAgain(t *testing.T) {
 	}
 	ds := seqs([]string{"K", "G"}, 5) // K/0 at 0, G/0 at 1, K/1 at 2, ...
 	h.seedDLQ(0, ds...)
-	a := h.dlqAdmin(h.config("again", "", ""))
+	a := h.dlqAdmin(h.Config("again", "", ""))
 	j := runJob(t, a, JobReplay, ReplayRequest{})
 	if j.State != JobDone || j.Matched != 10 || j.Replayed != 6 || j.Failed != 1 || j.Deferred != 3 {
 		t.Fatalf("replay: %s; want 6 replayed, 1 failed, 3 deferred", counts(j))
 	}
-	if got := h.sink.Sequences("K"); !slices.Equal(got, []int64{0}) {
+	if got := h.Sink.Sequences("K"); !slices.Equal(got, []int64{0}) {
 		t.Fatalf("K got %v, want only [0]: its records after the failure must wait", got)
 	}
-	page, err := a.List(context.Background(), DLQFilter{Partition: -1, To: -1, Key: "K"})
+	page, err := a.List(context.Background(), Filter{Partition: -1, To: -1, Key: "K"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -367,9 +368,9 @@ func TestReplayFailsAgain(t *testing.T) {
 			t.Fatalf("a copy forward changed: %+v", c)
 		}
 	}
-	dlq := h.readAll("orderly.dlq", 14, 10*time.Second)
+	dlq := h.ReadAll("orderly.dlq", 14, 10*time.Second)
 	for _, m := range dlq[10:] {
-		if v, _ := header(m, "trace"); v != "t-K" {
+		if v, _ := kafkatest.Header(m, "trace"); v != "t-K" {
 			t.Fatalf("copy lost the original's own header: %v", m.Headers)
 		}
 		n := 0
@@ -388,7 +389,7 @@ func TestReplayFailsAgain(t *testing.T) {
 	if j.State != JobDone || j.Replayed != 4 || j.Scanned != 4 {
 		t.Fatalf("second replay: %s; want K's 4 copies replayed, the handled records before them not read", counts(j))
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatal(rep)
 	}
 }
@@ -399,7 +400,7 @@ func TestRelease(t *testing.T) {
 	h := newHarness(t, 2)
 	ds := seqs([]string{"drop-me", "keep-1", "keep-2"}, 4)
 	h.seedDLQ(0, ds...)
-	a := h.dlqAdmin(h.config("release", "", ""))
+	a := h.dlqAdmin(h.Config("release", "", ""))
 	j := runJob(t, a, JobRelease, ReplayRequest{Key: "drop-me", DryRun: true})
 	if j.Kind != JobRelease || j.State != JobDone || j.Matched != 4 || j.Released != 0 {
 		t.Fatalf("dry-run release: %s", counts(j))
@@ -408,14 +409,14 @@ func TestRelease(t *testing.T) {
 	if j.State != JobDone || j.Matched != 4 || j.Released != 4 {
 		t.Fatalf("release: %s", counts(j))
 	}
-	if n := h.sink.Requests(); n != 0 {
+	if n := h.Sink.Requests(); n != 0 {
 		t.Fatalf("a release sent %d requests", n)
 	}
 	j = runJob(t, a, JobReplay, ReplayRequest{})
 	if j.Replayed != 8 || j.Skipped != 3 || j.Scanned != 11 { // the commit passed drop-me/0 at offset 0
 		t.Fatalf("replay after the release: %s", counts(j))
 	}
-	if got := h.sink.Sequences("drop-me"); len(got) != 0 {
+	if got := h.Sink.Sequences("drop-me"); len(got) != 0 {
 		t.Fatalf("released records sent: %v", got)
 	}
 	if err := (ReplayRequest{Rate: 5}).Validate(JobRelease); err == nil {
@@ -442,13 +443,13 @@ func TestListPagesAcrossPartitions(t *testing.T) {
 			h.seedDLQ(int32(p), ds...)
 		}
 	}
-	a := h.dlqAdmin(h.config("pages", "", ""))
+	a := h.dlqAdmin(h.Config("pages", "", ""))
 	for _, limit := range []int{1, 3, 7, 100} {
 		seen := map[string]bool{}
-		var cursor *DLQPosition
+		var cursor *Position
 		pages := 0
 		for {
-			page, err := a.List(context.Background(), DLQFilter{Partition: -1, To: -1, Limit: limit, Cursor: cursor})
+			page, err := a.List(context.Background(), Filter{Partition: -1, To: -1, Limit: limit, Cursor: cursor})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -479,7 +480,7 @@ func TestListPagesAcrossPartitions(t *testing.T) {
 		}
 	}
 	// Within one partition, by key.
-	page, err := a.List(context.Background(), DLQFilter{Partition: 3, To: -1, Key: "p3", Limit: 5, Cursor: &DLQPosition{Partition: 3, From: 8}})
+	page, err := a.List(context.Background(), Filter{Partition: 3, To: -1, Key: "p3", Limit: 5, Cursor: &Position{Partition: 3, From: 8}})
 	if err != nil || len(page.Records) != 3 || page.Next != nil || page.Records[0].Offset != 8 {
 		t.Fatalf("partition 3 from 8: %v %+v", err, page)
 	}
@@ -490,7 +491,7 @@ func TestListPagesAcrossPartitions(t *testing.T) {
 func TestJobsArePruned(t *testing.T) {
 	h := newHarness(t, 1)
 	h.seedDLQ(0, dead{"a", 0})
-	a := h.dlqAdmin(h.config("prune", "", ""))
+	a := h.dlqAdmin(h.Config("prune", "", ""))
 	var mu sync.Mutex
 	now := time.Now()
 	a.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
@@ -583,8 +584,8 @@ func (g *recordingGate) of(key string) []string {
 func TestReplayUsesTheKeyGate(t *testing.T) {
 	h := newHarness(t, 1)
 	g := &recordingGate{}
-	h.sink.Observe = g.observe
-	h.sink.Status = func(d *testkit.Delivery) int {
+	h.Sink.Observe = g.observe
+	h.Sink.Status = func(d *testkit.Delivery) int {
 		if d.Key == "bad" && d.Seq == 1 {
 			return http.StatusBadRequest
 		}
@@ -596,13 +597,13 @@ func TestReplayUsesTheKeyGate(t *testing.T) {
 	g.onHold = func(key string) {
 		if key == "late" { // a live message dead-lettered just before the hold took effect
 			once.Do(func() {
-				if err := h.prod.ProduceTo(context.Background(), "orderly.dlq", 0, h.deadLetters(dead{"late", 3})); err != nil {
+				if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", 0, h.deadLetters(dead{"late", 3})); err != nil {
 					t.Error(err)
 				}
 			})
 		}
 	}
-	a := h.dlqAdmin(h.config("gate", "", ""))
+	a := h.dlqAdmin(h.Config("gate", "", ""))
 	a.SetGate(g)
 	j := runJob(t, a, JobReplay, ReplayRequest{})
 	if j.State != JobDone || j.Replayed != 3+1+3+1 || j.Failed != 1 || j.Deferred != 1 {
@@ -617,7 +618,7 @@ func TestReplayUsesTheKeyGate(t *testing.T) {
 	if got, want := g.of("bad"), []string{"hold", "send bad/0", "send bad/1", "requarantine"}; !slices.Equal(got, want) {
 		t.Fatalf("key bad: %v, want %v", got, want)
 	}
-	page, err := a.List(context.Background(), DLQFilter{Partition: -1, To: -1, Key: "bad"})
+	page, err := a.List(context.Background(), Filter{Partition: -1, To: -1, Key: "bad"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -652,8 +653,8 @@ func TestCancelRequarantinesHeldKeys(t *testing.T) {
 	hold := make(chan struct{})
 	var holdOnce sync.Once
 	t.Cleanup(func() { holdOnce.Do(func() { close(hold) }) })
-	h.sink.Observe = g.observe
-	h.sink.Delay = func(d *testkit.Delivery) time.Duration {
+	h.Sink.Observe = g.observe
+	h.Sink.Delay = func(d *testkit.Delivery) time.Duration {
 		if d.Key == "A" && d.Seq == 1 {
 			<-hold
 		}
@@ -661,13 +662,13 @@ func TestCancelRequarantinesHeldKeys(t *testing.T) {
 	}
 	ds := seqs([]string{"A"}, 3)
 	h.seedDLQ(0, ds...)
-	a := h.dlqAdmin(h.config("gatecancel", "", ""))
+	a := h.dlqAdmin(h.Config("gatecancel", "", ""))
 	a.SetGate(g)
 	id, err := a.StartReplay(ReplayRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.WaitFor(t, 30*time.Second, "A/1 held at the target", func() bool { return h.sink.InFlight() > 0 })
+	testkit.WaitFor(t, 30*time.Second, "A/1 held at the target", func() bool { return h.Sink.InFlight() > 0 })
 	if _, err := a.Cancel(id); err != nil {
 		t.Fatal(err)
 	}
@@ -679,7 +680,7 @@ func TestCancelRequarantinesHeldKeys(t *testing.T) {
 	if got, want := g.of("A"), []string{"hold", "send A/0", "send A/1", "requarantine"}; !slices.Equal(got, want) {
 		t.Fatalf("key A: %v, want %v", got, want)
 	}
-	page, err := a.List(context.Background(), DLQFilter{Partition: -1, To: -1})
+	page, err := a.List(context.Background(), Filter{Partition: -1, To: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -695,7 +696,7 @@ func TestCancelRequarantinesHeldKeys(t *testing.T) {
 	if got := g.of("A"); got[len(got)-1] != "release" || got[len(got)-2] != "send A/2" {
 		t.Fatalf("key A after the resumed replay: %v", got)
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatal(rep)
 	}
 }
@@ -708,18 +709,18 @@ func TestReplayKeepsTruncatedValues(t *testing.T) {
 	h := newHarness(t, 1)
 	recs := h.deadLetters(dead{"T", 0}, dead{"T", 1}, dead{"U", 0})
 	recs[0].Headers = append(recs[0].Headers, kafka.Header{Key: HeaderValueTruncated, Value: []byte("5000")})
-	if err := h.prod.ProduceTo(context.Background(), "orderly.dlq", 0, recs); err != nil {
+	if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", 0, recs); err != nil {
 		t.Fatal(err)
 	}
-	a := h.dlqAdmin(h.config("truncated", "", ""))
+	a := h.dlqAdmin(h.Config("truncated", "", ""))
 	j := runJob(t, a, JobReplay, ReplayRequest{})
 	if j.State != JobDone || j.Failed != 1 || j.Deferred != 1 || j.Replayed != 1 {
 		t.Fatalf("replay: %s", counts(j))
 	}
-	if got := h.sink.Sequences("T"); len(got) != 0 {
+	if got := h.Sink.Sequences("T"); len(got) != 0 {
 		t.Fatalf("T sent: %v", got)
 	}
-	dlq := h.readAll("orderly.dlq", 5, 10*time.Second)
+	dlq := h.ReadAll("orderly.dlq", 5, 10*time.Second)
 	if len(dlq) != 5 {
 		t.Fatalf("DLQ holds %d records, want 5", len(dlq))
 	}

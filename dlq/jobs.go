@@ -1,4 +1,4 @@
-package dispatcher
+package dlq
 
 import (
 	"cmp"
@@ -24,7 +24,7 @@ import (
 // (Cancel) by writing its record; every instance follows the topic and
 // answers Job and Jobs from it. Exactly one instance runs jobs: the member
 // of the consumer group "<kafka.group_id>.dlq-jobs" that Kafka gives the
-// topic's one partition (see DLQAdmin.Run).
+// topic's one partition (see Admin.Run).
 
 const (
 	// jobsProgressEvery is how often the runner writes a running job's
@@ -47,7 +47,7 @@ var ErrJobsNotReady = errors.New("the DLQ jobs topic is not loaded yet")
 // JobsTopic is the topic a configuration keeps its replay and release jobs in.
 func JobsTopic(cfg *config.Config) string { return cfg.DLQ.Topic + ".jobs" }
 
-func (a *DLQAdmin) jobsGroup() string { return a.cfg.Kafka.GroupID + ".dlq-jobs" }
+func (a *Admin) jobsGroup() string { return a.cfg.Kafka.GroupID + ".dlq-jobs" }
 
 // stateRank orders job states: a job's record never goes back to a lower rank.
 func stateRank(s string) int {
@@ -244,10 +244,10 @@ func (s *jobStore) write(ctx context.Context, id string, j *ReplayJob) error {
 // its job "running" too, and the next owner (after the group's session
 // timeout) does the same; records in flight when it died may be sent again.
 //
-// Run is meant to run once per DLQAdmin, for its life. When a job is
-// started, cancelled or looked up before Run was called, the DLQAdmin runs
+// Run is meant to run once per Admin, for its life. When a job is
+// started, cancelled or looked up before Run was called, the Admin runs
 // it itself until Close; a later Run then only waits for ctx.
-func (a *DLQAdmin) Run(ctx context.Context) error {
+func (a *Admin) Run(ctx context.Context) error {
 	if a.cfg.DLQ.Topic == "" || !a.claimRun() {
 		<-ctx.Done()
 		return nil
@@ -256,7 +256,7 @@ func (a *DLQAdmin) Run(ctx context.Context) error {
 }
 
 // claimRun reports whether the caller is the first to run the jobs.
-func (a *DLQAdmin) claimRun() bool {
+func (a *Admin) claimRun() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.runClaimed {
@@ -267,7 +267,7 @@ func (a *DLQAdmin) claimRun() bool {
 }
 
 // autoRun runs the jobs until Close unless Run already does.
-func (a *DLQAdmin) autoRun() {
+func (a *Admin) autoRun() {
 	if a.cfg.DLQ.Topic == "" || !a.claimRun() {
 		return
 	}
@@ -278,7 +278,7 @@ func (a *DLQAdmin) autoRun() {
 	})
 }
 
-func (a *DLQAdmin) runJobs(ctx context.Context) error {
+func (a *Admin) runJobs(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stopOnClose := context.AfterFunc(a.ctx, cancel)
@@ -319,7 +319,7 @@ func (a *DLQAdmin) runJobs(ctx context.Context) error {
 // runner runs the jobs while its instance owns the jobs topic's partition.
 // Its fields are the loop goroutine's (the rebalance callback runs in it).
 type runner struct {
-	a      *DLQAdmin
+	a      *Admin
 	s      *jobStore
 	c      *kafka.Consumer
 	owner  bool // the partition is assigned
@@ -468,7 +468,7 @@ func (r *runner) watch() {
 
 // stopCancelled stops a job a cancel was asked for (once): it ends
 // "cancelled".
-func (a *DLQAdmin) stopCancelled(e *jobEntry) {
+func (a *Admin) stopCancelled(e *jobEntry) {
 	a.mu.Lock()
 	first := !e.cancelled
 	e.cancelled = true

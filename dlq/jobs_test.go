@@ -1,4 +1,4 @@
-package dispatcher
+package dlq
 
 import (
 	"errors"
@@ -24,7 +24,7 @@ func keysN(prefix string, n int) []string {
 
 // sameEverywhere waits until every instance shows job id finished, and the
 // same.
-func sameEverywhere(t *testing.T, id string, as ...*DLQAdmin) ReplayJob {
+func sameEverywhere(t *testing.T, id string, as ...*Admin) ReplayJob {
 	t.Helper()
 	var js []ReplayJob
 	testkit.WaitFor(t, time.Minute, "job "+id+" finished and the same on every instance", func() bool {
@@ -47,7 +47,7 @@ func sameEverywhere(t *testing.T, id string, as ...*DLQAdmin) ReplayJob {
 }
 
 // owner returns the instance running a job, or nil.
-func owner(as ...*DLQAdmin) *DLQAdmin {
+func owner(as ...*Admin) *Admin {
 	for _, a := range as {
 		a.mu.Lock()
 		running := a.running != nil
@@ -67,10 +67,10 @@ func owner(as ...*DLQAdmin) *DLQAdmin {
 // instances.
 func TestJobsAcrossInstances(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return time.Millisecond }
 	ds := seqs(keysN("k", 10), 20)
 	h.seedDLQ(kafka.PartitionAny, ds...)
-	cfg := h.config("multi", "", "")
+	cfg := h.Config("multi", "", "")
 	a, b := h.dlqAdmin(cfg), h.dlqAdmin(cfg)
 
 	var wg sync.WaitGroup
@@ -107,10 +107,10 @@ func TestJobsAcrossInstances(t *testing.T) {
 	if second.StartedAt.Before(*first.FinishedAt) {
 		t.Fatalf("the jobs overlapped: %v..%v and %v..", first.StartedAt, *first.FinishedAt, second.StartedAt)
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
 		t.Fatalf("at the sink: %s", rep)
 	}
-	for _, x := range []*DLQAdmin{a, b} {
+	for _, x := range []*Admin{a, b} {
 		if js := x.Jobs(); len(js) != 2 {
 			t.Fatalf("jobs listed: %+v", js)
 		}
@@ -135,16 +135,16 @@ func TestJobsAcrossInstances(t *testing.T) {
 // runs it, and a new replay sends exactly the rest.
 func TestJobsCancelOnAnotherInstance(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 20 * time.Millisecond }
 	ds := seqs(keysN("k", 8), 40)
 	h.seedDLQ(kafka.PartitionAny, ds...)
-	cfg := h.config("multicancel", "", "")
+	cfg := h.Config("multicancel", "", "")
 	a, b := h.dlqAdmin(cfg), h.dlqAdmin(cfg)
 	id, err := a.StartReplay(ReplayRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.sink.Delivered() >= 30 })
+	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.Sink.Delivered() >= 30 })
 	testkit.WaitFor(t, 10*time.Second, "B to see the job", func() bool { _, ok := b.Job(id); return ok })
 	if j, err := b.Cancel(id); err != nil || j.State != JobCancelling {
 		t.Fatalf("cancel on B: %v, %s", err, counts(j))
@@ -153,7 +153,7 @@ func TestJobsCancelOnAnotherInstance(t *testing.T) {
 	if j.State != JobCancelled || j.Replayed >= len(ds) || j.Replayed < 30 {
 		t.Fatalf("cancelled job: %s", counts(j))
 	}
-	if got := h.sink.Delivered(); got != int64(j.Replayed) {
+	if got := h.Sink.Delivered(); got != int64(j.Replayed) {
 		t.Fatalf("the sink got %d records, the job counts %d replayed", got, j.Replayed)
 	}
 	if _, err := a.Cancel(id); !errors.Is(err, ErrJobFinished) {
@@ -166,7 +166,7 @@ func TestJobsCancelOnAnotherInstance(t *testing.T) {
 	if j2 := sameEverywhere(t, id2, a, b); j2.State != JobDone || j2.Replayed != len(ds)-j.Replayed {
 		t.Fatalf("second job: %s; the first replayed %d of %d", counts(j2), j.Replayed, len(ds))
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("after the second replay: %s", rep)
 	}
 }
@@ -176,18 +176,18 @@ func TestJobsCancelOnAnotherInstance(t *testing.T) {
 // letter is sent exactly once and the job ends done.
 func TestJobsHandOver(t *testing.T) {
 	h := newHarness(t, 2)
-	h.sink.Delay = func(*testkit.Delivery) time.Duration { return 10 * time.Millisecond }
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 10 * time.Millisecond }
 	ds := seqs(keysN("k", 8), 40)
 	h.seedDLQ(kafka.PartitionAny, ds...)
-	cfg := h.config("handover", "", "")
+	cfg := h.Config("handover", "", "")
 	a, stopA := h.dlqInstance(cfg)
 	b, stopB := h.dlqInstance(cfg)
 	id, err := a.StartReplay(ReplayRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.sink.Delivered() >= 30 })
-	var run *DLQAdmin
+	testkit.WaitFor(t, 30*time.Second, "some records replayed", func() bool { return h.Sink.Delivered() >= 30 })
+	var run *Admin
 	testkit.WaitFor(t, 10*time.Second, "the runner", func() bool { run = owner(a, b); return run != nil })
 	other := a
 	if run == a {
@@ -203,7 +203,7 @@ func TestJobsHandOver(t *testing.T) {
 	if j.State != JobDone || j.Replayed != len(ds) {
 		t.Fatalf("handed-over job: %s; want done, %d replayed", counts(j), len(ds))
 	}
-	if rep := h.sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
 		t.Fatalf("at the sink: %s", rep)
 	}
 }

@@ -15,6 +15,15 @@ import (
 // senderIdle is how long a sender goroutine waits for work before it exits.
 const senderIdle = 5 * time.Second
 
+// A pool without senders and queued lanes for poolIdle is removed, with its
+// metric series, by the next sweep; sweeps run when a pool is created, at
+// most every poolSweepEvery. So the pools kept are those of the targets
+// used lately, however many hosts the messages name over time.
+const (
+	poolIdle       = 5 * time.Minute
+	poolSweepEvery = time.Minute
+)
+
 // senders is the sending machinery: one pool of sender goroutines per
 // target host:port, each pool at most http.max_conns_per_host strong (no
 // bound when it is 0). A key lane with a request to send waits in the pool
@@ -31,16 +40,18 @@ const senderIdle = 5 * time.Second
 type senders struct {
 	max     int // senders per pool
 	metrics *telemetry.Metrics
+	now     func() time.Time // the clock of pool idleness (tests replace it)
 
-	mu     sync.Mutex // protects writes of pools and closed
-	closed bool
+	mu        sync.Mutex // protects writes of pools, closed and lastSweep
+	closed    bool
+	lastSweep time.Time
 	// pools is copied on write, so that the per-attempt lookup takes no lock.
 	pools atomic.Pointer[map[string]*pool]
 	wg    sync.WaitGroup // one per sender goroutine
 }
 
 func newSenders(maxConnsPerHost int, m *telemetry.Metrics) *senders {
-	e := &senders{max: maxConnsPerHost, metrics: m}
+	e := &senders{max: maxConnsPerHost, metrics: m, now: time.Now}
 	if e.max <= 0 {
 		e.max = math.MaxInt
 	}
@@ -63,15 +74,37 @@ func (e *senders) pool(target string) *pool {
 	if pl := old[target]; pl != nil {
 		return pl
 	}
+	now := e.now()
+	sweep := now.Sub(e.lastSweep) >= poolSweepEvery
 	m := make(map[string]*pool, len(old)+1)
 	for k, v := range old {
-		m[k] = v
+		if !sweep || !v.removeIfIdle(now) {
+			m[k] = v
+		}
 	}
-	pl := &pool{e: e, target: target, closed: e.closed,
+	if sweep {
+		e.lastSweep = now
+	}
+	pl := &pool{e: e, target: target, closed: e.closed, idleSince: now,
 		sendersGauge: e.metrics.Senders.WithLabelValues(target), queuedGauge: e.metrics.QueuedLanes.WithLabelValues(target)}
 	m[target] = pl
 	e.pools.Store(&m)
 	return pl
+}
+
+// removeIfIdle marks pl removed and deletes its metric series when it has
+// had no sender and no queued lane for poolIdle, and reports whether it did.
+// The caller holds e.mu and drops pl from the map.
+func (pl *pool) removeIfIdle(now time.Time) bool {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if pl.n > 0 || pl.q.len() > 0 || pl.closed || now.Sub(pl.idleSince) < poolIdle {
+		return false
+	}
+	pl.removed = true
+	pl.e.metrics.Senders.DeleteLabelValues(pl.target)
+	pl.e.metrics.QueuedLanes.DeleteLabelValues(pl.target)
+	return true
 }
 
 // close ends every sender once it has nothing left to do and waits for them.
@@ -101,6 +134,11 @@ type pool struct {
 	n      int        // sender goroutines alive
 	peak   int        // the most senders alive at once (tests)
 	closed bool
+	// idleSince is when n last fell to 0 (or the pool was created);
+	// removed is set once a sweep dropped the pool: a lane pushed to it
+	// goes to the target's current pool instead.
+	idleSince time.Time
+	removed   bool
 }
 
 // sender is one sender goroutine's mailbox while it is idle.
@@ -112,6 +150,11 @@ type sender struct {
 // queues l.
 func (pl *pool) push(l *lane) {
 	pl.mu.Lock()
+	if pl.removed {
+		pl.mu.Unlock()
+		pl.e.pool(pl.target).push(l)
+		return
+	}
 	if n := len(pl.idle); n > 0 {
 		s := pl.idle[n-1]
 		pl.idle[n-1] = nil
@@ -182,7 +225,7 @@ func (pl *pool) wait(s *sender, idle *time.Timer) *lane {
 		return l
 	}
 	if pl.closed {
-		pl.n--
+		pl.exitLocked()
 		pl.mu.Unlock()
 		return nil
 	}
@@ -198,7 +241,7 @@ func (pl *pool) wait(s *sender, idle *time.Timer) *lane {
 	pl.mu.Lock()
 	if i := slices.Index(pl.idle, s); i >= 0 {
 		pl.idle = slices.Delete(pl.idle, i, i+1)
-		pl.n--
+		pl.exitLocked()
 		pl.mu.Unlock()
 		return nil
 	}
@@ -214,10 +257,18 @@ func (pl *pool) close() {
 	defer pl.mu.Unlock()
 	pl.closed = true
 	for _, s := range pl.idle {
-		pl.n--
+		pl.exitLocked()
 		s.wake <- nil
 	}
 	pl.idle = nil
+}
+
+// exitLocked counts a sender out; the caller holds pl.mu.
+func (pl *pool) exitLocked() {
+	pl.n--
+	if pl.n == 0 {
+		pl.idleSince = pl.e.now()
+	}
 }
 
 // laneRing is a FIFO of lanes that reuses its buffer.

@@ -3,7 +3,9 @@ package filters
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
+	"strings"
 
 	"github.com/expr-lang/expr"
 	"github.com/expr-lang/expr/ast"
@@ -32,11 +34,20 @@ type whenExpr struct {
 	value *pathTrie // what of the value it reads
 }
 
-// compileWhen compiles src, which must yield a bool.
+// compileWhen compiles src, which must yield a bool. A result whose type
+// is only known when the message is (value.active) is refused too: it
+// would fail on every message whose member is not a JSON boolean.
 func compileWhen(src string) (*whenExpr, error) {
 	prog, err := expr.Compile(src, expr.Env(exprEnv{}), expr.AsBool())
 	if err != nil {
 		return nil, exprError(err)
+	}
+	if t := prog.Node().Type(); t == nil || t.Kind() != reflect.Bool {
+		e := strings.TrimSpace(src)
+		if strings.ContainsAny(e, " \t\r\n()+-*/%<>=!&|?:,;") {
+			e = "(" + e + ")"
+		}
+		return nil, fmt.Errorf("must yield true or false, but %s may be any JSON value: compare it (%s == true, %s != nil)", e, e, e)
 	}
 	var u exprUses
 	root := prog.Node()

@@ -26,16 +26,19 @@
 //	offset     int
 //
 // Expressions are compiled against this typed environment, so an unknown name
-// (valu.type) or a result that cannot be a bool (key + "x") is a compile
-// error. In `value`, JSON integers that fit an int are ints and every other
-// number is a float64, so value.amount > 100 and value.id == 42 both work.
+// (valu.type) or a result that is not a bool (key + "x") is a compile error,
+// and so is a result that could be anything (value.active: compare it,
+// value.active == true). In `value`, JSON integers that fit an int are ints
+// and every other number is a float64, so value.amount > 100 and
+// value.id == 42 both work.
 //
-// An error while evaluating `when` (value.type when the value is a JSON array,
-// value.n > 1 when n is a string) makes the message a bad message for that
-// route, reported as a *BadMessageError, not a non-match: a message that a
-// route is meant to judge but cannot is never silently passed to the next
-// route. If a topic carries mixed shapes, guard: type(value) == "map" &&
-// value.type == "x" (type() costs no extra decoding).
+// A `when` that cannot evaluate a message (a value that is not JSON,
+// value.type when the value is a JSON array, value.n > 1 when n is a string
+// or missing) does not take it, like a `when` that is false: the next route
+// is tried, so "JSON events here, everything else there" is a route reading
+// `value` followed by one without `when`. When no route takes the message,
+// Plan returns ErrNoRoute wrapped with the first such failure, for the
+// caller's log or dead letter.
 //
 // # Templates
 //
@@ -59,15 +62,36 @@
 //
 //	json        the argument as JSON (no HTML escaping)
 //	pathescape  url.PathEscape of the argument
+//	raw         the argument as it is, unescaped in a URL (see URLs)
 //	default     {{ index .Value "note" | default "none" }}: the argument unless it is empty (nil, "", 0, false, empty collection)
 //	lower       strings.ToLower
 //	upper       strings.ToUpper
 //
-// Rendered values are not escaped: use pathescape or urlquery in URLs. In
-// .Value, numbers print exactly as the producer wrote them: integers that fit
-// an int are ints and every other number is a json.Number holding the
+// In .Value, numbers print exactly as the producer wrote them: integers that
+// fit an int are ints and every other number is a json.Number holding the
 // original literal, so an id of 12345678901234567890 stays
 // 12345678901234567890.
+//
+// # URLs
+//
+// The scheme, host and port of every request come from the configuration:
+// a URL template must start with literal text "scheme://host[:port]"
+// followed by "/", "?" or "#", and no action may print before that (a
+// compile error naming the url otherwise). Whatever a message holds, its
+// requests go to the configured host:port.
+//
+// Each action of a URL template is escaped for where it prints: in the path,
+// as one path segment (url.PathEscape: "/", "?", "#", "%", spaces and
+// control characters escaped), so /orders/{{ .Value.id }} with id
+// "../admin?x=" renders /orders/..%2Fadmin%3Fx= and stays one segment; in
+// the query and the fragment, as a query value (url.QueryEscape). An action
+// ending in pathescape (in the path) or urlquery is escaped already and left
+// alone; one ending in raw ({{ raw .Value.path }}, {{ .Value.q | raw }})
+// is inserted as it is, for parts of a path or query a trusted producer
+// builds. A rendered path with a "." or ".." segment (%2E too) is refused,
+// raw or not. A URL template cannot call {{ template }}, and the branches of
+// if, with and range must end in the same part of the URL (path, query or
+// fragment). A Host header cannot be a template.
 //
 // A nil body (no `body` key) sends the message value unchanged; an empty
 // method is POST. Static parts are checked at compile time (absolute http(s)
@@ -82,12 +106,12 @@
 // templates use .Value, at most once per Plan, and only when such a route is
 // reached. Compile works out which members the routes read (value.type,
 // .Value.customer.id) and only those are built; the rest of the document is
-// only checked. A route that needs JSON (decided at compile time, so also
-// when its `when` would not get to read `value` for this message) and meets
-// a value that is not valid JSON, or is empty, reports a *BadMessageError
-// wrapping ErrNotJSON: it is never skipped. Likewise the key, the raw string
-// and the headers map are only built for the routes that use them. See
-// json.go for the decoder and why it is not encoding/json.
+// only checked. A route whose `when` reads `value` does not take a value
+// that is not valid JSON, or is empty (see Expressions). A route that took
+// the message and whose templates need JSON reports a *BadMessageError
+// wrapping ErrNotJSON instead: it is never skipped. Likewise the key, the
+// raw string and the headers map are only built for the routes that use
+// them. See json.go for the decoder and why it is not encoding/json.
 //
 // # Concurrency and memory
 //
@@ -116,7 +140,9 @@ import (
 )
 
 // ErrNoRoute is returned by Plan when no route takes the message. The caller
-// decides whether that means skip or dead-letter (dispatch.unmatched).
+// decides whether that means skip or dead-letter (dispatch.unmatched). When
+// a `when` could not evaluate the message, Plan wraps ErrNoRoute with why:
+// test it with errors.Is.
 var ErrNoRoute = errors.New("no route matched the message")
 
 // ErrUnknownRoute is returned by PlanRoute for a name no route has.
@@ -134,18 +160,17 @@ var ErrHeaderInjection = errors.New("header injection")
 // URL or header value that cannot be sent (other than header injection).
 var ErrInvalidRequest = errors.New("invalid request")
 
-// BadMessageError reports a message that the route it reached cannot handle:
-// its value is not JSON while the route needs JSON, its `when` failed to
-// evaluate, a template failed to render, or a rendered request is invalid.
+// BadMessageError reports a message that the route that took it cannot
+// handle: its value is not JSON while the route's templates need JSON, a
+// template failed to render, or a rendered request is invalid.
 // Such a message is permanently bad for that route (the dispatcher
 // dead-letters it).
 type BadMessageError struct {
 	// Route is the name of the route.
 	Route string
-	// Index is the index of the request that failed, or -1 when the failure
-	// belongs to `when` (including a value the `when` needs as JSON). A
-	// value that only the templates need and that is not JSON is charged to
-	// the first request that uses it.
+	// Index is the index of the request that failed. A value that the
+	// templates need and that is not JSON is charged to the first request
+	// that uses it.
 	Index int
 	// Reason says what failed, where (when, requests[1].url, ...) and why, in
 	// one line.
@@ -217,9 +242,8 @@ type valueSpec struct {
 type request struct {
 	method    *text // nil: methodStr
 	methodStr string
-	url       *text
-	urlFixed  bool     // the template's leading text fixes a valid scheme://host/
-	target    string   // host:port when the URL is static or urlFixed, else "" (found per Plan)
+	url       *text    // a template's leading text fixes scheme://host:port (see escapeURL)
+	target    string   // host:port of the URL
 	headers   []header // sorted by name
 	// staticHeader, when every header is static, is the Header map every
 	// Plan shares (read-only); nil otherwise.
@@ -354,8 +378,12 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 		rq.url = tx
 	default:
 		rq.url = tx
-		rq.target = fixedOrigin(tx)
-		rq.urlFixed = rq.target != ""
+		if rq.target = fixedOrigin(tx); rq.target == "" {
+			fail(at("url"), errors.New("a url template must start with a literal scheme://host[:port] followed by /, ? or #: "+
+				"the scheme, host and port of a request come from the configuration only"))
+		} else if err := escapeURL(tx); err != nil {
+			fail(at("url"), err)
+		}
 		use("url", tx)
 	}
 
@@ -387,6 +415,9 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 				fail(field, err)
 				continue
 			}
+		} else if cn == "Host" {
+			fail(field, errors.New("the Host header cannot be a template: the host of a request comes from the configuration only"))
+			continue
 		}
 		use(fmt.Sprintf("headers[%q]", name), tx)
 		rq.headers = append(rq.headers, header{name: cn, val: tx})
@@ -430,9 +461,8 @@ func (r *Router) NeedsJSON() bool {
 }
 
 // Plan returns the requests of the first route that takes m. It returns
-// ErrNoRoute when no route does, and a *BadMessageError when the first route
-// whose topics match cannot judge or render m (see the package doc); it never
-// tries further routes after such an error. Plan does not modify m; the
+// ErrNoRoute (possibly wrapped, see the package doc) when no route does, and
+// a *BadMessageError when the route that takes m cannot render it. Plan does not modify m; the
 // returned Plan may alias m.Value in Request.Body.
 func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
 
@@ -464,9 +494,12 @@ func (r *Router) Match(m *Message) (*Route, error) {
 }
 
 // match finds the route for the message in st; alone (for Match) it decodes
-// only what the expressions read, else what the whole Plan needs.
+// only what the expressions read, else what the whole Plan needs. A `when`
+// that cannot evaluate the message does not take it; when no route does,
+// the first such failure is named in the ErrNoRoute returned.
 func (r *Router) match(st *state, alone bool) (*Route, error) {
 	m := st.m
+	var failed error
 	for i := range r.routes {
 		rt := &r.routes[i]
 		if len(rt.topics) > 0 && !slices.Contains(rt.topics, m.Topic) {
@@ -478,18 +511,21 @@ func (r *Router) match(st *state, alone bool) (*Route, error) {
 				spec = &rt.matchSpec
 			}
 			ok, err := rt.when.eval(st, spec)
-			if err != nil {
+			if err != nil && failed == nil {
 				where := "when"
 				if errors.Is(err, ErrNotJSON) {
 					where = "when needs the value as JSON"
 				}
-				return nil, &BadMessageError{Route: rt.name, Index: -1, Reason: reasonOf(where, err), Err: err}
+				failed = fmt.Errorf("%w (route %q: %s: %w)", ErrNoRoute, rt.name, where, err)
 			}
 			if !ok {
 				continue
 			}
 		}
 		return rt, nil
+	}
+	if failed != nil {
+		return nil, failed
 	}
 	return nil, ErrNoRoute
 }
@@ -558,15 +594,8 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 
 		u, err := st.renderString(rq.url)
 		out.Target = rq.target
-		switch {
-		case err != nil || rq.url.static:
-		case rq.urlFixed:
+		if err == nil && !rq.url.static {
 			err = checkURLTail(u)
-		default:
-			var pu *url.URL
-			if pu, err = checkURL(u); err == nil {
-				out.Target = TargetOf(pu)
-			}
 		}
 		if err != nil {
 			return bad(i, at("url"), err)
@@ -650,9 +679,11 @@ func checkHeaderValue(v string) error {
 }
 
 // fixedOrigin returns the target (host:port) when the leading text of a URL
-// template fixes a valid scheme and host ("http://sink:8081/orders/{{
-// .Value.id }}"), so that checkURLTail is enough after rendering; "" when it
-// does not.
+// template fixes a valid scheme, host and port, ended by "/", "?" or "#"
+// ("http://sink:8081/orders/{{ .Value.id }}"), so that no message can change
+// them and checkURLTail is enough after rendering; "" when it does not
+// ("http://sink:8081{{ .Value.x }}" would let x = "@evil.example/" choose
+// the host).
 func fixedOrigin(tx *text) string {
 	nodes := tx.t.Tree.Root.Nodes
 	if len(nodes) == 0 {
@@ -694,12 +725,30 @@ func TargetOf(u *url.URL) string {
 }
 
 // checkURLTail checks a rendered URL whose origin is known to be valid: no
-// control characters, and a path without malformed %-escapes (what
-// url.Parse would reject), without the cost of url.Parse.
+// control characters, a path without malformed %-escapes (what url.Parse
+// would reject) and without "." or ".." segments (%2E included: servers
+// resolve them, and a message could climb out of the configured path), without
+// the cost of url.Parse.
 func checkURLTail(s string) error {
-	path := true
-	for i := 0; i < len(s); i++ {
-		switch c := s[i]; {
+	path, seg := true, -1 // seg: where the current path segment starts, -1 before the path
+	if i := strings.Index(s, "://"); i >= 0 {
+		if j := strings.IndexAny(s[i+3:], "/?#"); j >= 0 && s[i+3+j] == '/' {
+			seg = i + 3 + j + 1
+		}
+	}
+	for i := 0; i <= len(s); i++ {
+		c := byte('/')
+		if i < len(s) {
+			c = s[i]
+		}
+		if path && seg >= 0 && i >= seg && (c == '/' || c == '?' || c == '#') {
+			if dotSegment(s[seg:i]) {
+				return fmt.Errorf("%w: URL path contains a %q segment", ErrInvalidRequest, s[seg:i])
+			}
+			seg = i + 1
+		}
+		switch {
+		case i == len(s):
 		case c < 0x20 || c == 0x7f:
 			return fmt.Errorf("%w: URL contains control character %#02x", ErrInvalidRequest, c)
 		case c == '?' || c == '#':
@@ -711,6 +760,24 @@ func checkURLTail(s string) error {
 		}
 	}
 	return nil
+}
+
+// dotSegment reports whether a path segment is "." or "..", each dot
+// possibly written %2E.
+func dotSegment(seg string) bool {
+	dots := 0
+	for i := 0; i < len(seg); {
+		switch {
+		case seg[i] == '.':
+			i++
+		case strings.HasPrefix(seg[i:], "%2e") || strings.HasPrefix(seg[i:], "%2E"):
+			i += 3
+		default:
+			return false
+		}
+		dots++
+	}
+	return dots == 1 || dots == 2
 }
 
 func isHex(c byte) bool {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"reflect"
 	"slices"
 	"strings"
@@ -106,7 +107,7 @@ func TestTemplateDataFields(t *testing.T) {
 	if rq.Method != "PUT" {
 		t.Errorf("Method = %q", rq.Method)
 	}
-	if want := "http://sink/orders/3/42/k1?ts=2024-05-06T07:08:09Z"; rq.URL != want {
+	if want := "http://sink/orders/3/42/k1?ts=2024-05-06T07%3A08%3A09Z"; rq.URL != want { // a query value, escaped
 		t.Errorf("URL = %q, want %q", rq.URL, want)
 	}
 	wantH := http.Header{"X-Id": {"7"}, "X-Raw-Len": {"18"}, "X-Trace": {"t-1"}, "X-Static": {"static"}}
@@ -309,9 +310,10 @@ func TestMatchThenRender(t *testing.T) {
 		config.Route{Name: "bad-when", Topics: []string{"users"}, When: `value.n > 1`, Requests: []config.Request{{URL: "http://sink/a"}}},
 		config.Route{Name: "tpl", Requests: []config.Request{{URL: "http://sink/{{ .Value.id }}"}, {URL: "http://sink/b"}}},
 	)
-	// A `when` that fails is Match's error; a template that fails is Render's.
-	if _, err := r.Match(msg("users", `{"n":"x"}`)); badIndex(t, err) != -1 {
-		t.Fatalf("Match of a failing when: %v", err)
+	// A `when` that fails does not take the message; a template that fails
+	// is Render's error.
+	if rt, err := r.Match(msg("users", `{"n":"x"}`)); err != nil || rt.Name() != "tpl" {
+		t.Fatalf("Match of a failing when = %v, %v; want the next route, tpl", rt, err)
 	}
 	rt, err := r.Match(msg("orders", `{"id":7}`))
 	if err != nil || rt.Name() != "tpl" {
@@ -325,8 +327,8 @@ func TestMatchThenRender(t *testing.T) {
 	if _, err := rt.Render(msg("orders", `{"other":1}`), nil); badIndex(t, err) != 0 {
 		t.Fatalf("Render with a missing key: %v", err)
 	}
-	if _, err := r.Match(&Message{Topic: "users"}); badIndex(t, err) != -1 {
-		t.Fatalf("Match of an empty value on a JSON when: %v", err)
+	if rt, err := r.Match(&Message{Topic: "users"}); err != nil || rt.Name() != "tpl" {
+		t.Fatalf("Match of an empty value on a JSON when = %v, %v; want the next route, tpl", rt, err)
 	}
 }
 
@@ -368,11 +370,10 @@ func TestTargets(t *testing.T) {
 		{URL: "http://sink/static"},
 		{URL: "https://secure.example/{{ .Key }}"},
 		{URL: "http://sink:8081/{{ .Key }}?q=1"},
-		{URL: "{{ .Headers.origin }}/x"},
+		{URL: "https://dyn.example:8443?k={{ .Key }}"},
 		{URL: "http://[::1]/v6"},
 	}})
 	m := msg("orders", "x")
-	m.Headers = []Header{{Key: "origin", Value: []byte("https://dyn.example:8443")}}
 	p := mustPlan(t, r, m)
 	for i, want := range []string{"sink:80", "secure.example:443", "sink:8081", "dyn.example:8443", "[::1]:80"} {
 		if got := p.Requests[i].Target; got != want {
@@ -409,7 +410,7 @@ func TestWhenEnvironment(t *testing.T) {
 		{`value.id == 42.0`, true},
 		{`value.big > 1e19`, true},
 		{`"b" in value.tags && len(value.tags) == 2`, true},
-		{`value.nested.ok`, true},
+		{`value.nested.ok == true`, true},
 		{`value.absent == nil`, true},
 		{`value?.absent?.deeper == nil`, true},
 		{`raw startsWith "{" && len(raw) > 10`, true},
@@ -449,21 +450,26 @@ func TestWhenNullKey(t *testing.T) {
 	}
 }
 
-func TestWhenRuntimeErrorIsBadMessage(t *testing.T) {
+// TestWhenThatCannotEvaluateDoesNotMatch: a `when` that fails on a message
+// does not take it; the next route does, or ErrNoRoute names the failure.
+func TestWhenThatCannotEvaluateDoesNotMatch(t *testing.T) {
 	r := mustCompile(t,
 		req1("typed", `value.type == "x"`, "http://sink/", nil),
 		req1("catch-all", "", "http://sink/all", nil))
-	for _, v := range []string{`[1,2]`, `"str"`, `12`} {
-		_, err := r.Plan(msg("orders", v))
-		bad := badMessage(t, err)
-		if bad.Route != "typed" || bad.Index != -1 || !strings.HasPrefix(bad.Reason, "when: line 1, column ") {
-			t.Errorf("%s: %+v", v, bad)
-		}
-		if !strings.Contains(bad.Reason, "the value is a JSON ") {
-			t.Errorf("%s: Reason %q does not say what the value is", v, bad.Reason)
+	for _, v := range []string{`[1,2]`, `"str"`, `12`, `null`} {
+		if p := mustPlan(t, r, msg("orders", v)); p.Route != "catch-all" {
+			t.Errorf("%s: route %q, want catch-all", v, p.Route)
 		}
 	}
-	// The guard the package doc recommends.
+	alone := mustCompile(t, req1("typed", `value.type == "x"`, "http://sink/", nil))
+	for _, v := range []string{`[1,2]`, `"str"`, `12`} {
+		_, err := alone.Plan(msg("orders", v))
+		if !errors.Is(err, ErrNoRoute) || !strings.Contains(err.Error(), `route "typed": when: line 1, column `) ||
+			!strings.Contains(err.Error(), "the value is a JSON ") {
+			t.Errorf("%s: %v, want ErrNoRoute naming the failed when and what the value is", v, err)
+		}
+	}
+	// The guard the package doc used to recommend still works.
 	g := mustCompile(t, req1("guarded", `type(value) == "map" && value.type == "x"`, "http://sink/", nil))
 	for _, v := range []string{`[1,2]`, `"str"`, `12`, `null`, `{"type":"y"}`} {
 		if _, err := g.Plan(msg("orders", v)); err != ErrNoRoute {
@@ -473,14 +479,10 @@ func TestWhenRuntimeErrorIsBadMessage(t *testing.T) {
 	if _, err := g.Plan(msg("orders", `{"type":"x"}`)); err != nil {
 		t.Errorf("guarded: %v", err)
 	}
-	// null decodes to nil: value.type is then an error as well.
-	_, err := r.Plan(msg("orders", `null`))
-	badMessage(t, err)
 	// A string compared with a number.
 	r = mustCompile(t, req1("n", `value.n > 1`, "http://sink/", nil))
-	_, err = r.Plan(msg("orders", `{"n":"12"}`))
-	if bad := badMessage(t, err); !strings.Contains(bad.Reason, "string > int") {
-		t.Errorf("Reason = %q", bad.Reason)
+	if _, err := r.Plan(msg("orders", `{"n":"12"}`)); !errors.Is(err, ErrNoRoute) || !strings.Contains(err.Error(), "string > int") {
+		t.Errorf("Plan = %v", err)
 	}
 }
 
@@ -598,25 +600,23 @@ func TestRouteWithoutRequests(t *testing.T) {
 // ---- bad messages ----
 
 func TestNonJSONOnJSONRoute(t *testing.T) {
+	// A route whose `when` reads the value does not take a value that is
+	// not JSON: the next route does.
 	r := mustCompile(t,
 		req1("json-when", `value.type == "a"`, "http://sink/", nil),
 		req1("catch-all", "", "http://sink/all", nil))
 	for _, v := range []string{"not json", "", `{"type":"a"`, `{"type":"a"}x`, "\xff", `{"type":'a'}`, "{\"type\":\"a\x01\"}"} {
-		_, err := r.Plan(msg("orders", v))
-		bad := badMessage(t, err)
-		if bad.Route != "json-when" || bad.Index != -1 || !errors.Is(err, ErrNotJSON) {
-			t.Errorf("%q: %+v", v, bad)
-		}
-		if !strings.HasPrefix(bad.Reason, "when needs the value as JSON: ") {
-			t.Errorf("%q: Reason = %q", v, bad.Reason)
+		if p := mustPlan(t, r, msg("orders", v)); p.Route != "catch-all" {
+			t.Errorf("%q: route %q, want catch-all", v, p.Route)
 		}
 	}
+	r = mustCompile(t, req1("json-when", `value.type == "a"`, "http://sink/", nil))
 	_, err := r.Plan(msg("orders", ""))
-	if !strings.Contains(err.Error(), "the value is empty") {
+	if !errors.Is(err, ErrNoRoute) || !errors.Is(err, ErrNotJSON) || !strings.Contains(err.Error(), "the value is empty") {
 		t.Errorf("empty value: %v", err)
 	}
 	_, err = r.Plan(msg("orders", "nope"))
-	if want := `route "json-when": when needs the value as JSON: invalid character 'o' in literal null (expecting 'u') (offset 1)`; err.Error() != want {
+	if want := `no route matched the message (route "json-when": when needs the value as JSON: invalid character 'o' in literal null (expecting 'u') (offset 1))`; err.Error() != want {
 		t.Errorf("Error() = %q\nwant      %q", err, want)
 	}
 
@@ -692,14 +692,14 @@ func TestHeaderInjectionRejected(t *testing.T) {
 }
 
 func TestRenderedURLAndMethodChecked(t *testing.T) {
-	r := mustCompile(t, req1("r", "", "{{ .Value.u }}", nil))
-	for _, u := range []string{`http://sink/a\nb`, `ftp://sink/`, `/relative`, `http://%zz/`} {
+	r := mustCompile(t, req1("r", "", "http://sink/{{ raw .Value.u }}", nil))
+	for _, u := range []string{`a\nb`, `a%zz`, `a\u0000`} {
 		_, err := r.Plan(msg("orders", `{"u":"`+u+`"}`))
 		if !errors.Is(err, ErrInvalidRequest) {
 			t.Errorf("%s: %v, want ErrInvalidRequest", u, err)
 		}
 	}
-	if p := mustPlan(t, r, msg("orders", `{"u":"https://elsewhere:8443/x?y=1"}`)); p.Requests[0].URL != "https://elsewhere:8443/x?y=1" {
+	if p := mustPlan(t, r, msg("orders", `{"u":"x?y=1"}`)); p.Requests[0].URL != "http://sink/x?y=1" {
 		t.Errorf("URL = %q", p.Requests[0].URL)
 	}
 	r = mustCompile(t, config.Route{Name: "m", Requests: []config.Request{{Method: "{{ .Value.m }}", URL: "http://sink/"}}})
@@ -835,6 +835,10 @@ func FuzzPlan(f *testing.F) {
 			switch {
 			case err == nil:
 				for _, rq := range p.Requests {
+					// Every route sends to http://sink: no value moves a request elsewhere.
+					if u, err := url.Parse(rq.URL); err != nil || u.Host != "sink" || rq.Target != "sink:80" || strings.Contains("/"+u.EscapedPath()+"/", "/../") {
+						t.Fatalf("request %q (target %s) leaves http://sink/: %v", rq.URL, rq.Target, err)
+					}
 					for _, vs := range rq.Header {
 						for _, v := range vs {
 							if strings.ContainsAny(v, "\r\n") {
@@ -843,7 +847,7 @@ func FuzzPlan(f *testing.F) {
 						}
 					}
 				}
-			case err == ErrNoRoute:
+			case errors.Is(err, ErrNoRoute):
 			case errors.As(err, &bad):
 				if bad.Route == "" || bad.Reason == "" || bad.Err == nil {
 					t.Fatalf("incomplete BadMessageError: %#v", bad)
@@ -1001,9 +1005,9 @@ func TestSuffixPathsServeLaterRoutes(t *testing.T) {
 }
 
 func TestFixedOriginURLChecks(t *testing.T) {
-	r := mustCompile(t, req1("r", "", "http://sink:8081/orders/{{ .Value.p }}", nil))
-	if !r.routes[0].reqs[0].urlFixed {
-		t.Fatalf("origin not recognised as fixed")
+	r := mustCompile(t, req1("r", "", "http://sink:8081/orders/{{ raw .Value.p }}", nil))
+	if got := r.routes[0].reqs[0].target; got != "sink:8081" {
+		t.Fatalf("target %q, want sink:8081", got)
 	}
 	for _, tt := range []struct {
 		p  string
@@ -1014,16 +1018,162 @@ func TestFixedOriginURLChecks(t *testing.T) {
 			t.Errorf("%q: %v", tt.p, err)
 		}
 	}
-	for _, u := range []string{"http://{{ .Value.h }}/x", "{{ .Value.u }}", "http://sink{{ .Value.port }}/"} {
-		if r := mustCompile(t, req1("r", "", u, nil)); r.routes[0].reqs[0].urlFixed {
-			t.Errorf("%s: origin taken as fixed", u)
+	if _, err := Compile([]config.Route{req1("r", "", "ftp://sink/{{ .Key }}", nil)}, nil); err == nil {
+		t.Error("ftp URL template compiled")
+	}
+}
+
+// TestURLOriginIsConfiguration: a URL template whose scheme, host or port a
+// message could write is a compile error that names the url.
+func TestURLOriginIsConfiguration(t *testing.T) {
+	for _, u := range []string{
+		"http://sink:8081{{ .Value.x }}", // x = "@evil.example/" would choose the host
+		"http://{{ .Value.h }}/x",
+		"{{ .Value.u }}",
+		"{{ .Headers.origin }}/x",
+		"http://sink{{ .Value.port }}/",
+		"http{{ .Value.s }}://sink/",
+		"http://sink:{{ .Value.port }}/x",
+		"http://user:{{ .Key }}@sink/x",
+		"http://sink {{- .Key }}/x",
+		`{{ "http://sink/" }}{{ .Key }}`,
+	} {
+		_, err := Compile([]config.Route{req1("r", "", u, nil)}, nil)
+		var ce *CompileError
+		if !errors.As(err, &ce) || ce.Field != "requests[0].url" {
+			t.Errorf("%s: %v, want a compile error for requests[0].url", u, err)
 		}
 	}
-	if _, err := Compile([]config.Route{req1("r", "", "ftp://sink/{{ .Key }}", nil)}, nil); err != nil {
-		t.Errorf("a templated URL is checked when rendered, not compiled: %v", err)
+	// Not a template, and templates with an origin fixed by their text.
+	for _, u := range []string{"http://sink:8081/x", "http://sink:8081/{{ .Key }}", "http://sink?k={{ .Key }}", "https://sink#{{ .Key }}"} {
+		if _, err := Compile([]config.Route{req1("r", "", u, nil)}, nil); err != nil {
+			t.Errorf("%s: %v", u, err)
+		}
 	}
-	if _, err := mustCompile(t, req1("r", "", "ftp://sink/{{ .Key }}", nil)).Plan(msg("orders", "")); !errors.Is(err, ErrInvalidRequest) {
-		t.Errorf("ftp URL rendered: %v", err)
+	// A templated Host header would let a message choose the virtual host.
+	rt := req1("r", "", "http://sink/x", nil)
+	rt.Requests[0].Headers = map[string]string{"host": "{{ .Key }}"}
+	if _, err := Compile([]config.Route{rt}, nil); err == nil || !strings.Contains(err.Error(), "Host header") {
+		t.Errorf("templated Host header: %v", err)
+	}
+}
+
+// TestURLEscaping: whatever a message holds, its request goes to the
+// configured host, and each value stays in the path segment or the query
+// value it was written into.
+func TestURLEscaping(t *testing.T) {
+	tests := []struct {
+		url, value, want string // value: the JSON of .Value.x
+	}{
+		{"http://sink:8081/orders/{{ .Value.x }}", `"../admin?x="`, "http://sink:8081/orders/..%2Fadmin%3Fx="},
+		{"http://sink:8081/orders/{{ .Value.x }}", `"@evil.example/"`, "http://sink:8081/orders/@evil.example%2F"},
+		{"http://sink:8081/orders/{{ .Value.x }}/items", `"a/b#c%d"`, "http://sink:8081/orders/a%2Fb%23c%25d/items"},
+		{"http://sink:8081/orders/{{ .Value.x }}", `"a\r\nHost: evil"`, "http://sink:8081/orders/a%0D%0AHost:%20evil"},
+		{"http://sink:8081/o/{{ .Value.x }}", `"x\\y"`, "http://sink:8081/o/x%5Cy"},
+		{"http://sink:8081/o/{{ .Value.x }}", `12345678901234567890`, "http://sink:8081/o/12345678901234567890"},
+		{"http://sink:8081/o?q={{ .Value.x }}&r=1", `"a&admin=true#f"`, "http://sink:8081/o?q=a%26admin%3Dtrue%23f&r=1"},
+		{"http://sink:8081/o?q={{ .Value.x }}", `"a b+c"`, "http://sink:8081/o?q=a+b%2Bc"},
+		{"http://sink:8081/o?q={{ .Value.x }}", `1e+5`, "http://sink:8081/o?q=1e%2B5"},
+		{"http://sink:8081/o#{{ .Value.x }}", `"a#b"`, "http://sink:8081/o#a%23b"},
+		// Escaped by the template already: not escaped twice.
+		{"http://sink:8081/o/{{ .Value.x | pathescape }}", `"a b/c"`, "http://sink:8081/o/a%20b%2Fc"},
+		{"http://sink:8081/o/{{ urlquery .Value.x }}", `"a b/c"`, "http://sink:8081/o/a+b%2Fc"},
+		{"http://sink:8081/o?q={{ urlquery .Value.x }}", `"a&b"`, "http://sink:8081/o?q=a%26b"},
+		// pathescape keeps "&" and "=", which would add a query parameter.
+		{"http://sink:8081/o?q={{ pathescape .Value.x }}", `"a&admin=1"`, "http://sink:8081/o?q=a%26admin%3D1"},
+		// raw: as it is, for what the operator trusts.
+		{"http://sink:8081/{{ raw .Value.x }}", `"a/b?c=d"`, "http://sink:8081/a/b?c=d"},
+		{"http://sink:8081/{{ .Value.x | raw }}", `"a/b"`, "http://sink:8081/a/b"},
+		// Branches and loops, and actions the fast path does not render.
+		{"http://sink:8081/{{ if .Value.x }}{{ .Value.x }}{{ else }}none{{ end }}", `"a/b"`, "http://sink:8081/a%2Fb"},
+		{"http://sink:8081/{{ range .Value.x }}{{ . }}/{{ end }}", `["a?","b/"]`, "http://sink:8081/a%3F/b%2F/"},
+		{"http://sink:8081/{{ .Value.x | lower }}", `"A/B"`, "http://sink:8081/a%2Fb"},
+		{"http://sink:8081/{{ with $v := .Value.x }}{{ $v }}{{ end }}", `"a?b"`, "http://sink:8081/a%3Fb"},
+		{"http://sink:8081/{{ index .Value \"x\" }}", `null`, "http://sink:8081/"},
+		{"http://sink:8081/{{ .Value.x }}", `{"k":"a/b"}`, "http://sink:8081/map%5Bk:a%2Fb%5D"},
+	}
+	for _, tt := range tests {
+		r := mustCompile(t, req1("r", "", tt.url, nil))
+		for _, full := range []bool{false, true} {
+			if full {
+				forceFullDecode(r)
+				r.routes[0].reqs[0].url.segs = nil // text/template only
+			}
+			p, err := r.Plan(msg("orders", `{"x":`+tt.value+`}`))
+			if err != nil {
+				t.Errorf("%s with x = %s: %v", tt.url, tt.value, err)
+				continue
+			}
+			rq := p.Requests[0]
+			if rq.URL != tt.want {
+				t.Errorf("%s with x = %s (fast path %v): %q, want %q", tt.url, tt.value, !full, rq.URL, tt.want)
+			}
+			u, err := url.Parse(rq.URL)
+			if err != nil || u.Host != "sink:8081" || rq.Target != "sink:8081" {
+				t.Errorf("%s with x = %s: sent to %v (target %s), %v", tt.url, tt.value, u, rq.Target, err)
+			}
+		}
+	}
+	// The key and the headers are escaped too, on the fast path as well.
+	r := mustCompile(t, req1("r", "", "http://sink:8081/k/{{ .Key }}/{{ .Headers.h }}?t={{ .Topic }}", nil))
+	m := msg("orders", "{}")
+	m.Key, m.Headers = []byte("a/../b"), []Header{{Key: "h", Value: []byte("x?y")}}
+	if got := mustPlan(t, r, m).Requests[0].URL; got != "http://sink:8081/k/a%2F..%2Fb/x%3Fy?t=orders" {
+		t.Errorf("key and header: %q", got)
+	}
+}
+
+// TestURLDotSegments: a value that is a whole "." or ".." segment would be
+// resolved by the server: refused, raw or not, however spelled.
+func TestURLDotSegments(t *testing.T) {
+	r := mustCompile(t, config.Route{Name: "r", Topics: []string{"orders"}, Requests: []config.Request{{URL: "http://sink/orders/{{ .Value.x }}/items"}}},
+		config.Route{Name: "raw", Topics: []string{"users"}, Requests: []config.Request{{URL: "http://sink/o/{{ raw .Value.x }}?q=1"}}})
+	for _, x := range []string{"..", "."} {
+		_, err := r.Plan(msg("orders", `{"x":"`+x+`"}`))
+		if !errors.Is(err, ErrInvalidRequest) {
+			t.Errorf("orders with x = %q: %v, want ErrInvalidRequest", x, err)
+		}
+	}
+	for _, x := range []string{"a/../../admin", "..", "./x", "a/.", "%2e%2e/x"} {
+		_, err := r.Plan(msg("users", `{"x":"`+x+`"}`))
+		if !errors.Is(err, ErrInvalidRequest) {
+			t.Errorf("raw with x = %q: %v, want ErrInvalidRequest", x, err)
+		}
+	}
+	// Escaped, "%2e%2E" is no dot segment: the server sees %252e%252E.
+	for _, x := range []string{"...", "a..", "..a", ".a", "%2e%2E", ".%2E"} {
+		if _, err := r.Plan(msg("orders", `{"x":"`+x+`"}`)); err != nil {
+			t.Errorf("orders with x = %q: %v", x, err)
+		}
+	}
+	// Dots in the query are no segments.
+	q := mustCompile(t, req1("r", "", "http://sink/o?a={{ raw .Value.x }}", nil))
+	if _, err := q.Plan(msg("orders", `{"x":"/../.."}`)); err != nil {
+		t.Errorf("dots in the query: %v", err)
+	}
+}
+
+// TestURLTemplateShapes: what cannot be escaped is a compile error.
+func TestURLTemplateShapes(t *testing.T) {
+	for _, u := range []string{
+		`http://sink/{{ define "x" }}{{ .Key }}{{ end }}{{ template "x" . }}`,
+		`http://sink/{{ if .Key }}?a={{ .Key }}{{ end }}`,
+		`http://sink/{{ range .Value.x }}?{{ . }}{{ end }}`,
+		`http://sink/{{ with .Value.x }}#{{ . }}{{ else }}x{{ end }}`,
+	} {
+		_, err := Compile([]config.Route{req1("r", "", u, nil)}, nil)
+		var ce *CompileError
+		if !errors.As(err, &ce) || ce.Field != "requests[0].url" {
+			t.Errorf("%s: %v, want a compile error for requests[0].url", u, err)
+		}
+	}
+	for _, u := range []string{
+		`http://sink/{{ if .Key }}a?b={{ .Key }}{{ else }}?c{{ end }}`,
+		`http://sink/{{ $k := .Key }}{{ $k }}`,
+	} {
+		if _, err := Compile([]config.Route{req1("r", "", u, nil)}, nil); err != nil {
+			t.Errorf("%s: %v", u, err)
+		}
 	}
 }
 

@@ -174,11 +174,19 @@ func (st *state) renderFast(segs []segment) bool {
 		case fieldText:
 			b.WriteString(sg.text)
 		case fieldKey:
-			b.Write(m.Key)
+			if sg.esc == urlOrigin || plainInURL(m.Key) {
+				b.Write(m.Key)
+			} else {
+				writeURLText(b, string(m.Key), sg.esc)
+			}
 		case fieldRaw:
-			b.Write(m.Value)
+			if sg.esc == urlOrigin || plainInURL(m.Value) {
+				b.Write(m.Value)
+			} else {
+				writeURLText(b, string(m.Value), sg.esc)
+			}
 		case fieldTopic:
-			b.WriteString(m.Topic)
+			writeURLText(b, m.Topic, sg.esc)
 		case fieldPartition:
 			b.Write(strconv.AppendInt(b.AvailableBuffer(), int64(m.Partition), 10))
 		case fieldOffset:
@@ -188,7 +196,7 @@ func (st *state) renderFast(segs []segment) bool {
 			if !ok {
 				return false
 			}
-			b.WriteString(v)
+			writeURLText(b, v, sg.esc)
 		case fieldValue:
 			v := st.tval
 			for _, k := range sg.path {
@@ -202,9 +210,9 @@ func (st *state) renderFast(segs []segment) bool {
 			}
 			switch v := v.(type) {
 			case string:
-				b.WriteString(v)
+				writeURLText(b, v, sg.esc)
 			case json.Number:
-				b.WriteString(string(v))
+				writeURLText(b, string(v), sg.esc)
 			case int:
 				b.Write(strconv.AppendInt(b.AvailableBuffer(), int64(v), 10))
 			case bool:

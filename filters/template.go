@@ -1,6 +1,7 @@
 package filters
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,11 +83,12 @@ func (f dataField) needs() needs {
 }
 
 // segment is one piece of a template on the fast path: literal text, or a
-// field printed as text/template would print it.
+// field printed as text/template would print it, escaped as esc says.
 type segment struct {
 	field dataField
 	text  string   // fieldText
 	path  []string // fieldValue: map keys below .Value; fieldHeaders: the header
+	esc   urlPart  // in a URL, the part it prints into; urlOrigin: not escaped
 }
 
 // text is a compiled template (or a plain string).
@@ -117,13 +119,17 @@ func (tx *text) needs() needs {
 	return tx.need
 }
 
-// funcs are the functions templates have besides the builtins.
+// funcs are the functions templates have besides the builtins. The two
+// escapers are added to the actions of URL templates (see escapeURL).
 var funcs = template.FuncMap{
 	"json":       toJSON,
 	"pathescape": func(v any) string { return url.PathEscape(toString(v)) },
+	"raw":        toString,
 	"default":    defaultValue,
 	"lower":      func(v any) string { return strings.ToLower(toString(v)) },
 	"upper":      func(v any) string { return strings.ToUpper(toString(v)) },
+	escPathFunc:  func(v any) string { return url.PathEscape(toString(v)) },
+	escQueryFunc: func(v any) string { return url.QueryEscape(toString(v)) },
 }
 
 // compileText compiles src, named name in errors.
@@ -373,4 +379,189 @@ func isEmpty(v any) bool {
 		return rv.IsNil()
 	}
 	return rv.IsZero()
+}
+
+// Names of the escapers escapeURL adds to the actions of URL templates.
+const (
+	escPathFunc  = "_orderly_path_segment" // url.PathEscape
+	escQueryFunc = "_orderly_query"        // url.QueryEscape
+)
+
+// urlPart is the part of a URL a point of a URL template is in.
+type urlPart uint8
+
+const (
+	urlOrigin   urlPart = iota // scheme://host:port: configuration only
+	urlPath                    // output is escaped as one path segment
+	urlQuery                   // output is query-escaped
+	urlFragment                // output is query-escaped
+)
+
+// escapeURL makes the actions of the URL template tx, whose leading text
+// fixes its origin, escape their output for the part of the URL they print
+// into: as one path segment in the path ("/" "?" "#" "%" CR LF escaped), as a
+// query value in the query and the fragment. An action ending in raw is left
+// as it is; one ending in pathescape (in the path) or urlquery is escaped
+// already. It refuses a template where an action prints into the origin, a
+// {{ template }} call (its output could not be escaped), and branches or
+// loops that end in different parts of the URL.
+func escapeURL(tx *text) error {
+	e := urlEscaper{tree: tx.t.Tree, parts: map[*parse.ActionNode]urlPart{}}
+	if len(tx.t.Templates()) > 1 {
+		return errors.New("a url template cannot define templates: the output of {{ template }} could not be escaped")
+	}
+	e.list(tx.t.Tree.Root, urlOrigin)
+	if len(e.errs) > 0 {
+		return errors.Join(e.errs...)
+	}
+	// The fast path renders the same actions, one segment each, in order.
+	if tx.segs != nil {
+		for i, n := range tx.t.Tree.Root.Nodes {
+			if a, ok := n.(*parse.ActionNode); ok {
+				tx.segs[i].esc = e.parts[a]
+			}
+		}
+	}
+	return nil
+}
+
+// urlEscaper walks a URL template, following the URL part each point is in.
+type urlEscaper struct {
+	tree  *parse.Tree
+	parts map[*parse.ActionNode]urlPart // the part each printing action prints into
+	errs  []error
+}
+
+func (e *urlEscaper) fail(n parse.Node, format string, args ...any) {
+	loc, _ := e.tree.ErrorContext(n)
+	e.errs = append(e.errs, fmt.Errorf("template: %s: "+format, append([]any{loc}, args...)...))
+}
+
+// list walks l from part p and returns the part at its end.
+func (e *urlEscaper) list(l *parse.ListNode, p urlPart) urlPart {
+	if l == nil {
+		return p
+	}
+	for _, n := range l.Nodes {
+		p = e.node(n, p)
+	}
+	return p
+}
+
+func (e *urlEscaper) node(n parse.Node, p urlPart) urlPart {
+	switch n := n.(type) {
+	case *parse.TextNode:
+		return advanceURL(p, n.Text)
+	case *parse.ActionNode:
+		if len(n.Pipe.Decl) > 0 {
+			return p // {{ $x := ... }} prints nothing
+		}
+		if p == urlOrigin {
+			e.fail(n, "the scheme, host and port of a url must be literal text (an action there lets a message choose where the request goes)")
+			return p
+		}
+		e.escape(n, p)
+	case *parse.IfNode:
+		return e.branches(n, p, n.List, n.ElseList, "if")
+	case *parse.WithNode:
+		return e.branches(n, p, n.List, n.ElseList, "with")
+	case *parse.RangeNode:
+		// Any number of iterations, the else branch or nothing: all must
+		// end where the range began.
+		if e.list(n.List, p) != p || e.list(n.ElseList, p) != p {
+			e.fail(n, "the body of {{ range }} must not move from the path to the query or the fragment of the url")
+		}
+	case *parse.TemplateNode:
+		e.fail(n, "{{ template }} is not allowed in a url: its output could not be escaped")
+	}
+	return p
+}
+
+// branches walks the two branches of an if or with; they must end in the
+// same part.
+func (e *urlEscaper) branches(n parse.Node, p urlPart, then, els *parse.ListNode, what string) urlPart {
+	a, b := e.list(then, p), e.list(els, p)
+	if a != b {
+		e.fail(n, "the branches of {{ %s }} must end in the same part of the url (path, query or fragment)", what)
+	}
+	return a
+}
+
+// escape makes the action a, printing into part p, escape its output.
+func (e *urlEscaper) escape(a *parse.ActionNode, p urlPart) {
+	e.parts[a] = p
+	name := escPathFunc
+	if p != urlPath {
+		name = escQueryFunc
+	}
+	cmds := a.Pipe.Cmds
+	last := cmds[len(cmds)-1]
+	if id, ok := last.Args[0].(*parse.IdentifierNode); ok {
+		switch {
+		case id.Ident == "raw":
+			delete(e.parts, a)
+			return
+		case id.Ident == "urlquery", id.Ident == "pathescape" && p == urlPath:
+			// Escaped already, and what it keeps cannot leave the segment
+			// or the query value.
+			return
+		case id.Ident == "pathescape":
+			// Keeps & = + which would split a query value.
+			id.Ident = escQueryFunc
+			return
+		}
+	}
+	a.Pipe.Cmds = append(cmds, &parse.CommandNode{NodeType: parse.NodeCommand, Pos: last.Pos,
+		Args: []parse.Node{parse.NewIdentifier(name).SetTree(e.tree).SetPos(last.Pos)}})
+}
+
+// advanceURL returns the part of the URL after text s, starting in part p.
+// The origin ends at the first "/", "?" or "#" after "://".
+func advanceURL(p urlPart, s []byte) urlPart {
+	if p == urlOrigin {
+		i := bytes.Index(s, []byte("://"))
+		if i < 0 {
+			return p
+		}
+		s = s[i+3:]
+		j := bytes.IndexAny(s, "/?#")
+		if j < 0 {
+			return p
+		}
+		p, s = urlPath, s[j:]
+	}
+	for _, c := range s {
+		switch {
+		case c == '?' && p == urlPath:
+			p = urlQuery
+		case c == '#':
+			p = urlFragment
+		}
+	}
+	return p
+}
+
+// writeURLText writes s to b escaped for part p as the escaper functions
+// escape it (urlOrigin: as it is), allocating only when something needs
+// escaping.
+func writeURLText(b *bytes.Buffer, s string, p urlPart) {
+	switch {
+	case p == urlOrigin || plainInURL(s):
+		b.WriteString(s)
+	case p == urlPath:
+		b.WriteString(url.PathEscape(s))
+	default:
+		b.WriteString(url.QueryEscape(s))
+	}
+}
+
+// plainInURL reports whether v is made of unreserved characters only, which
+// no escaper changes.
+func plainInURL[T string | []byte](v T) bool {
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~') {
+			return false
+		}
+	}
+	return true
 }

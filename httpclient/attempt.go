@@ -28,6 +28,7 @@ var (
 
 // Reasons an attempt spent no attempt of max_attempts, as logged.
 const (
+	uncountedRetryAfter    = "retry_after"    // a 429 or 503 with Retry-After: the target asked for the wait
 	uncountedProbe         = "probe"          // a half-open probe
 	uncountedBreakerOpen   = "breaker_open"   // the breaker is open after the failure
 	uncountedTargetFailing = "target_failing" // another call failed since the target's last success
@@ -46,18 +47,32 @@ func unavailable(status int) bool {
 	return false
 }
 
+// breakerFailure reports whether an answer with status counts against the
+// target's breaker: a 5xx says the target is not well, but for 501, which
+// only says it does not implement what was asked. A 4xx (429 and 408
+// included) is about the request or the client, not the target's health.
+func breakerFailure(status int) bool {
+	return status >= 500 && status != http.StatusNotImplemented
+}
+
 // Attempt makes the next attempt of c and says what comes next: Delivered,
 // Retry after Step.After, Failed (permanent) or Canceled (ctx ended). It
 // waits while the target's breaker refuses (without counting an attempt) and
 // for the round trip itself, never for a backoff: that wait is the caller's.
-// A request that cannot be built at all fails at once.
+// While the target is paused by a Retry-After it sends nothing and returns
+// Retry with the rest of the pause, counting no attempt. A request that
+// cannot be built at all fails at once.
 func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if c.tg == nil {
 		if err := s.prepare(c); err != nil {
 			return Step{Outcome: Failed, Err: &Error{Permanent: true, Err: err}}
 		}
 	}
-	tg := c.tg
+	tg := s.acquire(c)
+	defer s.release(tg)
+	if wait := tg.paused(time.Now()); wait > 0 {
+		return Step{Outcome: Retry, After: wait}
+	}
 	var done func(error)
 	probe, trip := false, uint64(0)
 	if tg.breaker != nil {
@@ -65,6 +80,11 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		if done, err = s.admit(ctx, tg); err != nil {
 			return Step{Outcome: Canceled, Err: &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted,
 				Err: fmt.Errorf("unable to send %s: %w", c.what(), err)}}
+		}
+		// A Retry-After may have paused the target during the wait.
+		if wait := tg.paused(time.Now()); wait > 0 {
+			done(errExcluded)
+			return Step{Outcome: Retry, After: wait}
 		}
 		// Admitted while the breaker is not closed: a half-open probe. The
 		// trip record read now is that of the open period before it.
@@ -88,10 +108,17 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		// Decides which transport errors are hopeless (bad scheme, invalid
 		// header, untrusted certificate); the rest are retried.
 		retry, _ = retryablehttp.ErrorPropagatedRetryPolicy(ctx, nil, err)
-	case resp.StatusCode >= 500 || s.retryable(resp.StatusCode):
-		outcome, retry = errAttemptFailed, s.retryable(resp.StatusCode)
 	default:
-		tg.succeeded()
+		retry = s.retryable(resp.StatusCode)
+		switch {
+		case breakerFailure(resp.StatusCode):
+			outcome = errAttemptFailed
+		case retry:
+			// 429, 408, ...: neither a failure nor proof of health.
+			outcome = errExcluded
+		default:
+			tg.succeeded()
+		}
 	}
 	// A retryable failure goes on the health record before the breaker
 	// hears of it, so that a trip it causes knows which calls failed.
@@ -112,6 +139,13 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 			s.failing(tg, why)
 		}
 	}
+	// The target asked for a wait: no attempt to it starts before it ends.
+	var pause time.Duration
+	if retry && err == nil {
+		if pause = retryAfter(resp, s.maxRetryAfter); pause > 0 {
+			s.pause(tg, c, resp.StatusCode, pause)
+		}
+	}
 	if done != nil {
 		done(outcome)
 	}
@@ -127,6 +161,8 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if retry {
 		// c.id is set: a trip record of 0 (several calls) never matches it.
 		switch {
+		case pause > 0:
+			reason = uncountedRetryAfter
 		case probe && trip != c.id:
 			reason = uncountedProbe
 		case tg.breaker != nil && gobreaker.State(tg.state.Load()) == gobreaker.StateOpen && tg.soloTrip.Load() != c.id:
@@ -148,7 +184,23 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 				"request", c.what(), "attempts", c.attempts, "counted", c.counted, "status", c.status)
 		}
 	}
-	return s.verdict(ctx, c, resp, err, retry)
+	return s.verdict(ctx, c, resp, err, retry, pause)
+}
+
+// pause pauses tg for d after c was answered status with a Retry-After, and
+// logs a pause that starts (at most one line per target every 30 s).
+func (s *Sender) pause(tg *target, c *Call, status int, d time.Duration) {
+	now := time.Now()
+	if !tg.pause(now, d) {
+		return
+	}
+	tg.pauses.Inc()
+	last := tg.pauseLogged.Load()
+	if now.UnixNano()-last < int64(failingLogEvery) || !tg.pauseLogged.CompareAndSwap(last, now.UnixNano()) {
+		return
+	}
+	s.log.Warn("target paused: it answered with Retry-After, no request is sent to it until then",
+		"host", tg.host, "request", c.what(), "status", status, "pause", d.String())
 }
 
 // failingLogEvery spaces the log lines of a target's runs of failures.
@@ -203,9 +255,10 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 }
 
 // verdict classifies the attempt just made; retry says whether it failed in
-// a retryable way. The retries are exhausted once max_attempts attempts
+// a retryable way, pause how long the target asked to be left alone (0:
+// it did not). The retries are exhausted once max_attempts attempts
 // counted; the backoff grows with every attempt made.
-func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err error, retry bool) Step {
+func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err error, retry bool, pause time.Duration) Step {
 	if ctx.Err() != nil {
 		return Step{Outcome: Canceled, Err: c.canceled(ctx)}
 	}
@@ -234,7 +287,10 @@ func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err 
 		}
 		return fail(fmt.Errorf("%w after %s: %s answered %d", ErrRetriesExhausted, after, c.what(), resp.StatusCode))
 	}
-	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1, resp)}
+	if pause > 0 {
+		return Step{Outcome: Retry, After: pause}
+	}
+	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1)}
 }
 
 // withConnTrace attaches c's GotConn hook to ctx: it tells whether an
@@ -296,29 +352,34 @@ func (s *Sender) admit(ctx context.Context, tg *target) (func(error), error) {
 	}
 }
 
-// backoff is the wait before attempt number attempt+2 (attempt counts the
-// failed attempts before the last one). On 429 and 503 a Retry-After header
-// (seconds or HTTP-date) decides, capped at hi. Otherwise the wait is
-// exponential with equal jitter: ceiling = lo*2^attempt capped at hi, wait
-// uniformly in [ceiling/2, ceiling], never below lo.
-func backoff(lo, hi time.Duration, attempt int, resp *http.Response) time.Duration {
-	hi = max(hi, lo)
-	if resp != nil && (resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable) {
-		// Seconds beyond hi are capped here: go-retryablehttp multiplies
-		// them into a Duration unchecked, and a huge value wraps around
-		// to a short wait.
-		if v := resp.Header.Get("Retry-After"); v != "" {
-			if secs, err := strconv.ParseInt(v, 10, 64); err == nil && secs > int64(hi/time.Second) {
-				return hi
-			}
-		}
-		// With min = max = 0 DefaultBackoff returns exactly the parsed
-		// Retry-After, and 0 when there is none (or it is unparsable or in
-		// the past, which all mean: no server-imposed wait).
-		if ra := retryablehttp.DefaultBackoff(0, 0, 0, resp); ra > 0 {
-			return min(ra, hi)
-		}
+// retryAfter is the wait a 429 or 503 asks for in its Retry-After header
+// (seconds or HTTP-date, parsed by go-retryablehttp), capped at hi; 0 when
+// there is none, or it cannot be parsed, or it is not in the future.
+func retryAfter(resp *http.Response, hi time.Duration) time.Duration {
+	if resp == nil || (resp.StatusCode != http.StatusTooManyRequests && resp.StatusCode != http.StatusServiceUnavailable) {
+		return 0
 	}
+	v := resp.Header.Get("Retry-After")
+	if v == "" {
+		return 0
+	}
+	// Seconds beyond hi are capped here: go-retryablehttp multiplies them
+	// into a Duration unchecked, and a huge value wraps around to a short
+	// wait.
+	if secs, err := strconv.ParseInt(v, 10, 64); err == nil && secs > int64(hi/time.Second) {
+		return hi
+	}
+	// With min = max = 0 DefaultBackoff returns exactly the parsed
+	// Retry-After, and 0 when there is none.
+	return min(max(retryablehttp.DefaultBackoff(0, 0, 0, resp), 0), hi)
+}
+
+// backoff is the wait before attempt number attempt+2 (attempt counts the
+// failed attempts before the last one): exponential with equal jitter,
+// ceiling = lo*2^attempt capped at hi, wait uniformly in [ceiling/2,
+// ceiling], never below lo.
+func backoff(lo, hi time.Duration, attempt int) time.Duration {
+	hi = max(hi, lo)
 	ceiling := hi
 	if lo > 0 && attempt >= 0 && attempt < 62 {
 		if c := lo << attempt; c>>attempt == lo && c < hi {

@@ -26,13 +26,18 @@
 //     URL scheme, an invalid header or an untrusted certificate) is retried;
 //     anything else ends the call;
 //   - the backoff is exponential in the attempts made (counted or not),
-//     with equal jitter, kept within [initial_backoff, max_backoff]; on 429
-//     and 503 a Retry-After header (seconds or HTTP-date, parsed by
-//     go-retryablehttp) replaces it, capped at max_backoff (a Retry-After of
-//     0, or of a date in the past, leaves the exponential backoff);
+//     with equal jitter, kept within [initial_backoff, max_backoff];
+//   - a retryable 429 or 503 with a Retry-After header (seconds or
+//     HTTP-date, parsed by go-retryablehttp) pauses the whole target
+//     instead: no attempt to it starts until then (see "Retry-After"),
+//     capped at max_retry_after; a Retry-After of 0, or of a date in the
+//     past, leaves the exponential backoff;
 //   - the body is replayed from the request's []byte on every attempt (and
 //     through GetBody); the caller's slice is never consumed or modified;
-//   - redirects are not followed: a 3xx is an answer like any other.
+//   - redirects are not followed (the transport's RoundTrip is called, never
+//     an http.Client's Do): a 3xx is a permanent failure like any other
+//     status outside retry_statuses, so a target cannot send a request, its
+//     body and its headers elsewhere.
 //
 // go-retryablehttp supplies the policy pieces (error classification,
 // Retry-After parsing); its Client.Do loop is not used, because it sleeps
@@ -40,14 +45,16 @@
 //
 // One attempt:
 //
-//  1. wait until the target's circuit breaker admits a request (see below);
+//  1. return Retry at once while the target is paused by a Retry-After;
+//     else wait until its circuit breaker admits a request (see below);
 //  2. number the attempt, derive the per-attempt context (http.timeout);
 //  3. when the context carries a trace (a span, or a traceparent passed
 //     through), call Options.Propagate on a private copy of the headers;
 //  4. round trip on the tuned *http.Transport, then drain (up to 64 KiB) and
 //     close the response body so the connection goes back to the pool;
-//  5. put the outcome on the target's health record, report it to the
-//     breaker, record metrics, and decide whether the attempt counts.
+//  5. put the outcome on the target's health record, pause the target on a
+//     Retry-After, report the outcome to the breaker, record metrics, and
+//     decide whether the attempt counts.
 //
 // Because the breaker wait happens before the attempt is made, an open
 // breaker never consumes an attempt and never makes a request permanent: the
@@ -60,6 +67,8 @@
 // attempt counts toward it except a retryable failure (a retryable status or
 // a recoverable transport error) for which one of these holds:
 //
+//   - retry_after: a 429 or 503 with a Retry-After in the future (the
+//     target asked for the wait; see "Retry-After");
 //   - target_failing: since the target's last success (a 2xx, or any other
 //     answer the breaker counts as a success, such as a 400), another call
 //     also failed on it in a retryable way;
@@ -82,6 +91,19 @@
 // orderly_http_attempts_uncounted_total{host} and logged at debug with their
 // reason.
 //
+// # Retry-After
+//
+// A retryable 429 or 503 whose Retry-After lies in the future pauses its
+// target (host:port) until then, capped at http.retry.max_retry_after: the
+// answer spends no attempt, and until the pause ends every Attempt for that
+// target, of any call, returns Retry with the rest of the pause at once,
+// without sending, counting or touching the breaker (the dispatcher parks
+// the lane on a timer: no goroutine waits). Attempts already under way when
+// the answer arrives finish; another Retry-After can only lengthen the
+// pause. Other targets are unaffected. Pauses that start are counted in
+// orderly_http_retry_after_pauses_total{host} and logged at warn, at most
+// once per target every 30 s.
+//
 // # Outcomes
 //
 // A 2xx is success. Any other status outside retry_statuses (other 4xx,
@@ -99,11 +121,13 @@
 // within a rolling window of 10 s (ten 1 s buckets), at least min_requests
 // attempts completed and failures/completed >= failure_ratio, or when
 // consecutive_failures > 0 failures happened in a row. Failures are
-// transport errors, per-attempt timeouts, any 5xx and any status in
-// retry_statuses (429, 408, ...): the outcomes that say the target is not
-// well. A permanent 4xx is a success for the breaker (the target answered);
-// an attempt cut short because the caller's ctx is done (shutdown) is
-// excluded. It stays open for open_timeout, then admits half_open_requests
+// transport errors, per-attempt timeouts and every 5xx but 501: the
+// outcomes that say the target is not well. A 4xx and a 501 are answers
+// about the request: a retryable one (429, 408, 425) is excluded (neither
+// failure nor success, so a rate limit cannot open the breaker, nor close
+// it from half-open), any other (400, 404, 501, a 3xx) is a success for the
+// breaker (the target answered). An attempt cut short because the caller's
+// ctx is done (shutdown) is excluded too. It stays open for open_timeout, then admits half_open_requests
 // probes; that many consecutive successes close it, one failure reopens it.
 // A failed probe, and a failure that leaves the breaker open, spend no attempt
 // unless the breaker opened on that call alone (see "Outages are not
@@ -147,13 +171,25 @@
 // that are never picked again die at idle_conn_timeout. No background
 // goroutine is involved.
 //
+// # Targets over time
+//
+// The state kept per target (breaker, health record, pause, metric series)
+// is created on the first request to its host:port. A target with no
+// attempt under way and none for 5 minutes, and not paused, is forgotten
+// with its metric series (deleted from the registry) by a sweep that runs
+// when another target is created, at most once a minute; a call whose
+// target was forgotten while it waited moves to the host's new target. So
+// however many hosts messages name over time, the Sender keeps those used
+// in the last few minutes.
+//
 // # Metrics
 //
 // Per attempt: orderly_http_requests_total{host,status} (status is the code
 // or "error"), orderly_http_request_duration_seconds{host} (round trip plus
 // body drain, breaker wait excluded); orderly_http_retries_total{host} for
 // every attempt after the first; orderly_http_attempts_uncounted_total{host}
-// for every failed attempt that did not count toward max_attempts.
+// for every failed attempt that did not count toward max_attempts;
+// orderly_http_retry_after_pauses_total{host} for every pause that starts.
 package httpclient
 
 import (
@@ -167,6 +203,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -182,6 +219,7 @@ import (
 const (
 	defaultInitialBackoff  = 100 * time.Millisecond
 	defaultMaxBackoff      = 30 * time.Second
+	defaultMaxRetryAfter   = 10 * time.Minute
 	defaultIdleConnTimeout = 90 * time.Second
 	defaultOpenTimeout     = 15 * time.Second
 	// unlimitedIdlePerHost is MaxIdleConnsPerHost when max_conns_per_host is
@@ -279,6 +317,7 @@ type Sender struct {
 	maxAttempts    int           // 0 = unbounded
 	initialBackoff time.Duration
 	maxBackoff     time.Duration
+	maxRetryAfter  time.Duration
 	retryStatus    [600]bool // indexed by status code
 	breaker        config.Breaker
 	breakerPoll    time.Duration
@@ -286,8 +325,13 @@ type Sender struct {
 	transport *http.Transport
 	callIDs   atomic.Uint64 // the last id given to a failing call
 
-	mu      sync.RWMutex // protects targets
-	targets map[string]*target
+	// now is the clock of target idleness (tests replace it before the
+	// first attempt).
+	now func() time.Time
+
+	mu        sync.RWMutex // protects targets and lastSweep
+	targets   map[string]*target
+	lastSweep time.Time
 }
 
 // New builds a Sender. It panics if o.Metrics is nil. Zero durations in
@@ -312,6 +356,7 @@ func New(o Options) *Sender {
 		maxConnAge:  max(h.MaxConnAge.D(), 0),
 		maxAttempts: max(h.Retry.MaxAttempts, 0),
 		breaker:     h.Breaker,
+		now:         time.Now,
 		targets:     make(map[string]*target),
 	}
 	statuses := h.Retry.RetryStatuses
@@ -339,6 +384,10 @@ func New(o Options) *Sender {
 		s.maxBackoff = defaultMaxBackoff
 	}
 	s.maxBackoff = max(s.maxBackoff, s.initialBackoff)
+	s.maxRetryAfter = h.Retry.MaxRetryAfter.D()
+	if s.maxRetryAfter <= 0 {
+		s.maxRetryAfter = defaultMaxRetryAfter
+	}
 
 	s.transport = s.newTransport(h)
 	return s
@@ -517,7 +566,12 @@ func (s *Sender) prepare(c *Call) error {
 	}
 	u, err := url.Parse(r.URL)
 	if err != nil {
-		return fmt.Errorf("unable to build %s request: %w", r.Method, err)
+		// Not err itself: *url.Error quotes the whole URL, query included.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("unable to build %s request: invalid URL: %w", r.Method, err)
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
 		return fmt.Errorf("unable to build %s request: unsupported protocol scheme %q", r.Method, u.Scheme)
@@ -559,10 +613,17 @@ func (c *Call) newRequest(ctx context.Context, h http.Header) *http.Request {
 	return r.WithContext(ctx)
 }
 
-// what names c's request in error messages, without user info or query.
+// what names c's request in error messages and logs, without user info or
+// query.
 func (c *Call) what() string {
 	if c.u == nil {
-		return c.req.Method + " " + c.req.URL
+		u, _, _ := strings.Cut(c.req.URL, "?")
+		if scheme, rest, ok := strings.Cut(u, "://"); ok {
+			if i := strings.IndexByte(rest, '@'); i >= 0 && !strings.Contains(rest[:i], "/") {
+				u = scheme + "://" + rest[i+1:]
+			}
+		}
+		return c.req.Method + " " + u
 	}
 	return c.req.Method + " " + safeURL(c.u)
 }

@@ -389,7 +389,7 @@ func TestSendRetryAfterIsCapped(t *testing.T) {
 		}
 	})
 	h := baseHTTP()
-	h.Retry.MaxBackoff = d(50 * time.Millisecond)
+	h.Retry.MaxRetryAfter = d(50 * time.Millisecond)
 	s, _ := newTestSender(t, h, nil)
 	done := make(chan error, 1)
 	go func() {
@@ -402,7 +402,7 @@ func TestSendRetryAfterIsCapped(t *testing.T) {
 			t.Fatal(err)
 		}
 	case <-time.After(20 * time.Second):
-		t.Fatal("Retry-After: 3600 was not capped at max_backoff")
+		t.Fatal("Retry-After: 3600 was not capped at max_retry_after")
 	}
 }
 
@@ -411,39 +411,49 @@ func TestBackoffBounds(t *testing.T) {
 	for attempt := range 200 {
 		ceiling := min(lo<<min(attempt, 30), hi)
 		for range 20 {
-			w := backoff(lo, hi, attempt, nil)
+			w := backoff(lo, hi, attempt)
 			if w < lo || w > hi || w < ceiling/2 || w > ceiling {
 				t.Fatalf("attempt %d: wait %s outside [max(%s, %s/2), %s]", attempt, w, lo, ceiling, ceiling)
 			}
 		}
 	}
-	resp := &http.Response{StatusCode: 429, Header: http.Header{"Retry-After": {"7"}}}
-	if w := backoff(lo, hi, 0, resp); w != hi {
-		t.Fatalf("Retry-After 7s with max 2s waited %s", w)
-	}
-	resp.Header.Set("Retry-After", "1")
-	if w := backoff(lo, hi, 5, resp); w != time.Second {
-		t.Fatalf("Retry-After 1s waited %s", w)
-	}
-	resp.StatusCode = 500 // Retry-After only counts on 429 and 503
-	if w := backoff(lo, hi, 0, resp); w != lo {
-		t.Fatalf("500 with Retry-After waited %s, want the backoff %s", w, lo)
-	}
-	resp = &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {"soon"}}}
-	if w := backoff(lo, hi, 0, resp); w != lo {
-		t.Fatalf("unparsable Retry-After waited %s, want the backoff %s", w, lo)
-	}
-	// Seconds that overflow a Duration once multiplied still mean "long":
-	// capped at max, never wrapped around to a short wait.
-	for _, v := range []string{"9223372037", "18446744074", "9223372036854775807"} {
-		resp = &http.Response{StatusCode: 503, Header: http.Header{"Retry-After": {v}}}
-		if w := backoff(lo, hi, 0, resp); w != hi {
-			t.Fatalf("Retry-After %s waited %s, want the max %s", v, w, hi)
+}
+
+func TestRetryAfterParsing(t *testing.T) {
+	hi := 2 * time.Second
+	for _, tc := range []struct {
+		status int
+		value  string
+		want   time.Duration
+	}{
+		{429, "7", hi},
+		{429, "1", time.Second},
+		{503, "1", time.Second},
+		{500, "1", 0}, // Retry-After only counts on 429 and 503
+		{503, "soon", 0},
+		{503, "0", 0},
+		{503, "-3", 0},
+		{429, "", 0},
+		{429, "Fri, 31 Dec 1999 23:59:59 GMT", 0}, // in the past
+		// Seconds that overflow a Duration once multiplied still mean
+		// "long": capped, never wrapped around to a short wait.
+		{503, "9223372037", hi},
+		{503, "18446744074", hi},
+		{503, "9223372036854775807", hi},
+		{429, "Fri, 31 Dec 9999 23:59:59 GMT", hi},
+	} {
+		resp := &http.Response{StatusCode: tc.status, Header: http.Header{}}
+		if tc.value != "" {
+			resp.Header.Set("Retry-After", tc.value)
+		}
+		if got := retryAfter(resp, hi); got != tc.want {
+			t.Errorf("%d with Retry-After %q: wait %s, want %s", tc.status, tc.value, got, tc.want)
 		}
 	}
-	resp = &http.Response{StatusCode: 429, Header: http.Header{"Retry-After": {"Fri, 31 Dec 9999 23:59:59 GMT"}}}
-	if w := backoff(lo, hi, 0, resp); w != hi {
-		t.Fatalf("Retry-After far in the future waited %s, want the max %s", w, hi)
+	// An HTTP-date a few seconds ahead (one-second resolution).
+	resp := &http.Response{StatusCode: 429, Header: http.Header{"Retry-After": {time.Now().Add(5 * time.Second).UTC().Format(http.TimeFormat)}}}
+	if got := retryAfter(resp, time.Minute); got < 3*time.Second || got > 5*time.Second {
+		t.Errorf("HTTP-date 5s ahead: wait %s", got)
 	}
 }
 

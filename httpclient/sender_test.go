@@ -183,7 +183,7 @@ func TestRetryAfterDateIsCapped(t *testing.T) {
 		return false
 	}
 	c := testConfig()
-	c.Retry.MaxBackoff.Duration = 300 * time.Millisecond
+	c.Retry.MaxRetryAfter.Duration = 300 * time.Millisecond
 	s, _ := newSender(t, c)
 	if _, err := s.Send(context.Background(), req(srv.URL), "k"); err != nil {
 		t.Fatal(err)
@@ -193,7 +193,7 @@ func TestRetryAfterDateIsCapped(t *testing.T) {
 		t.Fatalf("HTTP-date Retry-After ignored: retried after %s", gap)
 	}
 	if gap > 30*time.Second {
-		t.Fatalf("Retry-After not capped at max_backoff: %s", gap)
+		t.Fatalf("Retry-After not capped at max_retry_after: %s", gap)
 	}
 }
 
@@ -294,7 +294,7 @@ func TestBreaker(t *testing.T) {
 	}
 	c := testConfig()
 	c.Breaker = config.Breaker{Enabled: true, FailureRatio: 0.5, MinRequests: 5, ConsecutiveFailures: 0,
-		OpenTimeout: config.Duration{Duration: 200 * time.Millisecond}, HalfOpenRequests: 1}
+		OpenTimeout: config.Duration{Duration: 2 * time.Second}, HalfOpenRequests: 1} // 2 s: the 50 ms look below must fall inside it on a busy machine
 	c.Retry.MaxAttempts = 3
 	s, m := newSender(t, c)
 	host := srv.Listener.Addr().String()
@@ -317,7 +317,7 @@ func TestBreaker(t *testing.T) {
 		_, err := s.Send(context.Background(), req(srv.URL), "k")
 		done <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // not an assertion: the breaker is open for 200 ms
+	time.Sleep(50 * time.Millisecond) // not an assertion: the breaker is open for 2 s
 	if srv.count() != before {
 		t.Fatalf("a request reached the target while the breaker was open")
 	}

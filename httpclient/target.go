@@ -22,14 +22,30 @@ const (
 	breakerBucket   = time.Second
 )
 
-// target is the state kept per host:port: its breaker, its health record
-// and metric handles. Targets live as long as the Sender (one per distinct
-// host:port a route sends to, a small set).
+// A target with no attempt under way for targetIdle is forgotten, with its
+// metric series, by the next sweep; sweeps run when a target is created, at
+// most every sweepEvery. So the targets kept are those used lately, however
+// many hosts the messages name over time.
+const (
+	targetIdle = 5 * time.Minute
+	sweepEvery = time.Minute
+)
+
+// monoEpoch is the origin of the monotonic times a target records.
+var monoEpoch = time.Now()
+
+// mono is t in nanoseconds since monoEpoch, on the monotonic clock.
+func mono(t time.Time) int64 { return int64(t.Sub(monoEpoch)) }
+
+// target is the state kept per host:port: its breaker, its health record,
+// its Retry-After pause and metric handles. A target lives while it is used
+// (see targetIdle); a Call that finds its target forgotten moves to the
+// host's new one.
 //
 // Lock order: the breaker's internal mutex, then target.mu or target.hmu
 // (OnStateChange runs under the former and takes the latter); nothing calls
 // into the breaker while holding target.mu or target.hmu. Sender.mu is only
-// held to create targets.
+// held to create and forget targets.
 type target struct {
 	host      string
 	breaker   *gobreaker.TwoStepCircuitBreaker[struct{}] // nil when breakers are disabled
@@ -37,6 +53,7 @@ type target struct {
 	retries   prometheus.Counter
 	uncounted prometheus.Counter
 	errors    prometheus.Counter
+	pauses    prometheus.Counter
 	requests  *prometheus.CounterVec // orderly_http_requests_total
 	// statuses caches orderly_http_requests_total by status code (100..599),
 	// resolved on first sight of a code: no lock per attempt.
@@ -66,9 +83,22 @@ type target struct {
 	// breaker (it was the only call that failed since the last success), 0
 	// when several calls (or none known) had failed.
 	soloTrip atomic.Uint64
+
+	// pausedUntil is when the last Retry-After pause ends (mono), 0 if
+	// there was none; pauseLogged is when a pause was last logged (unix
+	// nanoseconds).
+	pausedUntil atomic.Int64
+	pauseLogged atomic.Int64
+
+	// refs counts the attempts under way, -1 once the target is forgotten;
+	// lastUsed is when one last began or ended (Sender.now, unix
+	// nanoseconds).
+	refs     atomic.Int64
+	lastUsed atomic.Int64
 }
 
-// target returns the state of host, creating it on first use.
+// target returns the state of host, creating it on first use (and then
+// sweeping idle targets, at most every sweepEvery).
 func (s *Sender) target(host string) *target {
 	s.mu.RLock()
 	t := s.targets[host]
@@ -81,6 +111,10 @@ func (s *Sender) target(host string) *target {
 	if t = s.targets[host]; t != nil {
 		return t
 	}
+	now := s.now()
+	if now.Sub(s.lastSweep) >= sweepEvery {
+		s.sweepLocked(now)
+	}
 	m := s.metrics
 	t = &target{
 		host:      host,
@@ -88,9 +122,11 @@ func (s *Sender) target(host string) *target {
 		retries:   m.HTTPRetries.WithLabelValues(host),
 		uncounted: m.HTTPUncounted.WithLabelValues(host),
 		errors:    m.HTTPRequests.WithLabelValues(host, "error"),
+		pauses:    m.HTTPPauses.WithLabelValues(host),
 		requests:  m.HTTPRequests,
 		changed:   make(chan struct{}),
 	}
+	t.lastUsed.Store(now.UnixNano())
 	if b := s.breaker; b.Enabled {
 		t.breaker = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 			Name:         host,
@@ -115,6 +151,81 @@ func (s *Sender) target(host string) *target {
 	}
 	s.targets[host] = t
 	return t
+}
+
+// sweepLocked forgets the targets with no attempt under way and none for
+// targetIdle, unless paused, and deletes their metric series. The caller
+// holds s.mu for writing.
+func (s *Sender) sweepLocked(now time.Time) {
+	s.lastSweep = now
+	idleSince := now.Add(-targetIdle).UnixNano()
+	for host, t := range s.targets {
+		if t.lastUsed.Load() > idleSince || t.paused(time.Now()) > 0 || !t.refs.CompareAndSwap(0, -1) {
+			continue
+		}
+		// An attempt may have begun and ended since lastUsed was read.
+		if t.lastUsed.Load() > idleSince {
+			t.refs.Store(0)
+			continue
+		}
+		delete(s.targets, host)
+		m, l := s.metrics, prometheus.Labels{"host": host}
+		m.HTTPRequests.DeletePartialMatch(l)
+		m.HTTPDuration.DeleteLabelValues(host)
+		m.HTTPRetries.DeleteLabelValues(host)
+		m.HTTPUncounted.DeleteLabelValues(host)
+		m.HTTPPauses.DeleteLabelValues(host)
+		m.BreakerState.DeleteLabelValues(host)
+		m.BreakerChanges.DeletePartialMatch(l)
+	}
+}
+
+// acquire takes c's target for one attempt. A call whose target was
+// forgotten meanwhile moves to the host's current one, where its run of
+// failures starts afresh.
+func (s *Sender) acquire(c *Call) *target {
+	for {
+		t := c.tg
+		n := t.refs.Load()
+		if n >= 0 {
+			if t.refs.CompareAndSwap(n, n+1) {
+				return t
+			}
+			continue
+		}
+		c.tg, c.failing = s.target(t.host), false
+	}
+}
+
+// release ends an attempt that acquire began.
+func (s *Sender) release(t *target) {
+	t.lastUsed.Store(s.now().UnixNano())
+	t.refs.Add(-1)
+}
+
+// paused returns how much of the target's Retry-After pause is left at
+// now, 0 when it is not paused.
+func (t *target) paused(now time.Time) time.Duration {
+	until := t.pausedUntil.Load()
+	if until == 0 {
+		return 0
+	}
+	return max(time.Duration(until-mono(now)), 0)
+}
+
+// pause makes the target's pause last at least until now+d, and reports
+// whether this starts a pause (the target was not paused at now).
+func (t *target) pause(now time.Time, d time.Duration) bool {
+	n, until := mono(now), mono(now.Add(d))
+	for {
+		old := t.pausedUntil.Load()
+		if old >= until {
+			return false
+		}
+		if t.pausedUntil.CompareAndSwap(old, until) {
+			return old <= n
+		}
+	}
 }
 
 func (s *Sender) breakerChanged(t *target, from, to gobreaker.State) {

@@ -64,7 +64,9 @@ const (
 //   - "<METHOD>", kind CLIENT, one per HTTP attempt (StartAttempt, ended by
 //     EndAttempt), a child of the message span. Attributes:
 //     http.request.method (or _OTHER plus http.request.method_original),
-//     url.full (user info redacted), server.address, server.port,
+//     url.full (user info and query values redacted: an API key in a
+//     query must not reach the tracing backend; no fragment),
+//     server.address, server.port,
 //     http.request.resend_count (attempt-1, from the second attempt on),
 //     http.response.status_code, and error.type on failure. Status is Error
 //     for a transport error and for any status >= 400 (the convention for
@@ -322,7 +324,7 @@ func (t *Tracing) StartAttempt(ctx context.Context, method, rawURL string, attem
 		if u, err := url.Parse(rawURL); err == nil {
 			setURL(span, u)
 		} else {
-			span.SetAttributes(semconv.URLFull(rawURL))
+			span.SetAttributes(semconv.URLFull(redactRawURL(rawURL)))
 		}
 	}
 	return ctx, span
@@ -365,13 +367,19 @@ func knownMethod(m string) bool {
 	return false
 }
 
-// setURL sets url.full (user info redacted, as the convention requires),
+// setURL sets url.full (user info redacted, as the convention requires, and
+// query values too, which may carry credentials; no fragment),
 // server.address and server.port.
 func setURL(span trace.Span, u *url.URL) {
 	full := u
-	if u.User != nil {
+	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
 		c := *u
-		c.User = url.UserPassword("REDACTED", "REDACTED")
+		if u.User != nil {
+			c.User = url.UserPassword("REDACTED", "REDACTED")
+		}
+		c.RawQuery = redactQuery(u.RawQuery)
+		c.ForceQuery = false
+		c.Fragment, c.RawFragment = "", ""
 		full = &c
 	}
 	port := 0
@@ -390,6 +398,46 @@ func setURL(span trace.Span, u *url.URL) {
 		attrs = append(attrs, semconv.ServerPort(port))
 	}
 	span.SetAttributes(attrs...)
+}
+
+// redactQuery keeps the names of a raw query and replaces every value with
+// REDACTED: "key=s3cret&page=2" becomes "key=REDACTED&page=REDACTED".
+func redactQuery(q string) string {
+	if q == "" {
+		return ""
+	}
+	var b strings.Builder
+	for i, part := range strings.Split(q, "&") {
+		if i > 0 {
+			b.WriteByte('&')
+		}
+		name, _, hasValue := strings.Cut(part, "=")
+		b.WriteString(name)
+		if hasValue {
+			b.WriteString("=REDACTED")
+		}
+	}
+	return b.String()
+}
+
+// redactRawURL is url.full for a URL that does not parse: everything from
+// the first "?" or "#" is dropped, and user info is redacted.
+func redactRawURL(s string) string {
+	if i := strings.IndexAny(s, "?#"); i >= 0 {
+		s = s[:i]
+	}
+	scheme, rest, ok := strings.Cut(s, "://")
+	if !ok {
+		return s
+	}
+	host, path := rest, ""
+	if i := strings.IndexByte(rest, '/'); i >= 0 {
+		host, path = rest[:i], rest[i:]
+	}
+	if i := strings.LastIndexByte(host, '@'); i >= 0 {
+		host = "REDACTED:REDACTED@" + host[i+1:]
+	}
+	return scheme + "://" + host + path
 }
 
 // EndAttempt records the attempt's outcome and ends its span: the status

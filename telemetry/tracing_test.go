@@ -3,6 +3,7 @@ package telemetry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -196,7 +197,7 @@ func TestAttemptSpans(t *testing.T) {
 	}
 	wantAttrs(t, "attempt 1", s1.Attributes(), map[string]any{
 		"http.request.method":       "POST",
-		"url.full":                  "http://REDACTED:REDACTED@target.example:8081/orders/1?x=1",
+		"url.full":                  "http://REDACTED:REDACTED@target.example:8081/orders/1?x=REDACTED",
 		"server.address":            "target.example",
 		"server.port":               int64(8081),
 		"http.response.status_code": int64(503),
@@ -471,4 +472,34 @@ func TestSetupTracingRatioZero(t *testing.T) {
 	// Ending it would queue it for export to the unreachable endpoint;
 	// shutdown is cancelled anyway.
 	span.End()
+}
+
+// TestAttemptURLRedacted: query values, user info and fragments never reach
+// the span, parsed or not.
+func TestAttemptURLRedacted(t *testing.T) {
+	tr, rec := recordingTracing(t, nil)
+	ctx := context.Background()
+	_, a1 := tr.StartAttempt(ctx, "POST", "https://bob:s3cret@target.example/x?api_key=s3cret&flag&page=2#s3cret", 1)
+	EndAttempt(a1, 200, nil)
+	u, _ := url.Parse("http://target.example:8081/o?token=s3cret")
+	_, a2 := tr.StartAttemptURL(ctx, "POST", u, 1)
+	EndAttempt(a2, 200, nil)
+	_, a3 := tr.StartAttempt(ctx, "POST", "http://bob:s3cret@target.example/%zz?key=s3cret", 1)
+	EndAttempt(a3, 200, nil)
+	spans := rec.Ended()
+	if len(spans) != 3 {
+		t.Fatalf("%d spans, want 3", len(spans))
+	}
+	for i, want := range []string{
+		"https://REDACTED:REDACTED@target.example/x?api_key=REDACTED&flag&page=REDACTED",
+		"http://target.example:8081/o?token=REDACTED",
+		"http://REDACTED:REDACTED@target.example/%zz",
+	} {
+		wantAttrs(t, fmt.Sprintf("attempt %d", i+1), spans[i].Attributes(), map[string]any{"url.full": want})
+		for _, kv := range spans[i].Attributes() {
+			if strings.Contains(kv.Value.Emit(), "s3cret") {
+				t.Errorf("attempt %d: %s = %q holds the secret", i+1, kv.Key, kv.Value.Emit())
+			}
+		}
+	}
 }

@@ -10,9 +10,11 @@
 //
 // The steps are:
 //
-//   - Strict decoding with go-toml: a syntax or type error stops there (with
-//     line and column); unknown keys are collected and reported together
-//     with the validation problems.
+//   - Strict decoding with go-toml: a syntax error stops there (with line
+//     and column); a value of the wrong type is reported and left out (its
+//     key keeps its default), and the rest is decoded and checked. Unknown
+//     keys are collected and reported together with the validation
+//     problems.
 //   - Defaults: the file is decoded onto Defaults(), so a key that is absent
 //     keeps its default and a key that is present, even with a zero value
 //     (max_attempts = 0, enabled = false, topic = "", sample_ratio = 0.0),
@@ -39,7 +41,8 @@
 // containing quotes or newlines cannot change the structure of the file.
 //
 // `when` expressions and templates are not compiled here: package filters
-// does that.
+// does that, through a Check given to Load or Parse, so that its problems
+// come in the same list, with their file, line and key.
 package config
 
 import (
@@ -51,6 +54,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -91,6 +95,7 @@ func Defaults() Config {
 				InitialBackoff: dur(100 * time.Millisecond),
 				MaxBackoff:     dur(30 * time.Second),
 				RetryStatuses:  []int{408, 425, 429, 500, 502, 503, 504},
+				MaxRetryAfter:  dur(10 * time.Minute),
 			},
 			Breaker: Breaker{
 				Enabled:             true,
@@ -110,61 +115,202 @@ func Defaults() Config {
 
 func dur(d time.Duration) Duration { return Duration{d} }
 
-// Load reads the file at path and parses it with Parse. Every error it
-// returns is an Errors; a file that cannot be read gives one whose Err is
-// the *fs.PathError.
-func Load(path string) (*Config, error) {
+// Load reads the file at path and parses it with Parse, running checks
+// too. Every error it returns is an Errors; a file that cannot be read
+// gives one whose Err is the *fs.PathError.
+func Load(path string, checks ...Check) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, Errors{{File: path, Msg: "unable to read the configuration: " + err.Error(), Err: err}}
 	}
-	return Parse(data, path)
+	return Parse(data, path, checks...)
 }
 
+// A Check checks what this package cannot judge itself: cmd/orderly passes
+// one that compiles the routes' `when` expressions and templates with
+// package filters (which imports this one). Parse runs each check once the
+// values are decoded, even when they have other problems, so that one run
+// reports everything. A check returns nil or the problems it found, as an
+// Errors, errors joined with errors.Join, or one error; build them with
+// Config.ErrorAt to give them their file, line and key.
+type Check func(*Config) error
+
 // Parse decodes a configuration (filename is only used in messages), applies
-// defaults, expands ${NAME} references, converts kafka.properties and
-// validates the result. It returns the configuration, or nil and an Errors
-// listing every problem found. Parse never panics on any input.
-func Parse(data []byte, filename string) (*Config, error) {
+// defaults, expands ${NAME} references, converts kafka.properties, validates
+// the result and runs checks. It returns the configuration, or nil and an
+// Errors listing every problem found. A value of the wrong type does not
+// stop it: the value is left out (its key keeps its default) and the rest
+// is decoded and checked; only a syntax error stops decoding. Parse never
+// panics on any input.
+func Parse(data []byte, filename string, checks ...Check) (*Config, error) {
 	src := scan(filename, data)
-	if len(src.typeIssues) > 0 {
-		// Decoding would fail without a position, or quietly succeed.
-		return nil, src.render(src.typeIssues, src.routeName)
+	errs := src.render(src.typeIssues, src.routeName)
+	// Values decoding would mishandle are blanked out, and so is each
+	// value decoding rejects, until it takes the rest.
+	var blanked []keyPath
+	doc, copied := data, false
+	stop := false
+	blank := func(i int) bool {
+		if !src.blankable(i) {
+			return false
+		}
+		if !copied {
+			doc, copied = bytes.Clone(data), true
+		}
+		src.blank(doc, i)
+		blanked = append(blanked, src.spans[i].p)
+		return true
+	}
+	for _, is := range src.typeIssues {
+		if !blank(is.span) {
+			stop = true
+		}
 	}
 	cfg := Defaults()
-	dec := toml.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var errs Errors
-	if err := dec.Decode(&cfg); err != nil {
+	for attempt := 0; !stop; attempt++ {
+		cfg = Defaults()
+		dec := toml.NewDecoder(bytes.NewReader(doc))
+		dec.DisallowUnknownFields()
+		err := dec.Decode(&cfg)
+		if err == nil {
+			break
+		}
 		var missing *toml.StrictMissingError
-		if !errors.As(err, &missing) {
-			// A syntax or type error: decoding stopped part-way, so the
-			// values cannot be judged.
-			return nil, Errors{src.decodeError(err)}
+		if errors.As(err, &missing) {
+			// Everything else was decoded: report the unknown keys together
+			// with the rest.
+			for i := range missing.Errors {
+				errs = append(errs, src.unknownKey(&missing.Errors[i], cfg.routeName))
+			}
+			break
 		}
-		// Everything else was decoded: report the unknown keys together
-		// with the rest.
-		for i := range missing.Errors {
-			errs = append(errs, src.unknownKey(&missing.Errors[i], cfg.routeName))
+		// A syntax or type error: decoding stopped there. Without the
+		// value (a type error), it may go on.
+		fe := src.decodeError(err)
+		errs = append(errs, fe)
+		var de *toml.DecodeError
+		if !errors.As(err, &de) || fe.Key == "" || attempt >= maxDecodeAttempts {
+			stop = true
+			break
 		}
+		if line, col := de.Position(); !blank(src.spanAt(line, col)) {
+			stop = true
+		}
+	}
+	sortByPosition(errs)
+	if stop {
+		// The values cannot all be judged.
+		return nil, errs
 	}
 	cfg.src = src
 	cfg.UnsetEnv = src.unset
 	expandValue(reflect.ValueOf(&cfg).Elem())
 	cfg.setDefaults()
 	errs = append(errs, src.render(src.envIssues, cfg.routeName)...)
-	if err := cfg.Validate(); err != nil {
-		var verrs Errors
-		if errors.As(err, &verrs) {
-			errs = append(errs, verrs...)
-		} else {
-			errs = append(errs, &FieldError{File: filename, Msg: err.Error(), Err: err})
+	v := &validator{c: &cfg, skip: blanked}
+	v.all()
+	errs = append(errs, v.errs...)
+	for _, check := range checks {
+		for _, e := range flatten(check(&cfg)) {
+			var fe *FieldError
+			if !errors.As(e, &fe) {
+				fe = &FieldError{File: filename, Msg: e.Error(), Err: e}
+			}
+			if !covered(fe.path, blanked, errs) {
+				errs = append(errs, fe)
+			}
 		}
 	}
 	if len(errs) > 0 {
 		return nil, errs
 	}
 	return &cfg, nil
+}
+
+// maxDecodeAttempts bounds the values of the wrong type Parse leaves out
+// before it gives up on decoding the rest: each costs a decoding of the
+// whole file.
+const maxDecodeAttempts = 50
+
+// flatten returns the errors err holds: those of an Errors or of
+// errors.Join, err itself otherwise; none for nil.
+func flatten(err error) []error {
+	switch e := err.(type) {
+	case nil:
+		return nil
+	case Errors:
+		return e.Unwrap()
+	case interface{ Unwrap() []error }:
+		var all []error
+		for _, x := range e.Unwrap() {
+			all = append(all, flatten(x)...)
+		}
+		return all
+	}
+	return []error{err}
+}
+
+// covered reports whether a problem at p follows from one already
+// reported: p lies in a value left out (blanked), or an error in errs is
+// at p, inside it or around it (package filters and Validate both check
+// route names, topics, URLs and header names).
+func covered(p keyPath, blanked []keyPath, errs Errors) bool {
+	if p == nil {
+		return false
+	}
+	if under(p, blanked) {
+		return true
+	}
+	for _, e := range errs {
+		if e.path != nil && (p.hasPrefix(e.path) || e.path.hasPrefix(p)) {
+			return true
+		}
+	}
+	return false
+}
+
+// under reports whether p is one of paths or inside one.
+func under(p keyPath, paths []keyPath) bool {
+	for _, q := range paths {
+		if q != nil && p.hasPrefix(q) {
+			return true
+		}
+	}
+	return false
+}
+
+// sortByPosition orders errs by line and column, keeping the order of
+// those at the same place (or without one).
+func sortByPosition(errs Errors) {
+	slices.SortStableFunc(errs, func(a, b *FieldError) int {
+		if a.Line != b.Line {
+			return a.Line - b.Line
+		}
+		return a.Col - b.Col
+	})
+}
+
+// ErrorAt returns a FieldError about the key at path, written as in
+// messages ("routes[0].when", `routes[1].requests[0].headers["X-Id"]`,
+// "dispatch.max_in_flight"), placed at the line and column of the key in
+// the file Parse read, or of the nearest enclosing table present. Its Msg
+// is err's message and its Err is err. For a Config built in code, or a
+// path that cannot be read, only the file (if any) and Key are set.
+func (c *Config) ErrorAt(path string, err error) *FieldError {
+	fe := &FieldError{Key: path, Msg: err.Error(), Err: err}
+	if c.src != nil {
+		fe.File = c.src.file
+	}
+	p, ok := parseKeyPath(path)
+	if !ok {
+		return fe
+	}
+	fe.path = p
+	fe.Key = p.display(c.routeName)
+	if at, ok := c.src.position(p); ok {
+		fe.Line, fe.Col = at.line, at.col
+	}
+	return fe
 }
 
 // setDefaults fills in what has a default but no meaningful zero value
@@ -255,7 +401,7 @@ func (s *source) render(issues []issue, routeName func(int) string) Errors {
 	var errs Errors
 	for _, is := range issues {
 		errs = append(errs, &FieldError{File: s.file, Line: is.at.line, Col: is.at.col,
-			Key: is.p.display(routeName), Msg: is.msg})
+			Key: is.p.display(routeName), Msg: is.msg, path: is.p})
 	}
 	return errs
 }
@@ -279,6 +425,7 @@ func (s *source) decodeError(err error) *FieldError {
 		p = keyPath{}.key(key...)
 	}
 	fe.Key = p.display(s.routeName)
+	fe.path = p
 	if m := typeMismatch.FindStringSubmatch(fe.Msg); m != nil {
 		if t, _ := typeAt(p); describe(t) != "" {
 			fe.Msg = "must be " + describe(t) + ", not a TOML " + m[1]
@@ -309,7 +456,7 @@ func (s *source) unknownKey(de *toml.DecodeError, routeName func(int) string) *F
 			msg += " (did you mean " + alt + "?)"
 		}
 	}
-	return &FieldError{File: s.file, Line: line, Col: col, Key: p.display(routeName), Msg: msg, Err: de}
+	return &FieldError{File: s.file, Line: line, Col: col, Key: p.display(routeName), Msg: msg, Err: de, path: p}
 }
 
 // suggest returns the known key next to the last key of p that is closest

@@ -77,7 +77,7 @@ func TestDefaults(t *testing.T) {
 	s := time.Second
 	dp, h, r, b := c.Dispatch, c.HTTP, c.HTTP.Retry, c.HTTP.Breaker
 	for name, ok := range map[string]bool{
-		"dispatch":     dp.MaxInFlight == 10000 && dp.CommitInterval.D() == s && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.CommitMetadataMaxBytes == 4096,
+		"dispatch":     dp.MaxInFlight == 10000 && dp.CommitInterval.D() == s && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.MaxKeyInFlight == 0 && dp.CommitMetadataMaxBytes == 4096,
 		"http":         h.Timeout.D() == 10*s && h.MaxConnsPerHost == 256 && h.MaxConnAge.D() == 60*s && h.IdleConnTimeout.D() == 90*s,
 		"http.retry":   r.MaxAttempts == 10 && r.InitialBackoff.D() == 100*time.Millisecond && r.MaxBackoff.D() == 30*s && slices.Equal(r.RetryStatuses, []int{408, 425, 429, 500, 502, 503, 504}),
 		"http.breaker": b.Enabled && b.FailureRatio == 0.5 && b.MinRequests == 20 && b.ConsecutiveFailures == 10 && b.OpenTimeout.D() == 15*s && b.HalfOpenRequests == 3,
@@ -244,7 +244,11 @@ func TestSyntaxAndTypeErrors(t *testing.T) {
 		{"[dispatch]\nmax_in_flight = 99999999999999999999\n", "t.toml:2:17: dispatch.max_in_flight"},
 	}
 	for _, tc := range cases {
-		es := wantError(t, tc.src+minimal, tc.want)
+		src := tc.src
+		if !strings.Contains(src, "[[routes]]") {
+			src += minimal
+		}
+		es := wantError(t, src, tc.want)
 		if len(es) != 1 {
 			t.Errorf("%d errors for\n%s\nwant 1:\n%v", len(es), tc.src, es)
 		}
@@ -322,6 +326,7 @@ func TestValidationNamesKeyAndLine(t *testing.T) {
 		{"[http.retry]\ninitial_backoff = \"0s\"\n", "t.toml:2:1: http.retry.initial_backoff: must be positive"},
 		{"[http.retry]\ninitial_backoff = \"1m\"\n", "t.toml:2:1: http.retry.max_backoff: 30s is less than http.retry.initial_backoff (1m0s)"},
 		{"[http.retry]\nmax_backoff = \"10ms\"\n", "t.toml:2:1: http.retry.max_backoff: 10ms is less than http.retry.initial_backoff (100ms)"},
+		{"[http.retry]\nmax_retry_after = \"0s\"\n", "t.toml:2:1: http.retry.max_retry_after: must be positive, not 0s"},
 		{"[http.retry]\nretry_statuses = [500, 1000]\n", "t.toml:2:24: http.retry.retry_statuses[1]: 1000 is not an HTTP status (100 to 599)"},
 		{"[http.retry]\nretry_statuses = [204]\n", "t.toml:2:19: http.retry.retry_statuses[0]: 204 is a success"},
 		{"[http.breaker]\nfailure_ratio = 1.5\n", "t.toml:2:1: http.breaker.failure_ratio: must be more than 0 and at most 1, not 1.5"},
@@ -714,4 +719,142 @@ func TestUnknownTableInArray(t *testing.T) {
 	wantError(t, minimal+"[routes.bogus]\nx = 1\n", `t.toml:6:1: routes[0] ("all").bogus: unknown table`)
 	wantError(t, minimal+"  [routes.requests.header]\n  X = \"1\"\n",
 		`t.toml:6:3: routes[0] ("all").requests[0].header: unknown table (did you mean headers?)`)
+}
+
+// TestEveryErrorAtOnce: values of the wrong type (an invalid duration, a
+// duration given as a number, a string for an integer) are each reported
+// and left out, and decoding goes on: the unknown keys, the validation
+// problems and the checks of the rest are reported in the same run, each
+// once, with its line.
+func TestEveryErrorAtOnce(t *testing.T) {
+	src := `[dispatch]
+commit_interval = "10x"
+drain_timeout = 5
+max_in_flight = "many"
+max_lanes = 0
+bogus = 1
+[http.retry]
+initial_backoff = "5 ms"
+max_backoff = "10ms"
+[log]
+level = "loud"
+[[routes]]
+name = "a"
+when = 'value.id'
+  [[routes.requests]]
+  url = ""
+`
+	var checked *Config
+	check := func(c *Config) error {
+		checked = c
+		return errors.Join(
+			c.ErrorAt("routes[0].when", errors.New("not a boolean")),
+			// Validate reports the empty URL already: not twice.
+			c.ErrorAt("routes[0].requests[0].url", errors.New("a request needs a url")),
+		)
+	}
+	_, err := Parse([]byte(src), "t.toml", check)
+	want := []string{
+		`t.toml:2:19: dispatch.commit_interval: invalid duration "10x"`,
+		`t.toml:3:17: dispatch.drain_timeout: must be a quoted Go duration such as "1s" or "250ms", not the number 5`,
+		`t.toml:4:17: dispatch.max_in_flight: must be an integer, not a TOML string`,
+		`t.toml:6:1: dispatch.bogus: unknown key`,
+		`t.toml:8:19: http.retry.initial_backoff: invalid duration "5 ms"`,
+		`t.toml:5:1: dispatch.max_lanes: must be at least 1, not 0`,
+		`t.toml:11:1: log.level: must be "debug", "info", "warn" or "error", not "loud"`,
+		`t.toml:16:3: routes[0] ("a").requests[0].url: must not be empty`,
+		`t.toml:14:1: routes[0] ("a").when: not a boolean`,
+	}
+	var es Errors
+	if !errors.As(err, &es) {
+		t.Fatalf("Parse: %v", err)
+	}
+	if checked == nil {
+		t.Fatal("the check did not run")
+	}
+	for i, w := range want {
+		if i >= len(es) || !strings.HasPrefix(es[i].Error(), w) {
+			t.Errorf("error %d: want %q", i, w)
+		}
+	}
+	// Left-out values keep their defaults and are not reported again
+	// (max_backoff is not compared with a default initial_backoff).
+	if len(es) != len(want) {
+		t.Errorf("%d errors, want %d:\n%v", len(es), len(want), err)
+	}
+	if checked.Dispatch.CommitInterval.D() != time.Second || checked.Dispatch.MaxInFlight != 10000 {
+		t.Errorf("left-out values: %+v", checked.Dispatch)
+	}
+
+	// A syntax error still stops decoding, and comes with what was found
+	// before it.
+	wantError(t, "[dispatch]\ncommit_interval = \"10x\"\nmax_in_flight = \n"+minimal,
+		`t.toml:2:19: dispatch.commit_interval: invalid duration "10x"`, "t.toml:3:17: ")
+}
+
+// TestCheckErrors: a Check's errors are placed at their key, ones that are
+// not FieldErrors are reported against the file, and a Check runs only
+// when the values could be decoded.
+func TestCheckErrors(t *testing.T) {
+	src := minimal + `  [routes.requests.headers]
+  X-Id = "{{ .Key"
+`
+	_, err := Parse([]byte(src), "t.toml", func(c *Config) error {
+		return Errors{
+			c.ErrorAt(`routes[0].requests[0].headers["X-Id"]`, errors.New("unclosed action")),
+			c.ErrorAt(`routes[0].requests[0].body`, errors.New("absent key: placed at its table")),
+			c.ErrorAt(`not a [path`, errors.New("unplaced")),
+		}
+	}, func(*Config) error { return errors.New("plain") })
+	for _, w := range []string{
+		`t.toml:7:3: routes[0] ("all").requests[0].headers.X-Id: unclosed action`,
+		`t.toml:4:3: routes[0] ("all").requests[0].body: absent key: placed at its table`,
+		`t.toml: not a [path: unplaced`,
+		`t.toml: plain`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in:\n%v", w, err)
+		}
+	}
+	ran := false
+	_, err = Parse([]byte("[dispatch\n"+minimal), "t.toml", func(*Config) error { ran = true; return nil })
+	if err == nil || ran {
+		t.Errorf("after a syntax error: %v, check ran: %v", err, ran)
+	}
+	if _, err := Parse([]byte(minimal), "t.toml", func(*Config) error { return nil }); err != nil {
+		t.Errorf("a check without problems: %v", err)
+	}
+}
+
+func TestParseKeyPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"dispatch.max_in_flight":                  `."dispatch"."max_in_flight"`,
+		"routes[0].requests[1].url":               `."routes"[0]."requests"[1]."url"`,
+		`routes[0].requests[0].headers["X-Id"]`:   `."routes"[0]."requests"[0]."headers"."X-Id"`,
+		`routes[0].requests[0].headers["a]b"]`:    `."routes"[0]."requests"[0]."headers"."a]b"`,
+		`routes[0].requests[0].headers."Bad H"`:   `."routes"[0]."requests"[0]."headers"."Bad H"`,
+		`kafka.properties."max.poll.interval.ms"`: `."kafka"."properties"."max.poll.interval.ms"`,
+	} {
+		p, ok := parseKeyPath(in)
+		if !ok || p.id() != want {
+			t.Errorf("parseKeyPath(%q) = %s, %v; want %s", in, p.id(), ok, want)
+		}
+	}
+	for _, bad := range []string{"", "a..b", "a[", `a["x"`, "a]", ".a", "a[x]"} {
+		if p, ok := parseKeyPath(bad); ok {
+			t.Errorf("parseKeyPath(%q) = %s, want failure", bad, p.id())
+		}
+	}
+}
+
+// TestEmptyVariableNamed: a value that came out empty from an environment
+// variable names the variable.
+func TestEmptyVariableNamed(t *testing.T) {
+	t.Setenv("ORDERLY_TEST_EMPTY", "")
+	wantError(t, "[admin]\nlisten = \"0.0.0.0:9464\"\ntoken = \"${ORDERLY_TEST_UNSET_TOKEN}\"\n"+minimal,
+		`t.toml:3:1: admin.token: is empty because the environment variable ORDERLY_TEST_UNSET_TOKEN is not set: /dlq/* would be open to anyone on 0.0.0.0:9464`)
+	wantError(t, "[admin]\nlisten = \"0.0.0.0:9464\"\ntoken = \"${ORDERLY_TEST_EMPTY}\"\n"+minimal,
+		`admin.token: is empty because the environment variable ORDERLY_TEST_EMPTY is empty`)
+	wantError(t, "[kafka]\nbrokers = \"${ORDERLY_TEST_EMPTY}\"\n"+minimal,
+		`t.toml:2:1: kafka.brokers: must be "host:port,host:port" or "embedded" (the environment variable ORDERLY_TEST_EMPTY is empty)`)
 }

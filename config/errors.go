@@ -27,6 +27,10 @@ type FieldError struct {
 	// Err is the underlying error, if any (for example the *fs.PathError of
 	// a file Load could not read); Unwrap returns it.
 	Err error
+
+	// path is Key as a path, when this package made the error: Parse uses
+	// it to leave out problems that follow from one already reported.
+	path keyPath
 }
 
 // Error returns "file:line:col: key: msg", leaving out the parts that are
@@ -57,8 +61,9 @@ func (e *FieldError) Unwrap() error { return e.Err }
 
 // Errors is every problem found in a configuration, in a stable order: those
 // of decoding (syntax, types, unknown keys) first, in file order, then those
-// of validation, in schema order. Load, Parse and Validate return an Errors
-// (never an empty one) whenever anything is wrong.
+// of validation, in schema order, then those of the checks given to Load or
+// Parse. Load, Parse and Validate return an Errors (never an empty one)
+// whenever anything is wrong.
 type Errors []*FieldError
 
 // Error returns one problem per line.

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"reflect"
 	"slices"
 	"sort"
@@ -91,6 +92,68 @@ func (p keyPath) display(routeName func(int) string) string {
 
 func (p keyPath) String() string { return p.display(nil) }
 
+// hasPrefix reports whether p is q or lies inside it.
+func (p keyPath) hasPrefix(q keyPath) bool {
+	return len(q) <= len(p) && slices.Equal(p[:len(q)], q)
+}
+
+// parseKeyPath reads a key path as messages write it: keys separated by
+// dots, a key quoted when it is not a plain word, indices in brackets, and
+// ["key"] for a key in brackets (as package filters writes header names):
+// `routes[0].requests[1].headers["X-Id"]`, `headers."Bad Header"`.
+func parseKeyPath(s string) (keyPath, bool) {
+	var p keyPath
+	for first := true; s != ""; first = false {
+		switch {
+		case s[0] == '[':
+			end := strings.IndexByte(s, ']')
+			if end < 0 {
+				return nil, false
+			}
+			in := s[1:end]
+			if n, err := strconv.Atoi(in); err == nil && n >= 0 {
+				p = p.at(n)
+				s = s[end+1:]
+				break
+			}
+			// A quoted key may hold ']': read the quoted string itself.
+			q, err := strconv.QuotedPrefix(s[1:])
+			if err != nil || !strings.HasPrefix(s[1+len(q):], "]") {
+				return nil, false
+			}
+			name, _ := strconv.Unquote(q)
+			p = p.key(name)
+			s = s[1+len(q)+1:]
+		case s[0] == '.' || first:
+			if !first {
+				s = s[1:]
+			}
+			if strings.HasPrefix(s, `"`) {
+				q, err := strconv.QuotedPrefix(s)
+				if err != nil {
+					return nil, false
+				}
+				name, _ := strconv.Unquote(q)
+				p = p.key(name)
+				s = s[len(q):]
+				break
+			}
+			end := strings.IndexAny(s, ".[")
+			if end < 0 {
+				end = len(s)
+			}
+			if !plainKey(s[:end]) {
+				return nil, false
+			}
+			p = p.key(s[:end])
+			s = s[end:]
+		default:
+			return nil, false
+		}
+	}
+	return p, len(p) > 0
+}
+
 func plainKey(s string) bool {
 	if s == "" {
 		return false
@@ -129,6 +192,13 @@ type source struct {
 	// routeNames are the names of the routes as written (before ${...}
 	// expansion), by index, for messages given before decoding.
 	routeNames map[int]string
+	// envRaw holds, by keyPath.id(), the string values that contain ${...}
+	// as written, so that a message about a value that came out empty can
+	// name the variable.
+	envRaw map[string]string
+	// spans are the top-level expressions of the file, in file order;
+	// Parse blanks those that decoding cannot take (see span).
+	spans []span
 
 	lineStarts []int
 	data       []byte
@@ -139,6 +209,77 @@ type issue struct {
 	p   keyPath
 	at  pos
 	msg string
+	// span is the index in source.spans of the expression to blank so that
+	// decoding can go on without the value; -1 for none.
+	span int
+}
+
+// span is the bytes of one top-level expression: a key-value, or a table
+// header with its whole table (up to the next header). A value that
+// decoding would reject is blanked out with its span (spaces, newlines
+// kept, so that every position stays where it was), so that one bad value
+// does not stop the decoding, and the checks, of the rest.
+type span struct {
+	start, end int
+	header     bool // a [table] header: the span covers its table
+	array      bool // an [[array]] header: never blanked, indices would shift
+	p          keyPath
+}
+
+// spanAt returns the index of the span holding the byte at line, col, or -1.
+func (s *source) spanAt(line, col int) int {
+	if line < 1 || line > len(s.lineStarts) {
+		return -1
+	}
+	off := s.lineStarts[line-1] + col - 1
+	i := sort.Search(len(s.spans), func(i int) bool { return s.spans[i].start > off }) - 1
+	if i < 0 || off >= s.spans[i].end {
+		return -1
+	}
+	return i
+}
+
+// blankable reports whether span i can be blanked.
+func (s *source) blankable(i int) bool {
+	return i >= 0 && i < len(s.spans) && !s.spans[i].array && s.spans[i].end > s.spans[i].start
+}
+
+// blank overwrites the bytes of span i in data with spaces, keeping line
+// breaks.
+func (s *source) blank(data []byte, i int) {
+	for j := s.spans[i].start; j < s.spans[i].end && j < len(data); j++ {
+		if data[j] != '\n' && data[j] != '\r' {
+			data[j] = ' '
+		}
+	}
+}
+
+// emptyEnv names the environment variables that the value at p refers to
+// (without a :-default) and that are unset or empty, as in "the
+// environment variable ORDERLY_ADMIN_TOKEN is not set"; "" when there are
+// none.
+func (s *source) emptyEnv(p keyPath) string {
+	if s == nil {
+		return ""
+	}
+	raw, ok := s.envRaw[p.id()]
+	if !ok {
+		return ""
+	}
+	_, refs, _ := expand(raw)
+	var parts []string
+	for _, r := range refs {
+		if r.hasDefault {
+			continue
+		}
+		switch v, set := os.LookupEnv(r.name); {
+		case !set:
+			parts = append(parts, "the environment variable "+r.name+" is not set")
+		case v == "":
+			parts = append(parts, "the environment variable "+r.name+" is empty")
+		}
+	}
+	return strings.Join(parts, "; ")
 }
 
 // routeName returns the name of routes[i] as written, or "".
@@ -232,6 +373,9 @@ func (s *source) lineStart(at pos) pos {
 
 func (s *source) nodePos(n *unstable.Node) pos { return s.offsetPos(int(n.Raw.Offset)) }
 
+// offset returns the byte offset of at.
+func (s *source) offset(at pos) int { return s.lineStarts[at.line-1] + at.col - 1 }
+
 // record notes that the key at p starts at at (keeping the first position
 // seen for p) and that p starts there.
 func (s *source) record(p keyPath, at pos) {
@@ -263,6 +407,7 @@ func scan(file string, data []byte) *source {
 		keys:       make(map[string]pos),
 		paths:      make(map[pos]keyPath),
 		routeNames: make(map[int]string),
+		envRaw:     make(map[string]string),
 		lineStarts: []int{0},
 	}
 	for i, c := range data {
@@ -288,6 +433,7 @@ func scan(file string, data []byte) *source {
 			// starts), and go-toml's positions, at each key part, lead to
 			// them too.
 			header := s.lineStart(s.nodePos(keys[0]))
+			s.spans = append(s.spans, span{start: s.offset(header), end: -1, header: true, array: e.Kind == unstable.ArrayTable})
 			skip = len(keys) > maxDepth
 			if skip {
 				continue
@@ -310,14 +456,37 @@ func scan(file string, data []byte) *source {
 				}
 			}
 			table = cur
+			s.spans[len(s.spans)-1].p = cur
 			s.mark(cur, s.nodePos(keys[0])) // go-toml reports a header at its first key
 			if t, inside := typeAt(cur); t == durationType {
 				s.typeIssue(cur, header, durationMsg("a table", inside))
 			}
 		case unstable.KeyValue:
+			if keys := keyNodes(e); len(keys) > 0 {
+				sp := span{start: s.offset(s.lineStart(s.nodePos(keys[0]))), end: -1, p: table}
+				if e.Raw.Length > 0 {
+					sp.end = int(e.Raw.Offset + e.Raw.Length)
+				}
+				for _, k := range keys {
+					sp.p = sp.p.key(string(k.Data))
+				}
+				s.spans = append(s.spans, sp)
+			}
 			if !skip {
 				s.keyValue(table, e, unset)
 			}
+		}
+	}
+	// A table ends where the next header starts. After a syntax error
+	// where the last one ends is unknown: it cannot be blanked.
+	end := len(s.data)
+	if p.Error() != nil {
+		end = -1
+	}
+	for i := len(s.spans) - 1; i >= 0; i-- {
+		if sp := &s.spans[i]; sp.header {
+			sp.end = end
+			end = sp.start
 		}
 	}
 	s.data = nil // only needed while scanning; do not keep the caller's bytes
@@ -396,11 +565,14 @@ func (s *source) value(p keyPath, v *unstable.Node, keyAt pos, unset map[string]
 			s.routeNames[p[1].index] = string(v.Data)
 		}
 		_, refs, err := expand(string(v.Data))
+		if len(refs) > 0 {
+			s.envRaw[p.id()] = string(v.Data)
+		}
 		if err != nil {
 			if isDuration {
 				s.typeIssue(p, at, err.Error())
 			} else {
-				s.envIssues = append(s.envIssues, issue{p, at, err.Error()})
+				s.envIssues = append(s.envIssues, issue{p, at, err.Error(), -1})
 			}
 		}
 		for _, r := range refs {
@@ -438,7 +610,7 @@ func (s *source) value(p keyPath, v *unstable.Node, keyAt pos, unset map[string]
 
 // typeIssue records a value decoding would mishandle.
 func (s *source) typeIssue(p keyPath, at pos, msg string) {
-	s.typeIssues = append(s.typeIssues, issue{p, at, msg})
+	s.typeIssues = append(s.typeIssues, issue{p, at, msg, len(s.spans) - 1})
 }
 
 func durationMsg(got string, inside bool) string {

@@ -68,6 +68,10 @@ type Dispatch struct {
 	// MaxSpan bounds, per partition, the offsets from the oldest unfinished
 	// message to the newest fetched one; at the limit the partition pauses.
 	MaxSpan int64 `toml:"max_span"`
+	// MaxKeyInFlight bounds, per partition, the messages one key holds; its
+	// further messages are read again once it has room (0: max_in_flight/10;
+	// the dispatcher derives it).
+	MaxKeyInFlight int `toml:"max_key_in_flight"`
 	// CommitMetadataMaxBytes bounds the progress (offsets finished beyond
 	// the committed one) written into each commit's metadata; 0 writes none.
 	CommitMetadataMaxBytes int `toml:"commit_metadata_max_bytes"`
@@ -97,6 +101,8 @@ type Retry struct {
 	InitialBackoff Duration `toml:"initial_backoff"`
 	MaxBackoff     Duration `toml:"max_backoff"`
 	RetryStatuses  []int    `toml:"retry_statuses"`
+	// MaxRetryAfter caps how long a Retry-After answer pauses its target.
+	MaxRetryAfter Duration `toml:"max_retry_after"`
 }
 
 // Breaker configures the circuit breaker kept per target host:port.

@@ -22,12 +22,7 @@ import (
 // templates (package filters does) and does not modify c.
 func (c *Config) Validate() error {
 	v := &validator{c: c}
-	v.kafka()
-	v.dispatch()
-	v.dlq()
-	v.http()
-	v.rest()
-	v.routes()
+	v.all()
 	if len(v.errs) == 0 {
 		return nil
 	}
@@ -38,6 +33,19 @@ func (c *Config) Validate() error {
 type validator struct {
 	c    *Config
 	errs Errors
+	// skip are the values Parse left out because they had the wrong type:
+	// a problem with them, or involving them, is not reported again.
+	skip []keyPath
+}
+
+// all checks every field.
+func (v *validator) all() {
+	v.kafka()
+	v.dispatch()
+	v.dlq()
+	v.http()
+	v.rest()
+	v.routes()
 }
 
 // fail reports a problem with the key at p.
@@ -47,9 +55,17 @@ func (v *validator) fail(p keyPath, format string, args ...any) {
 
 // failAt reports a problem with the key at p, placed at p if the file has
 // it, else at the key alt (another key the problem involves), else at the
-// nearest table around p.
+// nearest table around p. When the value of p came from environment
+// variables that are unset or empty, the message names them.
 func (v *validator) failAt(p, alt keyPath, format string, args ...any) {
-	fe := &FieldError{Key: p.display(v.c.routeName), Msg: fmt.Sprintf(format, args...)}
+	if under(p, v.skip) || alt != nil && under(alt, v.skip) {
+		return
+	}
+	msg := fmt.Sprintf(format, args...)
+	if note := v.c.src.emptyEnv(p); note != "" && !strings.Contains(msg, note) {
+		msg += " (" + note + ")"
+	}
+	fe := &FieldError{Key: p.display(v.c.routeName), Msg: msg, path: p}
 	if src := v.c.src; src != nil {
 		fe.File = src.file
 		at, ok := src.keys[p.id()]
@@ -168,6 +184,9 @@ func (v *validator) dispatch() {
 	if d.LaneIdle.D() <= 0 {
 		v.fail(key("dispatch", "lane_idle"), "must be positive, not %s", d.LaneIdle.D())
 	}
+	if d.MaxKeyInFlight < 0 || d.MaxKeyInFlight > d.MaxInFlight && d.MaxInFlight >= 1 {
+		v.fail(key("dispatch", "max_key_in_flight"), "must be between 0 (max_in_flight/10) and dispatch.max_in_flight (%d), not %d", d.MaxInFlight, d.MaxKeyInFlight)
+	}
 	if d.MaxSpan < int64(d.MaxInFlight) {
 		v.failAt(key("dispatch", "max_span"), key("dispatch", "max_in_flight"), "must be at least dispatch.max_in_flight (%d), not %d", d.MaxInFlight, d.MaxSpan)
 	}
@@ -235,6 +254,9 @@ func (v *validator) http() {
 	} else if r.MaxBackoff.D() < r.InitialBackoff.D() {
 		v.failAt(key("http", "retry", "max_backoff"), key("http", "retry", "initial_backoff"), "%s is less than http.retry.initial_backoff (%s)", r.MaxBackoff.D(), r.InitialBackoff.D())
 	}
+	if r.MaxRetryAfter.D() <= 0 {
+		v.fail(key("http", "retry", "max_retry_after"), "must be positive, not %s", r.MaxRetryAfter.D())
+	}
 	for i, s := range r.RetryStatuses {
 		p := key("http", "retry", "retry_statuses").at(i)
 		switch {
@@ -279,7 +301,11 @@ func (v *validator) rest() {
 		if err := hostPort(a.Listen, true); err != nil {
 			v.fail(key("admin", "listen"), "%q: %v (or \"\" to disable the admin server)", a.Listen, err)
 		} else if a.Token == "" && c.DLQ.Topic != "" && !loopback(a.Listen) {
-			v.failAt(key("admin", "token"), key("admin", "listen"), "must be set: /dlq/* would be open to anyone on %s (set a token, e.g. \"${ORDERLY_ADMIN_TOKEN}\", or listen on a loopback address)", a.Listen)
+			if note := c.src.emptyEnv(key("admin", "token")); note != "" {
+				v.failAt(key("admin", "token"), key("admin", "listen"), "is empty because %s: /dlq/* would be open to anyone on %s (set the variable, or listen on a loopback address)", note, a.Listen)
+			} else {
+				v.failAt(key("admin", "token"), key("admin", "listen"), "must be set: /dlq/* would be open to anyone on %s (set a token, e.g. \"${ORDERLY_ADMIN_TOKEN}\", or listen on a loopback address)", a.Listen)
+			}
 		}
 	}
 	if a.DrainGrace.D() < 0 {

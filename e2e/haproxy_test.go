@@ -199,15 +199,12 @@ func hpCounter(t *testing.T, m *telemetry.Metrics, name string, labels map[strin
 }
 
 func TestHAProxyRoundRobinAndRollingRestart(t *testing.T) {
-	haproxy, err := exec.LookPath("haproxy")
-	if err != nil {
-		if os.Getenv("ORDERLY_E2E") == "1" {
-			t.Fatal("haproxy is not installed and ORDERLY_E2E=1 requires it (apt-get install haproxy)")
-		}
-		t.Skip("haproxy is not installed (apt-get install haproxy); set ORDERLY_E2E=1 to make this a failure")
-	}
 	if testing.Short() {
 		t.Skip("end-to-end test: skipped with -short")
+	}
+	haproxy, err := exec.LookPath("haproxy")
+	if err != nil {
+		skipMissing(t, "haproxy is not installed (not in $PATH)", "install it (apt-get install haproxy) to run this test")
 	}
 
 	// Three targets sharing one sink, so that per-key order is checked

@@ -116,9 +116,22 @@ var benchScenarios = []benchScenario{
 	}},
 }
 
+var benchCommand = command{
+	name:     "bench",
+	synopsis: "[-scenario NAME|all] [flags]",
+	desc: `
+Measure Orderly against a plain net/http client (the ceiling) on a local HTTP sink: messages are
+pre-produced to an embedded broker, then both send them, and the throughput, latency, memory and
+allocations of each are printed side by side. A -scenario sets the flags of one of the README's
+performance scenarios (flags given explicitly override it) and checks its target. By default the
+broker and Orderly each run in a child process, so that what is measured is Orderly's alone.`,
+	// The child processes' side of -broker process and -dispatcher process.
+	hidden: []string{"serve-broker", "serve-dispatcher", "config"},
+}
+
 func cmdBench(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	c := &benchCommand
+	fs := c.flags(stderr)
 	var f benchFlags
 	fs.StringVar(&f.scenario, "scenario", "", "preset: 1|throughput, 2|latency, 3|hotkey, 4|memory, 5|allocs, or all (explicit flags override a preset)")
 	fs.IntVar(&f.messages, "messages", 50000, "messages pre-produced before the dispatcher starts")
@@ -147,8 +160,8 @@ func cmdBench(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&f.serveBroker, "serve-broker", false, "internal: serve only the embedded broker until stdin closes")
 	fs.BoolVar(&f.serveDispatcher, "serve-dispatcher", false, "internal: run only the Orderly service of -config, answering the bench's commands on stdin, until stdin closes")
 	fs.StringVar(&f.config, "config", "", "internal: the configuration file of -serve-dispatcher")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
+		return code
 	}
 	if f.repeat < 1 {
 		fmt.Fprintln(stderr, "orderly bench: -repeat must be at least 1")

@@ -10,22 +10,67 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
 const dlqUsage = `Usage:
-  orderly dlq list    [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--cursor P:O]
-  orderly dlq replay  [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--rate R] [--dry-run] [--wait]
-  orderly dlq release [--admin ADDR] [--partition N] [--from OFFSET] [--to OFFSET] [--route R] [--key K] [--limit N] [--dry-run] [--wait]
-  orderly dlq status  [--admin ADDR] [ID]
-  orderly dlq cancel  [--admin ADDR] [--wait] ID
+  orderly dlq list    [flags]       print a page of dead letters
+  orderly dlq replay  [flags]       resend dead letters through their routes (a job)
+  orderly dlq release [flags]       mark dead letters handled without sending them (a job)
+  orderly dlq status  [flags] [ID]  print a job, or every job
+  orderly dlq cancel  [flags] ID    stop a job
 
-list pages with --cursor (the "next_page" of the previous answer); replay resends dead letters,
-release marks them handled without sending (drops them); both queue a job that one instance of the
-group runs (any instance answers for it); status without ID lists the jobs, newest first; cancel
-stops a queued or running job (after the records in flight; a new replay resumes there).
-The admin token is read from $ORDERLY_ADMIN_TOKEN (or --token). ADDR defaults to 127.0.0.1:9464.
+These call the admin API of a running instance (--admin, default 127.0.0.1:9464) and print its
+JSON answer. The admin token (the server's admin.token) is read from $ORDERLY_ADMIN_TOKEN, or from
+the file --token-file FILE; --token TOKEN works too, but shows in ps.
+
+Run 'orderly dlq COMMAND --help' for a command's description and flags.
 `
+
+// dlqFilterFlags are the flags that select dead letters.
+type dlqFilterFlags struct {
+	partition int
+	from, to  int64
+	route     string
+	key       string
+	limit     int
+}
+
+func (f *dlqFilterFlags) add(fs *flag.FlagSet) {
+	fs.IntVar(&f.partition, "partition", -1, "only this DLQ partition (-1: all)")
+	fs.Int64Var(&f.from, "from", -1, "first DLQ offset (-1: the start)")
+	fs.Int64Var(&f.to, "to", -1, "last DLQ offset, inclusive (-1: the end)")
+	fs.StringVar(&f.route, "route", "", "only records of this route")
+	fs.StringVar(&f.key, "key", "", "only records with this key")
+}
+
+const dlqTokenHelp = `
+
+The admin token is read from $ORDERLY_ADMIN_TOKEN, or from --token-file FILE; --token TOKEN works
+too, but shows in ps.`
+
+var dlqCommands = map[string]*command{
+	"list": {name: "dlq list", synopsis: "[flags]", desc: `
+Print a page of dead letters as JSON, in offset order per partition: each with its source topic,
+partition, offset and key, the error, the route and the attempts. When the page is full,
+"next_page" holds the cursor of the next one: pass it to --cursor.` + dlqTokenHelp},
+	"replay": {name: "dlq replay", synopsis: "[flags]", desc: `
+Queue a job that resends the dead letters matching the filters through their routes, once the
+target is fixed; one instance of the group runs it. Prints the job; with --wait, waits for it to
+end, prints its final state and exits 1 unless it finished. --dry-run counts what would be
+resent and changes nothing.` + dlqTokenHelp},
+	"release": {name: "dlq release", synopsis: "[flags]", desc: `
+Queue a job that marks the dead letters matching the filters handled without sending them (drops
+them); one instance of the group runs it. Prints the job; with --wait, waits for it to end, prints
+its final state and exits 1 unless it finished. --dry-run counts what would be released and changes
+nothing.` + dlqTokenHelp},
+	"status": {name: "dlq status", synopsis: "[flags] [ID]", desc: `
+Print the replay or release job ID, or without ID every job, newest first.` + dlqTokenHelp},
+	"cancel": {name: "dlq cancel", synopsis: "[flags] ID", desc: `
+Stop a queued or running job, after the records in flight; a new replay resumes where it stopped.
+With --wait, waits until it stopped and prints its final state.` + dlqTokenHelp},
+}
 
 // cmdDLQ calls the admin API's /dlq/ endpoints and prints their JSON.
 func cmdDLQ(args []string, stdout, stderr io.Writer) int {
@@ -34,78 +79,113 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	sub := args[0]
-	fs := flag.NewFlagSet("dlq "+sub, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	admin := fs.String("admin", "127.0.0.1:9464", "admin address (host:port or URL)")
-	token := fs.String("token", os.Getenv("ORDERLY_ADMIN_TOKEN"), "bearer token (default $ORDERLY_ADMIN_TOKEN)")
-	partition := fs.Int("partition", -1, "DLQ partition (-1: all)")
-	from := fs.Int64("from", -1, "first DLQ offset")
-	to := fs.Int64("to", -1, "last DLQ offset, inclusive")
-	route := fs.String("route", "", "only records of this route")
-	key := fs.String("key", "", "only records with this key")
-	limit := fs.Int("limit", 0, "at most this many records")
-	cursor := fs.String("cursor", "", "list: resume at PARTITION:OFFSET (from next_page)")
-	rate := fs.Float64("rate", 0, "replay: at most this many records per second (0: no cap)")
-	dryRun := fs.Bool("dry-run", false, "replay, release: count what would be handled, change nothing")
-	wait := fs.Bool("wait", false, "replay, release, cancel: wait for the job to finish and print its final state")
-	if err := fs.Parse(args[1:]); err != nil {
+	if isHelp(sub) {
+		fmt.Fprint(stdout, dlqUsage)
+		return 0
+	}
+	cmd := dlqCommands[sub]
+	if cmd == nil {
+		fmt.Fprintf(stderr, "orderly dlq: unknown command %q\n\n%s", sub, dlqUsage)
 		return 2
+	}
+	fs := cmd.flags(stderr)
+	admin := fs.String("admin", "127.0.0.1:9464", "admin address of a running instance (host:port or URL)")
+	token := fs.String("token", "", "admin token (shows in ps: prefer $ORDERLY_ADMIN_TOKEN or --token-file)")
+	tokenFile := fs.String("token-file", "", "read the admin token from this file (default: $ORDERLY_ADMIN_TOKEN)")
+	var filter dlqFilterFlags
+	var cursor string
+	var rate float64
+	var dryRun, wait bool
+	switch sub {
+	case "list":
+		filter.add(fs)
+		fs.IntVar(&filter.limit, "limit", 0, "records per page, 1 to 1000 (0: the server's default, 100)")
+		fs.StringVar(&cursor, "cursor", "", "resume at PARTITION:OFFSET (the next_page of the previous answer)")
+	case "replay", "release":
+		filter.add(fs)
+		fs.IntVar(&filter.limit, "limit", 0, "at most this many records (0: all)")
+		if sub == "replay" {
+			fs.Float64Var(&rate, "rate", 0, "at most this many records per second (0: no cap)")
+		}
+		fs.BoolVar(&dryRun, "dry-run", false, "count what would be handled, change nothing")
+		fs.BoolVar(&wait, "wait", false, "wait for the job to end and print its final state")
+	case "cancel":
+		fs.BoolVar(&wait, "wait", false, "wait for the job to stop and print its final state")
+	}
+	if code, ok := cmd.parse(fs, args[1:], stdout, stderr); !ok {
+		return code
 	}
 	base := *admin
 	if len(base) < 7 || (base[:7] != "http://" && (len(base) < 8 || base[:8] != "https://")) {
 		base = "http://" + base
 	}
-	c := apiCaller{base: base, token: *token, out: stdout, errw: stderr}
+	c := apiCaller{base: base, out: stdout, errw: stderr}
+	switch {
+	case *token != "" && *tokenFile != "":
+		cmd.usageError(stderr, "give --token or --token-file, not both")
+		return 2
+	case *token != "":
+		c.token, c.tokenFrom = *token, "--token"
+	case *tokenFile != "":
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			fmt.Fprintf(stderr, "orderly %s: unable to read the admin token: %v\n", cmd.name, err)
+			return 2
+		}
+		c.token, c.tokenFrom = strings.TrimSpace(string(b)), "--token-file "+*tokenFile
+	default:
+		c.token, c.tokenFrom = os.Getenv("ORDERLY_ADMIN_TOKEN"), "$ORDERLY_ADMIN_TOKEN"
+	}
 	switch sub {
 	case "list":
 		q := url.Values{}
-		if *partition >= 0 {
-			q.Set("partition", strconv.Itoa(*partition))
+		if filter.partition >= 0 {
+			q.Set("partition", strconv.Itoa(filter.partition))
 		}
-		if *from >= 0 {
-			q.Set("from", strconv.FormatInt(*from, 10))
+		if filter.from >= 0 {
+			q.Set("from", strconv.FormatInt(filter.from, 10))
 		}
-		if *to >= 0 {
-			q.Set("to", strconv.FormatInt(*to, 10))
+		if filter.to >= 0 {
+			q.Set("to", strconv.FormatInt(filter.to, 10))
 		}
-		if *route != "" {
-			q.Set("route", *route)
+		if filter.route != "" {
+			q.Set("route", filter.route)
 		}
-		if *key != "" {
-			q.Set("key", *key)
+		if filter.key != "" {
+			q.Set("key", filter.key)
 		}
-		if *limit > 0 {
-			q.Set("limit", strconv.Itoa(*limit))
+		if filter.limit > 0 {
+			q.Set("limit", strconv.Itoa(filter.limit))
 		}
-		if *cursor != "" {
-			q.Set("cursor", *cursor)
+		if cursor != "" {
+			q.Set("cursor", cursor)
 		}
 		return c.call("GET", "/dlq/messages?"+q.Encode(), nil, nil)
 	case "replay", "release":
-		body := map[string]any{"dry_run": *dryRun}
-		if *partition >= 0 {
-			body["partition"] = *partition
+		body := map[string]any{"dry_run": dryRun}
+		if filter.partition >= 0 {
+			body["partition"] = filter.partition
 		}
-		if *from >= 0 {
-			body["from_offset"] = *from
+		if filter.from >= 0 {
+			body["from_offset"] = filter.from
 		}
-		if *to >= 0 {
-			body["to_offset"] = *to
+		if filter.to >= 0 {
+			body["to_offset"] = filter.to
 		}
-		if *route != "" {
-			body["route"] = *route
+		if filter.route != "" {
+			body["route"] = filter.route
 		}
-		if *key != "" {
-			body["key"] = *key
+		if filter.key != "" {
+			body["key"] = filter.key
 		}
-		if *limit > 0 {
-			body["limit"] = *limit
+		if filter.limit > 0 {
+			body["limit"] = filter.limit
 		}
-		if *rate != 0 {
-			body["rate"] = *rate
+		if rate != 0 {
+			body["rate"] = rate
 		}
 		var started struct{ ID string }
-		if code := c.call("POST", "/dlq/"+sub, body, &started); code != 0 || !*wait {
+		if code := c.call("POST", "/dlq/"+sub, body, &started); code != 0 || !wait {
 			return code
 		}
 		return c.wait(started.ID, "done")
@@ -116,21 +196,18 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 		case 1:
 			return c.call("GET", "/dlq/replay/"+url.PathEscape(fs.Arg(0)), nil, nil)
 		}
-		fmt.Fprint(stderr, dlqUsage)
+		cmd.usageError(stderr, "at most one job ID")
 		return 2
-	case "cancel":
+	default: // cancel
 		if fs.NArg() != 1 {
-			fmt.Fprint(stderr, dlqUsage)
+			cmd.usageError(stderr, "one job ID is needed")
 			return 2
 		}
 		id := fs.Arg(0)
-		if code := c.call("DELETE", "/dlq/replay/"+url.PathEscape(id), nil, nil); code != 0 || !*wait {
+		if code := c.call("DELETE", "/dlq/replay/"+url.PathEscape(id), nil, nil); code != 0 || !wait {
 			return code
 		}
 		return c.wait(id, "cancelled")
-	default:
-		fmt.Fprintf(stderr, "orderly dlq: unknown subcommand %q\n\n%s", sub, dlqUsage)
-		return 2
 	}
 }
 
@@ -148,6 +225,7 @@ func (c apiCaller) wait(id, want string) int {
 			continue
 		} else if err != nil || status >= 300 {
 			fmt.Fprintf(c.errw, "orderly dlq: GET %s: %v %s\n", path, err, b)
+			c.authHint(status)
 			return 1
 		} else {
 			_ = json.Unmarshal(b, &job)
@@ -165,7 +243,23 @@ func (c apiCaller) wait(id, want string) int {
 
 type apiCaller struct {
 	base, token string
+	tokenFrom   string // where the token came from, for messages
 	out, errw   io.Writer
+}
+
+// authHint explains a 401: which token was sent (if any), where it came
+// from and how to give the right one.
+func (c apiCaller) authHint(status int) {
+	if status != http.StatusUnauthorized {
+		return
+	}
+	if c.token == "" {
+		fmt.Fprintf(c.errw, "orderly dlq: no admin token was sent (%s is empty): set ORDERLY_ADMIN_TOKEN "+
+			"to the server's admin.token, or pass --token-file FILE\n", c.tokenFrom)
+		return
+	}
+	fmt.Fprintf(c.errw, "orderly dlq: the admin API refused the token from %s: it must equal the server's "+
+		"admin.token (set ORDERLY_ADMIN_TOKEN, or pass --token-file FILE)\n", c.tokenFrom)
 }
 
 // call performs a request, prints the JSON answer to out (errors to errw)
@@ -178,6 +272,7 @@ func (c apiCaller) call(method, path string, body, into any) int {
 	}
 	if status >= 300 {
 		fmt.Fprintf(c.errw, "orderly dlq: %s %s: HTTP %d: %s\n", method, path, status, bytes.TrimSpace(b))
+		c.authHint(status)
 		return 1
 	}
 	var pretty bytes.Buffer

@@ -3,8 +3,12 @@
 //	orderly run --config FILE        the service
 //	orderly validate --config FILE   check a configuration, exit 0 or 2
 //	orderly demo [flags]             everything in one process, with a verification summary
-//	orderly dlq list|replay|status   the admin API's DLQ endpoints
+//	orderly dlq list|replay|release|status|cancel   the admin API's DLQ endpoints
+//	orderly bench [flags]            Orderly against a plain net/http client
 //	orderly version
+//
+// Every command prints its synopsis, description and flags on --help (or
+// -h, or `orderly help COMMAND`) and exits 0.
 package main
 
 import (
@@ -16,6 +20,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -32,12 +37,13 @@ const usage = `orderly: an ordered Kafka-to-HTTP dispatcher
 Usage:
   orderly run --config FILE        consume, dispatch and commit until SIGTERM/SIGINT
   orderly validate --config FILE   parse and compile the configuration; exit 0, or print every error and exit 2
+                                   (--print: show the effective configuration, secrets redacted)
   orderly demo [flags]             embedded broker + generator + HTTP sink + dispatcher, with a summary
-  orderly dlq list|replay|status   inspect and replay the dead-letter topic through the admin API
+  orderly dlq COMMAND [flags]      list, replay, release, status, cancel: the dead-letter topic through the admin API
   orderly bench [flags]            benchmark: Orderly against a plain net/http client on a local sink
   orderly version                  print the version
 
-Run 'orderly COMMAND -h' for a command's flags.
+Run 'orderly help COMMAND' or 'orderly COMMAND --help' for a command's description and flags.
 `
 
 func main() {
@@ -52,7 +58,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	switch args[0] {
 	case "run":
-		return cmdRun(args[1:], stderr)
+		return cmdRun(args[1:], stdout, stderr)
 	case "validate":
 		return cmdValidate(args[1:], stdout, stderr)
 	case "demo":
@@ -62,9 +68,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "bench":
 		return cmdBench(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
+		if len(args) > 1 && isHelp(args[1]) {
+			fmt.Fprint(stdout, "Usage: orderly version\n\nPrint the version of this binary.\n")
+			return 0
+		}
 		fmt.Fprintln(stdout, "orderly", version)
 		return 0
 	case "help", "-h", "--help":
+		if len(args) > 1 && args[0] == "help" && !isHelp(args[1]) {
+			// orderly help dlq list: orderly dlq list --help
+			return run(append(slices.Clone(args[1:]), "--help"), stdout, stderr)
+		}
 		fmt.Fprint(stdout, usage)
 		return 0
 	default:
@@ -73,17 +87,109 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// loadConfig loads and fully compiles a configuration, returning every
-// problem found.
+// isHelp reports whether arg asks for help.
+func isHelp(arg string) bool {
+	switch arg {
+	case "-h", "-help", "--help", "help":
+		return true
+	}
+	return false
+}
+
+// command describes a command for its help: `orderly NAME --help` prints
+// the synopsis, the description and the flags but the hidden ones, to
+// stdout, and exits 0.
+type command struct {
+	name     string   // "run", "dlq list"
+	synopsis string   // what follows the name: "--config FILE"
+	desc     string   // paragraphs, lines of at most 100 characters
+	hidden   []string // internal flags, left out of the help
+}
+
+// flags returns a FlagSet for c whose parse errors go to stderr; parse
+// prints the help.
+func (c *command) flags(stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("orderly "+c.name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {}
+	return fs
+}
+
+// parse parses args with fs. When the command is not to run, it returns
+// false and the exit status: 0 after printing the help for -h or --help,
+// 2 after a wrong flag (the flag package printed what is wrong).
+func (c *command) parse(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) (int, bool) {
+	err := fs.Parse(args)
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		c.help(fs, stdout)
+		return 0, false
+	default:
+		c.usageError(stderr, "")
+		return 2, false
+	}
+}
+
+// usageError prints msg (when not empty), the synopsis and where the help
+// is, for a wrong command line; the caller exits 2.
+func (c *command) usageError(w io.Writer, msg string) {
+	if msg != "" {
+		fmt.Fprintf(w, "orderly %s: %s\n", c.name, msg)
+	}
+	fmt.Fprintf(w, "Usage: orderly %s %s\nRun 'orderly %s --help' for more.\n", c.name, c.synopsis, c.name)
+}
+
+// help prints the synopsis, the description and the visible flags of c to
+// w, each flag with its default as the flag package shows it.
+func (c *command) help(fs *flag.FlagSet, w io.Writer) {
+	fmt.Fprintf(w, "Usage: orderly %s %s\n\n%s\n", c.name, c.synopsis, strings.TrimSpace(c.desc))
+	visible := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	visible.SetOutput(w)
+	n := 0
+	fs.VisitAll(func(f *flag.Flag) {
+		if slices.Contains(c.hidden, f.Name) {
+			return
+		}
+		visible.Var(f.Value, f.Name, f.Usage)
+		// The default, not what a flag before -h may have set.
+		visible.Lookup(f.Name).DefValue = f.DefValue
+		n++
+	})
+	if n > 0 {
+		fmt.Fprintln(w, "\nFlags:")
+		visible.PrintDefaults()
+	}
+}
+
+// loadConfig loads a configuration and compiles its routes, returning every
+// problem found, each with its file, line and key.
 func loadConfig(path string) (*config.Config, error) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		return nil, err
+	return config.Load(path, compileRoutes)
+}
+
+// compileRoutes is the config.Check that compiles the routes' `when`
+// expressions and templates, placing each problem at its key in the file.
+func compileRoutes(cfg *config.Config) error {
+	_, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	if err == nil {
+		return nil
 	}
-	if _, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics); err != nil {
-		return nil, err
+	var errs config.Errors
+	all := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		all = j.Unwrap()
 	}
-	return cfg, nil
+	for _, e := range all {
+		var ce *filters.CompileError
+		if errors.As(e, &ce) {
+			errs = append(errs, cfg.ErrorAt(fmt.Sprintf("routes[%d].%s", ce.Index, ce.Field), ce.Err))
+		} else {
+			errs = append(errs, &config.FieldError{Key: "routes", Msg: e.Error(), Err: e})
+		}
+	}
+	return errs
 }
 
 func configFlag(fs *flag.FlagSet) *string {
@@ -92,15 +198,29 @@ func configFlag(fs *flag.FlagSet) *string {
 	return p
 }
 
+var validateCommand = command{
+	name:     "validate",
+	synopsis: "[--print] --config FILE",
+	desc: `
+Parse the configuration and compile its routes (keys, values, ` + "`when`" + ` expressions, templates)
+without connecting to anything. Prints "FILE: ok" and exits 0, or prints every problem, one a line
+as FILE:LINE:COL: KEY: PROBLEM, and exits 2.
+
+With --print, prints the effective configuration as TOML on stdout (and "FILE: ok" on stderr):
+defaults applied, ${NAME} expanded, secrets (admin.token, credentials in headers, properties and
+URLs) replaced by "REDACTED".`,
+}
+
 func cmdValidate(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("validate", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	c := &validateCommand
+	fs := c.flags(stderr)
 	path := configFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	printCfg := fs.Bool("print", false, "print the effective configuration, secrets redacted")
+	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
+		return code
 	}
 	if *path == "" {
-		fmt.Fprintln(stderr, "orderly validate: --config FILE is required")
+		c.usageError(stderr, "--config FILE is required")
 		return 2
 	}
 	cfg, err := loadConfig(*path)
@@ -108,7 +228,13 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 		printErrors(stderr, err)
 		return 2
 	}
-	fmt.Fprintf(stdout, "%s: ok (%d routes, topics %s)\n", *path, len(cfg.Routes), strings.Join(cfg.Kafka.Topics, ", "))
+	status := stdout
+	if *printCfg {
+		// stdout is the TOML alone, to be saved or diffed.
+		fmt.Fprint(stdout, cfg.Redacted())
+		status = stderr
+	}
+	fmt.Fprintf(status, "%s: ok (%d routes, topics %s)\n", *path, len(cfg.Routes), strings.Join(cfg.Kafka.Topics, ", "))
 	return 0
 }
 
@@ -119,15 +245,31 @@ func printErrors(w io.Writer, err error) {
 	}
 }
 
-func cmdRun(args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+var runCommand = command{
+	name:     "run",
+	synopsis: "--config FILE",
+	desc: `
+Run the service: consume the configured topics, send each message to the first route that takes
+it (in order per key), dead-letter what cannot be delivered, and commit what is finished. Logs go
+to stderr (log.level, log.format); the first lines are the version and the effective
+configuration, secrets redacted. The admin server (admin.listen) serves /healthz, /readyz,
+/metrics and /dlq/*.
+
+On SIGTERM or SIGINT readiness turns 503, consumption stops after admin.drain_grace, in-flight
+work drains for up to dispatch.drain_timeout, offsets are committed, and orderly exits 0. A second
+signal exits at once (status 1). Exit status 2: the command line or the configuration is invalid
+(check it with 'orderly validate'); 1: the service failed.`,
+}
+
+func cmdRun(args []string, stdout, stderr io.Writer) int {
+	c := &runCommand
+	fs := c.flags(stderr)
 	path := configFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
+		return code
 	}
 	if *path == "" {
-		fmt.Fprintln(stderr, "orderly run: --config FILE is required")
+		c.usageError(stderr, "--config FILE is required")
 		return 2
 	}
 	cfg, err := loadConfig(*path)
@@ -136,6 +278,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(cfg.Log, stderr)
+	log.Info("orderly starting", "version", version, "config", *path)
+	log.Info("effective configuration (secrets redacted)", "config", cfg.Redacted())
 	if len(cfg.UnsetEnv) > 0 {
 		log.Warn("the configuration refers to environment variables that are not set; they expanded to \"\"",
 			"variables", cfg.UnsetEnv)
@@ -159,7 +303,6 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error("second signal: exiting without finishing the drain")
 		os.Exit(1)
 	}()
-	log.Info("orderly starting", "version", version, "config", *path)
 	if err := svc.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("orderly stopped with an error", "error", err)
 		return 1

@@ -95,7 +95,11 @@ type Dispatcher struct {
 	onQuarantine func(*dlq.Quarantine)
 	// commitSoon asks the poll loop to commit at its next turn.
 	commitSoon atomic.Bool
+	// rewindSoon asks the poll loop to look for partitions that want a
+	// pass over their deferred messages (hotkeys.go).
+	rewindSoon atomic.Bool
 	senders    *senders // the sender pools, one per target
+	keyCap     int      // messages a key may hold per partition (dispatch.max_key_in_flight)
 
 	outcomes map[string]prometheus.Counter // orderly_messages_total by outcome, resolved once
 
@@ -129,6 +133,10 @@ func New(o Options) (*Dispatcher, error) {
 		cfg: o.Config, router: o.Router, sender: o.Sender, metrics: o.Metrics, log: log, brokers: brokers, tracing: o.Tracing,
 		onQuarantine: o.OnQuarantine,
 		parts:        make(map[partKey]*partition), outcomes: make(map[string]prometheus.Counter),
+		keyCap: o.Config.Dispatch.MaxKeyInFlight,
+	}
+	if d.keyCap == 0 {
+		d.keyCap = max(o.Config.Dispatch.MaxInFlight/10, 1)
 	}
 	for _, oc := range []string{telemetry.OutcomeDelivered, telemetry.OutcomeDeadLettered, telemetry.OutcomeSkipped, telemetry.OutcomeStalled} {
 		d.outcomes[oc] = o.Metrics.Messages.WithLabelValues(oc)
@@ -331,6 +339,7 @@ const soonest = 25 * time.Millisecond
 // nothing changed.
 func (d *Dispatcher) afterPoll() {
 	d.maybeResume()
+	d.rewind()
 	since, every := time.Since(d.lastCommit), d.cfg.Dispatch.CommitInterval.D()
 	if since >= every || since >= min(every, soonest) && d.commitSoon.Load() {
 		d.commitSoon.Store(false)
@@ -349,28 +358,40 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 	if p == nil || p.revoking {
 		return // not ours (any more): whoever owns it next consumes it
 	}
-	already, err := p.tracker.Begin(int64(m.TopicPartition.Offset))
-	if err != nil {
-		d.log.Error("offset out of order, message ignored", "topic", p.topic, "partition", p.id, "error", err)
-		return
+	off := int64(m.TopicPartition.Offset)
+	// A pass reads deferred messages again (hotkeys.go): they were begun
+	// when first read, and the worker drops the others.
+	reread := off < p.rereadEnd
+	if reread {
+		d.metrics.Rereads.Inc()
+	} else {
+		already, err := p.tracker.Begin(off)
+		if err != nil {
+			d.log.Error("offset out of order, message ignored", "topic", p.topic, "partition", p.id, "error", err)
+			return
+		}
+		if already {
+			// Finished by an earlier owner, as its last commit recorded.
+			p.next = off + 1
+			d.outcome(telemetry.OutcomeAlreadyDone).Inc()
+			return
+		}
 	}
-	if already {
-		// Finished by an earlier owner, as its last commit recorded.
-		d.outcome(telemetry.OutcomeAlreadyDone).Inc()
-		return
-	}
+	p.next = off + 1
 	n := heldSize(len(m.Key), len(m.Value), len(m.Headers))
 	p.held.Add(n)
 	d.held.Add(n)
+	inFlight := p.holding.Add(1)
 	p.in <- m // never blocks: the partition pauses at max_in_flight
 	if d.onBegin != nil {
-		d.onBegin(p.topic, p.id, p.tracker.InFlight())
+		d.onBegin(p.topic, p.id, int(inFlight))
 	}
 	if p.paused {
 		return
 	}
-	inFlight, span := p.tracker.InFlight(), p.tracker.Span()
-	if inFlight < d.cfg.Dispatch.MaxInFlight && span < d.cfg.Dispatch.MaxSpan {
+	// The span only grows with new offsets: a pass does not pause for it.
+	span := p.tracker.Span()
+	if inFlight < int64(d.cfg.Dispatch.MaxInFlight) && (reread || span < d.cfg.Dispatch.MaxSpan) {
 		return
 	}
 	if err := d.consumer.Pause([]kafka.TopicPartition{p.tp}); err != nil {
@@ -378,7 +399,7 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 		return
 	}
 	p.paused = true
-	p.spanPaused = span >= d.cfg.Dispatch.MaxSpan
+	p.spanPaused = inFlight < int64(d.cfg.Dispatch.MaxInFlight)
 	d.anyPaused = true
 	p.pausedGauge.Set(1)
 	d.metrics.Pauses.Inc()
@@ -393,7 +414,8 @@ func (d *Dispatcher) handleMessage(m *kafka.Message) {
 
 // maybeResume resumes paused partitions whose in-flight count fell to half
 // of max_in_flight and, when the span paused them, whose span fell to half
-// of max_span.
+// of max_span or that want a pass over deferred messages (the oldest
+// unfinished message may be one of them).
 func (d *Dispatcher) maybeResume() {
 	if !d.anyPaused {
 		return
@@ -403,7 +425,8 @@ func (d *Dispatcher) maybeResume() {
 		if !p.paused || p.revoking {
 			continue
 		}
-		if p.tracker.InFlight() > d.cfg.Dispatch.MaxInFlight/2 || p.spanPaused && p.tracker.Span() > d.cfg.Dispatch.MaxSpan/2 {
+		if p.holding.Load() > int64(d.cfg.Dispatch.MaxInFlight/2) ||
+			p.spanPaused && p.tracker.Span() > d.cfg.Dispatch.MaxSpan/2 && !p.rewind.Load() {
 			stillPaused = true
 			continue
 		}
@@ -416,10 +439,10 @@ func (d *Dispatcher) maybeResume() {
 		// (up to a second later, measured here); a seek to the position it
 		// would fetch from anyway wakes it at once. Pause purged the
 		// prefetched messages, so that position is one past the last
-		// message handed to the worker.
-		if next, ok := p.tracker.Next(); ok {
+		// message read.
+		if p.next > 0 {
 			tp := p.tp
-			tp.Offset = kafka.Offset(next)
+			tp.Offset = kafka.Offset(p.next)
 			if _, err := d.consumer.SeekPartitions([]kafka.TopicPartition{tp}); err != nil {
 				d.log.Warn("seek after resume", "topic", p.topic, "partition", p.id, "error", err)
 			}
@@ -450,7 +473,7 @@ func (d *Dispatcher) commit(ps []*partition) {
 	var finishedAt []int64 // each committed partition's finished count when its progress was taken
 	now := time.Now()
 	for _, p := range ps {
-		p.inFlightGauge.Set(float64(p.tracker.InFlight()))
+		p.inFlightGauge.Set(float64(p.holding.Load()))
 		p.spanGauge.Set(float64(p.tracker.Span()))
 		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
 		committable := p.tracker.Committable()

@@ -107,7 +107,16 @@ func TestPermanentFailuresGoToTheDLQ(t *testing.T) {
 // TestPoisonMessagesGoToTheDLQ: values that are not JSON on a route that
 // needs JSON are dead-lettered with the cause; the JSON ones around them,
 // same key, are delivered in order.
+//
+// With a `when` that reads value (and dispatch.unmatched = "skip"), the
+// messages it cannot judge are dead-lettered too, not skipped.
 func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
+	for _, when := range []string{"", `value.key != ""`} {
+		t.Run("when="+when, func(t *testing.T) { testPoison(t, when) })
+	}
+}
+
+func testPoison(t *testing.T, when string) {
 	h := newHarness(t, 2)
 	var recs []testkit.Record
 	want := map[string][]int64{}
@@ -130,6 +139,12 @@ func TestPoisonMessagesGoToTheDLQ(t *testing.T) {
 	}
 	cfg := h.Config("poison", "", "")
 	cfg.Routes[0].Requests[0].URL = h.Srv.URL + "/people/{{ .Value.key }}"
+	if when != "" {
+		cfg.Routes[0].When = when
+		if cfg.Dispatch.Unmatched != "skip" {
+			t.Fatalf("dispatch.unmatched = %q, want the default skip", cfg.Dispatch.Unmatched)
+		}
+	}
 	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, time.Minute, "all messages finished", func() bool {
 		return m.Sum("orderly_committed_offset") == float64(len(recs))

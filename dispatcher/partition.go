@@ -158,11 +158,35 @@ type partition struct {
 	dead     bool              // stopped: lanes are abandoned wherever they are
 	waiting  bool              // the worker waits for a lane to become idle (lane cap)
 	laneFree *sync.Cond        // signalled when a lane goes idle while waiting
+	// Hot keys (see hotkeys.go): offsets deferred since the last pass
+	// started, in order; the keys they belong to; the current pass's
+	// deferred offsets (passAt the next one expected) and its end.
+	deferred     []int64
+	deferKeys    map[string]struct{}
+	deferUnkeyed bool
+	pass         []int64
+	passAt       int
+	passEnd      int64
+	passSeq      int64 // the current pass's number
+	passKeys     int   // the keys the current pass serves
+	passCapped   int   // of those, the keys at their cap again
+
+	// holding counts the messages handed to the worker and not yet
+	// finished, deferred or dropped: what max_in_flight bounds.
+	holding atomic.Int64
+	// rewind asks the poll loop for a pass (a key with deferred messages
+	// has room again).
+	rewind atomic.Bool
+	// cutPass, when set, tells the poll loop the worker cut that pass short.
+	cutPass atomic.Int64
 
 	// Owned by the poll loop.
 	paused     bool
 	spanPaused bool  // paused because the span reached max_span
 	committed  int64 // last committed offset, -1 if none yet
+	next       int64 // the offset after the last message read: where a resume seeks (0: none read yet)
+	rereadEnd  int64 // offsets below it are read again by a pass
+	passes     int64 // passes started (the last one's number)
 	// committedMeta is the progress record sent with the last commit;
 	// budget bounds the next one (dispatch.commit_metadata_max_bytes,
 	// halved each time a broker refuses one as too large).
@@ -195,12 +219,13 @@ func newPartition(d *Dispatcher, tp kafka.TopicPartition, tracker *offsets.Track
 		id:             tp.Partition,
 		tracker:        tracker,
 		hurryCh:        make(chan struct{}),
-		in:             make(chan *kafka.Message, d.cfg.Dispatch.MaxInFlight+1),
+		in:             make(chan *kafka.Message, d.cfg.Dispatch.MaxInFlight+2), // + a pass marker
 		ctx:            ctx,
 		cancel:         cancel,
 		stopWorker:     make(chan struct{}),
 		workerDone:     make(chan struct{}),
 		keyed:          make(map[string]*lane),
+		deferKeys:      make(map[string]struct{}),
 		lanes:          make(map[laneKey]*lane),
 		committed:      -1,
 		budget:         d.cfg.Dispatch.CommitMetadataMaxBytes,
@@ -228,6 +253,10 @@ func (p *partition) work() {
 		case <-p.stopWorker:
 			return
 		case m := <-p.in:
+			if ps, ok := m.Opaque.(passStart); ok {
+				p.startPass(ps.end, ps.seq)
+				continue
+			}
 			if !p.dispatch(m) {
 				return
 			}
@@ -240,6 +269,15 @@ func (p *partition) work() {
 // dispatch plans one message and enqueues it on its lane. It returns false
 // when the partition is stopping.
 func (p *partition) dispatch(km *kafka.Message) bool {
+	if off := int64(km.TopicPartition.Offset); off < p.passEnd {
+		if !p.reread(off) {
+			// Read again by a pass but not deferred: held or finished already.
+			p.unhold(heldSize(len(km.Key), len(km.Value), len(km.Headers)))
+			return true
+		}
+	} else if p.passAt < len(p.pass) {
+		p.reread(off) // the pass's members not met are gone from the log
+	}
 	it := &item{}
 	toMessage(km, &it.msg)
 	ctx, span := p.d.tracing.StartMessage(p.ctx, it.msg.Topic, it.msg.Partition, it.msg.Offset, it.msg.Key, it.msg.Headers)
@@ -252,13 +290,15 @@ func (p *partition) dispatch(km *kafka.Message) bool {
 		it.route = rt
 		telemetry.MessageRouted(span, rt.Name())
 	case errors.Is(err, filters.ErrNoRoute):
-		if p.d.cfg.Dispatch.Unmatched == config.UnmatchedSkip {
+		// A `when` that could not judge the message wraps ErrNoRoute: such a
+		// message is bad, dead-lettered with the reason, never skipped.
+		if err == filters.ErrNoRoute && p.d.cfg.Dispatch.Unmatched == config.UnmatchedSkip {
 			telemetry.MessageOutcome(span, telemetry.OutcomeSkipped)
 			span.End()
 			p.finish(&it.msg, telemetry.OutcomeSkipped)
 			return true
 		}
-		it.fail = &dlq.Failure{Reason: "no route matched the message", RequestIndex: -1}
+		it.fail = &dlq.Failure{Reason: err.Error(), RequestIndex: -1}
 	default:
 		it.fail = &dlq.Failure{Reason: err.Error(), RequestIndex: -1}
 		if bad := badMessage(err); bad != nil {
@@ -316,7 +356,13 @@ func (p *partition) enqueue(it *item) bool {
 			p.mu.Unlock()
 			return false
 		}
-		if l := p.laneOfLocked(&it.msg); l != nil {
+		l := p.laneOfLocked(&it.msg)
+		if p.deferLocked(l, &it.msg) {
+			p.mu.Unlock()
+			p.deferredOut(it)
+			return true
+		}
+		if l != nil {
 			l.q = append(l.q, it)
 			if l.busy {
 				p.mu.Unlock()
@@ -538,6 +584,9 @@ func (p *partition) render(l *lane, it *item) {
 func (l *lane) popLocked() {
 	l.q[0] = nil
 	l.q = l.q[1:]
+	if len(l.p.deferKeys) > 0 || l.p.deferUnkeyed {
+		l.p.roomLocked(l)
+	}
 	l.plan, l.rendered, l.next, l.dlqBackoff, l.dlqCut, l.dlqKeep = filters.Plan{}, false, 0, 0, false, 0
 	l.call.Reset(nil, "")
 	clear(l.reqs[:])
@@ -674,10 +723,15 @@ func (p *partition) finish(m *filters.Message, outcome string) {
 		p.d.log.Error("offset tracking", "topic", p.topic, "partition", p.id, "error", err)
 	}
 	p.finished.Add(1)
-	n := heldSize(len(m.Key), len(m.Value), len(m.Headers))
+	p.unhold(heldSize(len(m.Key), len(m.Value), len(m.Headers)))
+	p.d.outcome(outcome).Inc()
+}
+
+// unhold lets go of a message of n bytes (heldSize) the partition held.
+func (p *partition) unhold(n int64) {
 	p.held.Add(-n)
 	p.d.held.Add(-n)
-	p.d.outcome(outcome).Inc()
+	p.holding.Add(-1)
 }
 
 // stop ends the partition: the worker stops taking messages, the lanes finish

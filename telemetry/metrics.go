@@ -16,6 +16,12 @@ const (
 	// OutcomeAlreadyDone: finished by an earlier owner of the partition
 	// (recorded in the commit's metadata) and skipped on redelivery.
 	OutcomeAlreadyDone = "already_done"
+	// OutcomeLost: deferred (a hot key's message left to be read again) and
+	// gone from the log when read again (retention): never delivered.
+	OutcomeLost = "lost"
+	// OutcomeDeferred marks a span only, not orderly_messages_total: the
+	// message is read again later (dispatch.max_key_in_flight).
+	OutcomeDeferred = "deferred"
 )
 
 // Breaker states as reported by orderly_breaker_state.
@@ -36,6 +42,7 @@ type Metrics struct {
 	HTTPDuration     *prometheus.HistogramVec // host
 	HTTPRetries      *prometheus.CounterVec   // host
 	HTTPUncounted    *prometheus.CounterVec   // host
+	HTTPPauses       *prometheus.CounterVec   // host
 	BreakerState     *prometheus.GaugeVec     // host
 	BreakerChanges   *prometheus.CounterVec   // host, to
 	InFlight         *prometheus.GaugeVec     // topic, partition
@@ -62,6 +69,9 @@ type Metrics struct {
 
 	QuarantinedKeys     prometheus.Gauge
 	QuarantinedMessages prometheus.Counter
+
+	Deferred prometheus.Counter
+	Rereads  prometheus.Counter
 }
 
 // NewMetrics registers every Orderly collector, plus the Go and process
@@ -82,6 +92,8 @@ func NewMetrics() *Metrics {
 			Help: "HTTP attempts that were retries, by target host."}, []string{"host"}),
 		HTTPUncounted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_attempts_uncounted_total",
 			Help: "Failed HTTP attempts that spent none of http.retry.max_attempts because the target was failing as a whole, by target host."}, []string{"host"}),
+		HTTPPauses: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retry_after_pauses_total",
+			Help: "Answers (429 or 503 with Retry-After) that paused every request to their target host, by target host."}, []string{"host"}),
 		BreakerState: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_breaker_state",
 			Help: "Circuit breaker state per target host: 0 closed, 1 half-open, 2 open."}, []string{"host"}),
 		BreakerChanges: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_breaker_transitions_total",
@@ -130,12 +142,16 @@ func NewMetrics() *Metrics {
 			Help: "Keys quarantined or being replayed (dlq.quarantine_keys), as this instance knows them."}),
 		QuarantinedMessages: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_quarantined_messages_total",
 			Help: "Messages dead-lettered without an attempt because their key was quarantined."}),
+		Deferred: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_deferred_total",
+			Help: "Messages let go because their key held dispatch.max_key_in_flight; they are read again once it has room."}),
+		Rereads: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_reread_total",
+			Help: "Messages read again to fetch deferred ones (the cost of hot keys)."}),
 	}
-	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.BreakerState, m.BreakerChanges,
+	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.HTTPPauses, m.BreakerState, m.BreakerChanges,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive,
 		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,
-		m.QuarantinedKeys, m.QuarantinedMessages)
+		m.QuarantinedKeys, m.QuarantinedMessages, m.Deferred, m.Rereads)
 	return m
 }
 

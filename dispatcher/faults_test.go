@@ -152,7 +152,11 @@ func TestMultiRequestFailureIndex(t *testing.T) {
 }
 
 // TestEagerRebalance: with an eager assignor, a second member joining
-// mid-run takes partitions over; nothing is lost and per-key order holds.
+// mid-run takes partitions over: every partition is revoked from the first
+// member, which finishes the attempts under way and commits what finished
+// before it lets them go. Nothing is lost, per-key order holds, no key has
+// two requests in flight, nothing is sent twice, and the group's commits
+// reach the end offsets.
 func TestEagerRebalance(t *testing.T) {
 	h := newHarness(t, 4)
 	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return time.Millisecond }
@@ -163,16 +167,39 @@ func TestEagerRebalance(t *testing.T) {
 	}
 	cfg := h.Config("eager", "max_in_flight = 100", "")
 	cfg.Kafka.Properties["partition.assignment.strategy"] = "range"
-	_, m1, _ := h.run(cfg, nil)
+	var atRevoke atomic.Int64 // deliveries when the first revoke began
+	_, m1, stop1 := h.run(cfg, func(d *Dispatcher) {
+		d.onRevoke = func([]int32) { atRevoke.CompareAndSwap(0, int64(h.Sink.Distinct())) }
+	})
 	testkit.WaitFor(t, time.Minute, "a quarter delivered", func() bool { return h.Sink.Distinct() >= n/4 })
-	_, m2, _ := h.run(cfg, nil)
-	testkit.WaitFor(t, time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
-	rep := h.Sink.Check(gen.Expected())
-	if !rep.OK() {
-		t.Fatal(rep)
-	}
+	_, m2, stop2 := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "every message delivered and committed", func() bool {
+		return h.Sink.Distinct() >= n && m1.Sum("orderly_committed_offset")+m2.Sum("orderly_committed_offset") == n
+	})
 	if m2.Sum("orderly_rebalances_total") == 0 || m1.Sum("orderly_rebalances_total") < 2 {
 		t.Fatalf("no rebalance seen: first member %v, second %v", m1.Sum("orderly_rebalances_total"), m2.Sum("orderly_rebalances_total"))
 	}
-	t.Logf("eager rebalance: %s", rep)
+	if a := atRevoke.Load(); a == 0 || a >= n {
+		t.Fatalf("the first revoke came at %d of %d delivered: the test needs it mid-run", a, n)
+	}
+	if err := stop1(); err != nil {
+		t.Fatal(err)
+	}
+	// The second member takes every partition; stopping it in the middle
+	// of that rebalance is not what this test is about.
+	testkit.WaitFor(t, time.Minute, "the second member owns every partition", func() bool { return owned(t, m2) == 4 })
+	if err := stop2(); err != nil {
+		t.Fatal(err)
+	}
+	rep := h.Sink.Check(gen.Expected())
+	if !rep.OK() || rep.Duplicates != 0 {
+		t.Fatal(rep)
+	}
+	committed, end := h.Committed("eager")
+	for i := range end {
+		if committed[i] != end[i] {
+			t.Fatalf("partition %d: committed %d, end offset %d", i, committed[i], end[i])
+		}
+	}
+	t.Logf("eager rebalance at %d of %d delivered: %s", atRevoke.Load(), n, rep)
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -33,6 +34,8 @@ func newChaosEnv(t *testing.T, partitions, n, keys int, group, dispatchTOML stri
 	}
 	t.Cleanup(b.Close)
 	e := &chaosEnv{broker: b, sink: testkit.NewSink(), gen: &testkit.Generator{Keys: keys}}
+	// Random latency on every request, also with a fixed delay.
+	e.sink.Jitter, e.sink.JitterSeed = time.Millisecond, kafkatest.Seed(t, "ORDERLY_TEST_SEED")
 	var mu = make(chan struct{}, 1)
 	rng := rand.New(rand.NewPCG(5, 6))
 	e.sink.Delay = func(*testkit.Delivery) time.Duration {
@@ -91,7 +94,8 @@ func TestChaosSIGKILL(t *testing.T) {
 	}
 	const n, keys, parts, maxInFlight, kills = 50000, 1000, 8, 500, 3
 	e := newChaosEnv(t, parts, n, keys, "chaos", fmt.Sprintf("max_in_flight = %d", maxInFlight), 0)
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	// The kill points: logged, and repeatable with ORDERLY_CHAOS_SEED.
+	rng := rand.New(rand.NewPCG(kafkatest.Seed(t, "ORDERLY_CHAOS_SEED"), 1))
 	p := start(t, "run", "--config", e.cfg)
 	for k := 0; k < kills; k++ {
 		// Kill somewhere in the next stretch of progress.

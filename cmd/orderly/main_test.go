@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
@@ -164,6 +165,7 @@ func TestSIGTERMDrainsAndRestartDeliversTheRest(t *testing.T) {
 	}
 	t.Cleanup(b.Close)
 	sink := testkit.NewSink()
+	sink.Jitter, sink.JitterSeed = time.Millisecond, kafkatest.Seed(t, "ORDERLY_TEST_SEED")
 	sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
 	srv := httptest.NewServer(sink)
 	t.Cleanup(srv.Close)
@@ -206,6 +208,8 @@ name = "people"
 	p := start(t, "run", "--config", cfgPath)
 	testkit.WaitFor(t, 30*time.Second, "readiness", func() bool { return httpStatus("http://"+admin+"/readyz") == 200 })
 	testkit.WaitFor(t, time.Minute, "a third delivered", func() bool { return sink.Distinct() >= n/3 })
+	testkit.WaitFor(t, time.Minute, "requests in flight", func() bool { return sink.InFlight() >= 5 })
+	inFlight := sink.InFlight()
 	sent := time.Now()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -221,16 +225,21 @@ name = "people"
 	}
 	took := time.Since(sent)
 	atStop := sink.Distinct()
-	t.Logf("exit 0 %s after SIGTERM with %d of %d delivered", took.Round(time.Millisecond), atStop, n)
+	t.Logf("exit 0 %s after SIGTERM with %d requests in flight and %d of %d delivered", took.Round(time.Millisecond), inFlight, atStop, n)
 	if atStop >= n {
 		t.Fatalf("everything was delivered before SIGTERM took effect; the test proves nothing")
+	}
+	// The drain finished what was in flight and committed it: the commits
+	// cover exactly what was delivered (a prefix of each partition).
+	if c := committedSum(t, b.Addr(), "sigterm", "orders", 4); c != int64(atStop) {
+		t.Fatalf("committed %d offsets after the drain, but %d messages were delivered", c, atStop)
 	}
 
 	p2 := start(t, "run", "--config", cfgPath)
 	testkit.WaitFor(t, 2*time.Minute, "the rest delivered", func() bool { return sink.Distinct() >= n })
 	rep := sink.Check(gen.Expected())
-	if !rep.OK() {
-		t.Fatal(rep)
+	if !rep.OK() || rep.Duplicates != 0 {
+		t.Fatalf("the restart lost or sent again what the drain committed: %s", rep)
 	}
 	t.Logf("after restart: %s", rep)
 	if err := p2.cmd.Process.Signal(syscall.SIGTERM); err != nil {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -51,6 +52,9 @@ func New(t *testing.T, partitions int, tweak func(*embedded.Options)) *Harness {
 	}
 	t.Cleanup(b.Close) // registered first: runs last, after every client closed
 	h := &Harness{T: t, Broker: b, Sink: testkit.NewSink(), Topic: "orders", Parts: partitions}
+	// Every request takes a random extra 0-1 ms, so that keys overtake each
+	// other and the sink's per-key order and concurrency checks bite.
+	h.Sink.Jitter, h.Sink.JitterSeed = time.Millisecond, Seed(t, "ORDERLY_TEST_SEED")
 	h.Srv = httptest.NewServer(h.Sink)
 	t.Cleanup(h.Srv.Close)
 	p, err := testkit.NewProducer(b.Addr())
@@ -145,6 +149,22 @@ func (h *Harness) CommittedMeta(group string) (committed, end []int64, meta []st
 		end = append(end, hi)
 	}
 	return committed, end, meta
+}
+
+// Seed returns the seed named by the environment variable env, or one from
+// the clock, and logs it so that a failing run can be repeated.
+func Seed(t testing.TB, env string) uint64 {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv(env); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			t.Fatalf("%s=%q: %v", env, v, err)
+		}
+		seed = n
+	}
+	t.Logf("random seed %d (repeat with %s=%d)", seed, env, seed)
+	return seed
 }
 
 // Logger logs to t at warn level, or to stderr at debug level when

@@ -63,6 +63,8 @@ type Record struct {
 	Key     []byte // nil: no key
 	Value   []byte
 	Headers []kafka.Header
+	// Timestamp, if set, is the record's create time (else the producer's clock).
+	Timestamp time.Time
 }
 
 // Producer produces records with the real librdkafka client and waits for
@@ -108,6 +110,7 @@ func (p *Producer) produce(ctx context.Context, topic string, partition int32, r
 		m := &kafka.Message{
 			TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: partition},
 			Key:            recs[i].Key, Value: recs[i].Value, Headers: recs[i].Headers,
+			Timestamp: recs[i].Timestamp,
 		}
 		for {
 			err := p.p.Produce(m, reports)
@@ -144,7 +147,7 @@ func (p *Producer) Close() {
 	p.p.Close()
 }
 
-// Events makes n generated events into records.
+// Records makes n generated events into records.
 func (g *Generator) Records(n int) []Record {
 	recs := make([]Record, n)
 	for i := range recs {

@@ -1,6 +1,7 @@
 // Command sinkserver is the test sink as a standalone HTTP server, for
 // end-to-end scripts and process tests: it records every event it receives
-// and reports on GET /stats how many arrived and whether per-key order held.
+// and reports on GET /stats how many arrived, whether per-key order held and
+// whether a key ever had two requests in flight ("concurrent").
 //
 //	sinkserver -listen 127.0.0.1:8081 [-latency 5ms] [-fail-rate 0.1] [-reject user-3:4,...]
 //
@@ -82,6 +83,7 @@ func main() {
 			}
 			rep := sink.Check(want)
 			out["missing"], out["duplicates"], out["violations"], out["first_violation"] = rep.Missing, rep.Duplicates, rep.Violations, rep.First
+			out["concurrent"], out["first_concurrent"] = rep.Concurrent, rep.FirstConcurrent
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(out)

@@ -49,6 +49,6 @@ wait_for 60 "the new events delivered" sh -c "[ \"\$(curl -sf '127.0.0.1:$sport/
 expect=$(seq 0 19 | sed "s/.*/user-&:110/" | paste -sd, -)
 stats=$(curl -sf "127.0.0.1:$sport/stats?expect=$expect")
 echo "$stats" | jq -c .
-[ "$(echo "$stats" | jq '.missing + .violations + .duplicates')" = 0 ] || { echo "e2e-quarantine: loss, duplicates or order violation" >&2; exit 1; }
+[ "$(echo "$stats" | jq '.missing + .violations + .duplicates + .concurrent')" = 0 ] || { echo "e2e-quarantine: loss, duplicates, order violation or concurrent requests for a key" >&2; exit 1; }
 kill -TERM $run; wait $run
 echo "e2e-quarantine: OK (user-3 quarantined at seq 10, redriven in order, 2200 events, nothing twice)"

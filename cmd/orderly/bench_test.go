@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -222,8 +223,10 @@ func TestBenchDispatcherProcess(t *testing.T) {
 			t.Errorf("%s = %v, want it positive", k, v)
 		}
 	}
-	if c := num("ceiling_concurrency"); c != 100 {
-		t.Errorf("ceiling concurrency %v, want min(keys 100, 8 x 50, 256) = 100", c)
+	// The ceiling is the best of Orderly's sending concurrency,
+	// min(keys 100, 8 x 50, 256) = 100, and the smaller counts tried.
+	if c := num("ceiling_concurrency"); !slices.Contains([]float64{100, 64, 32, 16}, c) {
+		t.Errorf("ceiling concurrency %v, want one of 100, 64, 32, 16", c)
 	}
 	// The kernel's RSS counters are approximate (per-CPU batches of pages),
 	// so a sample may exceed VmHWM read later by a little.

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"maps"
 	"os"
 	"reflect"
 	"slices"
@@ -490,10 +491,7 @@ func scan(file string, data []byte) *source {
 		}
 	}
 	s.data = nil // only needed while scanning; do not keep the caller's bytes
-	for name := range unset {
-		s.unset = append(s.unset, name)
-	}
-	sort.Strings(s.unset)
+	s.unset = slices.Sorted(maps.Keys(unset))
 	return s
 }
 

@@ -359,8 +359,9 @@ func trTestExport(t *testing.T, j *trJaeger) {
 	mctx, span := tr.StartMessage(ctx, "orders", 2, 17, []byte("key-1"),
 		[]filters.Header{{Key: "traceparent", Value: []byte("00-" + traceID + "-" + producerSpan + "-01")}})
 	telemetry.MessageRouted(span, "people")
-	actx, attempt := tr.StartAttempt(mctx, http.MethodPost, target.URL+"/people/key-1", 1)
-	req, _ := http.NewRequestWithContext(actx, http.MethodPost, target.URL+"/people/key-1", strings.NewReader("{}"))
+	req, _ := http.NewRequest(http.MethodPost, target.URL+"/people/key-1", strings.NewReader("{}"))
+	actx, attempt := tr.StartAttemptURL(mctx, http.MethodPost, req.URL, 1)
+	req = req.WithContext(actx)
 	tr.Inject(actx, req.Header)
 	resp, err := http.DefaultClient.Do(req)
 	status := 0

@@ -16,9 +16,9 @@ import (
 // 12345678901234567890 must not become 1.2345678901234567e+19), which asks for
 // json.Number; expressions must compare value.amount > 100, which json.Number
 // (a string type) cannot do in expr. Decoding twice with encoding/json, or
-// once with UseNumber and converting in a second walk, costs two to three
-// times the allocations of this decoder, which makes one pass over the
-// message (copied once into a string) and builds both trees at once:
+// once with UseNumber and converting in a second walk, allocates more than
+// this decoder, which makes one pass over the message (copied once into a
+// string) and builds both trees at once:
 //
 //   - strings without escapes are substrings of that one copy (no allocation
 //     besides boxing them into an interface);

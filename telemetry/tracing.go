@@ -61,7 +61,7 @@ const (
 //     orderly.outcome; MessageDeadLettered adds orderly.outcome=dead_lettered,
 //     an "orderly.dead_lettered" event with orderly.error=<reason> and an
 //     Error status.
-//   - "<METHOD>", kind CLIENT, one per HTTP attempt (StartAttempt, ended by
+//   - "<METHOD>", kind CLIENT, one per HTTP attempt (StartAttemptURL, ended by
 //     EndAttempt), a child of the message span. Attributes:
 //     http.request.method (or _OTHER plus http.request.method_original),
 //     url.full (user info and query values redacted: an API key in a
@@ -310,29 +310,11 @@ func MessageDeadLettered(span trace.Span, reason string) {
 	span.SetStatus(codes.Error, reason)
 }
 
-// StartAttempt starts the CLIENT span of one HTTP attempt (attempt counts
-// from 1) as a child of the span in ctx. Inject the returned context into
-// the attempt's headers and end the span with EndAttempt. Disabled, it
-// returns ctx and a no-op span without allocating. The URL is parsed only
-// when the span is recorded; StartAttemptURL avoids even that.
-func (t *Tracing) StartAttempt(ctx context.Context, method, rawURL string, attempt int) (context.Context, trace.Span) {
-	if t == nil || !t.enabled {
-		return ctx, noop.Span{}
-	}
-	ctx, span := t.startAttempt(ctx, method, attempt)
-	if span.IsRecording() {
-		if u, err := url.Parse(rawURL); err == nil {
-			setURL(span, u)
-		} else {
-			span.SetAttributes(semconv.URLFull(redactRawURL(rawURL)))
-		}
-	}
-	return ctx, span
-}
-
-// StartAttemptURL is StartAttempt for an already parsed URL (the
-// *http.Request's): it costs nothing when disabled, not even a
-// URL.String().
+// StartAttemptURL starts the CLIENT span of one HTTP attempt to u (the
+// *http.Request's URL; attempt counts from 1) as a child of the span in ctx.
+// Inject the returned context into the attempt's headers and end the span
+// with EndAttempt. Disabled, it returns ctx and a no-op span without
+// allocating.
 func (t *Tracing) StartAttemptURL(ctx context.Context, method string, u *url.URL, attempt int) (context.Context, trace.Span) {
 	if t == nil || !t.enabled {
 		return ctx, noop.Span{}
@@ -418,26 +400,6 @@ func redactQuery(q string) string {
 		}
 	}
 	return b.String()
-}
-
-// redactRawURL is url.full for a URL that does not parse: everything from
-// the first "?" or "#" is dropped, and user info is redacted.
-func redactRawURL(s string) string {
-	if i := strings.IndexAny(s, "?#"); i >= 0 {
-		s = s[:i]
-	}
-	scheme, rest, ok := strings.Cut(s, "://")
-	if !ok {
-		return s
-	}
-	host, path := rest, ""
-	if i := strings.IndexByte(rest, '/'); i >= 0 {
-		host, path = rest[:i], rest[i:]
-	}
-	if i := strings.LastIndexByte(host, '@'); i >= 0 {
-		host = "REDACTED:REDACTED@" + host[i+1:]
-	}
-	return scheme + "://" + host + path
 }
 
 // EndAttempt records the attempt's outcome and ends its span: the status

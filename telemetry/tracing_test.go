@@ -32,6 +32,15 @@ const (
 )
 
 // recordingTracing is an enabled Tracing whose spans go to a SpanRecorder.
+func mustURL(t *testing.T, s string) *url.URL {
+	t.Helper()
+	u, err := url.Parse(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
 func recordingTracing(t *testing.T, sampler sdktrace.Sampler) (*Tracing, *tracetest.SpanRecorder) {
 	t.Helper()
 	rec := tracetest.NewSpanRecorder()
@@ -143,7 +152,7 @@ func TestUnsampledParentIsObeyed(t *testing.T) {
 	if span.IsRecording() {
 		t.Errorf("the span of an unsampled parent records")
 	}
-	actx, as := tr.StartAttempt(ctx, "POST", "http://h/x", 1)
+	actx, as := tr.StartAttemptURL(ctx, "POST", mustURL(t, "http://h/x"), 1)
 	h := http.Header{}
 	tr.Inject(actx, h)
 	EndAttempt(as, 200, nil)
@@ -163,7 +172,7 @@ func TestAttemptSpans(t *testing.T) {
 		[]filters.Header{{Key: "TraceParent", Value: []byte(trParent)}})
 
 	// First attempt: 503.
-	actx, a1 := tr.StartAttempt(ctx, "POST", "http://user:pw@target.example:8081/orders/1?x=1", 1)
+	actx, a1 := tr.StartAttemptURL(ctx, "POST", mustURL(t, "http://user:pw@target.example:8081/orders/1?x=1"), 1)
 	h := http.Header{}
 	tr.Inject(actx, h)
 	EndAttempt(a1, 503, nil)
@@ -171,10 +180,10 @@ func TestAttemptSpans(t *testing.T) {
 	_, a2 := tr.StartAttemptURL(ctx, "POST", &url.URL{Scheme: "https", Host: "target.example", Path: "/o"}, 2)
 	EndAttempt(a2, 0, &url.Error{Op: "Post", URL: "https://target.example/o", Err: context.DeadlineExceeded})
 	// Third: 200.
-	_, a3 := tr.StartAttempt(ctx, "POST", "http://target.example/orders/1", 3)
+	_, a3 := tr.StartAttemptURL(ctx, "POST", mustURL(t, "http://target.example/orders/1"), 3)
 	EndAttempt(a3, 200, nil)
 	// A method outside the well-known set.
-	_, a4 := tr.StartAttempt(ctx, "PURGE", "http://target.example/cache", 1)
+	_, a4 := tr.StartAttemptURL(ctx, "PURGE", mustURL(t, "http://target.example/cache"), 1)
 	EndAttempt(a4, 404, nil)
 	msg.End()
 
@@ -307,8 +316,6 @@ func TestDisabledIsFree(t *testing.T) {
 			actx, as := tr.StartAttemptURL(ctx, "POST", u, 2)
 			tr.Inject(actx, h)
 			EndAttempt(as, 500, nil)
-			_, as = tr.StartAttempt(ctx, "POST", "http://h:1/p", 1)
-			EndAttempt(as, 200, nil)
 			MessageDeadLettered(span, "reason")
 			MessageOutcome(span, OutcomeDeadLettered)
 			span.End()
@@ -328,7 +335,7 @@ func TestDisabledIsFree(t *testing.T) {
 		if span.IsRecording() {
 			t.Errorf("%s: recording span", name)
 		}
-		actx, as := tr.StartAttempt(ctx, "POST", "http://h/", 1)
+		actx, as := tr.StartAttemptURL(ctx, "POST", u, 1)
 		tr.Inject(actx, h)
 		EndAttempt(as, 200, nil)
 		if got := h.Get("traceparent"); got != trParent {
@@ -406,7 +413,7 @@ func TestSetupTracingExportsOnShutdown(t *testing.T) {
 		}
 		ctx, span := tr.StartMessage(context.Background(), "orders", 0, 5, []byte("k"),
 			[]filters.Header{{Key: "traceparent", Value: []byte(trParent)}})
-		_, as := tr.StartAttempt(ctx, "POST", "http://127.0.0.1:1/x", 1)
+		_, as := tr.StartAttemptURL(ctx, "POST", mustURL(t, "http://127.0.0.1:1/x"), 1)
 		EndAttempt(as, 200, nil)
 		span.End()
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -475,25 +482,21 @@ func TestSetupTracingRatioZero(t *testing.T) {
 }
 
 // TestAttemptURLRedacted: query values, user info and fragments never reach
-// the span, parsed or not.
+// the span.
 func TestAttemptURLRedacted(t *testing.T) {
 	tr, rec := recordingTracing(t, nil)
 	ctx := context.Background()
-	_, a1 := tr.StartAttempt(ctx, "POST", "https://bob:s3cret@target.example/x?api_key=s3cret&flag&page=2#s3cret", 1)
+	_, a1 := tr.StartAttemptURL(ctx, "POST", mustURL(t, "https://bob:s3cret@target.example/x?api_key=s3cret&flag&page=2#s3cret"), 1)
 	EndAttempt(a1, 200, nil)
-	u, _ := url.Parse("http://target.example:8081/o?token=s3cret")
-	_, a2 := tr.StartAttemptURL(ctx, "POST", u, 1)
+	_, a2 := tr.StartAttemptURL(ctx, "POST", mustURL(t, "http://target.example:8081/o?token=s3cret"), 1)
 	EndAttempt(a2, 200, nil)
-	_, a3 := tr.StartAttempt(ctx, "POST", "http://bob:s3cret@target.example/%zz?key=s3cret", 1)
-	EndAttempt(a3, 200, nil)
 	spans := rec.Ended()
-	if len(spans) != 3 {
-		t.Fatalf("%d spans, want 3", len(spans))
+	if len(spans) != 2 {
+		t.Fatalf("%d spans, want 2", len(spans))
 	}
 	for i, want := range []string{
 		"https://REDACTED:REDACTED@target.example/x?api_key=REDACTED&flag&page=REDACTED",
 		"http://target.example:8081/o?token=REDACTED",
-		"http://REDACTED:REDACTED@target.example/%zz",
 	} {
 		wantAttrs(t, fmt.Sprintf("attempt %d", i+1), spans[i].Attributes(), map[string]any{"url.full": want})
 		for _, kv := range spans[i].Attributes() {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -49,7 +50,7 @@ func Listen(o Options) (*Server, error) {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	if o.Token == "" && o.DLQ != nil && !loopback(o.Listen) {
+	if o.Token == "" && o.DLQ != nil && !config.Loopback(o.Listen) {
 		return nil, fmt.Errorf("admin: refusing to serve /dlq/* on %s without admin.token: set a token or listen on a loopback address", o.Listen)
 	}
 	ln, err := net.Listen("tcp", o.Listen)
@@ -118,17 +119,4 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
-}
-
-// loopback reports whether addr's host is a loopback address or localhost.
-func loopback(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -67,7 +67,8 @@ func TestDefaults(t *testing.T) {
 		c.Admin != d.Admin || c.Tracing != d.Tracing || c.Log != d.Log {
 		t.Errorf("defaults not applied:\n got %+v\nwant %+v", c, d)
 	}
-	// DESIGN.md's values, written out so that Defaults cannot drift alone.
+	// The documented defaults (config.example.toml), written out so that
+	// Defaults cannot drift alone.
 	k := c.Kafka
 	if k.Brokers != "embedded" || !k.Embedded() || k.GroupID != "orderly" || !slices.Equal(k.Topics, []string{"orders"}) ||
 		k.EmbeddedListen != "127.0.0.1:9092" || k.EmbeddedPartitions != 8 || k.EmbeddedDataDir != "" ||
@@ -87,7 +88,7 @@ func TestDefaults(t *testing.T) {
 		"log":          c.Log.Level == "info" && c.Log.Format == "json",
 	} {
 		if !ok {
-			t.Errorf("%s defaults differ from DESIGN.md: %+v", name, c)
+			t.Errorf("%s defaults differ from config.example.toml: %+v", name, c)
 		}
 	}
 	rt := c.Routes[0]
@@ -575,6 +576,9 @@ func TestExample(t *testing.T) {
 	}
 	missing := schemaKeysMissing(reflect.TypeOf(Config{}), []any{doc}, "")
 	for _, k := range missing {
+		if commentedInExample[k] {
+			continue // needs files or credentials: TestExampleTargets checks its comment
+		}
 		t.Errorf("the example does not set %s", k)
 	}
 	// A commented [kafka.properties] example for a secured cluster.

@@ -15,6 +15,7 @@ type Config struct {
 	Admin    Admin    `toml:"admin"`
 	Tracing  Tracing  `toml:"tracing"`
 	Log      Log      `toml:"log"`
+	Targets  []Target `toml:"targets,omitempty"` // see targets.go
 	Routes   []Route  `toml:"routes"`
 
 	// UnsetEnv lists, sorted, the environment variables the file refers to
@@ -157,12 +158,18 @@ type Route struct {
 	Line int `toml:"-"`
 }
 
-// Request is one templated HTTP request of a route.
+// Request is one templated HTTP request of a route. It goes to URL, or to
+// the base_url of the [[targets]] named Target followed by Path: exactly
+// one of URL and Target is set.
 type Request struct {
 	Method  string            `toml:"method"`
 	URL     string            `toml:"url"`
 	Body    *string           `toml:"body"` // nil: the message value unchanged
 	Headers map[string]string `toml:"headers"`
+	// Target names a [[targets]]; Path is the template appended to its
+	// base_url.
+	Target string `toml:"target,omitempty"`
+	Path   string `toml:"path,omitempty"`
 }
 
 // Duration is a time.Duration written in TOML as a Go duration string ("1s", "250ms").

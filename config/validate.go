@@ -3,14 +3,16 @@ package config
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Validate checks every field of c and returns an Errors listing every
@@ -45,6 +47,7 @@ func (v *validator) all() {
 	v.dlq()
 	v.http()
 	v.rest()
+	v.targets()
 	v.routes()
 }
 
@@ -132,7 +135,7 @@ func (v *validator) kafka() {
 	for name := range k.Properties {
 		names[name] = true
 	}
-	for _, name := range sortedKeys(names) {
+	for _, name := range slices.Sorted(maps.Keys(names)) {
 		p := key("kafka", "properties", name)
 		if raw, ok := k.RawProperties[name]; ok {
 			if _, err := propertyString(raw); err != nil {
@@ -291,7 +294,7 @@ func (v *validator) rest() {
 	if t := c.DLQ.Topic; t != "" {
 		if err := topicName(t); err != nil {
 			v.fail(key("dlq", "topic"), "%v", err)
-		} else if i := index(c.Kafka.Topics, t); i >= 0 {
+		} else if i := slices.Index(c.Kafka.Topics, t); i >= 0 {
 			v.failAt(key("dlq", "topic"), key("kafka", "topics").at(i), "%q is also consumed (kafka.topics[%d]): dead letters would be dispatched again, in a loop", t, i)
 		}
 	}
@@ -300,7 +303,7 @@ func (v *validator) rest() {
 	if a.Listen != "" {
 		if err := hostPort(a.Listen, true); err != nil {
 			v.fail(key("admin", "listen"), "%q: %v (or \"\" to disable the admin server)", a.Listen, err)
-		} else if a.Token == "" && c.DLQ.Topic != "" && !loopback(a.Listen) {
+		} else if a.Token == "" && c.DLQ.Topic != "" && !Loopback(a.Listen) {
 			if note := c.src.emptyEnv(key("admin", "token")); note != "" {
 				v.failAt(key("admin", "token"), key("admin", "listen"), "is empty because %s: /dlq/* would be open to anyone on %s (set the variable, or listen on a loopback address)", note, a.Listen)
 			} else {
@@ -350,7 +353,7 @@ func (v *validator) routes() {
 			names[rt.Name] = i
 		}
 		for j, t := range rt.Topics {
-			if index(c.Kafka.Topics, t) < 0 {
+			if !slices.Contains(c.Kafka.Topics, t) {
 				v.fail(rp.key("topics").at(j), "%q is not consumed (kafka.topics = %s)", t, quoteList(c.Kafka.Topics))
 			}
 		}
@@ -364,21 +367,14 @@ func (v *validator) routes() {
 }
 
 func (v *validator) request(p keyPath, rq *Request) {
-	if m := rq.Method; !strings.Contains(m, "{{") && !httpToken(m) {
+	if m := rq.Method; !strings.Contains(m, "{{") && !httpguts.ValidHeaderFieldName(m) {
 		v.fail(p.key("method"), "%q is not an HTTP method (GET, POST, PUT, PATCH, DELETE, ...)", m)
 	}
-	switch u := rq.URL; {
-	case strings.TrimSpace(u) == "":
-		v.fail(p.key("url"), "must not be empty")
-	case !strings.Contains(u, "{{"):
-		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
-			v.fail(p.key("url"), "%q is not an absolute http:// or https:// URL", u)
-		}
-	}
+	v.destination(p, rq) // url, or target and path (targets.go)
 	canon := map[string]string{}
-	for _, name := range sortedKeys(rq.Headers) {
+	for _, name := range slices.Sorted(maps.Keys(rq.Headers)) {
 		hp := p.key("headers", name)
-		if !httpToken(name) {
+		if !httpguts.ValidHeaderFieldName(name) {
 			v.fail(hp, "is not a valid header name")
 			continue
 		}
@@ -412,9 +408,10 @@ func hostPort(s string, listen bool) error {
 	return nil
 }
 
-// loopback reports whether the host of addr is a loopback address or
-// localhost, as the admin server judges it.
-func loopback(addr string) bool {
+// Loopback reports whether the host of addr is a loopback address or
+// localhost. Validation and the admin server both use it to decide whether
+// /dlq/* may be served without a token.
+func Loopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
@@ -446,20 +443,6 @@ func topicName(t string) error {
 	return nil
 }
 
-// httpToken reports whether s is an RFC 9110 token (a method or header name).
-func httpToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
-			return false
-		}
-	}
-	return true
-}
-
 // quoteList renders list as a TOML array of strings.
 func quoteList(list []string) string {
 	q := make([]string, len(list))
@@ -467,22 +450,4 @@ func quoteList(list []string) string {
 		q[i] = strconv.Quote(s)
 	}
 	return "[" + strings.Join(q, ", ") + "]"
-}
-
-func index(list []string, s string) int {
-	for i, x := range list {
-		if x == s {
-			return i
-		}
-	}
-	return -1
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

@@ -787,6 +787,12 @@ func (a *Admin) Cancel(id string) (ReplayJob, error) {
 	if here {
 		a.stopCancelled(e)
 	}
+	// Answer with the counts as the job shows them now (the stored record
+	// may lag behind the running job's).
+	if live, ok := a.Job(id); ok {
+		live.CancelRequested = true
+		return shown(live), nil
+	}
 	return shown(j), nil
 }
 

@@ -292,7 +292,7 @@ func (a *Admin) runJobs(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		a.log.Error("dlq jobs: unable to load the jobs topic, retrying", "error", err, "retry_in", wait.String())
+		a.log.Warn("dlq jobs: unable to load the jobs topic, retrying", "error", err, "retry_in", wait.String())
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():

@@ -93,6 +93,12 @@
 // if, with and range must end in the same part of the URL (path, query or
 // fragment). A Host header cannot be a template.
 //
+// A request may name a configured target (target = "billing", with
+// WithTargets) and give a path template instead of a url: it renders as the
+// target's base_url followed by the path, escaped as above, and
+// Request.TargetName names the target, whose TLS, authentication, headers
+// and signing the HTTP client applies.
+//
 // A nil body (no `body` key) sends the message value unchanged; an empty
 // method is POST. Static parts are checked at compile time (absolute http(s)
 // URL, method and header names are tokens, no control characters in header
@@ -128,6 +134,7 @@ package filters
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -135,6 +142,8 @@ import (
 	"strconv"
 	"strings"
 	"text/template/parse"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/orderly-dispatch/orderly/config"
 )
@@ -249,6 +258,9 @@ type request struct {
 	// Plan shares (read-only); nil otherwise.
 	staticHeader http.Header
 	body         *text // nil: the message value
+	// targetName is the [[targets]] the request names ("": a full url);
+	// url is then its base_url followed by the path (see compileTarget).
+	targetName string
 }
 
 type header struct {
@@ -259,8 +271,9 @@ type header struct {
 // Compile compiles routes, in configuration order, for messages of
 // consumedTopics; every topic a route lists must be one of them. It reports
 // every problem it finds, each as a *CompileError, joined with errors.Join;
-// the Router is nil then.
-func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
+// the Router is nil then. Requests may name the targets given WithTargets.
+func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOption) (*Router, error) {
+	o := newCompileOptions(opts)
 	r := &Router{
 		routes: make([]Route, len(routes)),
 		byName: make(map[string]*Route, len(routes)),
@@ -299,7 +312,7 @@ func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 		}
 		rt.reqs = make([]request, len(cr.Requests))
 		for j := range cr.Requests {
-			rt.compileRequest(j, &cr.Requests[j], fail)
+			rt.compileRequest(j, &cr.Requests[j], o, fail)
 		}
 	}
 	if len(errs) > 0 {
@@ -333,7 +346,7 @@ func Compile(routes []config.Route, consumedTopics []string) (*Router, error) {
 	return r, nil
 }
 
-func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, error)) {
+func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fail func(string, error)) {
 	rq := &rt.reqs[j]
 	at := func(field string) string { return "requests[" + strconv.Itoa(j) + "]." + field }
 	use := func(field string, tx *text) {
@@ -364,6 +377,8 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 	}
 
 	switch tx, err := compileText("url", cr.URL); {
+	case cr.Target != "" || cr.Path != "":
+		rt.compileTarget(rq, j, cr, o, fail, use) // targets.go
 	case err != nil:
 		fail(at("url"), err)
 	case cr.URL == "":
@@ -387,11 +402,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 		use("url", tx)
 	}
 
-	names := make([]string, 0, len(cr.Headers))
-	for name := range cr.Headers {
-		names = append(names, name)
-	}
-	slices.Sort(names)
+	names := slices.Sorted(maps.Keys(cr.Headers))
 	canon := make(map[string]string, len(names))
 	for _, name := range names {
 		field := at(fmt.Sprintf("headers[%q]", name))
@@ -438,15 +449,6 @@ func (rt *Route) compileRequest(j int, cr *config.Request, fail func(string, err
 		rq.body = tx
 		use("body", tx)
 	}
-}
-
-// Routes returns the names of the routes in configuration order.
-func (r *Router) Routes() []string {
-	names := make([]string, len(r.routes))
-	for i := range r.routes {
-		names[i] = r.routes[i].name
-	}
-	return names
 }
 
 // NeedsJSON reports whether some route decodes message values as JSON.
@@ -593,12 +595,12 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 		}
 
 		u, err := st.renderString(rq.url)
-		out.Target = rq.target
+		out.Target, out.TargetName = rq.target, rq.targetName
 		if err == nil && !rq.url.static {
 			err = checkURLTail(u)
 		}
 		if err != nil {
-			return bad(i, at("url"), err)
+			return bad(i, at(rq.urlKey()), err)
 		}
 		out.URL = u
 
@@ -644,25 +646,7 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 
 // ValidToken reports whether s is an RFC 9110 token (a method or header name),
 // as net/http checks them.
-func ValidToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if !isTokenChar(s[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func isTokenChar(c byte) bool {
-	switch {
-	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		return true
-	}
-	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
-}
+func ValidToken(s string) bool { return httpguts.ValidHeaderFieldName(s) }
 
 // checkHeaderValue rejects what net/http would refuse to send, CR and LF
 // (header injection) first.
@@ -670,10 +654,8 @@ func checkHeaderValue(v string) error {
 	if strings.ContainsAny(v, "\r\n") {
 		return fmt.Errorf("%w: value contains CR or LF", ErrHeaderInjection)
 	}
-	for i := 0; i < len(v); i++ {
-		if c := v[i]; (c < 0x20 && c != '\t') || c == 0x7f {
-			return fmt.Errorf("%w: header value contains control character %#02x", ErrInvalidRequest, c)
-		}
+	if !httpguts.ValidHeaderFieldValue(v) {
+		return fmt.Errorf("%w: header value contains a control character", ErrInvalidRequest)
 	}
 	return nil
 }

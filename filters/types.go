@@ -51,6 +51,10 @@ type Request struct {
 	// scheme): the unit of connection limits, circuit breakers and metric
 	// labels. Plan always sets it.
 	Target string
+	// TargetName is the name of the configured [[targets]] the request
+	// goes to, whose TLS, authentication, headers and signing apply; ""
+	// for a request with a full url.
+	TargetName string
 }
 
 // Plan is what a route makes of a message: its name and the requests to send

@@ -73,11 +73,15 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if wait := tg.paused(time.Now()); wait > 0 {
 		return Step{Outcome: Retry, After: wait}
 	}
+	if st, ok := s.authorize(ctx, c); !ok {
+		return st // no OAuth2 token: no attempt (auth.go)
+	}
 	var done func(error)
 	probe, trip := false, uint64(0)
 	if tg.breaker != nil {
 		var err error
-		if done, err = s.admit(ctx, tg); err != nil {
+		if done, err = s.admit(ctx, tg, c.id); err != nil {
+			tg.ended(c.id)
 			return Step{Outcome: Canceled, Err: &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted,
 				Err: fmt.Errorf("unable to send %s: %w", c.what(), err)}}
 		}
@@ -97,6 +101,9 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		tg.retries.Inc()
 	}
 	resp, err := s.roundTrip(ctx, c)
+	if st, ok := s.unauthorized(ctx, c, tg, resp, err, done); ok {
+		return st // the first 401 with an OAuth2 token (auth.go)
+	}
 
 	outcome, retry := error(nil), false
 	switch {
@@ -137,6 +144,8 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 		othersFailed, otherSucceeded, starts = tg.failed(c, why)
 		if starts {
 			s.failing(tg, why)
+		} else {
+			s.stillFailing(tg)
 		}
 	}
 	// The target asked for a wait: no attempt to it starts before it ends.
@@ -184,7 +193,11 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 				"request", c.what(), "attempts", c.attempts, "counted", c.counted, "status", c.status)
 		}
 	}
-	return s.verdict(ctx, c, resp, err, retry, pause)
+	st := s.verdict(ctx, c, resp, err, retry, pause)
+	if st.Outcome != Retry {
+		tg.ended(c.id)
+	}
+	return st
 }
 
 // pause pauses tg for d after c was answered status with a Retry-After, and
@@ -203,19 +216,51 @@ func (s *Sender) pause(tg *target, c *Call, status int, d time.Duration) {
 		"host", tg.host, "request", c.what(), "status", status, "pause", d.String())
 }
 
-// failingLogEvery spaces the log lines of a target's runs of failures.
+// failingLogEvery spaces the log lines of a target's failures (and the
+// Retry-After pauses).
 const failingLogEvery = 30 * time.Second
 
 // failing logs that a target that answered (or had not been tried) now
 // fails, with the first failure: what an operator needs to see a refused
-// connection or a wrong URL. At most one such line per target every 30 s.
+// connection or a wrong URL. Together with stillFailing, at most one line
+// per target every s.failingEvery (30 s).
 func (s *Sender) failing(tg *target, why string) {
-	now := time.Now().UnixNano()
-	last := tg.failingLogged.Load()
-	if now-last < int64(failingLogEvery) || !tg.failingLogged.CompareAndSwap(last, now) {
+	if !s.failingLogDue(tg) {
 		return
 	}
 	s.log.Warn("target failing: its requests are retried, see orderly_http_requests_total and the breaker", "host", tg.host, "error", why)
+}
+
+// stillFailing logs a summary of a target whose run of failures goes on:
+// the newest failure, how many calls that failed wait for it, and since
+// when it fails. It is called on the run's later failures (half-open
+// probes, while the breaker is open), at most once per s.failingEvery.
+// Keys queued behind the waiting calls are orderly_http_queued_lanes.
+func (s *Sender) stillFailing(tg *target) {
+	if !s.failingLogDue(tg) {
+		return
+	}
+	now := time.Now()
+	last, since, waiting := tg.failingSummary(now)
+	if since.IsZero() {
+		return // a success ended the run meanwhile
+	}
+	d := now.Sub(since)
+	if d >= time.Second {
+		d = d.Round(time.Second)
+	} else {
+		d = d.Round(time.Millisecond)
+	}
+	s.log.Warn("target still failing: its requests wait and are retried, keys queued behind them are orderly_http_queued_lanes",
+		"host", tg.host, "error", last, "waiting_calls", waiting, "failing_for", d.String())
+}
+
+// failingLogDue reports whether a line about tg's failures may be logged
+// now, and if so records that one is.
+func (s *Sender) failingLogDue(tg *target) bool {
+	now := time.Now().UnixNano()
+	last := tg.failingLogged.Load()
+	return now-last >= int64(s.failingEvery) && tg.failingLogged.CompareAndSwap(last, now)
 }
 
 // roundTrip sends one attempt of c and returns the response with its body
@@ -230,7 +275,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	c.connected = false
 	actx = s.withConnTrace(actx, c)
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
-	h := c.header
+	h := c.attemptHeader(time.Now()) // a named target's token and signature (auth.go)
 	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
 		h = h.Clone()
 		s.propagate(actx, h)
@@ -238,7 +283,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	c.sending = h // for gotConn
 
 	start := time.Now()
-	resp, err := s.transport.RoundTrip(c.newRequest(actx, h))
+	resp, err := s.transportFor(c).RoundTrip(c.newRequest(actx, h))
 	if err == nil {
 		drain(resp.Body)
 		resp.Body = http.NoBody
@@ -318,9 +363,11 @@ func urlErrorOp(method string) string {
 	return method[:1] + strings.ToLower(method[1:])
 }
 
-// admit waits until tg's breaker admits a request and returns its done
-// callback. It gives up only when ctx is done. Waiting spends no attempt.
-func (s *Sender) admit(ctx context.Context, tg *target) (func(error), error) {
+// admit waits until tg's breaker admits a request of the call with id (0:
+// it has not failed) and returns its done callback. It gives up only when
+// ctx is done. Waiting spends no attempt; a call that failed stays among
+// the target's waiting calls meanwhile.
+func (s *Sender) admit(ctx context.Context, tg *target, id uint64) (func(error), error) {
 	done, err := tg.breaker.Allow()
 	if err == nil {
 		return done, nil
@@ -349,6 +396,7 @@ func (s *Sender) admit(ctx context.Context, tg *target) (func(error), error) {
 		case <-changed:
 		case <-timer.C:
 		}
+		tg.seen(id)
 	}
 }
 

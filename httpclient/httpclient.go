@@ -91,6 +91,13 @@
 // orderly_http_attempts_uncounted_total{host} and logged at debug with their
 // reason.
 //
+// A run of failures (retryable failures since the target's last success) is
+// logged at warn when it starts, with the failure, and while it goes on by a
+// summary: the newest failure, how many calls that failed wait for the
+// target (those that have not ended since; one not seen for 5 minutes is
+// taken as abandoned) and since when it fails; at most one of these lines
+// per target every 30 s.
+//
 // # Retry-After
 //
 // A retryable 429 or 503 whose Retry-After lies in the future pauses its
@@ -182,6 +189,13 @@
 // however many hosts messages name over time, the Sender keeps those used
 // in the last few minutes.
 //
+// # Named targets
+//
+// A request that names a configured target (filters.Request.TargetName)
+// is sent with that target's transport (its TLS), headers, authentication
+// and Standard Webhooks signature: see Targets (auth.go) and sign
+// (signing.go).
+//
 // # Metrics
 //
 // Per attempt: orderly_http_requests_total{host,status} (status is the code
@@ -259,6 +273,9 @@ type Options struct {
 	Propagate func(ctx context.Context, h http.Header)
 	// Tracing, if set, gives every attempt a CLIENT span (nil: none).
 	Tracing *telemetry.Tracing
+	// Targets, if set, are the configured targets requests may name
+	// (filters.Request.TargetName), from LoadTargets; see auth.go.
+	Targets *Targets
 }
 
 // Result describes a delivered request.
@@ -323,11 +340,15 @@ type Sender struct {
 	breakerPoll    time.Duration
 
 	transport *http.Transport
-	callIDs   atomic.Uint64 // the last id given to a failing call
+	named     map[string]*boundTarget // by target name, read-only (auth.go)
+	callIDs   atomic.Uint64           // the last id given to a failing call
 
 	// now is the clock of target idleness (tests replace it before the
 	// first attempt).
 	now func() time.Time
+	// failingEvery spaces the log lines of a target's failures
+	// (failingLogEvery; tests shorten it before the first attempt).
+	failingEvery time.Duration
 
 	mu        sync.RWMutex // protects targets and lastSweep
 	targets   map[string]*target
@@ -347,17 +368,18 @@ func New(o Options) *Sender {
 	}
 	h := o.HTTP
 	s := &Sender{
-		log:         log,
-		metrics:     o.Metrics,
-		userAgent:   []string{"orderly/" + o.Version},
-		propagate:   o.Propagate,
-		tracing:     o.Tracing,
-		timeout:     max(h.Timeout.D(), 0),
-		maxConnAge:  max(h.MaxConnAge.D(), 0),
-		maxAttempts: max(h.Retry.MaxAttempts, 0),
-		breaker:     h.Breaker,
-		now:         time.Now,
-		targets:     make(map[string]*target),
+		log:          log,
+		metrics:      o.Metrics,
+		userAgent:    []string{"orderly/" + o.Version},
+		propagate:    o.Propagate,
+		tracing:      o.Tracing,
+		timeout:      max(h.Timeout.D(), 0),
+		maxConnAge:   max(h.MaxConnAge.D(), 0),
+		maxAttempts:  max(h.Retry.MaxAttempts, 0),
+		breaker:      h.Breaker,
+		now:          time.Now,
+		failingEvery: failingLogEvery,
+		targets:      make(map[string]*target),
 	}
 	statuses := h.Retry.RetryStatuses
 	if statuses == nil {
@@ -390,6 +412,7 @@ func New(o Options) *Sender {
 	}
 
 	s.transport = s.newTransport(h)
+	s.named = s.bindTargets(o.Targets)
 	return s
 }
 
@@ -435,6 +458,7 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 // attempt after Close still works, on new connections.
 func (s *Sender) Close() {
 	s.transport.CloseIdleConnections()
+	s.closeTargets()
 }
 
 // Call is the delivery of one request across its attempts. The zero Call is
@@ -454,6 +478,7 @@ type Call struct {
 	header  http.Header // configured headers + Idempotency-Key + User-Agent
 	host    string      // a configured Host header
 	getBody func() (io.ReadCloser, error)
+	named   targetCall // the named target's part, if any (auth.go)
 
 	attempts int // attempts made
 	counted  int // attempts that count toward max_attempts
@@ -598,6 +623,9 @@ func (s *Sender) prepare(c *Call) error {
 	}
 	if body := r.Body; len(body) > 0 {
 		c.getBody = func() (io.ReadCloser, error) { return newBody(body), nil }
+	}
+	if err := s.prepareTarget(c, h); err != nil {
+		return err
 	}
 	c.u, c.header, c.tg = u, h, s.target(target)
 	return nil

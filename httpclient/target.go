@@ -71,10 +71,16 @@ type target struct {
 	first uint64      // id of the first call that failed since the last success, 0: none
 	many  bool        // another call failed since the last success too
 	dirty atomic.Bool // first != 0
-	// lastFailure describes the newest retryable failure (protected by
-	// hmu), for the log line of a breaker that opens; failingLogged is
-	// when the target's last run of failures was logged (unix nanoseconds).
+	// lastFailure describes the newest retryable failure, for the log line
+	// of a breaker that opens; failingSince is when the current run of
+	// failures began; waiting holds the calls that failed on the target and
+	// have not ended, with when each was last seen (unix nanoseconds), for
+	// the summary of a target that keeps failing (all protected by hmu).
+	// failingLogged is when the target's failures were last logged (unix
+	// nanoseconds).
 	lastFailure   string
+	failingSince  time.Time
+	waiting       map[uint64]int64
 	failingLogged atomic.Int64
 
 	// Mirrors of the breaker, written by OnStateChange under its lock.
@@ -281,12 +287,17 @@ func (t *target) failed(c *Call, why string) (othersFailed, otherSucceeded, star
 	t.hmu.Lock()
 	defer t.hmu.Unlock()
 	t.lastFailure = why
+	if t.waiting == nil {
+		t.waiting = make(map[uint64]int64)
+	}
+	t.waiting[c.id] = time.Now().UnixNano()
 	if !c.failing {
 		c.failing, c.runEpoch = true, t.epoch
 	}
 	switch t.first {
 	case 0:
 		t.first, t.many = c.id, false
+		t.failingSince = time.Now()
 		t.dirty.Store(true)
 		starts = true
 	case c.id:
@@ -294,6 +305,54 @@ func (t *target) failed(c *Call, why string) (othersFailed, otherSucceeded, star
 		t.many = true
 	}
 	return t.many, t.epoch != c.runEpoch, starts
+}
+
+// waitingFor is how long a call that failed stays among a target's waiting
+// calls without being seen again: one abandoned without an ending attempt
+// (its partition revoked while it waited out a backoff) leaves then.
+const waitingFor = targetIdle
+
+// seen notes that the call with id (0: none), which failed on the target,
+// still waits for it.
+func (t *target) seen(id uint64) {
+	if id == 0 {
+		return
+	}
+	t.hmu.Lock()
+	if _, ok := t.waiting[id]; ok {
+		t.waiting[id] = time.Now().UnixNano()
+	}
+	t.hmu.Unlock()
+}
+
+// ended removes the call with id (0: none) from the target's waiting
+// calls: it was delivered, failed for good or canceled.
+func (t *target) ended(id uint64) {
+	if id == 0 {
+		return
+	}
+	t.hmu.Lock()
+	delete(t.waiting, id)
+	t.hmu.Unlock()
+}
+
+// failingSummary returns what the summary of a failing target reports: the
+// newest failure, when the run of failures began (zero if it ended) and
+// how many calls that failed wait for the target, forgetting those not
+// seen for waitingFor.
+func (t *target) failingSummary(now time.Time) (last string, since time.Time, waiting int) {
+	t.hmu.Lock()
+	defer t.hmu.Unlock()
+	old := now.Add(-waitingFor).UnixNano()
+	for id, seen := range t.waiting {
+		if seen < old {
+			delete(t.waiting, id)
+		}
+	}
+	if t.first != 0 {
+		since = t.failingSince
+	}
+	return t.lastFailure, since, len(t.waiting)
 }
 
 // stateChanged returns a channel closed at the next breaker state change.

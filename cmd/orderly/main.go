@@ -172,7 +172,7 @@ func loadConfig(path string) (*config.Config, error) {
 // compileRoutes is the config.Check that compiles the routes' `when`
 // expressions and templates, placing each problem at its key in the file.
 func compileRoutes(cfg *config.Config) error {
-	_, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	_, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
 	if err == nil {
 		return nil
 	}
@@ -258,7 +258,11 @@ configuration, secrets redacted. The admin server (admin.listen) serves /healthz
 On SIGTERM or SIGINT readiness turns 503, consumption stops after admin.drain_grace, in-flight
 work drains for up to dispatch.drain_timeout, offsets are committed, and orderly exits 0. A second
 signal exits at once (status 1). Exit status 2: the command line or the configuration is invalid
-(check it with 'orderly validate'); 1: the service failed.`,
+(check it with 'orderly validate'); 1: the service failed.
+
+What is not ready yet at start is waited for, and logged while it lasts: brokers that cannot be
+reached, the DLQ, quarantine and jobs topics, an admin or embedded broker address still in use. A
+failure to start is logged at error level, with its cause, before the exit.`,
 }
 
 func cmdRun(args []string, stdout, stderr io.Writer) int {
@@ -275,6 +279,12 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	cfg, err := loadConfig(*path)
 	if err != nil {
 		printErrors(stderr, err)
+		// The problems above as validate prints them, and one line at error
+		// level for whoever reads the log (in the default log format: the
+		// configured one is not known).
+		problems := strings.Count(strings.TrimSpace(err.Error()), "\n") + 1
+		newLogger(config.Log{Format: "json"}, stderr).Error("invalid configuration: not starting; check it with 'orderly validate'",
+			"config", *path, "problems", problems, "error", err)
 		return 2
 	}
 	log := newLogger(cfg.Log, stderr)
@@ -284,15 +294,16 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		log.Warn("the configuration refers to environment variables that are not set; they expanded to \"\"",
 			"variables", cfg.UnsetEnv)
 	}
-	svc, err := service.New(cfg, log, version)
+	// Signals are handled from here on: one during start-up ends the
+	// retries of an address in use.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	svc, err := service.NewContext(ctx, cfg, log, version)
 	if err != nil {
-		log.Error("unable to start", "error", err)
+		log.Error("unable to start: exiting", "error", err)
 		return 1
 	}
 	defer svc.Close()
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	go func() {
 		// A second signal while draining exits at once.
 		<-ctx.Done()

@@ -7,9 +7,11 @@ package service
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/admin"
@@ -41,12 +43,26 @@ type Service struct {
 }
 
 // New compiles the routes, starts the embedded broker if configured and binds
-// the admin address. Nothing is consumed before Run.
+// the admin address. Nothing is consumed before Run. It is NewContext with a
+// context that never ends.
 func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error) {
+	return NewContext(context.Background(), cfg, log, version)
+}
+
+// NewContext is New, retrying with backoff while an address to listen on
+// (the admin server's, the embedded broker's) is in use: an instance that
+// is still shutting down may hold it. Every retry is logged at warn. It
+// gives up when ctx ends, returning the last error. Other errors are
+// returned at once.
+//
+// What Run needs from Kafka is not needed here: the brokers, the topics'
+// metadata, the DLQ, quarantine and jobs topics are waited for by Run,
+// which keeps retrying while they are unreachable.
+func NewContext(ctx context.Context, cfg *config.Config, log *slog.Logger, version string) (*Service, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
 	if err != nil {
 		return nil, err
 	}
@@ -56,9 +72,13 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		if cfg.DLQ.Topic != "" {
 			topics = append(topics, cfg.DLQ.Topic)
 		}
-		b, err := embedded.Start(embedded.Options{
-			Listen: cfg.Kafka.EmbeddedListen, Partitions: cfg.Kafka.EmbeddedPartitions, Topics: topics,
-			DataDir: cfg.Kafka.EmbeddedDataDir, MinSessionTimeout: time.Second, Logger: log,
+		var b *embedded.Broker
+		err := retryInUse(ctx, log, "embedded broker", cfg.Kafka.EmbeddedListen, func() (err error) {
+			b, err = embedded.Start(embedded.Options{
+				Listen: cfg.Kafka.EmbeddedListen, Partitions: cfg.Kafka.EmbeddedPartitions, Topics: topics,
+				DataDir: cfg.Kafka.EmbeddedDataDir, MinSessionTimeout: time.Second, Logger: log,
+			})
+			return err
 		})
 		if err != nil {
 			return nil, err
@@ -73,8 +93,13 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		s.Close()
 		return nil, err
 	}
+	targets, err := httpclient.LoadTargets(cfg.Targets)
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
 	s.sender = httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: version, Metrics: s.metrics, Logger: log,
-		Tracing: s.tracing, Propagate: s.tracing.Inject})
+		Tracing: s.tracing, Propagate: s.tracing.Inject, Targets: targets})
 	dopts := dispatcher.Options{
 		Config: cfg, Router: router, Sender: s.sender, Metrics: s.metrics, Logger: log, Brokers: s.brokers,
 		Tracing: s.tracing,
@@ -96,14 +121,44 @@ func New(cfg *config.Config, log *slog.Logger, version string) (*Service, error)
 		dlqAPI = s.dlq
 	}
 	if cfg.Admin.Listen != "" {
-		s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Problems: s.disp.Problems, Metrics: s.metrics,
-			Token: cfg.Admin.Token, DLQ: dlqAPI, Logger: log})
+		err = retryInUse(ctx, log, "admin server", cfg.Admin.Listen, func() (err error) {
+			s.admin, err = admin.Listen(admin.Options{Listen: cfg.Admin.Listen, Ready: s.Ready, Problems: s.disp.Problems,
+				Metrics: s.metrics, Token: cfg.Admin.Token, DLQ: dlqAPI, Logger: log})
+			return err
+		})
 		if err != nil {
 			s.Close()
 			return nil, err
 		}
 	}
 	return s, nil
+}
+
+// retryInUse calls listen until it returns nil or an error other than an
+// address in use, or ctx ends; an address in use is retried with backoff
+// (250 ms doubling up to 5 s), each retry logged at warn naming what and
+// addr.
+func retryInUse(ctx context.Context, log *slog.Logger, what, addr string, listen func() error) error {
+	var t *time.Timer
+	for wait := 250 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		err := listen()
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+			return err
+		}
+		log.Warn(what+": address in use, retrying (another process listens there, perhaps an instance still stopping)",
+			"addr", addr, "error", err, "retry_in", wait.String())
+		if t == nil {
+			t = time.NewTimer(wait)
+			defer t.Stop()
+		} else {
+			t.Reset(wait)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (stopped retrying: %w)", err, context.Cause(ctx))
+		case <-t.C:
+		}
+	}
 }
 
 // Brokers returns the bootstrap address in use (the embedded broker's when embedded).

@@ -1,0 +1,100 @@
+package filters
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/orderly-dispatch/orderly/config"
+)
+
+// A CompileOption configures Compile.
+type CompileOption func(*compileOptions)
+
+type compileOptions struct {
+	targets map[string]*config.Target // by name
+}
+
+// WithTargets gives Compile the [[targets]] that requests may name. Without
+// it, a request that names a target is a compile error.
+func WithTargets(targets []config.Target) CompileOption {
+	return func(o *compileOptions) {
+		for i := range targets {
+			if _, dup := o.targets[targets[i].Name]; !dup {
+				o.targets[targets[i].Name] = &targets[i]
+			}
+		}
+	}
+}
+
+func newCompileOptions(opts []CompileOption) *compileOptions {
+	o := &compileOptions{targets: map[string]*config.Target{}}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o
+}
+
+// compileTarget compiles where a request that names a target goes: the
+// target's base_url followed by the path template, compiled as one URL
+// template, so that the path is escaped exactly as a url's path is (each
+// action one segment, see URLs in the package doc) and the origin is the
+// configured one.
+func (rt *Route) compileTarget(rq *request, j int, cr *config.Request, o *compileOptions, fail func(string, error), use func(string, *text)) {
+	at := "requests[" + strconv.Itoa(j) + "]"
+	switch {
+	case cr.URL != "":
+		fail(at, errors.New("sets url and target/path: set either url, or target with path"))
+		return
+	case cr.Target == "":
+		fail(at+".target", errors.New("a request with a path needs a target"))
+		return
+	}
+	t := o.targets[cr.Target]
+	if t == nil {
+		fail(at+".target", fmt.Errorf("%q is not the name of a [[targets]]", cr.Target))
+		return
+	}
+	if cr.Path != "" && !strings.HasPrefix(cr.Path, "/") {
+		fail(at+".path", fmt.Errorf("%q must start with \"/\"", cr.Path))
+		return
+	}
+	base := strings.TrimRight(t.BaseURL, "/")
+	if strings.Contains(base, "{{") {
+		fail(at+".target", fmt.Errorf("the base_url of target %q cannot be a template", t.Name))
+		return
+	}
+	rq.targetName = t.Name
+	tx, err := compileText("path", base+cr.Path)
+	switch {
+	case err != nil:
+		fail(at+".path", err)
+	case tx.static:
+		if u, err := checkURL(tx.str); err != nil {
+			fail(at+".path", err)
+		} else {
+			rq.target = TargetOf(u)
+		}
+		rq.url = tx
+	default:
+		rq.url = tx
+		if rq.target = fixedOrigin(tx); rq.target == "" {
+			// base_url is literal scheme://host[:port][/path] and path starts
+			// with "/": only an invalid base_url gets here.
+			fail(at+".target", fmt.Errorf("the base_url of target %q is not scheme://host[:port][/path]", t.Name))
+		} else if err := escapeURL(tx); err != nil {
+			fail(at+".path", err)
+		}
+		use("path", tx)
+	}
+}
+
+// urlKey is the key of rq's URL template in errors: "url", or "path" for a
+// request to a named target.
+func (rq *request) urlKey() string {
+	if rq.targetName != "" {
+		return "path"
+	}
+	return "url"
+}

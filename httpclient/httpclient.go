@@ -518,9 +518,6 @@ func (c *Call) Attempts() int { return c.attempts }
 // Counted returns the attempts made so far that count toward max_attempts.
 func (c *Call) Counted() int { return c.counted }
 
-// Status returns the status of the last attempt, 0 if it had no response.
-func (c *Call) Status() int { return c.status }
-
 // Outcome is what an attempt leaves a Call with.
 type Outcome uint8
 

@@ -60,12 +60,24 @@
 // a compile error. Besides the text/template builtins (urlquery, print,
 // index, ...) templates have:
 //
-//	json        the argument as JSON (no HTML escaping)
+//	json        the argument as JSON (no HTML escaping): {{ json .Value.name }} is a quoted, escaped
+//	            JSON string, safe inside a JSON body; a json.Number keeps its literal; nil is null
 //	pathescape  url.PathEscape of the argument
 //	raw         the argument as it is, unescaped in a URL (see URLs)
 //	default     {{ index .Value "note" | default "none" }}: the argument unless it is empty (nil, "", 0, false, empty collection)
 //	lower       strings.ToLower
 //	upper       strings.ToUpper
+//	md5         the lowercase hex MD5 of the argument: {{ md5 .Raw }}
+//	sha256      the lowercase hex SHA-256 of the argument
+//	b64enc      the standard, padded base64 of the argument
+//	b64dec      the bytes the standard, padded base64 argument encodes; invalid base64 is an error
+//
+// md5, sha256, b64enc and b64dec take a string or bytes, or a number or bool
+// as it prints ({{ md5 .Value.id }} hashes the id's literal); a nil, map or
+// slice is an error: {{ md5 (json .Value.items) }} hashes a value's JSON.
+// A function that fails (b64dec of invalid base64, md5 of a map) fails the
+// rendering, like a missing key: Plan reports a *BadMessageError. In a URL,
+// their output is escaped like any other action's (see URLs).
 //
 // In .Value, numbers print exactly as the producer wrote them: integers that
 // fit an int are ints and every other number is a json.Number holding the

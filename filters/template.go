@@ -2,6 +2,10 @@ package filters
 
 import (
 	"bytes"
+	"crypto/md5"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -119,8 +123,9 @@ func (tx *text) needs() needs {
 	return tx.need
 }
 
-// funcs are the functions templates have besides the builtins. The two
-// escapers are added to the actions of URL templates (see escapeURL).
+// funcs are the functions templates have besides the builtins; the package
+// doc lists them. The two escapers are added to the actions of URL templates
+// (see escapeURL).
 var funcs = template.FuncMap{
 	"json":       toJSON,
 	"pathescape": func(v any) string { return url.PathEscape(toString(v)) },
@@ -128,6 +133,10 @@ var funcs = template.FuncMap{
 	"default":    defaultValue,
 	"lower":      func(v any) string { return strings.ToLower(toString(v)) },
 	"upper":      func(v any) string { return strings.ToUpper(toString(v)) },
+	"md5":        hashFunc(func(b []byte) []byte { s := md5.Sum(b); return s[:] }),
+	"sha256":     hashFunc(func(b []byte) []byte { s := sha256.Sum256(b); return s[:] }),
+	"b64enc":     b64enc,
+	"b64dec":     b64dec,
 	escPathFunc:  func(v any) string { return url.PathEscape(toString(v)) },
 	escQueryFunc: func(v any) string { return url.QueryEscape(toString(v)) },
 }
@@ -342,6 +351,63 @@ func toJSON(v any) (string, error) {
 		return "", err
 	}
 	return strings.TrimSuffix(b.String(), "\n"), nil
+}
+
+// textArg returns the text the byte functions (md5, sha256, b64enc, b64dec)
+// work on: a string or []byte as it is, a number or bool as it prints. A nil,
+// map or slice is an error rather than the hash of "" or of "map[...]":
+// {{ md5 (json .Value) }} hashes a value's JSON. text/template prefixes the
+// error with "error calling <fn>:".
+func textArg(v any) (string, error) {
+	switch v := v.(type) {
+	case string:
+		return v, nil
+	case []byte:
+		return string(v), nil
+	case json.Number:
+		return string(v), nil
+	case int, int64, float64, bool:
+		return fmt.Sprint(v), nil
+	case nil:
+		return "", errors.New("the argument is nil, not a string, bytes or a number")
+	}
+	return "", fmt.Errorf("the argument is a %T, not a string, bytes or a number (encode a value with json first)", v)
+}
+
+// hashFunc returns a hash template function: the lowercase hex of sum of
+// its argument.
+func hashFunc(sum func([]byte) []byte) func(any) (string, error) {
+	return func(v any) (string, error) {
+		s, err := textArg(v)
+		if err != nil {
+			return "", err
+		}
+		return hex.EncodeToString(sum([]byte(s))), nil
+	}
+}
+
+// b64enc is the b64enc template function: standard base64, padded.
+func b64enc(v any) (string, error) {
+	s, err := textArg(v)
+	if err != nil {
+		return "", err
+	}
+	return base64.StdEncoding.EncodeToString([]byte(s)), nil
+}
+
+// b64dec is the b64dec template function: the bytes standard, padded base64
+// encodes, as a string. Invalid input is an error, which makes the message a
+// bad message.
+func b64dec(v any) (string, error) {
+	s, err := textArg(v)
+	if err != nil {
+		return "", err
+	}
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return "", err
+	}
+	return string(b), nil
 }
 
 // toString prints v as a template would.

@@ -87,20 +87,17 @@ const (
 	parkStalled                   // its head message failed and there is no DLQ: until the partition stops
 )
 
-// lane delivers the messages of one key in order, one at a time. A lane is
-// not a goroutine: while it has work (busy) it is in exactly one place at a
-// time — a sender pool's queue, a goroutine that moves it on (a sender, the
-// partition worker, its retry timer, the DLQ writer's acknowledgement), or
-// parked — and only the goroutine holding it touches its head message.
-type lane struct {
-	p   *partition
-	key laneKey
-	// The delivery of the head message, used by the goroutine holding the
-	// lane: its plan (rendered into reqs when rendered is set), next the
-	// index of its request being sent and call that request's attempts
-	// (zero when not started); dlqBackoff is the wait before its next DLQ
-	// write after a failed one, and dlqKeep, when dlqCut is set, how much
-	// of the value the next DLQ write keeps (the DLQ refused it for size).
+// delivery is the state of a lane's head message while it is delivered,
+// used by the goroutine holding the lane: its plan (rendered into reqs when
+// rendered is set), next the index of its request being sent and call that
+// request's attempts (zero when not started); dlqBackoff is the wait before
+// its next DLQ write after a failed one, and dlqKeep, when dlqCut is set, how
+// much of the value the next DLQ write keeps (the DLQ refused it for size).
+// A lane takes one from deliveries when it starts on its work (advance) and
+// gives it back when it goes idle (reset by popLocked): lanes waiting for a
+// sender hold none. An abandoned lane keeps its own, since a goroutine may
+// still hold it.
+type delivery struct {
 	plan       filters.Plan
 	rendered   bool
 	reqs       [2]filters.Request
@@ -109,6 +106,21 @@ type lane struct {
 	dlqBackoff time.Duration
 	dlqCut     bool
 	dlqKeep    int
+}
+
+var deliveries = sync.Pool{New: func() any { return new(delivery) }}
+
+// lane delivers the messages of one key in order, one at a time. A lane is
+// not a goroutine: while it has work (busy) it is in exactly one place at a
+// time — a sender pool's queue, a goroutine that moves it on (a sender, the
+// partition worker, its retry timer, the DLQ writer's acknowledgement), or
+// parked — and only the goroutine holding it touches its head message.
+type lane struct {
+	p   *partition
+	key laneKey
+	// The delivery of the head message (see delivery), set while the lane
+	// is busy: an idle lane is small, so many keys cost little.
+	*delivery
 	// Protected by p.mu.
 	q         []*item // in order; q[0] is being delivered
 	busy      bool    // has work (q non-empty)
@@ -479,6 +491,9 @@ func (p *partition) attempt(l *lane) *pool {
 // parked or was dropped.
 func (p *partition) advance(l *lane) *pool {
 	p.mu.Lock()
+	if l.delivery == nil {
+		l.delivery = deliveries.Get().(*delivery)
+	}
 	for {
 		if p.dead {
 			if len(l.q) > 0 && l.q[0].fail == nil && l.rendered && l.next >= len(l.plan.Requests) {
@@ -662,7 +677,15 @@ func (p *partition) unpark(l *lane, kinds ...parkKind) {
 // idleLocked records that l ran out of work.
 func (p *partition) idleLocked(l *lane) {
 	l.busy, l.running = false, false
-	l.q = l.q[:0]
+	if l.delivery != nil {
+		deliveries.Put(l.delivery)
+		l.delivery = nil
+	}
+	if cap(l.q) > 1 {
+		l.q = l.q[:0] // a key with traffic keeps its queue
+	} else {
+		l.q = nil
+	}
 	l.idleSince = time.Now()
 	p.busyDoneLocked()
 	if l.key.kind == laneSingle {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net/http"
 	"net/url"
 	"os"
@@ -29,6 +30,26 @@ type Target struct {
 	Auth    TargetAuth        `toml:"auth"`
 	Headers map[string]string `toml:"headers"` // added to every request; the request's own headers win
 	Signing Signing           `toml:"signing"`
+
+	// Flow control. Rate is in requests per second for the whole consumer
+	// group (each instance takes its share of the assigned partitions), 0 =
+	// unlimited; Burst is how many may go at once after a quiet spell, 0 =
+	// max(1, ceil(Rate)) (see BurstOrDefault). MaxConcurrency bounds the
+	// requests under way per instance, 0 = http.max_conns_per_host; with
+	// AdaptiveConcurrency that is the ceiling of a limit that goes down on
+	// 429, 503 and rising latency and back up while the target is healthy.
+	Rate                float64 `toml:"rate"`
+	Burst               int     `toml:"burst"`
+	MaxConcurrency      int     `toml:"max_concurrency"`
+	AdaptiveConcurrency bool    `toml:"adaptive_concurrency"`
+}
+
+// BurstOrDefault is the target's burst: Burst, or max(1, ceil(Rate)) when 0.
+func (t *Target) BurstOrDefault() int {
+	if t.Burst > 0 {
+		return t.Burst
+	}
+	return max(1, int(math.Ceil(min(t.Rate, math.MaxInt32))))
 }
 
 // TargetTLS configures the TLS client of an https target. Certificates are
@@ -126,6 +147,29 @@ func (v *validator) targets() {
 				v.fail(p.key("signing", "secrets").at(k), "%v", err)
 			}
 		}
+		v.targetFlow(p, t)
+	}
+}
+
+// targetFlow checks a target's rate and concurrency limits.
+func (v *validator) targetFlow(p keyPath, t *Target) {
+	switch {
+	case math.IsNaN(t.Rate) || math.IsInf(t.Rate, 0) || t.Rate < 0:
+		v.fail(p.key("rate"), "must be a number of requests per second, at least 0 (0 = unlimited), not %v", t.Rate)
+	case t.Burst < 0:
+		v.fail(p.key("burst"), "must not be negative (0 = max(1, ceil(rate))), not %d", t.Burst)
+	case t.Burst > 0 && t.Rate == 0:
+		v.failAt(p.key("burst"), p.key("rate"), "applies to a rate, and rate is 0 (unlimited): set rate too")
+	}
+	conns := v.c.HTTP.MaxConnsPerHost
+	switch {
+	case t.MaxConcurrency < 0:
+		v.fail(p.key("max_concurrency"), "must not be negative (0 = http.max_conns_per_host), not %d", t.MaxConcurrency)
+	case conns > 0 && t.MaxConcurrency > conns:
+		v.fail(p.key("max_concurrency"), "%d is above http.max_conns_per_host (%d), which bounds the requests under way to a host anyway", t.MaxConcurrency, conns)
+	case t.AdaptiveConcurrency && t.MaxConcurrency == 0 && conns <= 0:
+		v.failAt(p.key("adaptive_concurrency"), p.key("max_concurrency"),
+			"needs a ceiling: set max_concurrency (http.max_conns_per_host is 0, unlimited)")
 	}
 }
 

@@ -230,3 +230,89 @@ name = "r"
 		`routes[0] ("r").requests[2].target: must be set with path`,
 	)
 }
+
+// TestTargetFlow: rate, burst, max_concurrency and adaptive_concurrency
+// parse, and burst defaults to max(1, ceil(rate)).
+func TestTargetFlow(t *testing.T) {
+	c := mustParse(t, `
+[http]
+max_conns_per_host = 64
+[[targets]]
+name = "a"
+base_url = "http://a.example"
+rate = 2.5
+max_concurrency = 8
+adaptive_concurrency = true
+[[targets]]
+name = "b"
+base_url = "http://b.example"
+rate = 100
+burst = 7
+[[targets]]
+name = "c"
+base_url = "http://c.example"
+rate = 0.2
+[[targets]]
+name = "d"
+base_url = "http://d.example"
+adaptive_concurrency = true
+
+[[routes]]
+name = "r"
+  [[routes.requests]]
+  target = "a"
+`)
+	a, b, cc, dd := c.Target("a"), c.Target("b"), c.Target("c"), c.Target("d")
+	if a.Rate != 2.5 || a.MaxConcurrency != 8 || !a.AdaptiveConcurrency || b.Burst != 7 || dd.MaxConcurrency != 0 || !dd.AdaptiveConcurrency {
+		t.Fatalf("targets: %+v", c.Targets)
+	}
+	for _, tt := range []struct {
+		tg   *Target
+		want int
+	}{{a, 3}, {b, 7}, {cc, 1}, {dd, 1}} {
+		if got := tt.tg.BurstOrDefault(); got != tt.want {
+			t.Errorf("%s: burst %d, want %d", tt.tg.Name, got, tt.want)
+		}
+	}
+}
+
+func TestTargetFlowErrors(t *testing.T) {
+	wantError(t, `
+[http]
+max_conns_per_host = 16
+[[targets]]
+name = "neg"
+base_url = "http://a.example"
+rate = -1.0
+max_concurrency = -2
+[[targets]]
+name = "nan"
+base_url = "http://a.example"
+rate = nan
+[[targets]]
+name = "burst"
+base_url = "http://a.example"
+burst = 5
+max_concurrency = 17
+[[targets]]
+name = "negburst"
+base_url = "http://a.example"
+rate = 1
+burst = -1
+`,
+		`targets[0].rate: must be a number of requests per second, at least 0 (0 = unlimited), not -1`,
+		`targets[0].max_concurrency: must not be negative (0 = http.max_conns_per_host), not -2`,
+		`targets[1].rate: must be a number of requests per second, at least 0 (0 = unlimited), not NaN`,
+		`targets[2].burst: applies to a rate, and rate is 0 (unlimited): set rate too`,
+		`targets[2].max_concurrency: 17 is above http.max_conns_per_host (16)`,
+		`targets[3].burst: must not be negative`,
+	)
+	wantError(t, `
+[http]
+max_conns_per_host = 0
+[[targets]]
+name = "adaptive"
+base_url = "http://a.example"
+adaptive_concurrency = true
+`, `t.toml:7:1: targets[0].adaptive_concurrency: needs a ceiling: set max_concurrency (http.max_conns_per_host is 0, unlimited)`)
+}

@@ -585,6 +585,7 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 		}
 		d.log.Info("partitions "+kind, "partitions", tpString(e.Partitions))
 	}
+	d.shareChanged(c) // targets' rates follow this instance's share of the partitions (share.go)
 	return nil
 }
 

@@ -35,12 +35,16 @@ func newHarnessWith(t *testing.T, partitions int, tweak func(*embedded.Options))
 // returns Run's error.
 func (h *harness) run(cfg *config.Config, tweak func(*Dispatcher)) (d *Dispatcher, m *telemetry.Metrics, stop func() error) {
 	h.T.Helper()
-	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	targets, err := httpclient.LoadTargets(cfg.Targets)
 	if err != nil {
 		h.T.Fatal(err)
 	}
 	m = telemetry.NewMetrics()
-	sender := httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: "test", Metrics: m})
+	sender := httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: "test", Metrics: m, Targets: targets})
 	d, err = New(Options{Config: cfg, Router: router, Sender: sender, Metrics: m, Logger: kafkatest.Logger(h.T)})
 	if err != nil {
 		h.T.Fatal(err)

@@ -60,7 +60,9 @@ func breakerFailure(status int) bool {
 // waits while the target's breaker refuses (without counting an attempt) and
 // for the round trip itself, never for a backoff: that wait is the caller's.
 // While the target is paused by a Retry-After it sends nothing and returns
-// Retry with the rest of the pause, counting no attempt. A request that
+// Retry with the rest of the pause, counting no attempt; so it does while a
+// named target has no token of its rate or no room under its concurrency
+// limit (limits.go), with the wait for either. A request that
 // cannot be built at all fails at once.
 func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if c.tg == nil {
@@ -72,6 +74,12 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	defer s.release(tg)
 	if wait := tg.paused(time.Now()); wait > 0 {
 		return Step{Outcome: Retry, After: wait}
+	}
+	fl := c.named.flow()
+	if fl != nil {
+		if wait := fl.takeToken(c, time.Now()); wait > 0 {
+			return Step{Outcome: Retry, After: wait} // rate limited: no attempt (limits.go)
+		}
 	}
 	if st, ok := s.authorize(ctx, c); !ok {
 		return st // no OAuth2 token: no attempt (auth.go)
@@ -96,11 +104,25 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 			probe, trip = true, tg.soloTrip.Load()
 		}
 	}
+	var sl slot
+	if fl != nil && fl.conc != nil {
+		var ok bool
+		if sl, ok = fl.conc.acquire(time.Now()); !ok {
+			if done != nil {
+				done(errExcluded)
+			}
+			return Step{Outcome: Retry, After: concurrencyWait()} // over the target's concurrency limit (limits.go)
+		}
+	}
 	c.attempts++
 	if c.attempts > 1 {
 		tg.retries.Inc()
 	}
+	sent := time.Now()
 	resp, err := s.roundTrip(ctx, c)
+	if sl.c != nil {
+		sl.end(loadSignal(ctx, resp, err), time.Since(sent))
+	}
 	if st, ok := s.unauthorized(ctx, c, tg, resp, err, done); ok {
 		return st // the first 401 with an OAuth2 token (auth.go)
 	}

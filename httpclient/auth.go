@@ -57,6 +57,7 @@ type namedTarget struct {
 	header map[string][]string
 	oauth  *clientcredentials.Config // nil unless auth.type = "oauth2"
 	keys   [][]byte                  // signing keys, one signature each
+	flow   flowConfig                // rate and concurrency limits (limits.go)
 }
 
 // LoadTargets reads what targets need at start: CA and client certificate
@@ -83,7 +84,7 @@ func LoadTargets(targets []config.Target) (*Targets, error) {
 }
 
 func loadTarget(t *config.Target) (*namedTarget, error) {
-	nt := &namedTarget{name: t.Name, header: make(map[string][]string, len(t.Headers)+1)}
+	nt := &namedTarget{name: t.Name, header: make(map[string][]string, len(t.Headers)+1), flow: newFlowConfig(t)}
 	for name, v := range t.Headers {
 		nt.header[http.CanonicalHeaderKey(name)] = []string{v}
 	}
@@ -140,6 +141,7 @@ type boundTarget struct {
 	*namedTarget
 	transport *http.Transport // nil: the Sender's shared transport
 	tokens    *tokenCache     // nil unless oauth2
+	flow      *flow           // nil: no rate or concurrency limit of its own (limits.go)
 	// tokenLogged is when a token failure was last logged (unix nanoseconds).
 	tokenLogged atomic.Int64
 }
@@ -153,7 +155,7 @@ func (s *Sender) bindTargets(ts *Targets) map[string]*boundTarget {
 	}
 	out := make(map[string]*boundTarget, len(ts.byName))
 	for name, nt := range ts.byName {
-		bt := &boundTarget{namedTarget: nt}
+		bt := &boundTarget{namedTarget: nt, flow: newFlow(name, nt.flow, s.transport.MaxConnsPerHost, s.metrics)}
 		if nt.tls != nil {
 			bt.transport = s.transport.Clone()
 			bt.transport.TLSClientConfig = nt.tls.Clone()
@@ -232,6 +234,18 @@ type targetCall struct {
 	reauthed  bool         // a 401 already dropped the token once
 	tokenFail int          // token fetches failed in a row, for the backoff
 	webhookID []string     // the webhook-id header value (signing)
+	// A token of the target's rate reserved for the next attempt, due at
+	// tokenAt (mono); see flow.takeToken.
+	reserved bool
+	tokenAt  int64
+}
+
+// flow returns the flow control of the call's named target, nil if none.
+func (tc *targetCall) flow() *flow {
+	if tc.bt == nil {
+		return nil
+	}
+	return tc.bt.flow
 }
 
 // prepareTarget resolves the named target of c's request, if any, and adds

@@ -45,8 +45,11 @@
 //
 // One attempt:
 //
-//  1. return Retry at once while the target is paused by a Retry-After;
-//     else wait until its circuit breaker admits a request (see below);
+//  1. return Retry at once while the target is paused by a Retry-After,
+//     or a named target has no token of its rate (see "Flow control");
+//     else wait until its circuit breaker admits a request (see below),
+//     then return Retry after a few milliseconds if a named target has as
+//     many attempts under way as its concurrency limit allows;
 //  2. number the attempt, derive the per-attempt context (http.timeout);
 //  3. when the context carries a trace (a span, or a traceparent passed
 //     through), call Options.Propagate on a private copy of the headers;
@@ -196,6 +199,14 @@
 // and Standard Webhooks signature: see Targets (auth.go) and sign
 // (signing.go).
 //
+// # Flow control
+//
+// A named target may have a rate (targets[].rate, burst) and a limit of
+// attempts under way (max_concurrency, fixed or adaptive): see limits.go.
+// Waiting for either spends no attempt and holds no goroutine (Attempt
+// returns Retry). The rate is the group's: Sender.SetShare scales it to
+// this instance's share of the partitions.
+//
 // # Metrics
 //
 // Per attempt: orderly_http_requests_total{host,status} (status is the code
@@ -204,6 +215,9 @@
 // every attempt after the first; orderly_http_attempts_uncounted_total{host}
 // for every failed attempt that did not count toward max_attempts;
 // orderly_http_retry_after_pauses_total{host} for every pause that starts.
+// Per named target: orderly_target_rate_limited_total{target} for every
+// wait for its rate, orderly_target_concurrency_limit{target} for its
+// concurrency limit now.
 package httpclient
 
 import (

@@ -72,6 +72,10 @@ type Metrics struct {
 
 	Deferred prometheus.Counter
 	Rereads  prometheus.Counter
+
+	// Per named target ([[targets]]), by its name.
+	TargetConcurrencyLimit *prometheus.GaugeVec   // target
+	TargetRateLimited      *prometheus.CounterVec // target
 }
 
 // NewMetrics registers every Orderly collector, plus the Go and process
@@ -98,6 +102,10 @@ func NewMetrics() *Metrics {
 			Help: "Circuit breaker state per target host: 0 closed, 1 half-open, 2 open."}, []string{"host"}),
 		BreakerChanges: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_breaker_transitions_total",
 			Help: "Circuit breaker state changes per target host and new state."}, []string{"host", "to"}),
+		TargetConcurrencyLimit: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_target_concurrency_limit",
+			Help: "Requests a named target may have under way on this instance (max_concurrency, or its adaptive limit now)."}, []string{"target"}),
+		TargetRateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_target_rate_limited_total",
+			Help: "Attempts to a named target that waited for its rate limiter (parked, no attempt spent)."}, []string{"target"}),
 		InFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_in_flight",
 			Help: "Messages held (begun, not finished) per partition."}, pl),
 		Paused: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_paused",
@@ -148,6 +156,7 @@ func NewMetrics() *Metrics {
 			Help: "Messages read again to fetch deferred ones (the cost of hot keys)."}),
 	}
 	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.HTTPPauses, m.BreakerState, m.BreakerChanges,
+		m.TargetConcurrencyLimit, m.TargetRateLimited,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive,
 		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,

@@ -155,7 +155,7 @@ func (d *Dispatcher) outcome(name string) prometheus.Counter {
 // heldOverhead estimates what a message in flight costs beyond its key,
 // value and headers: the client library's message while it waits for its
 // partition's worker, then the item, its rendered request and its place in
-// a lane (measured with heap profiles of orderly bench, 1 KB values).
+// a lane (estimated from heap profiles of orderly bench).
 const heldOverhead = 512
 
 // heldSize is the memory a message in flight holds, estimated.
@@ -273,8 +273,7 @@ func (d *Dispatcher) consumerConfig(logs chan kafka.LogEvent) *kafka.ConfigMap {
 		// max_in_flight, and live in fetch buffers of librdkafka's own
 		// heap: 2 MB still outruns the dispatcher (the fetcher refills
 		// every fetch.queue.backoff.ms) and keeps tens of MB of resident
-		// memory off a full back-pressure cycle (measured with orderly
-		// bench, scenario 4: 16 MB cost ~30 MB RSS).
+		// memory off a full back-pressure cycle.
 		"queued.max.messages.kbytes": 2048,
 		"go.logs.channel.enable":     true,
 		"go.logs.channel":            logs,
@@ -436,7 +435,7 @@ func (d *Dispatcher) maybeResume() {
 			continue
 		}
 		// librdkafka's fetcher notices a resume only at its next wake-up
-		// (up to a second later, measured here); a seek to the position it
+		// (up to a second later); a seek to the position it
 		// would fetch from anyway wakes it at once. Pause purged the
 		// prefetched messages, so that position is one past the last
 		// message read.

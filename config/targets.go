@@ -30,6 +30,9 @@ type Target struct {
 	Auth    TargetAuth        `toml:"auth"`
 	Headers map[string]string `toml:"headers"` // added to every request; the request's own headers win
 	Signing Signing           `toml:"signing"`
+	// FollowRedirects lets an attempt follow a 301, 302, 303, 307 or 308
+	// to the same scheme://host:port as BaseURL, at most 5 in a row.
+	FollowRedirects bool `toml:"follow_redirects"`
 
 	// Flow control. Rate is in requests per second for the whole consumer
 	// group (each instance takes its share of the assigned partitions), 0 =

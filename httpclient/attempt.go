@@ -305,7 +305,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	c.sending = h // for gotConn
 
 	start := time.Now()
-	resp, err := s.transportFor(c).RoundTrip(c.newRequest(actx, h))
+	resp, err := s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
 	if err == nil {
 		drain(resp.Body)
 		resp.Body = http.NoBody
@@ -341,7 +341,7 @@ func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err 
 			return Step{Outcome: Delivered}
 		}
 		if !retry {
-			return fail(fmt.Errorf("%w: %s answered %d", ErrStatus, c.what(), resp.StatusCode))
+			return fail(fmt.Errorf("%w: %s answered %d%s", ErrStatus, c.what(), resp.StatusCode, redirectNote(c, resp)))
 		}
 	}
 	if s.maxAttempts > 0 && c.counted >= s.maxAttempts {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -58,6 +59,9 @@ type namedTarget struct {
 	oauth  *clientcredentials.Config // nil unless auth.type = "oauth2"
 	keys   [][]byte                  // signing keys, one signature each
 	flow   flowConfig                // rate and concurrency limits (limits.go)
+	// redirectOrigin is base_url's scheme://host:port when redirects are
+	// followed (follow_redirects), "" when not (redirects.go).
+	redirectOrigin string
 }
 
 // LoadTargets reads what targets need at start: CA and client certificate
@@ -87,6 +91,13 @@ func loadTarget(t *config.Target) (*namedTarget, error) {
 	nt := &namedTarget{name: t.Name, header: make(map[string][]string, len(t.Headers)+1), flow: newFlowConfig(t)}
 	for name, v := range t.Headers {
 		nt.header[http.CanonicalHeaderKey(name)] = []string{v}
+	}
+	if t.FollowRedirects {
+		u, err := url.Parse(t.BaseURL)
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("base_url %q is not an absolute URL", t.BaseURL)
+		}
+		nt.redirectOrigin = origin(u)
 	}
 	if c := t.TLS; c != (config.TargetTLS{}) {
 		nt.tls = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: c.InsecureSkipVerify} // only when this target asks

@@ -37,7 +37,9 @@
 //   - redirects are not followed (the transport's RoundTrip is called, never
 //     an http.Client's Do): a 3xx is a permanent failure like any other
 //     status outside retry_statuses, so a target cannot send a request, its
-//     body and its headers elsewhere.
+//     body and its headers elsewhere. A named target with follow_redirects
+//     is the exception, and only toward its own scheme://host:port
+//     (redirects.go).
 //
 // go-retryablehttp supplies the policy pieces (error classification,
 // Retry-After parsing); its Client.Do loop is not used, because it sleeps

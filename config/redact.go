@@ -43,16 +43,7 @@ func (c *Config) Redacted() string {
 		r.Requests = make([]Request, len(c.Routes[i].Requests))
 		for j, rq := range c.Routes[i].Requests {
 			rq.URL = redactURL(rq.URL)
-			if rq.Headers != nil {
-				h := make(map[string]string, len(rq.Headers))
-				for name, v := range rq.Headers {
-					if secretName(name, headerSecrets) {
-						v = redactedValue
-					}
-					h[name] = v
-				}
-				rq.Headers = h
-			}
+			rq.Headers = redactHeaders(rq.Headers)
 			r.Requests[j] = rq
 		}
 		cp.Routes[i] = r
@@ -100,4 +91,20 @@ func redactURL(u string) string {
 		return u
 	}
 	return u[:scheme+3] + user + ":" + redactedValue + rest[at:]
+}
+
+// redactHeaders returns a copy of headers with the values of credential
+// headers (Authorization, API keys, ...) redacted; nil stays nil.
+func redactHeaders(headers map[string]string) map[string]string {
+	if headers == nil {
+		return nil
+	}
+	h := make(map[string]string, len(headers))
+	for name, v := range headers {
+		if secretName(name, headerSecrets) {
+			v = redactedValue
+		}
+		h[name] = v
+	}
+	return h
 }

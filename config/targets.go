@@ -374,16 +374,7 @@ func redactTargets(targets []Target) []Target {
 		if len(t.Signing.Secrets) > 0 {
 			t.Signing.Secrets = slices.Repeat([]string{redactedValue}, len(t.Signing.Secrets))
 		}
-		if t.Headers != nil {
-			h := make(map[string]string, len(t.Headers))
-			for name, val := range t.Headers {
-				if secretName(name, headerSecrets) {
-					val = redactedValue
-				}
-				h[name] = val
-			}
-			t.Headers = h
-		}
+		t.Headers = redactHeaders(t.Headers)
 		out[i] = t
 	}
 	return out

@@ -395,23 +395,12 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		fail(at("url"), err)
 	case cr.URL == "":
 		fail(at("url"), errors.New("a request needs a url"))
-	case tx.static:
-		u, err := checkURL(tx.str)
-		if err != nil {
-			fail(at("url"), err)
-		} else {
-			rq.target = TargetOf(u)
-		}
-		rq.url = tx
 	default:
-		rq.url = tx
-		if rq.target = fixedOrigin(tx); rq.target == "" {
-			fail(at("url"), errors.New("a url template must start with a literal scheme://host[:port] followed by /, ? or #: "+
-				"the scheme, host and port of a request come from the configuration only"))
-		} else if err := escapeURL(tx); err != nil {
-			fail(at("url"), err)
+		rq.setURL(tx, at("url"), at("url"), errors.New("a url template must start with a literal scheme://host[:port] followed by /, ? or #: "+
+			"the scheme, host and port of a request come from the configuration only"), fail)
+		if !tx.static {
+			use("url", tx)
 		}
-		use("url", tx)
 	}
 
 	names := slices.Sorted(maps.Keys(cr.Headers))
@@ -670,6 +659,26 @@ func checkHeaderValue(v string) error {
 		return fmt.Errorf("%w: header value contains a control character", ErrInvalidRequest)
 	}
 	return nil
+}
+
+// setURL makes tx rq's URL (key names it in errors): a static URL is
+// checked whole; a template must fix its origin (originErr at originKey
+// otherwise), and its actions are escaped for where they print.
+func (rq *request) setURL(tx *text, key, originKey string, originErr error, fail func(string, error)) {
+	rq.url = tx
+	if tx.static {
+		if u, err := checkURL(tx.str); err != nil {
+			fail(key, err)
+		} else {
+			rq.target = TargetOf(u)
+		}
+		return
+	}
+	if rq.target = fixedOrigin(tx); rq.target == "" {
+		fail(originKey, originErr)
+	} else if err := escapeURL(tx); err != nil {
+		fail(key, err)
+	}
 }
 
 // fixedOrigin returns the target (host:port) when the leading text of a URL

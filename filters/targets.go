@@ -70,23 +70,13 @@ func (rt *Route) compileTarget(rq *request, j int, cr *config.Request, o *compil
 	switch {
 	case err != nil:
 		fail(at+".path", err)
-	case tx.static:
-		if u, err := checkURL(tx.str); err != nil {
-			fail(at+".path", err)
-		} else {
-			rq.target = TargetOf(u)
-		}
-		rq.url = tx
 	default:
-		rq.url = tx
-		if rq.target = fixedOrigin(tx); rq.target == "" {
-			// base_url is literal scheme://host[:port][/path] and path starts
-			// with "/": only an invalid base_url gets here.
-			fail(at+".target", fmt.Errorf("the base_url of target %q is not scheme://host[:port][/path]", t.Name))
-		} else if err := escapeURL(tx); err != nil {
-			fail(at+".path", err)
+		// base_url is literal scheme://host[:port][/path] and path starts
+		// with "/": only an invalid base_url fails to fix the origin.
+		rq.setURL(tx, at+".path", at+".target", fmt.Errorf("the base_url of target %q is not scheme://host[:port][/path]", t.Name), fail)
+		if !tx.static {
+			use("path", tx)
 		}
-		use("path", tx)
 	}
 }
 

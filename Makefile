@@ -4,12 +4,16 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-short demo lint fuzz bench bench-go clean
+.PHONY: all build build-bench test test-short demo lint fuzz bench bench-go clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/orderly ./cmd/orderly
+
+# The benchmark harness, a command of its own: not part of the service's binary.
+build-bench:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/orderly-bench ./cmd/orderly-bench
 
 # vet + every test with the race detector (the integration and process tests
 # run an embedded Kafka-protocol broker in-process: no services needed). The
@@ -44,8 +48,8 @@ fuzz:
 	scripts/fuzz.sh ./filters FuzzDecodeJSON $(FUZZTIME)
 
 # The performance scenarios against the raw-HTTP ceiling (see README, Performance).
-bench: build
-	./bin/orderly bench -scenario all
+bench: build-bench
+	./bin/orderly-bench -scenario all
 
 # The hot path's Go benchmarks: offsets tracker, route matching and rendering,
 # lane hand-off and the partition worker, request building and sending.

@@ -36,7 +36,7 @@ const benchValue = `{"key":"key-17","seq":42,"first_name":"Bonita","last_name":"
 	`"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}`
 
 // benchPartition returns a running partition of a dispatcher whose single
-// route posts the message to a templated URL, as `orderly bench` does.
+// route posts the message to a templated URL, as `orderly-bench` does.
 func benchPartition(b *testing.B, maxInFlight int) *partition {
 	b.Helper()
 	src := fmt.Sprintf(`

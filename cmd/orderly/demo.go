@@ -138,7 +138,7 @@ func runDemo(f demoFlags, stdout, stderr io.Writer) (bool, error) {
 		// production time and latency measures dispatch, not the backlog.
 		const chunk = 1000
 		for i := 0; i < len(recs); i += chunk {
-			stampNow(recs[i:min(i+chunk, len(recs))])
+			testkit.StampNow(recs[i:min(i+chunk, len(recs))])
 			if err := p.Produce(ctx, "orders", recs[i:min(i+chunk, len(recs))]); err != nil {
 				prodErr <- err
 				return
@@ -223,29 +223,6 @@ func verdict(ok bool, bad string) string {
 		return "verified"
 	}
 	return "BROKEN: " + bad
-}
-
-// stampNow rewrites the produced_at of JSON events about to be produced.
-func stampNow(recs []testkit.Record) {
-	now := fmt.Appendf(nil, "%d", time.Now().UnixNano())
-	for i := range recs {
-		restamp(recs[i].Value, now)
-	}
-}
-
-// restamp overwrites the digits of "produced_at":<digits> in place; the
-// generator wrote a same-length nanosecond timestamp.
-func restamp(v, now []byte) {
-	const field = `"produced_at":`
-	for i := 0; i+len(field) < len(v); i++ {
-		if string(v[i:i+len(field)]) == field {
-			j := i + len(field)
-			if j+len(now) <= len(v) {
-				copy(v[j:j+len(now)], now)
-			}
-			return
-		}
-	}
 }
 
 func isTerminal(w io.Writer) bool {

@@ -4,7 +4,6 @@
 //	orderly validate --config FILE   check a configuration, exit 0 or 2
 //	orderly demo [flags]             everything in one process, with a verification summary
 //	orderly dlq list|replay|release|status|cancel   the admin API's DLQ endpoints
-//	orderly bench [flags]            Orderly against a plain net/http client
 //	orderly version
 //
 // Every command prints its synopsis, description and flags on --help (or
@@ -40,7 +39,6 @@ Usage:
                                    (--print: show the effective configuration, secrets redacted)
   orderly demo [flags]             embedded broker + generator + HTTP sink + dispatcher, with a summary
   orderly dlq COMMAND [flags]      list, replay, release, status, cancel: the dead-letter topic through the admin API
-  orderly bench [flags]            benchmark: Orderly against a plain net/http client on a local sink
   orderly version                  print the version
 
 Run 'orderly help COMMAND' or 'orderly COMMAND --help' for a command's description and flags.
@@ -65,8 +63,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdDemo(args[1:], stdout, stderr)
 	case "dlq":
 		return cmdDLQ(args[1:], stdout, stderr)
-	case "bench":
-		return cmdBench(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		if len(args) > 1 && isHelp(args[1]) {
 			fmt.Fprint(stdout, "Usage: orderly version\n\nPrint the version of this binary.\n")

@@ -161,3 +161,28 @@ func (g *Generator) Records(n int) []Record {
 func EventJSON(key string, seq int64) []byte {
 	return []byte(`{"key":"` + key + `","seq":` + strconv.FormatInt(seq, 10) + `}`)
 }
+
+// StampNow rewrites, in place, the produced_at of JSON events about to be
+// produced to the current time, so that end-to-end latency starts at the
+// produce call rather than at generation.
+func StampNow(recs []Record) {
+	now := strconv.AppendInt(nil, time.Now().UnixNano(), 10)
+	for i := range recs {
+		restamp(recs[i].Value, now)
+	}
+}
+
+// restamp overwrites the digits of "produced_at":<digits> in place; the
+// generator wrote a same-length nanosecond timestamp.
+func restamp(v, now []byte) {
+	const field = `"produced_at":`
+	for i := 0; i+len(field) < len(v); i++ {
+		if string(v[i:i+len(field)]) == field {
+			j := i + len(field)
+			if j+len(now) <= len(v) {
+				copy(v[j:j+len(now)], now)
+			}
+			return
+		}
+	}
+}

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"flag"
+	"fmt"
 	"math"
 	"os"
 	"os/exec"
@@ -16,9 +18,92 @@ import (
 // The benchmark harness keeps working: tiny runs through run(), checking the
 // exit status and the output's shape, never a number's size.
 
+// binary is orderly-bench built by TestMain, for the tests that need the
+// harness to start itself again as a child process.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "orderly-bench-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "orderly-bench")
+	out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building orderly-bench: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// TestHelp: --help and -h print the synopsis, the description and the
+// flags to stdout and exit 0; the helper processes' flags are left out.
+func TestHelp(t *testing.T) {
+	for _, h := range []string{"--help", "-h"} {
+		var out, errb bytes.Buffer
+		if code := run([]string{h}, &out, &errb); code != 0 || errb.Len() > 0 {
+			t.Errorf("%s: exit %d, stderr %q; want 0 and nothing", h, code, errb.String())
+		}
+		for _, w := range []string{"Usage: orderly-bench [-scenario NAME|all]", "ceiling", "-scenario", "1|throughput", "5|allocs", "-broker", "-repeat"} {
+			if !strings.Contains(out.String(), w) {
+				t.Errorf("%s: help does not show %q:\n%s", h, w, out.String())
+			}
+		}
+		for _, w := range []string{"serve-broker", "serve-dispatcher", "-config", "internal"} {
+			if strings.Contains(out.String(), w) {
+				t.Errorf("%s: help shows %q:\n%s", h, w, out.String())
+			}
+		}
+	}
+	var out, errb bytes.Buffer
+	if code := run([]string{"-nope"}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "Usage: orderly-bench") {
+		t.Errorf("-nope: exit %d, stderr %q; want 2 and the synopsis", code, errb.String())
+	}
+}
+
+// TestScenarioFlags: a scenario's presets, with the flags given on the
+// command line over them, and -scenario all's order.
+func TestScenarioFlags(t *testing.T) {
+	fs := flag.NewFlagSet("", flag.ContinueOnError)
+	var f benchFlags
+	bindFlags(fs, &f)
+	if err := fs.Parse([]string{"-scenario", "all", "-messages", "3000", "-latency", "2ms", "-live", "0"}); err != nil {
+		t.Fatal(err)
+	}
+	var set []*flag.Flag
+	fs.Visit(func(fl *flag.Flag) { set = append(set, fl) })
+	runs, err := benchRuns(f, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, r := range runs {
+		names = append(names, r.name)
+		if r.f.messages != 3000 || r.f.latency != 2*time.Millisecond || r.f.live != 0 {
+			t.Errorf("%s: messages %d, latency %s, live %s: want the command line's 3000, 2ms, 0", r.name, r.f.messages, r.f.latency, r.f.live)
+		}
+	}
+	if want := []string{"4-memory", "1-throughput", "2-latency", "3-hotkey", "5-allocs"}; !slices.Equal(names, want) {
+		t.Errorf("-scenario all runs %v, want %v", names, want)
+	}
+	// The presets the command line left alone.
+	if r := runs[0]; r.f.size != 1024 || r.f.settle != 12*time.Second || r.f.keys != 10000 {
+		t.Errorf("4-memory: size %d, settle %s, keys %d: want the preset's 1024, 12s, 10000", r.f.size, r.f.settle, r.f.keys)
+	}
+	if r := runs[3]; r.f.hotKey != 0.5 || r.hotCompare == nil || r.hotCompare.f.hotKey != 0 || r.hotCompare.baselineOf != 0.5 {
+		t.Errorf("3-hotkey: hot key %v, comparison %+v: want 0.5 and a run without it", r.f.hotKey, r.hotCompare)
+	}
+	if r := runs[2]; r.f.maxConns != 0 {
+		t.Errorf("2-latency: max-conns %d, want the preset's 0", r.f.maxConns)
+	}
+}
+
 func TestBenchSmoke(t *testing.T) {
 	var out, errb bytes.Buffer
-	code := run([]string{"bench", "-messages", "2000", "-keys", "100", "-live", "200ms"}, &out, &errb)
+	code := run([]string{"-messages", "2000", "-keys", "100", "-live", "200ms"}, &out, &errb)
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
 	}
@@ -50,7 +135,7 @@ func TestBenchJSONOptions(t *testing.T) {
 		t.Skip("two dispatcher runs")
 	}
 	var out, errb bytes.Buffer
-	code := run([]string{"bench", "-json", "-messages", "600", "-keys", "20", "-requests", "2",
+	code := run([]string{"-json", "-messages", "600", "-keys", "20", "-requests", "2",
 		"-failure-rate", "0.1", "-hot-key", "0.3", "-latency", "1ms"}, &out, &errb)
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
@@ -89,11 +174,11 @@ func TestBenchJSONOptions(t *testing.T) {
 
 func TestBenchFlagErrors(t *testing.T) {
 	for _, args := range [][]string{
-		{"bench", "-scenario", "nope"},
-		{"bench", "-failure-rate", "1"},
-		{"bench", "-hot-key", "0.5", "-keys", "1"},
-		{"bench", "-broker", "elsewhere"},
-		{"bench", "-dispatcher", "elsewhere"},
+		{"-scenario", "nope"},
+		{"-failure-rate", "1"},
+		{"-hot-key", "0.5", "-keys", "1"},
+		{"-broker", "elsewhere"},
+		{"-dispatcher", "elsewhere"},
 	} {
 		var out, errb bytes.Buffer
 		if code := run(args, &out, &errb); code != 2 {
@@ -176,7 +261,7 @@ func TestBenchChildCommands(t *testing.T) {
 }
 
 // TestBenchDispatcherProcess runs the bench with Orderly in a child process
-// (the built binary: a test binary cannot be re-executed as orderly) and
+// (the built binary: a test binary cannot be re-executed as orderly-bench) and
 // checks that every figure of the Orderly process came from the child.
 func TestBenchDispatcherProcess(t *testing.T) {
 	if testing.Short() {
@@ -187,7 +272,7 @@ func TestBenchDispatcherProcess(t *testing.T) {
 	// Two requests per message and failures: the client's share is
 	// multiplied, the retries metric comes from the child. A small
 	// max_in_flight: the partitions pause.
-	cmd := exec.Command(binary, "bench", "-json", "-dispatcher", "process", "-broker", "process",
+	cmd := exec.Command(binary, "-json", "-dispatcher", "process", "-broker", "process",
 		"-messages", "4000", "-keys", "100", "-requests", "2", "-failure-rate", "0.05", "-max-in-flight", "50",
 		"-live", "200ms", "-timeout", "2m",
 		"-cpuprofile", prof("cpu.pprof"), "-memprofile", prof("mem.pprof"), "-heapprofile", prof("heap.pprof"))

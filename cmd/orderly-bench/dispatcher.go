@@ -2,7 +2,7 @@ package main
 
 // The Orderly side of a bench run, behind one interface: the service in this
 // process (-dispatcher in-process), or in a child process (-dispatcher
-// process: `orderly bench -serve-dispatcher -config FILE`), so that the CPU,
+// process: `orderly-bench -serve-dispatcher -config FILE`), so that the CPU,
 // memory and allocation figures reported for Orderly are those of the
 // process it runs in, as deployed, without the sink, the recorder, the
 // producer and the ceiling client of the harness.
@@ -153,8 +153,8 @@ func (l *localOrderly) rss() int64         { return currentRSS() }
 func (l *localOrderly) peakRSS() int64     { return maxRSS() }
 
 // stats reads the runtime's counters, then the metrics: gathering the
-// registry allocates thousands of times, which later calls leave out of
-// Mallocs, so that measuring does not count as Orderly's allocations.
+// registry allocates, and later calls leave those allocations out of Mallocs,
+// so that measuring does not count as Orderly's allocations.
 func (l *localOrderly) stats() (orderlyStats, error) {
 	var m, after runtime.MemStats
 	runtime.ReadMemStats(&m)
@@ -270,12 +270,12 @@ func (l *localOrderly) command(line string) (answer string, stop bool) {
 	return "ok", false
 }
 
-// serveDispatcher is `orderly bench -serve-dispatcher -config FILE`: the
+// serveDispatcher is `orderly-bench -serve-dispatcher -config FILE`: the
 // Orderly service alone, built and run as `orderly run` and the in-process
 // bench do, answering the protocol above on stdin and stdout.
 func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr io.Writer) int {
 	fail := func(err error) int {
-		fmt.Fprintln(stderr, "orderly bench -serve-dispatcher:", err)
+		fmt.Fprintln(stderr, "orderly-bench -serve-dispatcher:", err)
 		return 1
 	}
 	if path == "" {
@@ -340,10 +340,10 @@ func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr 
 // --- in a child process ---------------------------------------------------------
 
 // childCallTimeout bounds the wait for one answer of the child: a heap
-// profile of a large heap takes a GC and a few seconds of writing.
+// profile of a large heap takes a GC and a while to write.
 const childCallTimeout = time.Minute
 
-// childOrderly is the parent's end of `orderly bench -serve-dispatcher`.
+// childOrderly is the parent's end of `orderly-bench -serve-dispatcher`.
 type childOrderly struct {
 	config  string // the configuration file, removed by shutdown
 	verbose bool

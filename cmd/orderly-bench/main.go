@@ -1,0 +1,204 @@
+// Command orderly-bench is the benchmark harness of the README's Performance
+// section: Orderly against a plain net/http client on a local HTTP sink.
+//
+//	orderly-bench [-scenario NAME|all] [flags]
+//
+// Each run pre-produces a backlog to a fresh embedded broker, drives a plain
+// net/http client against a local sink (the ceiling), then lets Orderly drain
+// the same backlog to the same kind of sink, and reports throughput, the ratio
+// to the ceiling, latencies, CPU, memory and allocations side by side. By
+// default the broker and Orderly each run in a child process, this executable
+// started again with -serve-broker or -serve-dispatcher (see dispatcher.go),
+// so that Orderly's figures are those of the Orderly process alone, as
+// deployed; the sink, the recorder, the producer and the ceiling client stay
+// in the harness's process.
+//
+// The scenarios are listed in scenarios.go; `make bench` runs them all.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// benchTopic is the topic every bench run produces to and consumes from.
+const benchTopic = "orders"
+
+const synopsis = "[-scenario NAME|all] [flags]"
+
+const description = `
+Measure Orderly against a plain net/http client (the ceiling) on a local HTTP sink: messages are
+pre-produced to an embedded broker, then both send them, and the throughput, latency, memory and
+allocations of each are printed side by side. A -scenario sets the flags of one of the README's
+performance scenarios (flags given explicitly override it) and checks its target. By default the
+broker and Orderly each run in a child process, so that what is measured is Orderly's alone.`
+
+// hiddenFlags are the helper processes' flags, left out of the help.
+var hiddenFlags = []string{"serve-broker", "serve-dispatcher", "config"}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes a command line and returns the exit status.
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("orderly-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {}
+	var f benchFlags
+	bindFlags(fs, &f)
+	serveBrokerFlag := fs.Bool("serve-broker", false, "internal: serve only the embedded broker until stdin closes")
+	serveDispatcherFlag := fs.Bool("serve-dispatcher", false, "internal: run only the Orderly service of -config, answering the bench's commands on stdin, until stdin closes")
+	config := fs.String("config", "", "internal: the configuration file of -serve-dispatcher")
+	switch err := fs.Parse(args); {
+	case errors.Is(err, flag.ErrHelp):
+		printHelp(fs, stdout)
+		return 0
+	case err != nil:
+		fmt.Fprintf(stderr, "Usage: orderly-bench %s\nRun 'orderly-bench --help' for more.\n", synopsis)
+		return 2
+	case fs.NArg() > 0:
+		fmt.Fprintf(stderr, "orderly-bench: unexpected argument %q\nUsage: orderly-bench %s\n", fs.Arg(0), synopsis)
+		return 2
+	}
+	if f.repeat < 1 {
+		fmt.Fprintln(stderr, "orderly-bench: -repeat must be at least 1")
+		return 2
+	}
+	if *serveBrokerFlag {
+		return serveBroker(f.partitions, stdout, stderr)
+	}
+	if *serveDispatcherFlag {
+		return serveDispatcher(*config, f.verbose, os.Stdin, stdout, stderr)
+	}
+	var set []*flag.Flag
+	fs.Visit(func(fl *flag.Flag) { set = append(set, fl) })
+	runs, err := benchRuns(f, set)
+	if err != nil {
+		fmt.Fprintln(stderr, "orderly-bench:", err)
+		return 2
+	}
+	for _, r := range runs {
+		if err := r.f.validate(); err != nil {
+			fmt.Fprintf(stderr, "orderly-bench: %s: %v\n", r.name, err)
+			return 2
+		}
+	}
+	for _, w := range []struct {
+		flag  string
+		value *string
+	}{{"broker", &f.broker}, {"dispatcher", &f.dispatcher}} {
+		switch *w.value {
+		case "auto":
+			*w.value = "process"
+			if exe, err := os.Executable(); err != nil || strings.HasSuffix(filepath.Base(exe), ".test") {
+				*w.value = "in-process"
+			}
+		case "process", "in-process":
+		default:
+			fmt.Fprintf(stderr, "orderly-bench: -%s %q: want process, in-process or auto\n", w.flag, *w.value)
+			return 2
+		}
+	}
+
+	progress := stdout
+	if f.json {
+		progress = stderr
+	}
+	b := &bencher{out: progress, stderr: stderr, multi: len(runs) > 1 || f.repeat > 1}
+	results, err := b.runAll(repeatRuns(runs, f))
+	if err != nil {
+		fmt.Fprintln(stderr, "orderly-bench:", err)
+		return 1
+	}
+	if f.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(map[string]any{"definitions": benchDefinitions, "runs": results}); err != nil {
+			fmt.Fprintln(stderr, "orderly-bench:", err)
+			return 1
+		}
+		return 0
+	}
+	printBenchTable(stdout, results)
+	if f.repeat > 1 {
+		printBenchMedians(stdout, results)
+	}
+	return 0
+}
+
+// repeatRuns returns each run f.repeat times, named NAME#k when repeated,
+// each with where the broker and Orderly run.
+func repeatRuns(runs []benchRun, f benchFlags) []benchRun {
+	var repeated []benchRun
+	for _, r := range runs {
+		for i := range f.repeat {
+			if f.repeat > 1 {
+				r.name = fmt.Sprintf("%s#%d", strings.Split(r.name, "#")[0], i+1)
+				if r.hotCompare != nil {
+					c := *r.hotCompare
+					c.name = r.name + "-nohot"
+					r.hotCompare = &c
+				}
+			}
+			r.f.broker, r.f.dispatcher = f.broker, f.dispatcher
+			if r.hotCompare != nil {
+				c := *r.hotCompare
+				c.f.broker, c.f.dispatcher = f.broker, f.dispatcher
+				r.hotCompare = &c
+			}
+			repeated = append(repeated, r)
+		}
+	}
+	return repeated
+}
+
+// runAll measures the runs in turn, each followed by its hot-key comparison
+// run if it has one, and returns their results; it stops at the first error.
+func (b *bencher) runAll(runs []benchRun) ([]*benchResult, error) {
+	var results []*benchResult
+	for _, r := range runs {
+		res, err := r.exec(b)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", r.name, err)
+		}
+		results = append(results, res)
+		if r.hotCompare != nil {
+			base, err := r.hotCompare.exec(b)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", r.hotCompare.name, err)
+			}
+			res.attachHotBaseline(base)
+			results = append(results, base)
+			b.printHot(res)
+		}
+	}
+	return results, nil
+}
+
+// printHelp prints the synopsis, the description and the flags but the
+// hidden ones to w, each flag with its default as the flag package shows it.
+func printHelp(fs *flag.FlagSet, w io.Writer) {
+	fmt.Fprintf(w, "Usage: orderly-bench %s\n\n%s\n\nFlags:\n", synopsis, strings.TrimSpace(description))
+	visible := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	visible.SetOutput(w)
+	fs.VisitAll(func(f *flag.Flag) {
+		if slices.Contains(hiddenFlags, f.Name) {
+			return
+		}
+		visible.Var(f.Value, f.Name, f.Usage)
+		// The default, not what a flag before -h may have set.
+		visible.Lookup(f.Name).DefValue = f.DefValue
+	})
+	visible.PrintDefaults()
+}

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strings"
+	"text/tabwriter"
+)
+
+// printRun prints what one run measured, as progress.
+func (b *bencher) printRun(res *benchResult) {
+	if res.OtherKeys != nil {
+		b.printf("   orderly   the other keys' %d messages in %.2fs (assignment to their last request) = %.0f msg/s", res.OtherKeys.Others, res.Seconds, res.Throughput)
+	} else {
+		b.printf("   orderly   %d messages in %.2fs (assignment to last request) = %.0f msg/s", res.Messages, res.Seconds, res.Throughput)
+	}
+	if res.Ratio > 0 {
+		b.printf(", %.2f of the ceiling", res.Ratio)
+		if res.CeilingAfter > 0 {
+			b.printf(" (mean of %.0f before and %.0f after)", res.CeilingBefore, res.CeilingAfter)
+		}
+	}
+	b.printf("; assignment after %.0fms, first request %.1fms later; sink concurrency max %d\n", res.StartupMS, res.FirstRequestMS, res.SinkMaxInFlow)
+	if res.LatencyBound > 0 && res.BoundRatio > 0 {
+		b.printf("             latency bound min(keys, partitions x max_in_flight, max_conns)/(latency x requests) = %.0f msg/s: ratio %.2f\n", res.LatencyBound, res.BoundRatio)
+	}
+	b.printf("             dispatch latency (assignment to request received) p50 %.1fms p99 %.1fms", res.DispatchP50MS, res.DispatchP99MS)
+	if res.LiveMessages > 0 {
+		b.printf("; live e2e (produce to request received, %d messages at %.0f msg/s) p50 %.2fms p99 %.2fms", res.LiveMessages, res.LiveRate, res.LiveP50MS, res.LiveP99MS)
+	}
+	if res.Dispatcher == "process" {
+		b.printf("\n             cpu %.2f s/10k (orderly process) + sink/harness %.2f s/10k", res.CPUPer10k, res.SinkCPUPer10k)
+	} else {
+		b.printf("\n             cpu %.2f s/10k (this process: orderly, sink and harness)", res.CPUPer10k)
+	}
+	if res.BrokerCPUPer10k > 0 {
+		b.printf(" + broker %.2f s/10k", res.BrokerCPUPer10k)
+	}
+	switch {
+	case res.Dispatcher != "process":
+		b.printf("; allocs %.1f/msg", res.AllocsPerMsg)
+		if res.CeilingAllocsPerMsg > 0 {
+			b.printf(" - ceiling %.1f = own ~%.1f/msg", res.CeilingAllocsPerMsg, res.OwnAllocsPerMsg)
+		}
+	case res.CeilingAllocsPerReq > 0:
+		b.printf("\n             allocs %.1f/msg in the orderly process - net/http client %.1f", res.AllocsPerMsg, res.ClientAllocsPerReq)
+		if res.Requests > 1 {
+			b.printf("/request x %d", res.Requests)
+		}
+		b.printf(" = own ~%.1f/msg; sink side %.1f/request (ceiling run %.1f/request: client + sink side)",
+			res.OwnAllocsPerMsg, res.SinkAllocsPerReq, res.CeilingAllocsPerReq)
+	default:
+		b.printf("\n             allocs %.1f/msg in the orderly process; sink side %.1f/request", res.AllocsPerMsg, res.SinkAllocsPerReq)
+	}
+	where := "this process"
+	if res.Dispatcher == "process" {
+		where = "orderly process"
+	}
+	b.printf("\n             rss MB (%s): baseline %.0f, steady %.0f, peak %.0f, after %.0f, after FreeOSMemory %.0f (maxrss %.0f)\n             Go heap in use / goroutine stacks / runtime Sys MB: %.0f / %.0f / %.0f at the end of the backlog; heap / stacks %.0f / %.0f after the run and a GC\n",
+		where, res.RSSBaselineMB, res.RSSSteadyMB, res.RSSPeakMB, res.RSSAfterMB, res.RSSAfterFreeMB, res.MaxRSSMB,
+		res.HeapInUseMB, res.StackInUseMB, res.GoSysMB, res.HeapAfterMB, res.StackAfterMB)
+	b.printf("             order: %d violations, %d duplicates, %d missing; %d messages delivered in the backlog window; retries %.0f, pauses %.0f\n",
+		res.OrderViolation, res.Duplicates, res.Missing, res.Delivered, res.Retries, res.Pauses)
+}
+
+// printHot prints a hot-key run against its comparison run.
+func (b *bencher) printHot(res *benchResult) {
+	h := res.OtherKeys
+	if h == nil {
+		return
+	}
+	b.printf("   hot key   other keys: %.0f msg/s with the hot key, %.0f msg/s without: ratio %.2f, each run against its own ceiling (raw %.2f); those sharing the hot key's partition %d done after %.0fms, the others after %.0fms; hot key delivered %d of %d meanwhile\n",
+		h.OthersThroughput, h.WithoutHot, h.Ratio, h.OthersThroughput/max(h.WithoutHot, 1e-9), h.HotPartition, h.OthersSamePartitionMS, h.OthersOtherPartitionMS, h.HotDelivered, hotCount(res.Messages, res.HotKey))
+}
+
+// benchDefinitions say how each column of the tables is measured; they
+// are printed under the table and included in the JSON output.
+var benchDefinitions = map[string]string{
+	"msg/s":      "messages delivered / time from the partition assignment (every pre-produced message consumable) to the last request received; hot-key runs: the other keys' messages only",
+	"ceiling":    "the best rate of a plain net/http client (same transport tuning) sending the same number of messages' requests to the same sink, over goroutine counts from Orderly's own sending concurrency, min(keys, partitions x max_in_flight, max_conns_per_host when not 0), down to 16 (256, 128, 64, 32, 16); run before and again (at the best count) after Orderly's backlog, the ratio being to the mean of the two (a drifting machine moves both sides)",
+	"dispatch":   "per request: from the partition assignment to the request received by the sink (pre-produced backlog: mostly the message's place in it)",
+	"live e2e":   "per request of the live phase (messages produced at a steady rate after the backlog, by default a quarter of msg/s for 1s): from the produce timestamp in the event to the request received (includes the producer's linger.ms=5)",
+	"cpu s/10k":  "user+system CPU from assignment to the last request, per 10,000 messages, of the Orderly process: with -dispatcher process the child alone (/proc/PID/stat, 10ms ticks), the bench process's (sink, recorder, harness: on 2 cores they compete as two processes do) and the broker child's beside it; with -dispatcher in-process this process (getrusage), sink included and, with -broker in-process, the broker",
+	"rss":        "MB of the Orderly process; base: with -dispatcher process the child at start-up, right after its partitions are assigned and a GC (it is already consuming the backlog), with -dispatcher in-process before the dispatcher started, after a GC (with -broker in-process the backlog is in this heap); steady: median of 100ms samples of /proc/PID/statm during the backlog; peak: their largest; after: after the run (and -settle); freed: then after runtime.GC + debug.FreeOSMemory; maxrss: the process's peak (VmHWM of the child; getrusage in-process, the harness included)",
+	"allocs/msg": "runtime.MemStats.Mallocs delta of the Orderly process / messages delivered over the backlog; own: Orderly's own code (go-retryablehttp and the Kafka client's Go side included), net/http excluded: with -dispatcher process allocs/msg - the net/http client's per request x requests, the client's per request being the bench process's during the ceiling run (client + sink side) - the bench process's during Orderly's run (sink side and harness only; with -broker in-process the broker too); with -dispatcher in-process allocs/msg - the ceiling run's per message (net/http client and server, the sink; the broker with -broker in-process is counted as own)",
+}
+
+// printBenchTable prints one row per run and the definitions of the columns.
+func printBenchTable(w io.Writer, results []*benchResult) {
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "run\tmessages\tmsg/s\tceiling (goroutines)\tratio\tdispatch p50\tp99\tlive p50\tp99\tcpu s/10k\trss MB base\tsteady\tpeak\tafter\tfreed\tallocs/msg\town\t")
+	for _, r := range results {
+		ratio := "-"
+		switch {
+		case r.Ratio > 0:
+			ratio = fmt.Sprintf("%.2f", r.Ratio)
+		case r.OtherKeys != nil && r.OtherKeys.Ratio > 0:
+			ratio = fmt.Sprintf("%.2f*", r.OtherKeys.Ratio)
+		}
+		ceiling, own, live50, live99 := "-", "-", "-", "-"
+		if r.Ceiling > 0 {
+			ceiling = fmt.Sprintf("%.0f (%d)", r.Ceiling, r.CeilingConcurrency)
+			own = fmt.Sprintf("%.1f", r.OwnAllocsPerMsg)
+		}
+		if r.LiveMessages > 0 {
+			live50, live99 = fmt.Sprintf("%.1fms", r.LiveP50MS), fmt.Sprintf("%.1fms", r.LiveP99MS)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%s\t%s\t%.0fms\t%.0fms\t%s\t%s\t%.2f\t%.0f\t%.0f\t%.0f\t%.0f\t%.0f\t%.1f\t%s\t\n",
+			r.Name, r.Messages, r.Throughput, ceiling, ratio, r.DispatchP50MS, r.DispatchP99MS, live50, live99,
+			r.CPUPer10k, r.RSSBaselineMB, r.RSSSteadyMB, r.RSSPeakMB, r.RSSAfterMB, r.RSSAfterFreeMB, r.AllocsPerMsg, own)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	for _, k := range []string{"msg/s", "ceiling", "dispatch", "live e2e", "cpu s/10k", "rss", "allocs/msg"} {
+		fmt.Fprintf(w, "  %-10s %s\n", k, benchDefinitions[k])
+	}
+	for _, r := range results {
+		if r.OtherKeys != nil {
+			fmt.Fprintf(w, "  %-10s %s: the other keys' msg/s with the hot key / without it (run %s-nohot), each divided by its run's ceiling so that drift between the runs cancels\n", "ratio*", r.Name, r.Name)
+		}
+	}
+}
+
+// printBenchMedians summarises repeated runs (named NAME#k): the median of
+// each figure over the repetitions.
+func printBenchMedians(w io.Writer, results []*benchResult) {
+	groups := map[string][]*benchResult{}
+	var order []string
+	for _, r := range results {
+		name, _, _ := strings.Cut(r.Name, "#")
+		if strings.HasSuffix(r.Name, "-nohot") {
+			name += "-nohot"
+		}
+		if groups[name] == nil {
+			order = append(order, name)
+		}
+		groups[name] = append(groups[name], r)
+	}
+	med := func(rs []*benchResult, f func(*benchResult) float64) float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		slices.Sort(v)
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	fmt.Fprintln(w, "\nmedians over the repetitions")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "run\truns\tmsg/s\tceiling (goroutines)\tratio\tratio min\tmax\tlive p50\tp99\tcpu s/10k\trss steady\tpeak\tallocs/msg\town\t")
+	for _, name := range order {
+		rs := groups[name]
+		ratio := func(r *benchResult) float64 {
+			if r.OtherKeys != nil {
+				return r.OtherKeys.Ratio
+			}
+			return r.Ratio
+		}
+		lo, hi := math.Inf(1), math.Inf(-1)
+		for _, r := range rs {
+			lo, hi = min(lo, ratio(r)), max(hi, ratio(r))
+		}
+		live50, live99 := "-", "-"
+		if rs[0].LiveMessages > 0 {
+			live50 = fmt.Sprintf("%.1fms", med(rs, func(r *benchResult) float64 { return r.LiveP50MS }))
+			live99 = fmt.Sprintf("%.1fms", med(rs, func(r *benchResult) float64 { return r.LiveP99MS }))
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f (%.0f)\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.2f\t%.0f\t%.0f\t%.1f\t%.1f\t\n", name, len(rs),
+			med(rs, func(r *benchResult) float64 { return r.Throughput }),
+			med(rs, func(r *benchResult) float64 { return r.Ceiling }),
+			med(rs, func(r *benchResult) float64 { return float64(r.CeilingConcurrency) }),
+			med(rs, ratio), lo, hi, live50, live99,
+			med(rs, func(r *benchResult) float64 { return r.CPUPer10k }),
+			med(rs, func(r *benchResult) float64 { return r.RSSSteadyMB }),
+			med(rs, func(r *benchResult) float64 { return r.RSSPeakMB }),
+			med(rs, func(r *benchResult) float64 { return r.AllocsPerMsg }),
+			med(rs, func(r *benchResult) float64 { return r.OwnAllocsPerMsg }))
+	}
+	tw.Flush()
+}

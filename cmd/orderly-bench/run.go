@@ -1,0 +1,782 @@
+package main
+
+// The run of the HTTP scenarios: Orderly against a plain net/http client.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/testkit"
+)
+
+// benchResult is what one run measured. Rates are per second, durations in
+// milliseconds, sizes in megabytes (2^20 bytes).
+type benchResult struct {
+	Name        string  `json:"name"`
+	Target      string  `json:"target,omitempty"`
+	Messages    int     `json:"messages"`
+	Keys        int     `json:"keys"`
+	Partitions  int     `json:"partitions"`
+	Size        int     `json:"size_bytes"`
+	LatencyMS   float64 `json:"sink_latency_ms"`
+	Requests    int     `json:"requests_per_message"`
+	FailureRate float64 `json:"failure_rate"`
+	HotKey      float64 `json:"hot_key_share"`
+	MaxInFlight int     `json:"max_in_flight"`
+	MaxConns    int     `json:"max_conns_per_host"`
+	Broker      string  `json:"broker"`
+	Dispatcher  string  `json:"dispatcher"` // where Orderly ran: process (a child) or in-process
+
+	ProduceSeconds float64 `json:"produce_seconds"`
+
+	// The ceiling: a plain net/http client, same transport tuning, same
+	// sink, same number of requests, at Orderly's sending concurrency.
+	CeilingConcurrency   int     `json:"ceiling_concurrency,omitempty"`
+	Ceiling              float64 `json:"ceiling_msgs_per_s,omitempty"` // the mean of the runs before and after Orderly's
+	CeilingBefore        float64 `json:"ceiling_before_msgs_per_s,omitempty"`
+	CeilingAfter         float64 `json:"ceiling_after_msgs_per_s,omitempty"`
+	CeilingCPUPer10k     float64 `json:"ceiling_cpu_s_per_10k,omitempty"`
+	CeilingAllocsPerMsg  float64 `json:"ceiling_allocs_per_msg,omitempty"`     // the bench process: client, sink server, recorder
+	CeilingAllocsPerReq  float64 `json:"ceiling_allocs_per_request,omitempty"` // the same per successful request
+	CeilingSinkMaxInFlow int64   `json:"ceiling_sink_max_concurrent,omitempty"`
+
+	// Orderly.
+	Seconds            float64 `json:"seconds"` // assignment to the last request received
+	Throughput         float64 `json:"msgs_per_s"`
+	Ratio              float64 `json:"ratio_to_ceiling,omitempty"`
+	LatencyBound       float64 `json:"latency_bound_msgs_per_s,omitempty"` // sendConcurrency: min(keys, partitions*max_in_flight, max_conns if > 0)/(latency*requests)
+	BoundRatio         float64 `json:"ratio_to_latency_bound,omitempty"`
+	StartupMS          float64 `json:"startup_ms"`                   // dispatcher start (the child's exec with -dispatcher process) to assignment
+	FirstRequestMS     float64 `json:"first_request_ms"`             // assignment to the first request received
+	Delivered          int     `json:"delivered"`                    // messages delivered in the backlog window (hot-key runs: the hot key's too)
+	DispatchP50MS      float64 `json:"dispatch_p50_ms"`              // assignment to request received
+	DispatchP99MS      float64 `json:"dispatch_p99_ms"`              //
+	LiveMessages       int     `json:"live_messages"`                // messages of the live phase
+	LiveRate           float64 `json:"live_msgs_per_s"`              // their rate
+	LiveP50MS          float64 `json:"live_e2e_p50_ms"`              // produce timestamp to request received
+	LiveP99MS          float64 `json:"live_e2e_p99_ms"`              //
+	CPUPer10k          float64 `json:"cpu_s_per_10k"`                // the Orderly process, user+sys (in-process: this process)
+	SinkCPUPer10k      float64 `json:"sink_cpu_s_per_10k,omitempty"` // -dispatcher process: this process (sink, recorder, harness)
+	BrokerCPUPer10k    float64 `json:"broker_cpu_s_per_10k,omitempty"`
+	AllocsPerMsg       float64 `json:"allocs_per_msg"`                      // the Orderly process
+	SinkAllocsPerReq   float64 `json:"sink_allocs_per_request,omitempty"`   // -dispatcher process: this process per successful request
+	ClientAllocsPerReq float64 `json:"client_allocs_per_request,omitempty"` // -dispatcher process: ceiling_allocs_per_request - sink_allocs_per_request
+	OwnAllocsPerMsg    float64 `json:"own_allocs_per_msg,omitempty"`        // process: allocs_per_msg - client_allocs_per_request x requests; in-process: allocs_per_msg - ceiling_allocs_per_msg
+	SinkMaxInFlow      int64   `json:"sink_max_concurrent"`
+	Retries            float64 `json:"retries"`
+	Pauses             float64 `json:"pauses"`
+
+	// Memory of the Orderly process (with -dispatcher in-process, of this one).
+	RSSBaselineMB  float64 `json:"rss_baseline_mb"`   // process: the child right after the assignment and a GC; in-process: before the dispatcher started, after a GC
+	RSSSteadyMB    float64 `json:"rss_steady_mb"`     // median of samples every 100ms during the backlog
+	RSSPeakMB      float64 `json:"rss_peak_mb"`       // largest of those samples
+	RSSAfterMB     float64 `json:"rss_after_mb"`      // after the run (and -settle)
+	RSSAfterFreeMB float64 `json:"rss_after_free_mb"` // then after runtime.GC + debug.FreeOSMemory
+	MaxRSSMB       float64 `json:"maxrss_mb"`         // the process's peak so far: VmHWM of the child, or getrusage
+	HeapInUseMB    float64 `json:"heap_in_use_mb"`    // Go heap in use at the end of the backlog
+	StackInUseMB   float64 `json:"stack_in_use_mb"`   // goroutine stacks (lanes) at the end of the backlog
+	GoSysMB        float64 `json:"go_sys_mb"`         // runtime.MemStats.Sys at the end of the backlog
+	HeapAfterMB    float64 `json:"heap_after_mb"`     // Go heap in use after the run and a GC
+	StackAfterMB   float64 `json:"stack_after_mb"`    // goroutine stacks after the run
+	OrderViolation int     `json:"order_violations"`  //
+	Duplicates     int     `json:"duplicates"`        // expected: (requests-1) x messages
+	Missing        int     `json:"missing"`           // of the keys waited for
+	OtherKeys      *hotKey `json:"hot_key_result,omitempty"`
+
+	partHot int32 // partition of the hot key
+}
+
+// hotKey is the hot-key scenario's result.
+type hotKey struct {
+	HotDelivered           int     `json:"hot_delivered"`
+	Others                 int     `json:"other_messages"`
+	OthersThroughput       float64 `json:"other_keys_msgs_per_s"`
+	HotPartition           int32   `json:"hot_partition"`
+	OthersSamePartitionMS  float64 `json:"other_keys_on_hot_partition_done_ms"`    // assignment to their last request
+	OthersOtherPartitionMS float64 `json:"other_keys_on_other_partitions_done_ms"` //
+	WithoutHot             float64 `json:"without_hot_key_msgs_per_s"`
+	Ratio                  float64 `json:"ratio"`
+}
+
+func (res *benchResult) attachHotBaseline(base *benchResult) {
+	if res.OtherKeys == nil {
+		return
+	}
+	res.OtherKeys.WithoutHot = base.Throughput
+	switch {
+	case res.Ceiling > 0 && base.Ceiling > 0 && base.Throughput > 0:
+		// Each run against its own ceiling, measured beside it: the
+		// machine's drift between the two runs cancels.
+		res.OtherKeys.Ratio = (res.OtherKeys.OthersThroughput / res.Ceiling) / (base.Throughput / base.Ceiling)
+	case base.Throughput > 0:
+		res.OtherKeys.Ratio = res.OtherKeys.OthersThroughput / base.Throughput
+	}
+}
+
+// bencher runs the runs of one command line and prints their progress.
+type bencher struct {
+	out, stderr io.Writer // progress; the child processes' stderr
+	multi       bool      // several runs: profile file names get the run's name
+}
+
+func (b *bencher) printf(format string, args ...any) { fmt.Fprintf(b.out, format, args...) }
+
+func mb(n int64) float64 { return float64(n) / (1 << 20) }
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// httpRun is the run of every scenario but those with a run of their own:
+// the ceiling (a plain net/http client) on a local sink, then Orderly
+// draining a pre-produced backlog to the same kind of sink, then live
+// messages, then the memory after the burst, and a check of the order.
+func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
+	f := r.f
+	m := r.messages()
+	res := &benchResult{Name: r.name, Target: r.target, Messages: m, Keys: f.keys, Partitions: f.partitions,
+		Size: f.size, LatencyMS: ms(f.latency), Requests: f.requests, FailureRate: f.failureRate, HotKey: f.hotKey,
+		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, partHot: -1}
+	b.printf("\n== %s: %d messages, %d keys, %d partitions, %d B, sink latency %s, %d request(s)/message, failure rate %.2f",
+		r.name, m, f.keys, f.partitions, f.size, f.latency, f.requests, f.failureRate)
+	if f.hotKey > 0 {
+		b.printf(", hot key share %.2f", f.hotKey)
+	}
+	if r.baselineOf > 0 {
+		b.printf(", keys 1..%d only (hot key left out)", f.keys-1)
+	}
+	b.printf(", max_in_flight %d, max_conns_per_host %d, broker %s, dispatcher %s\n", f.maxInFlight, f.maxConns, f.broker, f.dispatcher)
+	if r.target != "" {
+		b.printf("   issue target: %s\n", r.target)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
+	defer cancel()
+
+	sink, err := startSink()
+	if err != nil {
+		return nil, err
+	}
+	defer sink.close()
+	hotKeyName := ""
+	if f.hotKey > 0 {
+		hotKeyName = "key-0"
+	}
+
+	// 1. The ceiling.
+	if f.ceiling {
+		if err := b.bestCeiling(ctx, r, sink, res); err != nil {
+			return nil, fmt.Errorf("ceiling: %w", err)
+		}
+	}
+
+	// 2. The broker and the backlog. With -dispatcher in-process the
+	// service is built first: with -broker in-process it holds the broker.
+	var brokerChild *brokerProcess
+	brokers := config.EmbeddedBrokers
+	inProcess := f.dispatcher == "in-process"
+	switch {
+	case f.broker == "process":
+		brokerChild, err = startBrokerProcess(f.partitions, b.stderr)
+		if err != nil {
+			return nil, err
+		}
+		defer brokerChild.close()
+		brokers = brokerChild.addr
+	case !inProcess:
+		// -broker in-process, -dispatcher process: the broker in this
+		// process, beside the sink; the child connects to it.
+		eb, err := startBenchBroker(f.partitions)
+		if err != nil {
+			return nil, fmt.Errorf("starting the broker: %w", err)
+		}
+		defer eb.Close()
+		brokers = eb.Addr()
+	}
+	toml := benchConfig(f, brokers, sink.addr())
+	cfg, err := config.Parse([]byte(toml), "bench.toml")
+	if err != nil {
+		return nil, fmt.Errorf("bench configuration: %w", err)
+	}
+	var side orderlySide
+	if inProcess {
+		l, err := newLocalOrderly(cfg, f.verbose, b.stderr)
+		if err != nil {
+			return nil, err
+		}
+		defer l.shutdown()
+		side, brokers = l, l.svc.Brokers()
+	}
+
+	gen := r.generator()
+	t0 := time.Now()
+	// The producer stays open (idle) for the live phase, so that its
+	// start-up is not measured as latency.
+	prod, err := testkit.NewProducer(brokers)
+	if err != nil {
+		return nil, err
+	}
+	defer prod.Close() // before an in-process service and its broker
+	if err := produceBacklog(ctx, prod, gen, m); err != nil {
+		return nil, fmt.Errorf("producing the backlog: %w", err)
+	}
+	res.ProduceSeconds = time.Since(t0).Seconds()
+	b.printf("   produced %d messages in %.1fs\n", m, res.ProduceSeconds)
+
+	// 3. Orderly drains the backlog.
+	liveCap := 0
+	if f.live > 0 && f.hotKey == 0 {
+		liveCap = 200000
+	}
+	rec := newRecorder(m*f.requests+liveCap*f.requests+1024, f.latency, f.failureRate, hotKeyName)
+	sink.cur.Store(rec)
+
+	want := int64(m * f.requests)
+	done := func() bool { return rec.ok.Load() >= want }
+	if f.hotKey > 0 {
+		want = int64((m - hotCount(m, f.hotKey)) * f.requests)
+		done = func() bool { return rec.okOthers.Load() >= want }
+	}
+	profName := func(file string) string { return b.profileName(file, r.name) }
+
+	if inProcess {
+		// The baseline before the dispatcher starts: once started, it
+		// consumes at once.
+		settleMemory()
+		res.RSSBaselineMB = mb(currentRSS())
+		if err := startProfiles(side, f, profName); err != nil {
+			return nil, err
+		}
+	} else {
+		c, err := newChildOrderly(toml, f.verbose, b.stderr)
+		if err != nil {
+			return nil, err
+		}
+		defer c.shutdown()
+		side = c
+	}
+	started := time.Now()
+	if err := side.start(ctx); err != nil {
+		return nil, err
+	}
+	// The partitions are assigned: every pre-produced message is consumable.
+	s0 := snap() // this process: with -dispatcher process the sink and the harness
+	cpu0 := side.cpu()
+	var brokerCPU0 time.Duration
+	if brokerChild != nil {
+		brokerCPU0 = brokerChild.cpu()
+	}
+	st0, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
+	res.StartupMS = ms(s0.at.Sub(started))
+	if !inProcess {
+		// The child is consuming already: its baseline is the process
+		// at start-up.
+		if err := side.settle(); err != nil {
+			return nil, err
+		}
+		res.RSSBaselineMB = mb(side.rss())
+		if err := startProfiles(side, f, profName); err != nil {
+			return nil, err
+		}
+	}
+	rss := sampleRSS(100*time.Millisecond, side.rss)
+	defer rss.end()
+	heapAt := want / 2
+	if f.heapProfile == "" {
+		heapAt = math.MaxInt64
+	}
+	for !done() {
+		if rec.ok.Load() >= heapAt {
+			heapAt = math.MaxInt64
+			if err := side.profile("heap", profName(f.heapProfile)); err != nil {
+				return nil, err
+			}
+		}
+		select {
+		case <-side.exited():
+			return nil, fmt.Errorf("the service stopped: %v", side.exitErr())
+		case <-ctx.Done():
+			return nil, fmt.Errorf("timed out after %s with %d of %d requests delivered", f.timeout, rec.ok.Load(), want)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	s1 := snap()
+	cpu1 := side.cpu()
+	var brokerCPU time.Duration
+	if brokerChild != nil {
+		brokerCPU = brokerChild.cpu() - brokerCPU0
+	}
+	st1, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
+	// Per message delivered in the window: all of them, or in a hot-key
+	// run the other keys' and the few hot ones.
+	okRequests := rec.ok.Load()
+	delivered := float64(okRequests) / float64(f.requests)
+	res.Delivered = int(okRequests) / f.requests
+	res.HeapInUseMB, res.StackInUseMB, res.GoSysMB = mb(int64(st1.HeapInuse)), mb(int64(st1.StackInuse)), mb(int64(st1.Sys))
+	steady, peak := rss.end()
+	if err := stopProfiles(side, f, profName); err != nil {
+		return nil, err
+	}
+	res.RSSSteadyMB, res.RSSPeakMB = mb(steady), mb(peak)
+	res.BrokerCPUPer10k = brokerCPU.Seconds() / delivered * 10000
+	res.CPUPer10k = (cpu1 - cpu0).Seconds() / delivered * 10000
+	res.AllocsPerMsg = float64(st1.Mallocs-st0.Mallocs) / delivered
+	if inProcess {
+		if res.CeilingAllocsPerMsg > 0 {
+			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.CeilingAllocsPerMsg
+		}
+	} else {
+		// This process served the sink: its allocations per request
+		// are the server's side of net/http (and the harness's), which
+		// the ceiling run's per request has too, beside the client's.
+		res.SinkCPUPer10k = (s1.cpu - s0.cpu).Seconds() / delivered * 10000
+		res.SinkAllocsPerReq = float64(s1.mallocs-s0.mallocs) / float64(okRequests)
+		if res.CeilingAllocsPerReq > 0 {
+			res.ClientAllocsPerReq = res.CeilingAllocsPerReq - res.SinkAllocsPerReq
+			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.ClientAllocsPerReq*float64(f.requests)
+		}
+	}
+	res.SinkMaxInFlow = rec.sink.MaxInFlight()
+	samples := rec.recorded() // the backlog window's; a hot key goes on meanwhile
+
+	// The ceiling again, now that Orderly's backlog is done: the ratio is to
+	// the mean of the runs before and after, so that a machine whose speed
+	// drifts during the run moves both sides alike. It gets a sink of its
+	// own: in a hot-key run the hot key is still being delivered to
+	// Orderly's.
+	if f.ceiling {
+		before := *res
+		sink2, err := startSink()
+		if err != nil {
+			return nil, err
+		}
+		err = b.ceiling(ctx, r, sink2, res, before.CeilingConcurrency)
+		sink2.close()
+		if err != nil {
+			return nil, fmt.Errorf("ceiling after: %w", err)
+		}
+		after := res.Ceiling
+		res.CeilingConcurrency, res.CeilingCPUPer10k = before.CeilingConcurrency, before.CeilingCPUPer10k
+		res.CeilingAllocsPerMsg, res.CeilingAllocsPerReq = before.CeilingAllocsPerMsg, before.CeilingAllocsPerReq
+		res.CeilingSinkMaxInFlow = before.CeilingSinkMaxInFlow
+		res.CeilingBefore, res.CeilingAfter = before.Ceiling, after
+		res.Ceiling = (before.Ceiling + after) / 2
+	}
+	b.analyse(res, samples, s0.at, f)
+
+	// 4. Live messages: produce-to-request latency.
+	if f.live > 0 && f.hotKey == 0 {
+		if err := b.livePhase(ctx, prod, gen, rec, res, f, liveCap); err != nil {
+			return nil, fmt.Errorf("live phase: %w", err)
+		}
+	}
+
+	// 5. Memory after the burst.
+	if f.settle > 0 {
+		b.printf("   settling %s\n", f.settle)
+		select {
+		case <-time.After(f.settle):
+		case <-side.exited():
+			return nil, fmt.Errorf("the service stopped: %v", side.exitErr())
+		}
+	}
+	res.RSSAfterMB = mb(side.rss())
+	if err := side.settle(); err != nil {
+		return nil, err
+	}
+	res.RSSAfterFreeMB = mb(side.rss())
+	if f.heapProfile != "" {
+		if err := side.profile("heap", profName(f.heapProfile)+".after"); err != nil {
+			return nil, err
+		}
+	}
+	st2, err := side.stats()
+	if err != nil {
+		return nil, err
+	}
+	res.HeapAfterMB, res.StackAfterMB = mb(int64(st2.HeapInuse)), mb(int64(st2.StackInuse))
+	res.MaxRSSMB = mb(side.peakRSS())
+	res.Retries, res.Pauses = st2.Retries, st2.Pauses
+
+	if err := side.shutdown(); err != nil {
+		return nil, fmt.Errorf("the service stopped with an error: %w", err)
+	}
+	rep := rec.sink.Check(gen.Expected())
+	res.OrderViolation, res.Duplicates = rep.Violations, rep.Duplicates
+	if f.hotKey == 0 {
+		res.Missing = rep.Missing
+	}
+	b.printRun(res)
+	if rep.Violations > 0 || res.Missing > 0 {
+		return nil, fmt.Errorf("delivery check failed: %s", rep)
+	}
+	return res, nil
+}
+
+func (b *bencher) profileName(file, run string) string {
+	if !b.multi {
+		return file
+	}
+	ext := filepath.Ext(file)
+	return strings.TrimSuffix(file, ext) + "-" + run + ext
+}
+
+// analyse turns the samples of the backlog into throughput and latencies.
+func (b *bencher) analyse(res *benchResult, samples []sample, assigned time.Time, f benchFlags) {
+	t0 := assigned.UnixNano()
+	var last, first int64 = 0, math.MaxInt64
+	disp := make([]time.Duration, 0, len(samples))
+	var hk *hotKey
+	if f.hotKey > 0 {
+		hk = &hotKey{}
+		res.OtherKeys = hk
+		for _, s := range samples {
+			if s.hot {
+				res.partHot = s.part
+				break
+			}
+		}
+	}
+	var lastSame, lastOther int64
+	var nSame, nOther int
+	for _, s := range samples {
+		first = min(first, s.recv)
+		if s.hot {
+			hk.HotDelivered++
+			continue
+		}
+		last = max(last, s.recv)
+		disp = append(disp, time.Duration(s.recv-t0))
+		if hk != nil {
+			if s.part == res.partHot {
+				nSame++
+				lastSame = max(lastSame, s.recv)
+			} else {
+				nOther++
+				lastOther = max(lastOther, s.recv)
+			}
+		}
+	}
+	window := time.Duration(last - t0)
+	res.Seconds = window.Seconds()
+	msgs := res.Messages
+	if hk != nil {
+		msgs = res.Messages - hotCount(res.Messages, f.hotKey)
+		hk.HotDelivered /= f.requests
+		hk.Others = msgs
+		hk.OthersThroughput = float64(msgs) / window.Seconds()
+		hk.HotPartition = res.partHot
+		if nSame > 0 {
+			hk.OthersSamePartitionMS = ms(time.Duration(lastSame - t0))
+		}
+		if nOther > 0 {
+			hk.OthersOtherPartitionMS = ms(time.Duration(lastOther - t0))
+		}
+	}
+	if window > 0 {
+		res.Throughput = float64(msgs) / window.Seconds()
+	}
+	if first != math.MaxInt64 {
+		res.FirstRequestMS = ms(time.Duration(first - t0))
+	}
+	if res.Ceiling > 0 && hk == nil {
+		res.Ratio = res.Throughput / res.Ceiling
+	}
+	if f.latency > 0 {
+		res.LatencyBound = float64(f.sendConcurrency(f.keys)) / (f.latency.Seconds() * float64(f.requests))
+		if hk == nil {
+			res.BoundRatio = res.Throughput / res.LatencyBound
+		}
+	}
+	slices.Sort(disp)
+	res.DispatchP50MS, res.DispatchP99MS = ms(percentile(disp, 50)), ms(percentile(disp, 99))
+}
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[int(p/100*float64(len(sorted)-1))]
+}
+
+// produceBacklog produces n generated messages in chunks, so that the
+// generated values are not all held at once.
+func produceBacklog(ctx context.Context, p *testkit.Producer, gen *testkit.Generator, n int) error {
+	const chunk = 20000
+	for done := 0; done < n; {
+		c := min(chunk, n-done)
+		if err := p.Produce(ctx, benchTopic, gen.Records(c)); err != nil {
+			return err
+		}
+		done += c
+	}
+	return nil
+}
+
+// livePhase produces messages at a steady rate after the backlog and
+// measures produce-timestamp-to-request-received latency on them.
+func (b *bencher) livePhase(ctx context.Context, p *testkit.Producer, gen *testkit.Generator, rec *recorder, res *benchResult, f benchFlags, capacity int) error {
+	rate := f.liveRate
+	if rate == 0 {
+		rate = max(res.Throughput/4, 100)
+	}
+	n := min(max(int(rate*f.live.Seconds()), 1), capacity)
+	from := rec.next.Load()
+	before := rec.ok.Load()
+	const tick = 10 * time.Millisecond
+	per := max(rate*tick.Seconds(), 1)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	start := time.Now()
+	for sent := 0; sent < n; {
+		// Catch up to the schedule: messages due by now.
+		due := min(int(per*float64(time.Since(start)/tick+1)), n)
+		if due > sent {
+			recs := gen.Records(due - sent)
+			testkit.StampNow(recs)
+			if err := p.Produce(ctx, benchTopic, recs); err != nil {
+				return err
+			}
+			sent = due
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	want := before + int64(n*f.requests)
+	for rec.ok.Load() < want {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d of %d live requests delivered: %w", rec.ok.Load()-before, n*f.requests, ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	all := rec.recorded()
+	lat := make([]time.Duration, 0, len(all)-int(from))
+	for _, s := range all[from:] {
+		lat = append(lat, s.lat)
+	}
+	slices.Sort(lat)
+	res.LiveMessages, res.LiveRate = n, float64(n)/time.Since(start).Seconds()
+	res.LiveP50MS, res.LiveP99MS = ms(percentile(lat, 50)), ms(percentile(lat, 99))
+	return nil
+}
+
+// ceilingConcurrencies are the plain client's goroutine counts bestCeiling
+// tries (up to Orderly's own sending concurrency, which it always tries).
+var ceilingConcurrencies = []int{256, 128, 64, 32, 16}
+
+// bestCeiling runs the plain client (ceiling) at several concurrencies and
+// keeps the fastest in res: more goroutines than the machine can serve are
+// slower, so the ceiling is the best the plain client reaches, not the
+// rate at Orderly's concurrency. A count whose latency bound (goroutines /
+// latency) is below the best rate so far cannot win and is skipped.
+func (b *bencher) bestCeiling(ctx context.Context, r benchRun, sink *sinkServer, res *benchResult) error {
+	keys := r.f.keys
+	if r.baselineOf > 0 {
+		keys-- // the hot key's messages are left out
+	}
+	top := r.f.sendConcurrency(keys)
+	tries := []int{top}
+	for _, c := range ceilingConcurrencies {
+		if c < top {
+			tries = append(tries, c)
+		}
+	}
+	var best benchResult
+	for _, c := range tries {
+		if lat := r.f.latency.Seconds(); lat > 0 && best.Ceiling > 0 && float64(c)/lat < best.Ceiling {
+			continue
+		}
+		trial := *res
+		if err := b.ceiling(ctx, r, sink, &trial, c); err != nil {
+			return err
+		}
+		if trial.Ceiling > best.Ceiling {
+			best = trial
+		}
+	}
+	*res = best
+	b.printf("   ceiling   best: %d goroutines, %.0f msg/s\n", res.CeilingConcurrency, res.Ceiling)
+	return nil
+}
+
+// ceiling drives a plain net/http client with the same transport tuning as
+// Orderly's sender against a fresh recorder on the same sink server: conc
+// goroutines, each sending a message's requests in order, for the same
+// number of messages.
+func (b *bencher) ceiling(ctx context.Context, r benchRun, sink *sinkServer, res *benchResult, conc int) error {
+	f := r.f
+	m := r.messages()
+	// Bodies like the messages' (the sink parses them), cycled.
+	gen := r.generator()
+	type msg struct {
+		url  string
+		body []byte
+	}
+	pool := make([]msg, min(m, 10000))
+	for i := range pool {
+		k, v := gen.Next()
+		pool[i] = msg{url: "http://" + sink.addr() + "/people/" + k, body: v}
+	}
+	rec := newRecorder(m*f.requests, f.latency, f.failureRate, "")
+	sink.cur.Store(rec)
+
+	idle := f.maxConns
+	if idle <= 0 {
+		idle = 1024 // as httpclient does when max_conns_per_host is unlimited
+	}
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	tr := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		Protocols:           &protocols,
+		MaxIdleConnsPerHost: idle,
+		MaxConnsPerHost:     f.maxConns,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+
+	settleMemory()
+	var next atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	var wg sync.WaitGroup
+	s0 := snap()
+	for g := 0; g < conc; g++ {
+		wg.Go(func() {
+			h := http.Header{
+				"Content-Type":    {"application/json"},
+				"Idempotency-Key": {fmt.Sprintf("%s-%d-%d-0", benchTopic, g%f.partitions, g)},
+				"User-Agent":      {"orderly-bench-ceiling"},
+			}
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(m) || ctx.Err() != nil {
+					return
+				}
+				mg := pool[i%int64(len(pool))]
+				for range f.requests {
+					if err := sendUntilOK(ctx, client, mg.url, mg.body, h); err != nil {
+						errOnce.Do(func() { firstErr = err })
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	s1 := snap()
+	if firstErr != nil {
+		return firstErr
+	}
+	el := s1.at.Sub(s0.at)
+	res.CeilingConcurrency = conc
+	res.Ceiling = float64(m) / el.Seconds()
+	res.CeilingCPUPer10k = (s1.cpu - s0.cpu).Seconds() / float64(m) * 10000
+	res.CeilingAllocsPerMsg = float64(s1.mallocs-s0.mallocs) / float64(m)
+	res.CeilingAllocsPerReq = res.CeilingAllocsPerMsg / float64(f.requests)
+	res.CeilingSinkMaxInFlow = rec.sink.MaxInFlight()
+	b.printf("   ceiling   plain net/http, %d goroutines: %d messages (%d requests) in %.2fs = %.0f msg/s; cpu %.2f s/10k; %.1f allocs/msg; sink concurrency max %d\n",
+		conc, m, m*f.requests, el.Seconds(), res.Ceiling, res.CeilingCPUPer10k, res.CeilingAllocsPerMsg, res.CeilingSinkMaxInFlow)
+	return nil
+}
+
+// sendUntilOK posts body to url until the sink answers 2xx, retrying its
+// 503s at once; any other answer is an error.
+func sendUntilOK(ctx context.Context, c *http.Client, url string, body []byte, h http.Header) error {
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header = h
+		resp, err := c.Do(req)
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+			return nil
+		}
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			return fmt.Errorf("the sink answered %d", resp.StatusCode)
+		}
+	}
+}
+
+// benchConfig is the Orderly configuration of a run: one route with
+// f.requests requests to the sink, no DLQ and no admin server.
+func benchConfig(f benchFlags, brokers, sink string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `
+[kafka]
+brokers = %q
+group_id = "orderly-bench"
+topics = [%q]
+`, brokers, benchTopic)
+	if brokers == config.EmbeddedBrokers {
+		fmt.Fprintf(&b, "embedded_listen = \"127.0.0.1:0\"\nembedded_partitions = %d\n", f.partitions)
+	}
+	fmt.Fprintf(&b, `
+[dispatch]
+max_in_flight = %d
+drain_timeout = "2s"
+
+[http]
+max_conns_per_host = %d
+
+[http.retry]
+max_attempts = 0
+initial_backoff = "10ms"
+max_backoff = "1s"
+
+[dlq]
+topic = ""
+
+[admin]
+listen = ""
+
+[log]
+level = "warn"
+format = "text"
+
+[[routes]]
+name = "bench"
+`, f.maxInFlight, f.maxConns)
+	for i := range f.requests {
+		path := "/people/{{ .Key }}"
+		if i > 0 {
+			path += "/" + strconv.Itoa(i)
+		}
+		fmt.Fprintf(&b, `  [[routes.requests]]
+  method = "POST"
+  url = "http://%s%s"
+  [routes.requests.headers]
+  Content-Type = "application/json"
+`, sink, path)
+	}
+	return b.String()
+}

@@ -327,6 +327,8 @@ func (c *Config) setDefaults() {
 		for j := range r.Requests {
 			rq := &r.Requests[j]
 			switch {
+			case rq.Topic != "":
+				// A record: no method.
 			case rq.Method == "":
 				rq.Method = http.MethodPost
 			case !strings.Contains(rq.Method, "{{"):

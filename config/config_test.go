@@ -862,3 +862,50 @@ func TestEmptyVariableNamed(t *testing.T) {
 	wantError(t, "[kafka]\nbrokers = \"${ORDERLY_TEST_EMPTY}\"\n"+minimal,
 		`t.toml:2:1: kafka.brokers: must be "host:port,host:port" or "embedded" (the environment variable ORDERLY_TEST_EMPTY is empty)`)
 }
+
+func TestRecordRequestErrors(t *testing.T) {
+	es := wantError(t, `
+[[routes]]
+name = "a"
+  [[routes.requests]]
+  topic = "out"
+  url = "http://x.example/"
+  method = "PUT"
+  body = "{{ .Raw }}"
+  [[routes.requests]]
+  value = "{{ .Raw }}"
+  [[routes.requests]]
+  topic = "{{ .Value.topic }}"
+  [[routes.requests]]
+  topic = "bad topic"
+  key = "{{ .Value.id }}"
+  [routes.requests.headers]
+  "" = "x"
+`,
+		`routes[0] ("a").requests[0].url: is set with topic: set either url (an HTTP request) or topic (a Kafka record)`,
+		`routes[0] ("a").requests[0].method: is set with topic: a Kafka record has no method`,
+		`routes[0] ("a").requests[0].body: is set with topic: a Kafka record's value is set with value`,
+		`routes[0] ("a").requests[1].topic: must be set with key or value`,
+		`routes[0] ("a").requests[2].topic: cannot be a template`,
+		`routes[0] ("a").requests[3].topic: "bad topic" is not a valid topic name`,
+		`routes[0] ("a").requests[3].headers."": a record header needs a name`,
+	)
+	if len(es) != 7 {
+		t.Errorf("%d errors, want 7:\n%v", len(es), es)
+	}
+	c, err := Parse([]byte(`
+[kafka]
+topics = ["orders"]
+[[routes]]
+name = "a"
+  [[routes.requests]]
+  topic = "out"
+  value = '{"hash":"{{ md5 .Raw }}"}'
+`), "t.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rq := c.Routes[0].Requests[0]; rq.Method != "" || rq.Topic != "out" || rq.Key != nil {
+		t.Fatalf("record request %+v: want no method and the message's key", rq)
+	}
+}

@@ -158,9 +158,9 @@ type Route struct {
 	Line int `toml:"-"`
 }
 
-// Request is one templated HTTP request of a route. It goes to URL, or to
-// the base_url of the [[targets]] named Target followed by Path: exactly
-// one of URL and Target is set.
+// Request is one templated request of a route: an HTTP request to URL, or
+// to the base_url of the [[targets]] named Target followed by Path, or a
+// Kafka record to Topic. Exactly one of URL, Target and Topic is set.
 type Request struct {
 	Method  string            `toml:"method"`
 	URL     string            `toml:"url"`
@@ -170,6 +170,11 @@ type Request struct {
 	// base_url.
 	Target string `toml:"target,omitempty"`
 	Path   string `toml:"path,omitempty"`
+	// Topic makes the request a record produced to that topic; Key and
+	// Value are its key and value templates (nil: the message's own).
+	Topic string  `toml:"topic,omitempty"`
+	Key   *string `toml:"key,omitempty"`
+	Value *string `toml:"value,omitempty"`
 }
 
 // Duration is a time.Duration written in TOML as a Go duration string ("1s", "250ms").

@@ -109,7 +109,7 @@ func (v *validator) kafka() {
 	seen := map[string]int{}
 	for i, t := range k.Topics {
 		p := key("kafka", "topics").at(i)
-		if err := topicName(t); err != nil {
+		if err := TopicName(t); err != nil {
 			v.fail(p, "%v", err)
 		} else if j, dup := seen[t]; dup {
 			v.fail(p, "%q is listed twice (also kafka.topics[%d])", t, j)
@@ -292,7 +292,7 @@ func (v *validator) http() {
 func (v *validator) rest() {
 	c := v.c
 	if t := c.DLQ.Topic; t != "" {
-		if err := topicName(t); err != nil {
+		if err := TopicName(t); err != nil {
 			v.fail(key("dlq", "topic"), "%v", err)
 		} else if i := slices.Index(c.Kafka.Topics, t); i >= 0 {
 			v.failAt(key("dlq", "topic"), key("kafka", "topics").at(i), "%q is also consumed (kafka.topics[%d]): dead letters would be dispatched again, in a loop", t, i)
@@ -367,6 +367,10 @@ func (v *validator) routes() {
 }
 
 func (v *validator) request(p keyPath, rq *Request) {
+	if rq.Topic != "" || rq.Key != nil || rq.Value != nil {
+		v.record(p, rq)
+		return
+	}
 	if m := rq.Method; !strings.Contains(m, "{{") && !httpguts.ValidHeaderFieldName(m) {
 		v.fail(p.key("method"), "%q is not an HTTP method (GET, POST, PUT, PATCH, DELETE, ...)", m)
 	}
@@ -384,6 +388,42 @@ func (v *validator) request(p keyPath, rq *Request) {
 			continue
 		}
 		canon[c] = name
+	}
+}
+
+// record checks a request that produces a Kafka record: a topic, and none
+// of the HTTP request's keys.
+func (v *validator) record(p keyPath, rq *Request) {
+	switch {
+	case rq.Topic == "":
+		v.fail(p.key("topic"), "must be set with key or value: the topic the record is produced to (or remove key and value and set url)")
+		return
+	case strings.Contains(rq.Topic, "{{"):
+		v.fail(p.key("topic"), "cannot be a template: the topics a route writes to come from the configuration only")
+		return
+	}
+	if err := TopicName(rq.Topic); err != nil {
+		v.fail(p.key("topic"), "%v", err)
+	}
+	for _, k := range []struct {
+		name string
+		set  bool
+		use  string
+	}{
+		{"url", rq.URL != "", "set either url (an HTTP request) or topic (a Kafka record)"},
+		{"target", rq.Target != "", "set either target (an HTTP request) or topic (a Kafka record)"},
+		{"path", rq.Path != "", "a Kafka record has no path"},
+		{"method", rq.Method != "", "a Kafka record has no method"},
+		{"body", rq.Body != nil, "a Kafka record's value is set with value"},
+	} {
+		if k.set {
+			v.fail(p.key(k.name), "is set with topic: %s", k.use)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(rq.Headers)) {
+		if name == "" {
+			v.fail(p.key("headers", name), "a record header needs a name")
+		}
 	}
 }
 
@@ -423,9 +463,9 @@ func Loopback(addr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// topicName checks a Kafka topic name: 1 to 249 of [a-zA-Z0-9._-], not "."
+// TopicName checks a Kafka topic name: 1 to 249 of [a-zA-Z0-9._-], not "."
 // or "..".
-func topicName(t string) error {
+func TopicName(t string) error {
 	switch {
 	case t == "":
 		return errors.New("a topic name must not be empty")

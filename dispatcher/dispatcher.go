@@ -38,6 +38,7 @@ import (
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/kafkalog"
+	"github.com/orderly-dispatch/orderly/internal/producer"
 	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
@@ -88,8 +89,11 @@ type Dispatcher struct {
 	lastCommit time.Time
 	anyPaused  bool // some partition is paused
 
-	dlq    *dlq.Writer                // nil when dlq.topic is ""
-	dlqErr atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
+	dlq *dlq.Writer // nil when dlq.topic is ""
+	// records writes the records of topic requests; nil when no route has
+	// one (records.go).
+	records *producer.Producer
+	dlqErr  atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
 	// quarantine is the key quarantine, nil unless dlq.quarantine_keys.
 	quarantine   *dlq.Quarantine
 	onQuarantine func(*dlq.Quarantine)
@@ -155,7 +159,7 @@ func (d *Dispatcher) outcome(name string) prometheus.Counter {
 // heldOverhead estimates what a message in flight costs beyond its key,
 // value and headers: the client library's message while it waits for its
 // partition's worker, then the item, its rendered request and its place in
-// a lane (estimated from heap profiles of orderly bench).
+// a lane (estimated from heap profiles of orderly-bench).
 const heldOverhead = 512
 
 // heldSize is the memory a message in flight holds, estimated.
@@ -198,6 +202,15 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		}
 		d.dlq = w
 		defer w.Close()
+	}
+
+	records, err := d.newRecords(logs)
+	if err != nil {
+		return fmt.Errorf("dispatcher: unable to create the producer of topic requests: %w", err)
+	}
+	if records != nil {
+		d.records = records
+		defer records.Close()
 	}
 
 	if d.cfg.DLQ.QuarantineKeys {

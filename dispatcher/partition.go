@@ -82,6 +82,7 @@ const (
 	parkNone      parkKind = iota // in a sender pool's queue, or held by a goroutine
 	parkBackoff                   // on its retry timer after an HTTP attempt
 	parkDLQ                       // for the DLQ's acknowledgement of its head message
+	parkRecord                    // for the broker's acknowledgement of its head message's record (records.go)
 	parkDLQRetry                  // on its retry timer after a failed DLQ write: a drain does not wait for it
 	parkReplaying                 // its key is being replayed: until the replay ends (a drain does not wait for it)
 	parkStalled                   // its head message failed and there is no DLQ: until the partition stops
@@ -92,7 +93,9 @@ const (
 // rendered is set), next the index of its request being sent and call that
 // request's attempts (zero when not started); dlqBackoff is the wait before
 // its next DLQ write after a failed one, and dlqKeep, when dlqCut is set, how
-// much of the value the next DLQ write keeps (the DLQ refused it for size).
+// much of the value the next DLQ write keeps (the DLQ refused it for size);
+// recordBackoff and recordTries are the same for the record of a topic
+// request.
 // A lane takes one from deliveries when it starts on its work (advance) and
 // gives it back when it goes idle (reset by popLocked): lanes waiting for a
 // sender hold none. An abandoned lane keeps its own, since a goroutine may
@@ -106,6 +109,9 @@ type delivery struct {
 	dlqBackoff time.Duration
 	dlqCut     bool
 	dlqKeep    int
+
+	recordBackoff time.Duration
+	recordTries   int
 }
 
 var deliveries = sync.Pool{New: func() any { return new(delivery) }}
@@ -556,6 +562,18 @@ func (p *partition) advance(l *lane) *pool {
 			return nil
 		case l.next < len(l.plan.Requests):
 			rq := &l.plan.Requests[l.next]
+			if rq.Topic != "" {
+				// A record: no sender, the lane waits for its acknowledgement.
+				p.parkLocked(l, parkRecord)
+				p.handing++ // as for the DLQ: stop waits while this goroutine produces
+				p.mu.Unlock()
+				p.d.produce(p, l, it, rq)
+				p.mu.Lock()
+				p.handing--
+				p.checkQuietLocked()
+				p.mu.Unlock()
+				return nil
+			}
 			if l.call.Request() != rq {
 				l.call.Reset(rq, it.msg.IdempotencyKey(l.next))
 			}
@@ -603,6 +621,7 @@ func (l *lane) popLocked() {
 		l.p.roomLocked(l)
 	}
 	l.plan, l.rendered, l.next, l.dlqBackoff, l.dlqCut, l.dlqKeep = filters.Plan{}, false, 0, 0, false, 0
+	l.recordBackoff, l.recordTries = 0, 0
 	l.call.Reset(nil, "")
 	clear(l.reqs[:])
 }
@@ -780,7 +799,7 @@ func (p *partition) stop(timeout time.Duration, whole bool) (drained bool) {
 		p.mu.Lock()
 		p.dead = true
 		p.eachLaneLocked(func(l *lane) {
-			if l.busy && !l.running && l.parked != parkDLQ {
+			if l.busy && !l.running && l.parked != parkDLQ && l.parked != parkRecord {
 				p.abandonLocked(l)
 			}
 		})

@@ -22,6 +22,7 @@ import (
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/kafkalog"
+	"github.com/orderly-dispatch/orderly/internal/producer"
 	"github.com/orderly-dispatch/orderly/offsets"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
@@ -332,7 +333,7 @@ func (a *Admin) consumer(group string) (*kafka.Consumer, error) {
 		"enable.auto.offset.store": false, "auto.offset.reset": "earliest", "enable.metrics.push": false,
 		"enable.partition.eof": true, "log_level": 3}
 	for k, v := range a.cfg.Kafka.Properties {
-		if producerProperty(k) {
+		if producer.ClientProperty(k) {
 			cm[k] = v
 		}
 	}
@@ -873,6 +874,7 @@ type run struct {
 	tick       *time.Ticker // commits while the job reads or waits
 
 	w       *Writer
+	records *producer.Producer // writes topic requests' records; nil when no route has one
 	pace    *pacer
 	ready   chan *rlane   // lanes with records to handle; workers take them
 	window  chan struct{} // a slot per record taken on and not finished
@@ -914,6 +916,12 @@ func (r *run) run() (stopped bool, err error) {
 			return false, err
 		}
 		defer r.w.Close()
+		if topics := a.router.RecordTopics(); len(topics) > 0 {
+			if r.records, err = producer.NewRecords(a.brokers, topics, a.cfg.Kafka.Properties, 5*time.Second, a.log, logs); err != nil {
+				return false, err
+			}
+			defer r.records.Close()
+		}
 		r.pace = newPacer(r.req.Rate)
 		n := replayLanes
 		if m := a.cfg.HTTP.MaxConnsPerHost; m > 0 {
@@ -1405,6 +1413,17 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}
 	for i := start; i < len(plan.Requests); i++ {
+		if rq := &plan.Requests[i]; rq.Topic != "" {
+			prev++
+			err := r.writeRecord(rq, orig.IdempotencyKey(i))
+			if err == nil {
+				continue
+			}
+			if !producer.Permanent(err) {
+				return nil, fmt.Errorf("replay stopped: %w", err)
+			}
+			return back(&Failure{Reason: err.Error(), Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
+		}
 		res, err := r.a.sender.Send(r.send, &plan.Requests[i], orig.IdempotencyKey(i))
 		prev += res.Attempts // orderly.attempts adds this run's attempts to the earlier ones
 		if err == nil {
@@ -1416,6 +1435,29 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		return back(&Failure{Reason: err.Error(), Status: res.Status, Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
 	}
 	return nil, nil
+}
+
+// writeRecord writes the record of rq, a topic request, and waits for its
+// acknowledgement, writing it again after a backoff (the HTTP retry's)
+// while it fails in a way that may pass, until the job's sends end.
+func (r *run) writeRecord(rq *filters.Request, idempotencyKey string) error {
+	retry := r.a.cfg.HTTP.Retry
+	wait := max(retry.InitialBackoff.D(), 10*time.Millisecond)
+	for {
+		_, err := r.records.Write(r.send, producer.Record(r.send, nil, rq, idempotencyKey))
+		if err == nil || producer.Permanent(err) || r.send.Err() != nil {
+			return err
+		}
+		r.a.log.Warn("replay: record write failed, retrying", "to", rq.Topic, "error", err, "retry_in", wait.String())
+		t := time.NewTimer(wait)
+		select {
+		case <-r.send.Done():
+			t.Stop()
+			return r.send.Err()
+		case <-t.C:
+		}
+		wait = min(2*wait, retry.MaxBackoff.D())
+	}
 }
 
 func dlqPos(m *kafka.Message) string {
@@ -1449,27 +1491,15 @@ func rewrite(topic string, m *kafka.Message, set map[string]string) *kafka.Messa
 // acknowledgement, remembering where it landed so that the gate's second
 // pass does not take it for a later record of its key.
 func (r *run) writeBack(rec *kafka.Message, m *kafka.Message) error {
-	ch := make(chan kafka.Event, 1)
-	if err := r.w.p.Produce(rec, ch); err != nil {
+	tp, err := r.w.Write(r.send, rec)
+	if err != nil {
 		return err
 	}
-	select {
-	case <-r.send.Done():
-		return r.send.Err()
-	case ev := <-ch:
-		d, ok := ev.(*kafka.Message)
-		if !ok {
-			return fmt.Errorf("unexpected delivery event %v", ev)
-		}
-		if d.TopicPartition.Error != nil {
-			return d.TopicPartition.Error
-		}
-		r.mu.Lock()
-		r.written[pos{d.TopicPartition.Partition, int64(d.TopicPartition.Offset)}] = true
-		r.mu.Unlock()
-		r.a.metrics.DLQProduced.Inc()
-		return nil
-	}
+	r.mu.Lock()
+	r.written[pos{tp.Partition, int64(tp.Offset)}] = true
+	r.mu.Unlock()
+	r.a.metrics.DLQProduced.Inc()
+	return nil
 }
 
 // pacer spaces the records a replay sends to a rate; a nil pacer does not

@@ -12,6 +12,7 @@ import (
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/producer"
 )
 
 // compacted is a compacted topic that an instance reads whole and then
@@ -41,7 +42,7 @@ func openCompacted(ctx context.Context, what, topic, brokers, readerGroup string
 	c := &compacted{topic: topic, what: what, log: log, apply: apply, read: map[int32]int64{}, changed: make(chan struct{})}
 	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
 	for k, v := range cfg.Kafka.Properties {
-		if producerProperty(k) {
+		if producer.ClientProperty(k) {
 			common[k] = v
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/producer"
 )
 
 // Replay and release jobs are shared by every instance of a consumer group
@@ -346,7 +347,7 @@ func (r *runner) loop(ctx context.Context) error {
 		"auto.offset.reset": "latest", "enable.metrics.push": false, "log_level": 3, "client.id": "orderly-dlq-runner",
 		"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 	for k, v := range a.cfg.Kafka.Properties {
-		if producerProperty(k) {
+		if producer.ClientProperty(k) {
 			cc[k] = v
 		}
 	}

@@ -273,6 +273,10 @@ type request struct {
 	// targetName is the [[targets]] the request names ("": a full url);
 	// url is then its base_url followed by the path (see compileTarget).
 	targetName string
+	// topic, when set, makes the request a Kafka record (records.go): key
+	// is its key template (nil: the message's key), body its value.
+	topic string
+	key   *text
 }
 
 type header struct {
@@ -370,6 +374,11 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		if tx.needs()&needValue != 0 && rt.valueReq < 0 {
 			rt.valueReq, rt.valueUser = j, at(field)
 		}
+	}
+
+	if cr.Topic != "" || cr.Key != nil || cr.Value != nil {
+		rt.compileRecord(rq, j, cr, fail, use) // records.go
+		return
 	}
 
 	switch m := cr.Method; {
@@ -582,6 +591,12 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 	for i := range rt.reqs {
 		rq, out := &rt.reqs[i], &reqs[i]
 		at := func(field string) string { return "requests[" + strconv.Itoa(i) + "]." + field }
+		if rq.topic != "" {
+			if field, err := st.renderRecord(rq, out); err != nil {
+				return bad(i, at(field), err)
+			}
+			continue
+		}
 
 		out.Method = rq.methodStr
 		if rq.method != nil {

@@ -39,9 +39,10 @@ func (m *Message) IdempotencyKey(index int) string {
 	return string(b)
 }
 
-// Request is one rendered HTTP request, ready to be sent. Header and Body
-// may be shared with other Requests and with the Message (see the package
-// doc): treat them as read-only.
+// Request is one rendered request, ready to be sent: an HTTP request, or a
+// Kafka record when Topic is set. Header and Body may be shared with other
+// Requests and with the Message (see the package doc): treat them as
+// read-only.
 type Request struct {
 	Method string
 	URL    string
@@ -55,6 +56,11 @@ type Request struct {
 	// goes to, whose TLS, authentication, headers and signing apply; ""
 	// for a request with a full url.
 	TargetName string
+	// Topic, when set, makes the request a record produced to that topic:
+	// Key is its key (nil: none), Body its value and Header its headers
+	// (names as configured); Method, URL and Target are empty.
+	Topic string
+	Key   []byte
 }
 
 // Plan is what a route makes of a message: its name and the requests to send

@@ -34,6 +34,14 @@ stats | jq .
 [ "$(stats | jq '.missing + .violations + .concurrent')" = 0 ] || { echo "e2e-kcat: loss, order violation or concurrent requests for a key" >&2; exit 1; }
 
 curl -sf "127.0.0.1:$aport/metrics" | grep -E '^orderly_messages_total' || true
+# The example announces each event on orders_announced after its POST: all of them, each key's in order.
+wait_for 60 "all $N announced" sh -c "[ \"\$(kcat -C -b 127.0.0.1:$kport -t orders_announced -e -q -f '%k\n' | wc -l)\" -ge $N ]"
+kcat -C -b "127.0.0.1:$kport" -t orders_announced -e -q -f '%k %s\n' | awk -v n=$N '
+  { id = $0; sub(/.*"id": */, "", id); sub(/[,}].*/, "", id); id += 0
+    if (($1 in last) && id <= last[$1]) { print "e2e-kcat: " $1 " announced " id " after " last[$1] > "/dev/stderr"; bad = 1 }
+    last[$1] = id; count++ }
+  END { if (count != n) { print "e2e-kcat: " count " announcements, want " n > "/dev/stderr"; bad = 1 }; exit bad }'
+echo "e2e-kcat: $N announcements on orders_announced, each key in order"
 wait_for 30 "offsets committed" sh -c "[ \"\$(curl -sf 127.0.0.1:$aport/metrics | awk '/^orderly_committed_offset/ {s+=\$2} END {print s}')\" = $N ]"
 kill -TERM $run
 status=0; wait $run || status=$?

@@ -57,6 +57,7 @@ type Metrics struct {
 	CommitErrors     prometheus.Counter
 	DLQProduced      prometheus.Counter
 	DLQErrors        prometheus.Counter
+	Records          *prometheus.CounterVec // topic, result: the records of topic requests
 	ReplayMessages   *prometheus.CounterVec // outcome
 	ReplayJobsActive prometheus.Gauge
 
@@ -130,6 +131,9 @@ func NewMetrics() *Metrics {
 			Help: "Records acknowledged by the dead-letter topic."}),
 		DLQErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_errors_total",
 			Help: "Dead-letter writes that failed and will be retried."}),
+		Records: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_records_total",
+			Help: "Records of topic requests by topic and result: produced (acknowledged), retried (a failed write, written again after a backoff) or failed (refused for good: dead-lettered)."},
+			[]string{"topic", "result"}),
 		ReplayMessages: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_replay_messages_total",
 			Help: "DLQ records handled by replay jobs, by outcome."}, []string{"outcome"}),
 		ReplayJobsActive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_replay_jobs_active",
@@ -158,7 +162,7 @@ func NewMetrics() *Metrics {
 	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.HTTPPauses, m.BreakerState, m.BreakerChanges,
 		m.TargetConcurrencyLimit, m.TargetRateLimited,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
-		m.DLQProduced, m.DLQErrors, m.ReplayMessages, m.ReplayJobsActive,
+		m.DLQProduced, m.DLQErrors, m.Records, m.ReplayMessages, m.ReplayJobsActive,
 		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,
 		m.QuarantinedKeys, m.QuarantinedMessages, m.Deferred, m.Rereads)
 	return m

@@ -444,6 +444,12 @@ func errorType(err error) string {
 // into h. It fits httpclient.Options.Propagate. It writes nothing when ctx
 // holds no valid span context (and then allocates nothing).
 func (t *Tracing) Inject(ctx context.Context, h http.Header) {
+	t.InjectInto(ctx, propagation.HeaderCarrier(h))
+}
+
+// InjectInto writes the trace context of ctx into c (HTTP or Kafka record
+// headers); nothing when ctx holds no valid span context.
+func (t *Tracing) InjectInto(ctx context.Context, c propagation.TextMapCarrier) {
 	if !trace.SpanContextFromContext(ctx).IsValid() {
 		return
 	}
@@ -451,5 +457,26 @@ func (t *Tracing) Inject(ctx context.Context, h http.Header) {
 	if t != nil && t.Propagator != nil {
 		p = t.Propagator
 	}
-	p.Inject(ctx, propagation.HeaderCarrier(h))
+	p.Inject(ctx, c)
+}
+
+// StartPublish starts the PRODUCER span "<topic> publish" of a record a
+// topic request writes, as a child of the span in ctx. Inject the returned
+// context into the record's headers and end the span with EndPublish.
+// Disabled, it returns ctx and a no-op span.
+func (t *Tracing) StartPublish(ctx context.Context, topic string) (context.Context, trace.Span) {
+	if t == nil || !t.enabled {
+		return ctx, noop.Span{}
+	}
+	return t.Tracer.Start(ctx, topic+" publish", trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(semconv.MessagingSystemKafka, semconv.MessagingOperationTypeSend,
+			semconv.MessagingDestinationName(topic)))
+}
+
+// EndPublish ends a span of StartPublish with the write's outcome.
+func EndPublish(span trace.Span, err error) {
+	if err != nil && span.IsRecording() {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
 }

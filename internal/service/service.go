@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -68,9 +69,16 @@ func NewContext(ctx context.Context, cfg *config.Config, log *slog.Logger, versi
 	}
 	s := &Service{cfg: cfg, log: log, metrics: telemetry.NewMetrics(), brokers: cfg.Kafka.Brokers}
 	if cfg.Kafka.Embedded() {
+		// The embedded broker holds everything a run needs: the consumed
+		// topics, the DLQ and the topics the routes write to.
 		topics := append([]string(nil), cfg.Kafka.Topics...)
 		if cfg.DLQ.Topic != "" {
 			topics = append(topics, cfg.DLQ.Topic)
+		}
+		for _, t := range router.RecordTopics() {
+			if !slices.Contains(topics, t) {
+				topics = append(topics, t)
+			}
 		}
 		var b *embedded.Broker
 		err := retryInUse(ctx, log, "embedded broker", cfg.Kafka.EmbeddedListen, func() (err error) {

@@ -1,0 +1,63 @@
+package dlq
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
+	"github.com/orderly-dispatch/orderly/internal/producer"
+)
+
+// TestReplayWritesRecords: dead letters whose failed request is a topic
+// request (the HTTP request before it succeeded) are replayed from that
+// request: their records land in the topic, in each key's order, with the
+// message's idempotency key, and the HTTP request is not sent again.
+func TestReplayWritesRecords(t *testing.T) {
+	h := &harness{kafkatest.New(t, 1, func(o *embedded.Options) { o.Topics = append(o.Topics, "hashed") })}
+	ds := seqs([]string{"K", "G"}, 3)
+	recs := h.deadLetters(ds...)
+	for i := range recs {
+		for j := range recs[i].Headers {
+			if recs[i].Headers[j].Key == HeaderRequestIndex {
+				recs[i].Headers[j].Value = []byte("1")
+			}
+		}
+	}
+	if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", 0, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.Config("records", "", "")
+	v := `{"key":"{{ .Value.key }}","seq":{{ .Value.seq }}}`
+	cfg.Routes[0].Requests = append(cfg.Routes[0].Requests, config.Request{Topic: "hashed", Value: &v})
+	a := h.dlqAdmin(cfg)
+	if j := runJob(t, a, JobReplay, ReplayRequest{}); j.State != JobDone || j.Replayed != len(ds) {
+		t.Fatalf("replay: %s; want %d replayed", counts(j), len(ds))
+	}
+	if n := h.Sink.Requests(); n != 0 {
+		t.Fatalf("the sink got %d requests: the replay resent the request that had succeeded", n)
+	}
+	got := map[string][]int64{}
+	for _, m := range h.ReadAll("hashed", len(ds), time.Minute) {
+		var ev struct {
+			Key string `json:"key"`
+			Seq int64  `json:"seq"`
+		}
+		if err := json.Unmarshal(m.Value, &ev); err != nil || ev.Key != string(m.Key) {
+			t.Fatalf("record %q under key %q: %v", m.Value, m.Key, err)
+		}
+		if idem, _ := kafkatest.Header(m, producer.HeaderIdempotencyKey); len(idem) < 3 || idem[len(idem)-2:] != "-1" {
+			t.Fatalf("record %s: idempotency key %q, want the message's for request 1", m.Value, idem)
+		}
+		got[ev.Key] = append(got[ev.Key], ev.Seq)
+	}
+	for k, want := range expected(ds...) {
+		if !slices.Equal(got[k], want) {
+			t.Fatalf("key %s: records %v, want %v", k, got[k], want)
+		}
+	}
+}

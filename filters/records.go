@@ -1,0 +1,135 @@
+package filters
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net/http"
+	"slices"
+	"strconv"
+
+	"github.com/orderly-dispatch/orderly/config"
+)
+
+// compileRecord compiles a request that produces a Kafka record: its topic
+// (literal), and its key, value and header templates. Header names are kept
+// as written: Kafka header keys are case-sensitive.
+func (rt *Route) compileRecord(rq *request, j int, cr *config.Request, fail func(string, error), use func(string, *text)) {
+	at := func(field string) string { return "requests[" + strconv.Itoa(j) + "]." + field }
+	switch {
+	case cr.Topic == "":
+		fail(at("topic"), errors.New("a request with a key or value produces a record and needs a topic"))
+		return
+	case cr.URL != "" || cr.Target != "" || cr.Path != "" || cr.Body != nil:
+		fail(at("topic"), errors.New("set either topic (with key, value and headers) or url/target (with method, body and headers)"))
+		return
+	}
+	if err := config.TopicName(cr.Topic); err != nil {
+		fail(at("topic"), err)
+		return
+	}
+	rq.topic = cr.Topic
+	for _, t := range []struct {
+		field string
+		src   *string
+		dst   **text
+	}{{"key", cr.Key, &rq.key}, {"value", cr.Value, &rq.body}} {
+		if t.src == nil {
+			continue
+		}
+		tx, err := compileText(t.field, *t.src)
+		if err != nil {
+			fail(at(t.field), err)
+			continue
+		}
+		*t.dst = tx
+		use(t.field, tx)
+	}
+	for _, name := range slices.Sorted(maps.Keys(cr.Headers)) {
+		field := fmt.Sprintf("headers[%q]", name)
+		if name == "" {
+			fail(at(field), errors.New("a record header needs a name"))
+			continue
+		}
+		tx, err := compileText(field, cr.Headers[name])
+		if err != nil {
+			fail(at(field), err)
+			continue
+		}
+		use(field, tx)
+		rq.headers = append(rq.headers, header{name: name, val: tx})
+	}
+	if len(rq.headers) > 0 && !slices.ContainsFunc(rq.headers, func(h header) bool { return !h.val.static }) {
+		rq.staticHeader = make(http.Header, len(rq.headers))
+		for _, h := range rq.headers {
+			rq.staticHeader[h.name] = []string{h.val.str}
+		}
+	}
+}
+
+// renderRecord renders the record request rq into out; on error it returns
+// the field that failed.
+func (st *state) renderRecord(rq *request, out *Request) (string, error) {
+	m := st.m
+	out.Topic = rq.topic
+	switch k := rq.key; {
+	case k == nil:
+		out.Key = m.Key
+	case k.static:
+		out.Key = []byte(k.str)
+	default:
+		if err := st.render(k); err != nil {
+			return "key", err
+		}
+		out.Key = slices.Clone(st.buf.Bytes())
+	}
+	if rq.key != nil && len(out.Key) == 0 {
+		out.Key = nil // a key that renders empty: a record without key
+	}
+	switch {
+	case rq.staticHeader != nil:
+		out.Header = rq.staticHeader
+	case len(rq.headers) > 0:
+		h := make(http.Header, len(rq.headers))
+		vals := make([]string, len(rq.headers))
+		for j := range rq.headers {
+			hd := &rq.headers[j]
+			v, err := st.renderString(hd.val)
+			if err != nil {
+				return fmt.Sprintf("headers[%q]", hd.name), err
+			}
+			vals[j] = v
+			h[hd.name] = vals[j : j+1 : j+1]
+		}
+		out.Header = h
+	}
+	switch b := rq.body; {
+	case b == nil || b.raw:
+		out.Body = m.Value
+	case b.static:
+		out.Body = []byte(b.str)
+	default:
+		if err := st.render(b); err != nil {
+			return "value", err
+		}
+		if st.buf.Len() > 0 {
+			out.Body = slices.Clone(st.buf.Bytes())
+		}
+	}
+	return "", nil
+}
+
+// RecordTopics returns the topics the routes' topic requests write to,
+// sorted.
+func (r *Router) RecordTopics() []string {
+	var topics []string
+	for i := range r.routes {
+		for j := range r.routes[i].reqs {
+			if t := r.routes[i].reqs[j].topic; t != "" && !slices.Contains(topics, t) {
+				topics = append(topics, t)
+			}
+		}
+	}
+	slices.Sort(topics)
+	return topics
+}

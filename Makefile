@@ -4,7 +4,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X main.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build build-bench test test-short demo lint fuzz bench bench-go clean
+.PHONY: all build build-bench test test-short demo demo-transform lint fuzz bench bench-go clean
 
 all: build
 
@@ -34,6 +34,10 @@ test-short:
 
 demo: build
 	./bin/orderly demo
+
+# The same with a route that produces to Kafka: name events hashed to names_hashed.
+demo-transform: build
+	./bin/orderly demo -transform
 
 lint:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

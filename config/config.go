@@ -110,6 +110,8 @@ func Defaults() Config {
 		Admin:   Admin{Listen: "127.0.0.1:9464"},
 		Tracing: Tracing{Endpoint: "http://127.0.0.1:4318", SampleRatio: 1},
 		Log:     Log{Level: "info", Format: "json"},
+		// No registry; a request to one, once configured, takes at most 5 s.
+		SchemaRegistry: SchemaRegistry{Timeout: dur(5 * time.Second)},
 	}
 }
 

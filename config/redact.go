@@ -13,9 +13,10 @@ const redactedValue = "REDACTED"
 // secrets replaced by "REDACTED": admin.token, kafka.properties whose names
 // suggest a secret (password, secret, token, jaas, key.pem, ...), header
 // values whose names suggest credentials (Authorization, Cookie, X-Api-Key,
-// ...), passwords in URLs, and the passwords, client secrets and signing
-// secrets of [[targets]]. It is meant for logs and for showing the
-// effective configuration; c is not modified.
+// ...), passwords in URLs, the passwords, client secrets and signing
+// secrets of [[targets]], and schema_registry.password and bearer_token.
+// It is meant for logs and for showing the effective configuration; c is
+// not modified.
 func (c *Config) Redacted() string {
 	cp := *c
 	if cp.Admin.Token != "" {
@@ -38,6 +39,7 @@ func (c *Config) Redacted() string {
 	}
 	cp.Kafka.RawProperties = props
 	cp.Targets = redactTargets(c.Targets)
+	cp.SchemaRegistry = redactSchemaRegistry(c.SchemaRegistry)
 	cp.Routes = make([]Route, len(c.Routes))
 	for i, r := range c.Routes {
 		r.Requests = make([]Request, len(c.Routes[i].Requests))

@@ -17,6 +17,9 @@ type Config struct {
 	Log      Log      `toml:"log"`
 	Targets  []Target `toml:"targets,omitempty"` // see targets.go
 	Routes   []Route  `toml:"routes"`
+	// SchemaRegistry is where schema-framed values and keys find their
+	// schemas (see schemaregistry.go).
+	SchemaRegistry SchemaRegistry `toml:"schema_registry"`
 
 	// UnsetEnv lists, sorted, the environment variables the file refers to
 	// with ${NAME} (without a :-default) that were not set: each expanded
@@ -153,6 +156,11 @@ type Route struct {
 	Topics   []string  `toml:"topics"` // empty: every consumed topic
 	When     string    `toml:"when"`   // expr-lang expression; empty: true
 	Requests []Request `toml:"requests"`
+	// ValueFormat and KeyFormat say how `when` and the templates read the
+	// value and the key (Format* in schemaregistry.go); "" is FormatJSON
+	// for the value, FormatString for the key.
+	ValueFormat string `toml:"value_format,omitempty"`
+	KeyFormat   string `toml:"key_format,omitempty"`
 	// Line is the line of the route's [[routes]] header (or inline table)
 	// in the file, 0 if unknown. Parse sets it.
 	Line int `toml:"-"`

@@ -49,6 +49,7 @@ func (v *validator) all() {
 	v.rest()
 	v.targets()
 	v.routes()
+	v.schemaRegistry() // schemaregistry.go
 }
 
 // fail reports a problem with the key at p.

@@ -537,7 +537,9 @@ func (p *partition) advance(l *lane) *pool {
 		}
 		if it.fail == nil && !l.rendered {
 			p.mu.Unlock()
-			p.render(l, it)
+			if !p.render(l, it) {
+				return nil // parked until the schema registry answers
+			}
 			p.mu.Lock()
 			continue
 		}
@@ -598,18 +600,52 @@ func (p *partition) delivered(it *item) {
 
 // render renders the requests of l's head message it (the caller holds l)
 // into l; a message that cannot be rendered is a bad message (DLQ).
-func (p *partition) render(l *lane, it *item) {
+//
+// A key or value the schema registry could not decode because it did not
+// answer is no bad message: render parks l on its retry timer for the
+// error's RetryAfter, to render it again then, and returns false (l is the
+// timer's now). A route Match could not choose for that reason (Pending)
+// is chosen here: a message that no route takes then is skipped or
+// dead-lettered as dispatch.unmatched says (a skip sends nothing and counts
+// as delivered).
+func (p *partition) render(l *lane, it *item) bool {
 	plan, err := it.route.Render(&it.msg, l.reqs[:0])
 	if err != nil {
+		if ue := registryDown(err); ue != nil {
+			p.d.log.Debug("schema registry unavailable: the key waits", "topic", p.topic, "partition", p.id,
+				"offset", it.msg.Offset, "retry_in", ue.RetryAfter, "error", err)
+			p.park(l, ue.RetryAfter)
+			return false
+		}
+		if err == filters.ErrNoRoute && p.d.cfg.Dispatch.Unmatched == config.UnmatchedSkip {
+			l.plan, l.rendered = filters.Plan{}, true
+			return true
+		}
 		it.fail = &dlq.Failure{Reason: err.Error(), Route: it.route.Name(), RequestIndex: -1}
 		if bad := badMessage(err); bad != nil {
 			it.fail.RequestIndex = bad.Index
 		}
 		p.d.log.Warn("bad message", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", it.fail.Route, "error", err)
-		return
+		return true
+	}
+	if it.route.Pending() {
+		if rt := p.d.router.Route(plan.Route); rt != nil {
+			it.route = rt
+		}
 	}
 	l.plan, l.rendered = plan, true
+	return true
+}
+
+// registryDown returns the *filters.UnavailableError of err, nil if it has
+// none (off the hot path, as badMessage).
+func registryDown(err error) *filters.UnavailableError {
+	var ue *filters.UnavailableError
+	if errors.As(err, &ue) {
+		return ue
+	}
+	return nil
 }
 
 // popLocked removes the finished head message and forgets its delivery

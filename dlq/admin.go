@@ -1409,6 +1409,9 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 	} else {
 		plan, err = r.a.router.PlanRoute(route, &orig)
 	}
+	if errors.Is(err, filters.ErrUnavailable) {
+		return nil, fmt.Errorf("replay stopped: %w", err) // the schema registry did not answer: not the record's fault
+	}
 	if err != nil {
 		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}

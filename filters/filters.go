@@ -131,6 +131,20 @@
 // raw string and the headers map are only built for the routes that use
 // them. See json.go for the decoder and why it is not encoding/json.
 //
+// # Value and key formats
+//
+// A route's value_format says what `value` and .Value are: "json" (the
+// default, above), "string" (the value as a string), "bytes" (as []byte),
+// or a Schema Registry framing, "avro", "protobuf" or "json_schema": the
+// value decoded by the SchemaDecoder given WithSchemaRegistry, as JSON,
+// then read as a JSON value is. `raw`, .Raw and a request without body keep
+// the original bytes. key_format "avro", "protobuf" or "json_schema" makes
+// `key` and .Key the decoded key (a string as it is, anything else as
+// JSON); the other formats leave the key as it is. A value or key that its
+// format cannot decode is a bad message (ErrUndecodable); a registry that
+// does not answer is an *UnavailableError, never a bad message. See
+// schemaregistry.go.
+//
 // # Concurrency and memory
 //
 // A Router is immutable and safe for concurrent use. Plan never modifies the
@@ -252,12 +266,19 @@ type Route struct {
 	// later one read, for expressions only; renderSpec what this route's
 	// templates read, for Render. Together they decode what one Plan does.
 	matchSpec, renderSpec valueSpec
+	// codec is how the route reads the value and key (value_format,
+	// key_format; nil: JSON and as it is); rematch is set on the pending
+	// route Match returns while the schema registry is unavailable
+	// (schemaregistry.go).
+	codec   *codec
+	rematch *Router
 }
 
-// valueSpec says what to decode of a value.
+// valueSpec says what to decode of a value, and how (codec).
 type valueSpec struct {
 	paths *pathTrie
 	mode  decodeMode
+	codec *codec
 }
 
 type request struct {
@@ -326,9 +347,13 @@ func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOpti
 			}
 			rt.when = w
 		}
+		rt.codec = compileCodec(cr, o, fail) // schemaregistry.go
 		rt.reqs = make([]request, len(cr.Requests))
 		for j := range cr.Requests {
 			rt.compileRequest(j, &cr.Requests[j], o, fail)
+		}
+		if rt.codec.keyFormat().framed() && rt.readsKey() {
+			rt.needs |= needKey // decoded up front, not by the fast path
 		}
 	}
 	if len(errs) > 0 {
@@ -358,6 +383,7 @@ func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOpti
 		if rt.needs&needValueTpl != 0 {
 			rt.renderSpec.mode = modeTemplate
 		}
+		rt.spec.codec, rt.matchSpec.codec, rt.renderSpec.codec = rt.codec, rt.codec, rt.codec
 	}
 	return r, nil
 }
@@ -473,9 +499,11 @@ func (r *Router) NeedsJSON() bool {
 }
 
 // Plan returns the requests of the first route that takes m. It returns
-// ErrNoRoute (possibly wrapped, see the package doc) when no route does, and
-// a *BadMessageError when the route that takes m cannot render it. Plan does not modify m; the
-// returned Plan may alias m.Value in Request.Body.
+// ErrNoRoute (possibly wrapped, see the package doc) when no route does,
+// a *BadMessageError when the route that takes m cannot render it, and an
+// *UnavailableError when the schema registry that a key or value format
+// needs could not be asked (an outage: try again later). Plan does not
+// modify m; the returned Plan may alias m.Value in Request.Body.
 func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
 
 // PlanInto is Plan rendering the requests into buf when it has room for them
@@ -489,7 +517,11 @@ func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
 	if err != nil {
 		return Plan{}, err
 	}
-	return rt.render(st, buf, &rt.spec)
+	if err := rt.prepare(st, &rt.spec); err != nil {
+		return Plan{}, err
+	}
+	plan, err := rt.render(st, buf, &rt.spec)
+	return plan, unavailable(err)
 }
 
 // Match returns the route Plan would render m with, without rendering: the
@@ -523,6 +555,12 @@ func (r *Router) match(st *state, alone bool) (*Route, error) {
 				spec = &rt.matchSpec
 			}
 			ok, err := rt.when.eval(st, spec)
+			if err != nil && errors.Is(err, ErrUnavailable) {
+				if alone {
+					return &Route{rematch: r}, nil // Pending: matched again when rendered
+				}
+				return nil, err
+			}
 			if err != nil && failed == nil {
 				where := "when"
 				if errors.Is(err, ErrNotJSON) {
@@ -547,11 +585,19 @@ func (rt *Route) Name() string { return rt.name }
 
 // Render renders the requests of rt for m, whatever its topics and `when`
 // say, into buf when it has room (see PlanInto). It fails with a
-// *BadMessageError as Plan does.
+// *BadMessageError or an *UnavailableError as Plan does; a Pending route
+// is matched again (see Pending).
 func (rt *Route) Render(m *Message, buf []Request) (Plan, error) {
+	if rt.rematch != nil {
+		return rt.rematch.PlanInto(m, buf) // Pending
+	}
 	st := getState(m)
 	defer putState(st)
-	return rt.render(st, buf, &rt.renderSpec)
+	if err := rt.prepare(st, &rt.renderSpec); err != nil {
+		return Plan{}, err
+	}
+	plan, err := rt.render(st, buf, &rt.renderSpec)
+	return plan, unavailable(err)
 }
 
 // PlanRoute renders the requests of the route called name for m, whatever

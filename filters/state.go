@@ -23,11 +23,18 @@ type state struct {
 	tval    any               // value decoded for templates
 	eval    any               // value decoded for expressions
 	decErr  error             // why the value does not decode, once known
+	keyErr  error             // why the key does not decode (a framed key_format), once known
 	env     exprEnv
 	data    tplData
 	vm      vm.VM
 	buf     bytes.Buffer
 	dec     decoder
+
+	// codec is the value and key formats the above were built with (the
+	// last spec's): a route with other formats builds them again. framed
+	// is the JSON of a framed value, once decoded.
+	codec  *codec
+	framed []byte
 }
 
 var statePool = sync.Pool{New: func() any { return new(state) }}
@@ -51,7 +58,7 @@ func putState(st *state) {
 	} else {
 		clear(st.headers)
 	}
-	st.tval, st.eval, st.decErr = nil, nil, nil
+	st.tval, st.eval, st.decErr, st.keyErr, st.codec, st.framed = nil, nil, nil, nil, nil, nil
 	st.env = exprEnv{}
 	st.data = tplData{}
 	clear(st.vm.Stack[:cap(st.vm.Stack)])
@@ -66,16 +73,23 @@ func putState(st *state) {
 }
 
 // need builds what n asks for and is not built yet, decoding the value as
-// spec says. It fails only when the value is needed as JSON and does not
-// decode; the error matches ErrNotJSON.
+// spec says (nil: as the last spec said). It fails only when the value is
+// needed as JSON and does not decode (the error matches ErrNotJSON), or
+// when a value or key in a schema-registry format cannot be decoded
+// (ErrUndecodable) or the registry is unavailable (ErrUnavailable).
 func (st *state) need(n needs, spec *valueSpec) error {
+	if spec != nil && spec.codec != st.codec {
+		st.setCodec(spec.codec)
+	}
 	miss := n &^ st.have
 	if miss == 0 {
 		return nil
 	}
 	m := st.m
 	if miss&needKey != 0 {
-		st.key = string(m.Key)
+		if err := st.buildKey(); err != nil {
+			return err
+		}
 	}
 	if miss&needHeaders != 0 && len(m.Headers) > 0 {
 		if st.headers == nil {
@@ -97,7 +111,26 @@ func (st *state) need(n needs, spec *valueSpec) error {
 	if st.decErr != nil {
 		return st.decErr
 	}
-	if len(m.Value) == 0 {
+	src := st.raw
+	switch f := st.codec.valueFormat(); {
+	case f == formatString || f == formatBytes:
+		st.tval, st.eval = st.raw, st.raw
+		if f == formatBytes {
+			st.tval, st.eval = m.Value, m.Value
+		}
+		st.have |= needValue
+		return nil
+	case f.framed():
+		if st.framed == nil {
+			js, err := st.decodeFramed(st.codec, false, m.Value)
+			if err != nil {
+				st.decErr = err
+				return err
+			}
+			st.framed = js
+		}
+		src = string(st.framed)
+	case len(m.Value) == 0:
 		st.decErr = errEmptyValue
 		return st.decErr
 	}
@@ -111,7 +144,7 @@ func (st *state) need(n needs, spec *valueSpec) error {
 	if miss&needValueExpr != 0 {
 		mode |= modeExpr
 	}
-	t, e, err := st.dec.decode(st.raw, mode, paths)
+	t, e, err := st.dec.decode(src, mode, paths)
 	if err != nil {
 		st.decErr = err
 		return err
@@ -124,6 +157,40 @@ func (st *state) need(n needs, spec *valueSpec) error {
 		st.eval = e
 		st.have |= needValueExpr
 	}
+	return nil
+}
+
+// setCodec makes c the formats st builds with, forgetting what it built
+// of the value or key with other formats.
+func (st *state) setCodec(c *codec) {
+	if c.valueFormat() != st.codec.valueFormat() {
+		st.have &^= needValue
+		st.tval, st.eval, st.decErr, st.framed = nil, nil, nil, nil
+	}
+	if c.keyFormat() != st.codec.keyFormat() {
+		st.have &^= needKey
+		st.key, st.keyErr = "", nil
+	}
+	st.codec = c
+}
+
+// buildKey builds st.key: the key as a string, or the decoded key for a
+// framed key_format (an absent or empty key stays "").
+func (st *state) buildKey() error {
+	m := st.m
+	if !st.codec.keyFormat().framed() || len(m.Key) == 0 {
+		st.key = string(m.Key)
+		return nil
+	}
+	if st.keyErr != nil {
+		return st.keyErr
+	}
+	js, err := st.decodeFramed(st.codec, true, m.Key)
+	if err != nil {
+		st.keyErr = err
+		return err
+	}
+	st.key = keyText(js)
 	return nil
 }
 
@@ -174,6 +241,9 @@ func (st *state) renderFast(segs []segment) bool {
 		case fieldText:
 			b.WriteString(sg.text)
 		case fieldKey:
+			if st.codec.keyFormat().framed() {
+				return false // .Key is the decoded key, not the bytes
+			}
 			if sg.esc == urlOrigin || plainInURL(m.Key) {
 				b.Write(m.Key)
 			} else {

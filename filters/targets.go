@@ -14,6 +14,7 @@ type CompileOption func(*compileOptions)
 
 type compileOptions struct {
 	targets map[string]*config.Target // by name
+	schemas SchemaDecoder             // nil: no schema registry (schemaregistry.go)
 }
 
 // WithTargets gives Compile the [[targets]] that requests may name. Without

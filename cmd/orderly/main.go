@@ -25,6 +25,7 @@ import (
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/internal/schemareg"
 	"github.com/orderly-dispatch/orderly/internal/service"
 )
 
@@ -168,11 +169,25 @@ func loadConfig(path string) (*config.Config, error) {
 // compileRoutes is the config.Check that compiles the routes' `when`
 // expressions and templates, placing each problem at its key in the file.
 func compileRoutes(cfg *config.Config) error {
-	_, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
+	var errs config.Errors
+	opts := []filters.CompileOption{filters.WithTargets(cfg.Targets)}
+	switch reg, err := schemareg.FromConfig(cfg, nil); {
+	case err != nil:
+		// Validation names the key at fault; the routes compile as if the
+		// registry were there.
+		errs = append(errs, cfg.ErrorAt("schema_registry", err))
+		opts = append(opts, filters.WithSchemaRegistry(noRegistry{err}))
+	case reg != nil:
+		defer reg.Close()
+		opts = append(opts, filters.WithSchemaRegistry(reg))
+	}
+	_, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, opts...)
 	if err == nil {
+		if len(errs) > 0 {
+			return errs
+		}
 		return nil
 	}
-	var errs config.Errors
 	all := []error{err}
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		all = j.Unwrap()
@@ -187,6 +202,11 @@ func compileRoutes(cfg *config.Config) error {
 	}
 	return errs
 }
+
+// noRegistry stands for a [schema_registry] that cannot be built.
+type noRegistry struct{ err error }
+
+func (n noRegistry) Decode(string, string, bool, []byte) ([]byte, error) { return nil, n.err }
 
 func configFlag(fs *flag.FlagSet) *string {
 	p := fs.String("config", "", "configuration file (TOML)")

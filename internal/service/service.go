@@ -23,6 +23,7 @@ import (
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/embedded"
 	"github.com/orderly-dispatch/orderly/internal/gcpolicy"
+	"github.com/orderly-dispatch/orderly/internal/schemareg"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -39,6 +40,7 @@ type Service struct {
 	dlq     *dlq.Admin    // nil when dlq.topic is ""
 	brokers string
 	tracing *telemetry.Tracing
+	schemas *schemareg.Registry // nil without [schema_registry]
 
 	draining atomic.Bool // set when shutdown begins, before the drain grace
 }
@@ -63,11 +65,19 @@ func NewContext(ctx context.Context, cfg *config.Config, log *slog.Logger, versi
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
+	copts := []filters.CompileOption{filters.WithTargets(cfg.Targets)}
+	schemas, err := schemareg.FromConfig(cfg, log) // nil without [schema_registry]
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, log: log, metrics: telemetry.NewMetrics(), brokers: cfg.Kafka.Brokers}
+	if schemas != nil {
+		copts = append(copts, filters.WithSchemaRegistry(schemas))
+	}
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, copts...)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, log: log, metrics: telemetry.NewMetrics(), brokers: cfg.Kafka.Brokers, schemas: schemas}
 	if cfg.Kafka.Embedded() {
 		// The embedded broker holds everything a run needs: the consumed
 		// topics, the DLQ and the topics the routes write to.
@@ -269,6 +279,9 @@ func (s *Service) Close() {
 	}
 	if s.broker != nil {
 		s.broker.Close()
+	}
+	if s.schemas != nil {
+		s.schemas.Close()
 	}
 	if s.tracing != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

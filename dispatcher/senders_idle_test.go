@@ -2,54 +2,23 @@ package dispatcher
 
 import (
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/orderly-dispatch/orderly/internal/testkit/metrictest"
+	"github.com/orderly-dispatch/orderly/internal/testkit/testclock"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// fakeClock is a clock tests move by hand.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-// seriesOf counts the series of the named metric.
-func seriesOf(t *testing.T, m *telemetry.Metrics, name string) int {
-	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
 // TestIdlePoolsAreRemoved: 10,000 targets used over time leave only the
 // pools (and gauge series) of the last few minutes; a pool with a sender
-// alive or a lane queued stays whatever its age.
+// alive or a lane queued stays whatever its age. (httpclient's
+// TestIdleTargetsAreForgotten does the same for its targets.)
 func TestIdlePoolsAreRemoved(t *testing.T) {
 	m := telemetry.NewMetrics()
 	e := newSenders(4, m)
-	clock := &fakeClock{t: time.Unix(1_000_000, 0)}
-	e.now = clock.now
+	clock := testclock.New(time.Unix(1_000_000, 0))
+	e.now = clock.Now
 	pools := func() int { return len(*e.pools.Load()) }
 
 	busy := e.pool("busy:80")
@@ -64,7 +33,7 @@ func TestIdlePoolsAreRemoved(t *testing.T) {
 	most := 0
 	for i := range 10_000 {
 		if i%100 == 0 {
-			clock.add(poolIdle + poolSweepEvery)
+			clock.Add(poolIdle + poolSweepEvery)
 		}
 		e.pool(fmt.Sprintf("h%d:80", i))
 		most = max(most, pools())
@@ -74,7 +43,7 @@ func TestIdlePoolsAreRemoved(t *testing.T) {
 	if most > 202 {
 		t.Fatalf("%d pools at once for 10,000 targets used 100 at a time", most)
 	}
-	if n := seriesOf(t, m, "orderly_http_senders"); n > 202 {
+	if n := metrictest.SeriesCount(t, m.Registry, "orderly_http_senders"); n > 202 {
 		t.Fatalf("%d orderly_http_senders series", n)
 	}
 	if e.pool("busy:80") != busy || e.pool("queued:80") != queued {

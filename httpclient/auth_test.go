@@ -24,7 +24,6 @@ import (
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
-	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // --- certificates ------------------------------------------------------------
@@ -140,8 +139,7 @@ func targetSender(t *testing.T, h config.HTTP, targets []config.Target, early ti
 	if early >= 0 {
 		ts.earlyExpiry = early
 	}
-	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: telemetry.NewMetrics(), Targets: ts})
-	t.Cleanup(s.Close)
+	s, _ := newSenderWith(t, Options{HTTP: h, Targets: ts})
 	return s
 }
 

@@ -46,12 +46,22 @@ func breakerHTTP(openTimeout time.Duration) config.HTTP {
 	return h
 }
 
+// newSenderWith is New(o) with Version 9.9.9 and fresh metrics unless o
+// has some, closed when the test ends.
+func newSenderWith(t testing.TB, o Options) (*Sender, *telemetry.Metrics) {
+	t.Helper()
+	o.Version = "9.9.9"
+	if o.Metrics == nil {
+		o.Metrics = telemetry.NewMetrics()
+	}
+	s := New(o)
+	t.Cleanup(s.Close)
+	return s, o.Metrics
+}
+
 func newTestSender(t testing.TB, h config.HTTP, propagate func(context.Context, http.Header)) (*Sender, *telemetry.Metrics) {
 	t.Helper()
-	m := telemetry.NewMetrics()
-	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: m, Propagate: propagate})
-	t.Cleanup(s.Close)
-	return s, m
+	return newSenderWith(t, Options{HTTP: h, Propagate: propagate})
 }
 
 // hit is one request as the recorder saw it.
@@ -110,9 +120,61 @@ func (r *recorder) get(i int) hit {
 
 func (r *recorder) host() string { return r.Listener.Addr().String() }
 
+// closedAddr returns a local address nothing listens on (connections are
+// refused) and a function that starts serving h there.
+func closedAddr(t *testing.T) (string, func(h http.Handler)) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return addr, func(h http.Handler) {
+		t.Helper()
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Skipf("port %s was taken meanwhile: %v", addr, err)
+		}
+		srv := &http.Server{Handler: h}
+		go func() { _ = srv.Serve(ln) }()
+		t.Cleanup(func() { _ = srv.Close() })
+	}
+}
+
 func post(url string, body []byte) *filters.Request {
 	return &filters.Request{Method: http.MethodPost, URL: url, Body: body,
 		Header: http.Header{"Content-Type": {"application/json"}, "X-Tenant": {"acme"}}}
+}
+
+// sent is what a Send started by sendAsync returned.
+type sent struct {
+	res Result
+	err error
+}
+
+// sendAsync runs s.Send(ctx, r, key) in a goroutine and hands what it
+// returned on the channel.
+func sendAsync(ctx context.Context, s *Sender, r *filters.Request, key string) <-chan sent {
+	ch := make(chan sent, 1)
+	go func() {
+		res, err := s.Send(ctx, r, key)
+		ch <- sent{res, err}
+	}()
+	return ch
+}
+
+// await returns what the Send of ch returned, failing the test when it has
+// not returned within timeout.
+func await(t testing.TB, ch <-chan sent, timeout time.Duration, what string) sent {
+	t.Helper()
+	select {
+	case o := <-ch:
+		return o
+	case <-time.After(timeout):
+		t.Fatalf("%s: no return from Send within %s", what, timeout)
+		return sent{}
+	}
 }
 
 // waitFor polls cond every 5ms until it holds or timeout passes.
@@ -247,6 +309,7 @@ func TestSendOutcomes(t *testing.T) {
 		{"201 is success", []int{201}, 5, 1, 201, nil},
 		{"400 is permanent", []int{400}, 5, 1, 400, ErrStatus},
 		{"404 is permanent", []int{404}, 5, 1, 404, ErrStatus},
+		{"422 is permanent", []int{422}, 5, 1, 422, ErrStatus},
 		{"501 is permanent", []int{501}, 5, 1, 501, ErrStatus},
 		{"302 is not followed", []int{302}, 5, 1, 302, ErrStatus},
 		{"exhausted", []int{500, 500, 500, 500}, 3, 3, 500, ErrRetriesExhausted},
@@ -289,7 +352,7 @@ func TestSendOutcomes(t *testing.T) {
 func TestSendUnlimitedAttempts(t *testing.T) {
 	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
 		if n < 15 {
-			w.WriteHeader(503)
+			w.WriteHeader([]int{502, 503}[n%2])
 		}
 	})
 	h := baseHTTP()
@@ -391,18 +454,44 @@ func TestSendRetryAfterIsCapped(t *testing.T) {
 	h := baseHTTP()
 	h.Retry.MaxRetryAfter = d(50 * time.Millisecond)
 	s, _ := newTestSender(t, h, nil)
-	done := make(chan error, 1)
-	go func() {
-		_, err := s.Send(context.Background(), post(rec.URL, nil), "k")
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
+	done := sendAsync(context.Background(), s, post(rec.URL, nil), "k")
+	if o := await(t, done, 20*time.Second, "Retry-After 3600 with max_retry_after 50ms"); o.err != nil {
+		t.Fatal(o.err)
+	}
+}
+
+// TestRetryAfterBeyondMaxBackoff: a Retry-After longer than max_backoff is
+// honoured up to max_retry_after, not cut to max_backoff, in seconds or as
+// an HTTP-date.
+func TestRetryAfterBeyondMaxBackoff(t *testing.T) {
+	for _, tc := range []struct {
+		value    string
+		maxAfter time.Duration
+		want     time.Duration
+	}{
+		{"120", 10 * time.Minute, 120 * time.Second},
+		{"120", time.Second, time.Second},
+		{"3600", 10 * time.Minute, 10 * time.Minute},
+		{time.Now().Add(time.Hour).UTC().Format(http.TimeFormat), time.Second, time.Second},
+	} {
+		rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
+			w.Header().Set("Retry-After", tc.value)
+			w.WriteHeader(http.StatusServiceUnavailable)
+		})
+		h := baseHTTP() // max_backoff 5ms
+		h.Retry.MaxAttempts = 1
+		h.Retry.MaxRetryAfter = d(tc.maxAfter)
+		s, _ := newTestSender(t, h, nil)
+		var c Call
+		c.Reset(post(rec.URL, nil), "k")
+		if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || st.After != tc.want || c.Counted() != 0 {
+			t.Errorf("Retry-After %s, max %s: outcome %v after %s, %d counted; want Retry after %s, 0 counted",
+				tc.value, tc.maxAfter, st.Outcome, st.After, c.Counted(), tc.want)
 		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("Retry-After: 3600 was not capped at max_retry_after")
+		// The same call, and any other, waits without a request.
+		if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || st.After > tc.want || rec.n() != 1 {
+			t.Errorf("Retry-After %s: second attempt %v after %s, %d requests; want Retry, 1 request", tc.value, st.Outcome, st.After, rec.n())
+		}
 	}
 }
 
@@ -460,41 +549,17 @@ func TestRetryAfterParsing(t *testing.T) {
 // --- transport failures ----------------------------------------------------
 
 func TestSendRetriesConnectionRefused(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close() // nothing listens: connections are refused
+	addr, serve := closedAddr(t)
 	h := baseHTTP()
 	h.Retry.MaxAttempts = 0
 	s, m := newTestSender(t, h, nil)
-	type out struct {
-		res Result
-		err error
-	}
-	done := make(chan out, 1)
-	go func() {
-		res, err := s.Send(context.Background(), post("http://"+addr+"/x", []byte("b")), "k")
-		done <- out{res, err}
-	}()
+	done := sendAsync(context.Background(), s, post("http://"+addr+"/x", []byte("b")), "k")
 	waitFor(t, 10*time.Second, "refused attempts", func() bool {
 		return metricValue(t, m, "orderly_http_requests_total", map[string]string{"host": addr, "status": "error"}) >= 3
 	})
-	ln, err = net.Listen("tcp", addr)
-	if err != nil {
-		t.Skipf("port %s was taken meanwhile: %v", addr, err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})}
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() { _ = srv.Close() })
-	select {
-	case o := <-done:
-		if o.err != nil || o.res.Attempts < 4 {
-			t.Fatalf("result %+v, err %v; want success after >= 3 refused attempts", o.res, o.err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("no success after the server came up")
+	serve(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	if o := await(t, done, 20*time.Second, "after the server came up"); o.err != nil || o.res.Attempts < 4 {
+		t.Fatalf("result %+v, err %v; want success after >= 3 refused attempts", o.res, o.err)
 	}
 }
 
@@ -555,23 +620,15 @@ func TestSendCancel(t *testing.T) {
 			s, _ := newTestSender(t, h, nil)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			done := make(chan error, 1)
-			go func() {
-				_, err := s.Send(ctx, post(rec.URL, nil), "k")
-				done <- err
-			}()
+			done := sendAsync(ctx, s, post(rec.URL, nil), "k")
 			waitFor(t, 5*time.Second, "the first attempt", func() bool { return rec.n() >= 1 })
 			cancel()
-			select {
-			case err := <-done:
-				if IsPermanent(err) || !errors.Is(err, context.Canceled) {
-					t.Fatalf("error %v: want a non-permanent error wrapping context.Canceled", err)
-				}
-				if e := asError(t, err); e.Attempts != 1 {
-					t.Fatalf("attempts %d, want 1", e.Attempts)
-				}
-			case <-time.After(2 * time.Second):
-				t.Fatal("Send did not return promptly after cancel")
+			err := await(t, done, 2*time.Second, "after the cancel").err
+			if IsPermanent(err) || !errors.Is(err, context.Canceled) {
+				t.Fatalf("error %v: want a non-permanent error wrapping context.Canceled", err)
+			}
+			if e := asError(t, err); e.Attempts != 1 {
+				t.Fatalf("attempts %d, want 1", e.Attempts)
 			}
 		})
 	}
@@ -642,11 +699,7 @@ func TestBreakerHalfOpensAndCloses(t *testing.T) {
 	// One sender against a dead target: 5 failures open the breaker, then
 	// each half-open period lets exactly one probe through.
 	ctx, cancel := context.WithCancel(context.Background())
-	first := make(chan error, 1)
-	go func() {
-		_, err := s.Send(ctx, post(rec.URL, nil), "a")
-		first <- err
-	}()
+	first := sendAsync(ctx, s, post(rec.URL, nil), "a")
 	waitFor(t, 10*time.Second, "breaker open", func() bool { return breakerState(t, m, host) == telemetry.BreakerOpen })
 	waitFor(t, 10*time.Second, "two half-open probes", func() bool { return transitions(t, m, host, "half-open") >= 2 })
 	hits := rec.n()
@@ -654,7 +707,7 @@ func TestBreakerHalfOpensAndCloses(t *testing.T) {
 		t.Fatalf("%d requests reached the dead target with %v half-open periods; want <= 5 + one probe each", hits, probes)
 	}
 	cancel()
-	if err := <-first; IsPermanent(err) || !errors.Is(err, context.Canceled) {
+	if err := await(t, first, 10*time.Second, "after the cancel").err; IsPermanent(err) || !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled sender: %v, want non-permanent context.Canceled", err)
 	}
 
@@ -665,24 +718,13 @@ func TestBreakerHalfOpensAndCloses(t *testing.T) {
 	down.Store(false)
 	h1 := rec.n()
 	const waiters = 8
-	results := make(chan error, waiters)
+	var results []<-chan sent
 	for range waiters {
-		go func() {
-			res, err := s.Send(context.Background(), post(rec.URL, nil), "b")
-			if err == nil && res.Attempts != 1 {
-				err = fmt.Errorf("%d attempts, want 1", res.Attempts)
-			}
-			results <- err
-		}()
+		results = append(results, sendAsync(context.Background(), s, post(rec.URL, nil), "b"))
 	}
-	for range waiters {
-		select {
-		case err := <-results:
-			if err != nil {
-				t.Fatalf("request started while the breaker was open: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("requests never went through after recovery")
+	for _, ch := range results {
+		if o := await(t, ch, 10*time.Second, "after the recovery"); o.err != nil || o.res.Attempts != 1 {
+			t.Fatalf("request started while the breaker was open: result %+v, err %v; want one attempt", o.res, o.err)
 		}
 	}
 	if got := rec.n() - h1; got != waiters {
@@ -694,37 +736,79 @@ func TestBreakerHalfOpensAndCloses(t *testing.T) {
 	}
 }
 
-func TestBreakerConsecutiveFailures(t *testing.T) {
-	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(500) })
-	h := breakerHTTP(time.Minute)
-	h.Breaker.MinRequests = 1000 // ratio rule out of reach
-	h.Breaker.ConsecutiveFailures = 3
-	h.Retry.MaxAttempts = 1
-	s, m := newTestSender(t, h, nil)
-	tripBreaker(t, s, m, rec)
-	if rec.n() != 3 {
-		t.Fatalf("opened after %d failures, want 3 consecutive", rec.n())
-	}
-}
-
-func TestBreakerIgnoresClientErrors(t *testing.T) {
-	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(400) })
-	h := breakerHTTP(time.Minute)
-	h.Breaker.ConsecutiveFailures = 2
-	s, m := newTestSender(t, h, nil)
-	for range 30 {
-		if _, err := s.Send(context.Background(), post(rec.URL, nil), "k"); !IsPermanent(err) {
-			t.Fatalf("400: %v, want permanent", err)
-		}
-	}
-	if rec.n() != 30 {
-		t.Fatalf("%d of 30 requests reached the target", rec.n())
-	}
-	if st := breakerState(t, m, rec.host()); st != telemetry.BreakerClosed {
-		t.Fatalf("breaker state %v after 400s, want closed", st)
-	}
-	if got := metricValue(t, m, "orderly_breaker_transitions_total", nil); got != 0 {
-		t.Fatalf("%v breaker transitions after 400s", got)
+// TestBreakerClassification: with a breaker that opens on 3 consecutive
+// failures, or on half of at least 5 requests failing, which answers open
+// it. Transport errors, timeouts and the 5xx but 501 open it after exactly
+// 3 attempts; 429, 408, 425, the other 4xx, 501 and a 3xx never do, and
+// move it nowhere.
+func TestBreakerClassification(t *testing.T) {
+	refused, _ := closedAddr(t)
+	for _, tc := range []struct {
+		name   string
+		status int    // the answer, 0: see url
+		url    string // "" : the recorder's
+		opens  bool
+	}{
+		{"429", 429, "", false},
+		{"408", 408, "", false},
+		{"425", 425, "", false},
+		{"400", 400, "", false},
+		{"404", 404, "", false},
+		{"409", 409, "", false},
+		{"501", 501, "", false},
+		{"302", 302, "", false},
+		{"500", 500, "", true},
+		{"502", 502, "", true},
+		{"503", 503, "", true},
+		{"504", 504, "", true},
+		{"505", 505, "", true},
+		{"refused", 0, "http://" + refused + "/x", true},
+		{"timeout", 0, "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, _ int) {
+				if tc.status == 0 {
+					<-r.Context().Done() // past http.timeout
+					return
+				}
+				w.WriteHeader(tc.status)
+			})
+			h := breakerHTTP(time.Minute) // ratio 0.5 over >= 5 requests
+			h.Breaker.ConsecutiveFailures = 3
+			h.Retry.MaxAttempts = 1
+			h.Timeout = d(50 * time.Millisecond)
+			s, m := newTestSender(t, h, nil)
+			u, host := rec.URL, rec.host()
+			if tc.url != "" {
+				u, host = tc.url, refused
+			}
+			made := 0
+			for ; made < 6; made++ {
+				if breakerState(t, m, host) == telemetry.BreakerOpen {
+					break // the next attempt would wait for it
+				}
+				var c Call
+				c.Reset(post(u, nil), "k")
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				st := s.Attempt(ctx, &c)
+				cancel()
+				if st.Outcome == Delivered || st.Outcome == Canceled {
+					t.Fatalf("outcome %v (%v)", st.Outcome, st.Err)
+				}
+			}
+			if opened := breakerState(t, m, host) == telemetry.BreakerOpen; opened != tc.opens {
+				t.Fatalf("breaker open = %v after %d attempts, want %v", opened, made, tc.opens)
+			}
+			if tc.opens && made != 3 {
+				t.Fatalf("opened after %d failures, want 3 consecutive", made)
+			}
+			if tc.url == "" && rec.n() != made {
+				t.Fatalf("%d of %d attempts reached the target", rec.n(), made)
+			}
+			if got := metricValue(t, m, "orderly_breaker_transitions_total", nil); !tc.opens && got != 0 {
+				t.Fatalf("%v breaker transitions", got)
+			}
+		})
 	}
 }
 

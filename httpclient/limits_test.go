@@ -25,10 +25,7 @@ func flowSender(t testing.TB, h config.HTTP, target config.Target) (*Sender, *te
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := telemetry.NewMetrics()
-	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: m, Targets: ts})
-	t.Cleanup(s.Close)
-	return s, m
+	return newSenderWith(t, Options{HTTP: h, Targets: ts})
 }
 
 // countingHandler counts requests and the most under way at once; each

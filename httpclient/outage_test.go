@@ -1,11 +1,11 @@
 package httpclient
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -21,52 +21,58 @@ import (
 // Tests of "Outages are not poison": which failed attempts count toward
 // max_attempts.
 
-// reasons is a slog handler that records the reason of every uncounted
-// attempt logged.
-type reasons struct {
-	mu   sync.Mutex
-	seen map[string]int
+// logBuffer keeps what a text slog handler writes; it is safe for the
+// handler's concurrent writes and the test's reads.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
-func (r *reasons) Enabled(context.Context, slog.Level) bool { return true }
-func (r *reasons) WithAttrs([]slog.Attr) slog.Handler       { return r }
-func (r *reasons) WithGroup(string) slog.Handler            { return r }
-func (r *reasons) Handle(_ context.Context, rec slog.Record) error {
-	rec.Attrs(func(a slog.Attr) bool {
-		if a.Key == "reason" {
-			r.mu.Lock()
-			if r.seen == nil {
-				r.seen = make(map[string]int)
-			}
-			r.seen[a.Value.String()]++
-			r.mu.Unlock()
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+// lines returns the lines written so far that contain every one of substr.
+func (b *logBuffer) lines(substr ...string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+next:
+	for _, l := range strings.Split(b.b.String(), "\n") {
+		if l == "" {
+			continue
 		}
-		return true
-	})
-	return nil
+		for _, s := range substr {
+			if !strings.Contains(l, s) {
+				continue next
+			}
+		}
+		out = append(out, l)
+	}
+	return out
 }
 
-func (r *reasons) count(reason string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.seen[reason]
+// reasons counts the uncounted attempts logged, by reason.
+func (b *logBuffer) reasons() map[string]int {
+	n := make(map[string]int)
+	for _, l := range b.lines(" reason=") {
+		_, v, _ := strings.Cut(l, " reason=")
+		v, _, _ = strings.Cut(v, " ")
+		n[v]++
+	}
+	return n
 }
 
-func (r *reasons) String() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return fmt.Sprint(r.seen)
-}
-
-// newOutageSender is newTestSender with a logger that records the reasons
-// of uncounted attempts.
-func newOutageSender(t testing.TB, h config.HTTP) (*Sender, *telemetry.Metrics, *reasons) {
+// newLoggedSender is newTestSender with every log line, debug included,
+// kept in a logBuffer: the reasons of uncounted attempts among them.
+func newLoggedSender(t testing.TB, h config.HTTP) (*Sender, *telemetry.Metrics, *logBuffer) {
 	t.Helper()
-	m := telemetry.NewMetrics()
-	r := &reasons{}
-	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: m, Logger: slog.New(r)})
-	t.Cleanup(s.Close)
-	return s, m, r
+	logs := &logBuffer{}
+	s, m := newSenderWith(t, Options{HTTP: h,
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	return s, m, logs
 }
 
 // driver makes the attempts of one Call in a goroutine and waits out the
@@ -146,28 +152,6 @@ func (d *driver) delivered(t testing.TB, name string) {
 	}
 }
 
-// closedAddr returns a local address nothing listens on (connections are
-// refused) and a function that starts serving h there.
-func closedAddr(t *testing.T) (string, func(h http.Handler)) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	_ = ln.Close()
-	return addr, func(h http.Handler) {
-		t.Helper()
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			t.Skipf("port %s was taken meanwhile: %v", addr, err)
-		}
-		srv := &http.Server{Handler: h}
-		go func() { _ = srv.Serve(ln) }()
-		t.Cleanup(func() { _ = srv.Close() })
-	}
-}
-
 func uncounted(t testing.TB, m *telemetry.Metrics, host string) float64 {
 	return metricValue(t, m, "orderly_http_attempts_uncounted_total", map[string]string{"host": host})
 }
@@ -185,7 +169,7 @@ func TestOutageOfTwoCallsSpendsNoAttempts(t *testing.T) {
 				h = breakerHTTP(20 * time.Millisecond)
 			}
 			h.Retry.MaxAttempts = 3
-			s, m, why := newOutageSender(t, h)
+			s, m, logs := newLoggedSender(t, h)
 
 			a := drive(t, s, post("http://"+addr+"/a", []byte("a")))
 			b := drive(t, s, post("http://"+addr+"/b", []byte("b")))
@@ -218,10 +202,11 @@ func TestOutageOfTwoCallsSpendsNoAttempts(t *testing.T) {
 			if got := uncounted(t, m, addr); got < 30 {
 				t.Fatalf("uncounted attempts %v, want >= 30", got)
 			}
-			if why.count(uncountedConnection)+why.count(uncountedTargetFailing) == 0 {
+			why := logs.reasons()
+			if why[uncountedConnection]+why[uncountedTargetFailing] == 0 {
 				t.Fatalf("uncounted reasons logged: %v", why)
 			}
-			if breaker && why.count(uncountedProbe) == 0 {
+			if breaker && why[uncountedProbe] == 0 {
 				t.Fatalf("no probe among the uncounted reasons: %v", why)
 			}
 		})
@@ -245,7 +230,7 @@ func TestHalfOpenProbesDoNotCount(t *testing.T) {
 	h.Breaker.ConsecutiveFailures = 2
 	h.Breaker.HalfOpenRequests = 2
 	h.Retry.MaxAttempts = 2
-	s, m, why := newOutageSender(t, h)
+	s, m, logs := newLoggedSender(t, h)
 	ctx := context.Background()
 
 	var a, b Call
@@ -269,7 +254,7 @@ func TestHalfOpenProbesDoNotCount(t *testing.T) {
 	if a.Attempts() != 11 || a.Counted() != 1 {
 		t.Fatalf("a: %d attempts, %d counted; want 11 attempts, 1 counted", a.Attempts(), a.Counted())
 	}
-	if why.count(uncountedProbe) < 10 {
+	if why := logs.reasons(); why[uncountedProbe] < 10 {
 		t.Fatalf("uncounted reasons %v, want 10 probes", why)
 	}
 
@@ -300,36 +285,60 @@ func TestHalfOpenProbesDoNotCount(t *testing.T) {
 	}
 }
 
-// TestRefusedLoneCallKeepsRetrying: one call to a target that refuses
-// connections, nothing else going on: no request reaches the target, so no
-// attempt counts, with or without a breaker (which that call opens on its
-// own); once the target is up it is delivered.
-func TestRefusedLoneCallKeepsRetrying(t *testing.T) {
-	for _, breaker := range []bool{false, true} {
-		t.Run(map[bool]string{true: "breaker", false: "no breaker"}[breaker], func(t *testing.T) {
+// TestLoneCallOutageSpendsNoAttempts: one call, nothing else going on, to a
+// target that refuses connections (no request reaches it) or answers 503,
+// 429, 502 or 504 ("cannot serve anyone now"): no attempt counts, with or
+// without a breaker (which that call opens on its own), and the call is
+// delivered once the target is up. A 500 in the same place counts
+// (TestPoisonOnHealthyTargetIsFailed).
+func TestLoneCallOutageSpendsNoAttempts(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		attempts  int64  // made during the outage, none counted
+		reason    string // logged for at least minLogged of them
+		minLogged int
+		target    func(t *testing.T) (url, host string, up func()) // failing until up
+	}{
+		{"refused", 10, uncountedConnection, 10, func(t *testing.T) (string, string, func()) {
 			addr, serve := closedAddr(t)
-			h := baseHTTP()
-			if breaker {
-				h = breakerHTTP(10 * time.Millisecond)
-				h.Breaker.ConsecutiveFailures = 2
-			}
-			h.Retry.MaxAttempts = 3
-			s, m, why := newOutageSender(t, h)
-			x := drive(t, s, post("http://"+addr+"/x", []byte("x")))
-			waitFor(t, 20*time.Second, "10 refused attempts", func() bool { return x.made(t, "x", 10) })
-			x.running(t, "x")
-			if got := x.counted.Load(); got != 0 {
-				t.Fatalf("%d refused attempts counted, want none", got)
-			}
-			serve(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
-			x.delivered(t, "x")
-			if got := uncounted(t, m, addr); got < 10 {
-				t.Fatalf("uncounted attempts %v, want >= 10", got)
-			}
-			if why.count(uncountedConnection) < 10 {
-				t.Fatalf("uncounted reasons %v, want >= 10 connection", why)
-			}
-		})
+			return "http://" + addr, addr, func() { serve(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})) }
+		}},
+		{"unavailable", 12, uncountedUnavailable, 1, func(t *testing.T) (string, string, func()) {
+			var up atomic.Bool
+			rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
+				if !up.Load() {
+					w.WriteHeader([]int{503, 429, 502, 504}[n%4])
+				}
+			})
+			return rec.URL, rec.host(), func() { up.Store(true) }
+		}},
+	} {
+		for _, breaker := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/breaker=%t", tc.name, breaker), func(t *testing.T) {
+				url, host, up := tc.target(t)
+				h := baseHTTP()
+				if breaker {
+					h = breakerHTTP(10 * time.Millisecond)
+					h.Breaker.ConsecutiveFailures = 2
+				}
+				h.Retry.MaxAttempts = 3
+				s, m, logs := newLoggedSender(t, h)
+				x := drive(t, s, post(url+"/x", []byte("x")))
+				waitFor(t, 20*time.Second, fmt.Sprint(tc.attempts, " failed attempts"), func() bool { return x.made(t, "x", tc.attempts) })
+				x.running(t, "x")
+				if got := x.counted.Load(); got != 0 {
+					t.Fatalf("%d failed attempts counted, want none", got)
+				}
+				up()
+				x.delivered(t, "x")
+				if got := uncounted(t, m, host); got < float64(tc.attempts) {
+					t.Fatalf("uncounted attempts %v, want >= %d", got, tc.attempts)
+				}
+				if why := logs.reasons(); why[tc.reason] < tc.minLogged {
+					t.Fatalf("uncounted reasons %v, want >= %d %s", why, tc.minLogged, tc.reason)
+				}
+			})
+		}
 	}
 }
 
@@ -343,7 +352,7 @@ func TestConnectionFailuresCountOnceTheTargetAnswered(t *testing.T) {
 	addr, _ := closedAddr(t)
 	h := baseHTTP()
 	h.Retry.MaxAttempts = 3
-	s, m, _ := newOutageSender(t, h)
+	s, m := newTestSender(t, h, nil)
 	ctx := context.Background()
 	xr := post("http://"+addr+"/x", nil)
 	xr.Target = rec.host()
@@ -403,7 +412,7 @@ func TestPoisonOnHealthyTargetIsFailed(t *testing.T) {
 			rec := newRecorder(t, respond)
 			h := tc.h()
 			h.Retry.MaxAttempts = 3
-			s, m, why := newOutageSender(t, h)
+			s, m, logs := newLoggedSender(t, h)
 			ctx := context.Background()
 			var p Call
 			p.Reset(post(rec.URL+"/poison", nil), "p")
@@ -428,7 +437,7 @@ func TestPoisonOnHealthyTargetIsFailed(t *testing.T) {
 				t.Fatalf("error %+v; want permanent, 3 attempts, 3 counted, status 500", e)
 			}
 			if got := uncounted(t, m, rec.host()); got != 0 {
-				t.Fatalf("uncounted attempts %v (%v), want none", got, why)
+				t.Fatalf("uncounted attempts %v (%v), want none", got, logs.reasons())
 			}
 		})
 	}
@@ -456,33 +465,23 @@ func TestSendFollowsTheRule(t *testing.T) {
 	})
 	h := baseHTTP()
 	h.Retry.MaxAttempts = 2
-	s, m, _ := newOutageSender(t, h)
-	type out struct {
-		res Result
-		err error
-	}
-	results := make(chan out, 2)
+	s, m := newTestSender(t, h, nil)
+	var results []<-chan sent
 	for _, k := range []string{"a", "b"} {
-		go func() {
-			res, err := s.Send(context.Background(), post(rec.URL+"/"+k, nil), k)
-			results <- out{res, err}
-		}()
+		results = append(results, sendAsync(context.Background(), s, post(rec.URL+"/"+k, nil), k))
 	}
 	waitFor(t, 20*time.Second, "10 answers 503 each", func() bool { return hitsA.Load() >= 10 && hitsB.Load() >= 10 })
-	select {
-	case o := <-results:
-		t.Fatalf("a Send ended during the outage: %+v, %v", o.res, o.err)
-	default:
+	for _, ch := range results {
+		select {
+		case o := <-ch:
+			t.Fatalf("a Send ended during the outage: %+v, %v", o.res, o.err)
+		default:
+		}
 	}
 	up.Store(true)
-	for range 2 {
-		select {
-		case o := <-results:
-			if o.err != nil || o.res.Attempts <= 2 || o.res.Counted > 2 {
-				t.Fatalf("result %+v, err %v; want success after more than 2 attempts, at most 2 counted", o.res, o.err)
-			}
-		case <-time.After(20 * time.Second):
-			t.Fatal("Sends not done after the target recovered")
+	for _, ch := range results {
+		if o := await(t, ch, 20*time.Second, "after the target recovered"); o.err != nil || o.res.Attempts <= 2 || o.res.Counted > 2 {
+			t.Fatalf("result %+v, err %v; want success after more than 2 attempts, at most 2 counted", o.res, o.err)
 		}
 	}
 	if got := uncounted(t, m, rec.host()); got == 0 {
@@ -513,98 +512,56 @@ func TestSendFollowsTheRule(t *testing.T) {
 	}
 }
 
-// TestUnavailableLoneCallKeepsRetrying: a lone call on an otherwise idle
-// target answered 503 (or 429, 502, 504: "cannot serve anyone now") spends
-// no attempt, with or without a breaker, and is delivered once the target
-// recovers; a 500 in the same place counts (TestPoisonOnHealthyTargetIsFailed).
-func TestUnavailableLoneCallKeepsRetrying(t *testing.T) {
-	for _, breaker := range []bool{false, true} {
-		t.Run(map[bool]string{true: "breaker", false: "no breaker"}[breaker], func(t *testing.T) {
-			var up atomic.Bool
-			rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, n int) {
-				if !up.Load() {
-					w.WriteHeader([]int{503, 429, 502, 504}[n%4])
-				}
-			})
-			h := baseHTTP()
-			if breaker {
-				h = breakerHTTP(10 * time.Millisecond)
-				h.Breaker.ConsecutiveFailures = 2
-			}
-			h.Retry.MaxAttempts = 3
-			s, m, why := newOutageSender(t, h)
-			x := drive(t, s, post(rec.URL+"/x", []byte("x")))
-			waitFor(t, 20*time.Second, "12 unavailable answers", func() bool { return x.made(t, "x", 12) })
-			x.running(t, "x")
-			if got := x.counted.Load(); got != 0 {
-				t.Fatalf("%d unavailable answers counted, want none", got)
-			}
-			up.Store(true)
-			x.delivered(t, "x")
-			if got := uncounted(t, m, rec.host()); got < 12 {
-				t.Fatalf("uncounted attempts %v, want >= 12", got)
-			}
-			if why.count(uncountedUnavailable) == 0 {
-				t.Fatalf("uncounted reasons %v, want some unavailable", why)
-			}
-		})
-	}
-}
-
-// lines is a slog handler that keeps every record at warn or above as
-// "message key=value ...".
-type lines struct {
-	mu  sync.Mutex
-	got []string
-}
-
-func (l *lines) Enabled(_ context.Context, lv slog.Level) bool { return lv >= slog.LevelWarn }
-func (l *lines) WithAttrs([]slog.Attr) slog.Handler            { return l }
-func (l *lines) WithGroup(string) slog.Handler                 { return l }
-func (l *lines) Handle(_ context.Context, rec slog.Record) error {
-	s := rec.Message
-	rec.Attrs(func(a slog.Attr) bool { s += " " + a.Key + "=" + a.Value.String(); return true })
-	l.mu.Lock()
-	l.got = append(l.got, s)
-	l.mu.Unlock()
-	return nil
-}
-
-func (l *lines) with(substr ...string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-next:
-	for _, s := range l.got {
-		for _, sub := range substr {
-			if !strings.Contains(s, sub) {
-				continue next
-			}
-		}
-		out = append(out, s)
-	}
-	return out
-}
-
-// TestRefusedConnectionsAreExplained: a target that refuses connections
-// is logged once per run of failures, with the URL and the cause, and the
-// breaker's opening names the last failure.
-func TestRefusedConnectionsAreExplained(t *testing.T) {
-	addr, _ := closedAddr(t)
-	h := breakerHTTP(10 * time.Millisecond)
+// TestFailingTargetIsExplained: while a target refuses connections (a
+// listener that was closed), its first failure is logged at warn with the
+// URL and the cause, the breaker's opening names the last failure, and the
+// failures are then summarized at warn, at most once per interval (the
+// first line's included): host, the last error, how many calls wait for it
+// and for how long it has been failing. Once it answers, the calls
+// delivered leave its waiting calls.
+func TestFailingTargetIsExplained(t *testing.T) {
+	addr, serve := closedAddr(t)
+	h := breakerHTTP(20 * time.Millisecond)
 	h.Breaker.ConsecutiveFailures = 2
 	h.Retry.MaxAttempts = 0
-	l := &lines{}
-	s := New(Options{HTTP: h, Version: "9.9.9", Metrics: telemetry.NewMetrics(), Logger: slog.New(l)})
-	t.Cleanup(s.Close)
+	s, _, logs := newLoggedSender(t, h)
+	const every = 300 * time.Millisecond
+	s.failingEvery = every // before the first attempt
+
+	start := time.Now()
 	x := drive(t, s, post("http://"+addr+"/orders", []byte("x")))
-	waitFor(t, 20*time.Second, "8 refused attempts", func() bool { return x.made(t, "x", 8) })
-	failing := l.with("target failing", "host="+addr, "http://"+addr+"/orders", "connection refused")
-	if len(failing) != 1 {
-		t.Fatalf("%d 'target failing' lines naming the URL and the cause, want 1 (rate-limited):\n%s",
-			len(failing), strings.Join(l.with("target failing"), "\n"))
+	y := drive(t, s, post("http://"+addr+"/orders", []byte("y")))
+	summary := []string{"level=WARN", `msg="target still failing`, "host=" + addr,
+		"connection refused", "waiting_calls=2", "failing_for="}
+	waitFor(t, 20*time.Second, "a summary naming the host, the error and 2 waiting calls", func() bool {
+		x.running(t, "x")
+		y.running(t, "y")
+		return len(logs.lines(summary...)) >= 2
+	})
+	elapsed := time.Since(start)
+	t.Logf("summary: %s", logs.lines(summary...)[0])
+	if l := logs.lines(summary...)[1]; strings.Contains(l, "failing_for=0s") {
+		t.Fatalf("the second summary says failing_for=0s: %s", l)
 	}
-	if opened := l.with("circuit breaker opened", "host="+addr, "last_failure=", "connection refused"); len(opened) == 0 {
-		t.Fatalf("no breaker-open line names the last failure; lines:\n%s", strings.Join(l.with(""), "\n"))
+	first := logs.lines("level=WARN", "target failing", "host="+addr, "http://"+addr+"/orders", "connection refused")
+	if len(first) != 1 {
+		t.Fatalf("%d 'target failing' lines naming the URL and the cause, want 1:\n%s",
+			len(first), strings.Join(logs.lines("level=WARN"), "\n"))
+	}
+	if opened := logs.lines("level=WARN", "circuit breaker opened", "host="+addr, "last_failure=", "connection refused"); len(opened) == 0 {
+		t.Fatalf("no breaker-open line names the last failure; lines:\n%s", strings.Join(logs.lines("level=WARN"), "\n"))
+	}
+	// The first line and the summaries share one interval per target.
+	logged := len(first) + len(logs.lines("target still failing"))
+	if most := int(elapsed/every) + 1; logged > most {
+		t.Fatalf("%d lines about the failing target in %s, want at most %d (one per %s):\n%s",
+			logged, elapsed, most, every, strings.Join(logs.lines("level=WARN"), "\n"))
+	}
+
+	serve(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {}))
+	x.delivered(t, "x")
+	y.delivered(t, "y")
+	if _, since, waiting := s.targetOf(addr).failingSummary(time.Now()); waiting != 0 || !since.IsZero() {
+		t.Fatalf("after delivery: %d waiting calls, failing since %v; want none, not failing", waiting, since)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/filters"
 )
 
 // redirectServer answers every path /r/<n> with status and a Location to
@@ -59,36 +60,36 @@ func redirectSender(t *testing.T, base string, follow bool) *Sender {
 
 const basicUP = "Basic dTpw" // base64("u:p")
 
-func TestRedirectFollowed307KeepsMethodAndBody(t *testing.T) {
-	rs := newRedirectServer(t, http.StatusTemporaryRedirect, "/done")
-	s := redirectSender(t, rs.URL, true)
-	st, _ := attemptOnce(s, to("t", rs.URL+"/r/0", []byte(`{"a":1}`)))
-	if st.Outcome != Delivered {
-		t.Fatalf("outcome %v (%v)", st.Outcome, st.Err)
-	}
-	want := []string{
-		"POST /r/0 {\"a\":1} orders-0-1-0 " + basicUP,
-		"POST /done {\"a\":1} orders-0-1-0 " + basicUP,
-	}
-	if got := rs.requests(); strings.Join(got, "\n") != strings.Join(want, "\n") {
-		t.Errorf("requests:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
-	}
-}
-
-func TestRedirectFollowed303BecomesGet(t *testing.T) {
-	rs := newRedirectServer(t, http.StatusSeeOther, "/done")
-	s := redirectSender(t, rs.URL, true)
-	st, _ := attemptOnce(s, to("t", rs.URL+"/r/1", []byte(`{"a":1}`)))
-	if st.Outcome != Delivered {
-		t.Fatalf("outcome %v (%v)", st.Outcome, st.Err)
-	}
-	want := []string{
-		"POST /r/1 {\"a\":1} orders-0-1-0 " + basicUP,
-		"GET /r/0?secret=1  orders-0-1-0 " + basicUP,
-		"GET /done  orders-0-1-0 " + basicUP,
-	}
-	if got := rs.requests(); strings.Join(got, "\n") != strings.Join(want, "\n") {
-		t.Errorf("requests:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+// TestRedirectFollowed: a target with follow_redirects follows a 307 with
+// the method, body and headers of the request, and a 303 with a GET and no
+// body, to the end of the chain.
+func TestRedirectFollowed(t *testing.T) {
+	for _, tc := range []struct {
+		status int
+		from   string
+		want   []string
+	}{
+		{http.StatusTemporaryRedirect, "/r/0", []string{
+			"POST /r/0 {\"a\":1} orders-0-1-0 " + basicUP,
+			"POST /done {\"a\":1} orders-0-1-0 " + basicUP,
+		}},
+		{http.StatusSeeOther, "/r/1", []string{
+			"POST /r/1 {\"a\":1} orders-0-1-0 " + basicUP,
+			"GET /r/0?secret=1  orders-0-1-0 " + basicUP,
+			"GET /done  orders-0-1-0 " + basicUP,
+		}},
+	} {
+		t.Run(strconv.Itoa(tc.status), func(t *testing.T) {
+			rs := newRedirectServer(t, tc.status, "/done")
+			s := redirectSender(t, rs.URL, true)
+			st, _ := attemptOnce(s, to("t", rs.URL+tc.from, []byte(`{"a":1}`)))
+			if st.Outcome != Delivered {
+				t.Fatalf("outcome %v (%v)", st.Outcome, st.Err)
+			}
+			if got := rs.requests(); strings.Join(got, "\n") != strings.Join(tc.want, "\n") {
+				t.Errorf("requests:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tc.want, "\n"))
+			}
+		})
 	}
 }
 
@@ -112,18 +113,35 @@ func TestRedirectCrossOriginRefused(t *testing.T) {
 	}
 }
 
+// TestRedirectNotFollowedByDefault: without a target, or through one without
+// follow_redirects, a 3xx is a permanent failure that says why; the
+// request, its body and headers never reach where it points.
 func TestRedirectNotFollowedByDefault(t *testing.T) {
-	rs := newRedirectServer(t, http.StatusTemporaryRedirect, "/done")
-	s := redirectSender(t, rs.URL, false)
-	st, _ := attemptOnce(s, to("t", rs.URL+"/r/0", []byte(`{"a":1}`)))
-	if st.Outcome != Failed || !errors.Is(st.Err, ErrStatus) {
-		t.Fatalf("outcome %v (%v), want Failed with ErrStatus", st.Outcome, st.Err)
-	}
-	if !strings.Contains(st.Err.Error(), "follow_redirects") {
-		t.Errorf("error %q does not say why", st.Err)
-	}
-	if got := rs.requests(); len(got) != 1 {
-		t.Errorf("requests %v, want only the first", got)
+	for _, tc := range []struct {
+		name string
+		req  func(url string) *filters.Request
+	}{
+		{"no target", func(url string) *filters.Request { return post(url, []byte(`{"secret":1}`)) }},
+		{"target", func(url string) *filters.Request { return to("t", url, []byte(`{"secret":1}`)) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			elsewhere := newRecorder(t, nil)
+			rs := newRedirectServer(t, http.StatusTemporaryRedirect, elsewhere.URL+"/steal")
+			s := redirectSender(t, rs.URL, false)
+			st, _ := attemptOnce(s, tc.req(rs.URL+"/r/0"))
+			if st.Outcome != Failed || !errors.Is(st.Err, ErrStatus) {
+				t.Fatalf("outcome %v (%v), want Failed with ErrStatus", st.Outcome, st.Err)
+			}
+			if e := asError(t, st.Err); !e.Permanent || e.Status != http.StatusTemporaryRedirect {
+				t.Errorf("error %+v, want permanent with status 307", e)
+			}
+			if !strings.Contains(st.Err.Error(), "follow_redirects") {
+				t.Errorf("error %q does not say why", st.Err)
+			}
+			if got := rs.requests(); len(got) != 1 || elsewhere.n() != 0 {
+				t.Errorf("requests %v, %d where it points; want only the first", got, elsewhere.n())
+			}
+		})
 	}
 }
 

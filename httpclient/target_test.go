@@ -2,7 +2,6 @@ package httpclient
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"sync"
@@ -10,99 +9,12 @@ import (
 	"time"
 
 	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/internal/testkit/metrictest"
+	"github.com/orderly-dispatch/orderly/internal/testkit/testclock"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
-// --- breaker classification ------------------------------------------------
-
-// TestBreakerClassification: with a breaker that opens on 3 consecutive
-// failures, which answers open it. 429, every 4xx, 501 and a 3xx never do;
-// transport errors, timeouts and the other 5xx do.
-func TestBreakerClassification(t *testing.T) {
-	refused, _ := closedAddr(t)
-	for _, tc := range []struct {
-		name   string
-		status int    // the answer, 0: see url
-		url    string // "" : the recorder's
-		opens  bool
-	}{
-		{"429", 429, "", false},
-		{"408", 408, "", false},
-		{"425", 425, "", false},
-		{"400", 400, "", false},
-		{"404", 404, "", false},
-		{"409", 409, "", false},
-		{"501", 501, "", false},
-		{"302", 302, "", false},
-		{"500", 500, "", true},
-		{"502", 502, "", true},
-		{"503", 503, "", true},
-		{"504", 504, "", true},
-		{"505", 505, "", true},
-		{"refused", 0, "http://" + refused + "/x", true},
-		{"timeout", 0, "", true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, _ int) {
-				if tc.status == 0 {
-					<-r.Context().Done() // past http.timeout
-					return
-				}
-				w.WriteHeader(tc.status)
-			})
-			h := breakerHTTP(time.Minute)
-			h.Breaker.MinRequests = 1000 // the ratio rule out of reach
-			h.Breaker.ConsecutiveFailures = 3
-			h.Retry.MaxAttempts = 1
-			h.Timeout = d(50 * time.Millisecond)
-			s, m := newTestSender(t, h, nil)
-			u := tc.url
-			if u == "" {
-				u = rec.URL
-			}
-			r := post(u, nil)
-			host := rec.host()
-			if tc.url != "" {
-				host = refused
-			}
-			for range 5 {
-				if breakerState(t, m, host) == telemetry.BreakerOpen {
-					break // the next attempt would wait for it
-				}
-				var c Call
-				c.Reset(r, "k")
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				st := s.Attempt(ctx, &c)
-				cancel()
-				if st.Outcome == Delivered || st.Outcome == Canceled {
-					t.Fatalf("outcome %v (%v)", st.Outcome, st.Err)
-				}
-			}
-			if opened := breakerState(t, m, host) == telemetry.BreakerOpen; opened != tc.opens {
-				t.Fatalf("breaker open = %v after %d requests, want %v", opened, rec.n(), tc.opens)
-			}
-		})
-	}
-}
-
-// TestRedirectIsNotFollowed: a 3xx is a permanent failure; the request, its
-// body and headers never reach where it points.
-func TestRedirectIsNotFollowed(t *testing.T) {
-	elsewhere := newRecorder(t, nil)
-	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, _ int) {
-		http.Redirect(w, r, elsewhere.URL+"/steal", http.StatusTemporaryRedirect)
-	})
-	s, _ := newTestSender(t, baseHTTP(), nil)
-	_, err := s.Send(context.Background(), post(rec.URL, []byte(`{"secret":1}`)), "k")
-	if e := asError(t, err); !e.Permanent || e.Status != http.StatusTemporaryRedirect || !errors.Is(err, ErrStatus) {
-		t.Fatalf("redirect: %v, want a permanent ErrStatus with status 307", err)
-	}
-	if rec.n() != 1 || elsewhere.n() != 0 {
-		t.Fatalf("%d requests to the target, %d where it redirected; want 1 and 0", rec.n(), elsewhere.n())
-	}
-}
-
-// --- Retry-After -----------------------------------------------------------
+// --- pauses ----------------------------------------------------------------
 
 // TestRetryAfterPausesOnlyItsTarget: target A answers four concurrent calls
 // 429 with Retry-After: 2. No request reaches A before the pause ends,
@@ -193,58 +105,7 @@ func TestRetryAfterPausesOnlyItsTarget(t *testing.T) {
 	}
 }
 
-// TestRetryAfterBeyondMaxBackoff: a Retry-After longer than max_backoff is
-// honoured up to max_retry_after, not cut to max_backoff.
-func TestRetryAfterBeyondMaxBackoff(t *testing.T) {
-	for _, tc := range []struct {
-		value    string
-		maxAfter time.Duration
-		want     time.Duration
-	}{
-		{"120", 10 * time.Minute, 120 * time.Second},
-		{"120", time.Second, time.Second},
-		{"3600", 10 * time.Minute, 10 * time.Minute},
-	} {
-		rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) {
-			w.Header().Set("Retry-After", tc.value)
-			w.WriteHeader(http.StatusServiceUnavailable)
-		})
-		h := baseHTTP() // max_backoff 5ms
-		h.Retry.MaxAttempts = 1
-		h.Retry.MaxRetryAfter = d(tc.maxAfter)
-		s, _ := newTestSender(t, h, nil)
-		var c Call
-		c.Reset(post(rec.URL, nil), "k")
-		if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || st.After != tc.want || c.Counted() != 0 {
-			t.Errorf("Retry-After %s, max %s: outcome %v after %s, %d counted; want Retry after %s, 0 counted",
-				tc.value, tc.maxAfter, st.Outcome, st.After, c.Counted(), tc.want)
-		}
-		// The same call, and any other, waits without a request.
-		if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || st.After > tc.want || rec.n() != 1 {
-			t.Errorf("Retry-After %s: second attempt %v after %s, %d requests; want Retry, 1 request", tc.value, st.Outcome, st.After, rec.n())
-		}
-	}
-}
-
 // --- targets over time -----------------------------------------------------
-
-// testClock is a clock tests move by hand.
-type testClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *testClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *testClock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 func (s *Sender) targetCount() int {
 	s.mu.RLock()
@@ -258,32 +119,18 @@ func (s *Sender) targetOf(host string) *target {
 	return s.targets[host]
 }
 
-// seriesCount counts the series of the named metric.
-func seriesCount(t *testing.T, m *telemetry.Metrics, name string) int {
-	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
 // TestIdleTargetsAreForgotten: requests to 10,000 distinct targets, 100 at a
 // time with minutes between, leave only the targets (and metric series) of
-// the last minutes.
+// the last minutes. (The dispatcher's TestIdlePoolsAreRemoved does the same
+// for its sender pools.)
 func TestIdleTargetsAreForgotten(t *testing.T) {
 	rec := newRecorder(t, nil)
 	s, m := newTestSender(t, breakerHTTP(time.Minute), nil)
-	clock := &testClock{t: time.Unix(1_000_000, 0)}
-	s.now = clock.now
+	clock := testclock.New(time.Unix(1_000_000, 0))
+	s.now = clock.Now
 	most, mostSeries := 0, 0
 	for round := range 100 {
-		clock.add(targetIdle + sweepEvery)
+		clock.Add(targetIdle + sweepEvery)
 		var wg sync.WaitGroup
 		errs := make(chan error, 100)
 		for w := range 4 {
@@ -303,7 +150,7 @@ func TestIdleTargetsAreForgotten(t *testing.T) {
 			t.Fatal(err)
 		}
 		most = max(most, s.targetCount())
-		mostSeries = max(mostSeries, seriesCount(t, m, "orderly_http_requests_total"))
+		mostSeries = max(mostSeries, metrictest.SeriesCount(t, m.Registry, "orderly_http_requests_total"))
 	}
 	if rec.n() != 10_000 {
 		t.Fatalf("%d requests sent, want 10,000", rec.n())
@@ -315,7 +162,7 @@ func TestIdleTargetsAreForgotten(t *testing.T) {
 	if mostSeries > 400 { // "200" and "error" per target
 		t.Fatalf("%d orderly_http_requests_total series at once", mostSeries)
 	}
-	if n := seriesCount(t, m, "orderly_breaker_state"); n > 200 {
+	if n := metrictest.SeriesCount(t, m.Registry, "orderly_breaker_state"); n > 200 {
 		t.Fatalf("%d orderly_breaker_state series", n)
 	}
 	if s.targetOf("h0:80") != nil {
@@ -336,14 +183,10 @@ func TestTargetsKeptWhileUsed(t *testing.T) {
 	moving := newRecorder(t, statuses(503))
 	other := newRecorder(t, nil)
 	s, _ := newTestSender(t, breakerHTTP(time.Minute), nil)
-	clock := &testClock{t: time.Unix(1_000_000, 0)}
-	s.now = clock.now
+	clock := testclock.New(time.Unix(1_000_000, 0))
+	s.now = clock.Now
 
-	sent := make(chan error, 1)
-	go func() {
-		_, err := s.Send(context.Background(), post(busy.URL, nil), "k")
-		sent <- err
-	}()
+	busySent := sendAsync(context.Background(), s, post(busy.URL, nil), "k")
 	waitFor(t, 10*time.Second, "the busy target's request", func() bool { return busy.n() == 1 })
 	var p Call
 	p.Reset(post(paused.URL, nil), "k")
@@ -357,7 +200,7 @@ func TestTargetsKeptWhileUsed(t *testing.T) {
 	}
 	busyT, pausedT, old := s.targetOf(busy.host()), s.targetOf(paused.host()), c.tg
 
-	clock.add(targetIdle + sweepEvery)
+	clock.Add(targetIdle + sweepEvery)
 	if _, err := s.Send(context.Background(), post(other.URL, nil), "k"); err != nil { // sweeps
 		t.Fatal(err)
 	}
@@ -374,7 +217,7 @@ func TestTargetsKeptWhileUsed(t *testing.T) {
 		t.Fatal("the call did not move to the host's new target")
 	}
 	close(hold)
-	if err := <-sent; err != nil {
-		t.Fatal(err)
+	if o := await(t, busySent, 10*time.Second, "after the busy target's request was released"); o.err != nil {
+		t.Fatal(o.err)
 	}
 }

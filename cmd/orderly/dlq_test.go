@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -10,8 +9,6 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,113 +17,19 @@ import (
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
-// TestDLQCommands drives `orderly dlq list|replay|status` against a running
-// service's admin API.
+// TestDLQCommands drives `orderly dlq list|release|replay|cancel|status`
+// against a running service's admin API: list by key and page by cursor,
+// a wrong token, a release, a replay held at the target and cancelled, then
+// one that waits for the rest at a rate, and the jobs listed.
 func TestDLQCommands(t *testing.T) {
 	sink := testkit.NewSink()
-	var reject atomic.Bool
-	reject.Store(true)
-	sink.Status = func(*testkit.Delivery) int {
-		if reject.Load() {
-			return http.StatusBadRequest
-		}
-		return 0
-	}
+	gate := testkit.NewGate(sink, http.StatusBadRequest, nil)
 	srv := httptest.NewServer(sink)
-	defer srv.Close()
+	t.Cleanup(srv.Close) // closed after the service stopped
 	admin := testkit.FreeAddr(t)
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`
 [kafka]
 group_id = "dlqcli"
-embedded_listen = "127.0.0.1:0"
-embedded_partitions = 1
-[dispatch]
-commit_interval = "100ms"
-[admin]
-listen = %q
-token = "tok"
-[[routes]]
-name = "people"
-  [[routes.requests]]
-  url = "%s/p/{{ .Key }}"
-`, admin, srv.URL)), "t.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := service.New(cfg, slog.New(slog.DiscardHandler), "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- svc.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	prod, err := testkit.NewProducer(svc.Brokers())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer prod.Close()
-	gen := &testkit.Generator{Keys: 3}
-	if err := prod.Produce(context.Background(), "orders", gen.Records(6)); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WaitFor(t, 30*time.Second, "6 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 6 })
-
-	t.Setenv("ORDERLY_ADMIN_TOKEN", "tok")
-	var out, errb bytes.Buffer
-	if code := run([]string{"dlq", "list", "--admin", admin, "--key", "key-1"}, &out, &errb); code != 0 {
-		t.Fatalf("dlq list: exit %d: %s", code, errb.String())
-	}
-	var list struct{ Count int }
-	if err := json.Unmarshal(out.Bytes(), &list); err != nil || list.Count != 2 {
-		t.Fatalf("dlq list: %v, %s", err, out.String())
-	}
-	reject.Store(false)
-	out.Reset()
-	if code := run([]string{"dlq", "replay", "--admin", admin, "--wait"}, &out, &errb); code != 0 {
-		t.Fatalf("dlq replay: exit %d: %s", code, errb.String())
-	}
-	if !strings.Contains(out.String(), `"replayed": 6`) {
-		t.Fatalf("dlq replay --wait output: %s", out.String())
-	}
-	if rep := sink.Check(gen.Expected()); !rep.OK() {
-		t.Fatal(rep)
-	}
-	out.Reset()
-	errb.Reset()
-	if code := run([]string{"dlq", "status", "--admin", admin, "--token", "wrong", "nope"}, &out, &errb); code != 1 || !strings.Contains(errb.String(), "401") {
-		t.Fatalf("dlq status with a wrong token: exit %d: %s", code, errb.String())
-	}
-}
-
-// TestDLQReleaseCancelAndPaging drives `orderly dlq release`, `cancel`,
-// `status` without an id and `list --cursor` against a running service.
-func TestDLQReleaseCancelAndPaging(t *testing.T) {
-	sink := testkit.NewSink()
-	var reject, holding atomic.Bool
-	reject.Store(true)
-	hold := make(chan struct{})
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(hold) })
-	sink.Status = func(*testkit.Delivery) int {
-		if reject.Load() {
-			return http.StatusBadRequest
-		}
-		return 0
-	}
-	sink.Delay = func(*testkit.Delivery) time.Duration {
-		if holding.Load() {
-			<-hold
-		}
-		return 0
-	}
-	srv := httptest.NewServer(sink)
-	defer srv.Close()
-	admin := testkit.FreeAddr(t)
-	cfg, err := config.Parse([]byte(fmt.Sprintf(`
-[kafka]
-group_id = "dlqcli2"
 embedded_listen = "127.0.0.1:0"
 embedded_partitions = 2
 [dispatch]
@@ -146,11 +49,8 @@ name = "people"
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer svc.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- svc.Run(ctx) }()
-	defer func() { holdOnce.Do(func() { close(hold) }); cancel(); <-done }()
+	testkit.RunService(t, svc)
+	defer gate.Release()
 	prod, err := testkit.NewProducer(svc.Brokers())
 	if err != nil {
 		t.Fatal(err)
@@ -163,11 +63,14 @@ name = "people"
 	testkit.WaitFor(t, 30*time.Second, "9 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 9 })
 	t.Setenv("ORDERLY_ADMIN_TOKEN", "tok")
 	dlq := func(args ...string) (int, string, string) {
-		var out, errb bytes.Buffer
-		code := run(append([]string{"dlq", args[0], "--admin", admin}, args[1:]...), &out, &errb)
-		return code, out.String(), errb.String()
+		return runCLI(t, append([]string{"dlq", args[0], "--admin", admin}, args[1:]...)...)
 	}
 
+	code, out, errs := dlq("list", "--key", "key-1")
+	var list struct{ Count int }
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || list.Count != 3 {
+		t.Fatalf("dlq list --key: exit %d: %s %s; want 3 records", code, out, errs)
+	}
 	// Paging: one record a page, following next_page's cursor.
 	seen := map[string]bool{}
 	var cursor []string
@@ -203,6 +106,9 @@ name = "people"
 	if len(seen) != 9 {
 		t.Fatalf("paging saw %d records, want 9", len(seen))
 	}
+	if code, _, errs := dlq("status", "--token", "wrong", "nope"); code != 1 || !strings.Contains(errs, "401") {
+		t.Fatalf("dlq status with a wrong token: exit %d: %s", code, errs)
+	}
 
 	// Release key-1's dead letters: a later replay does not send them.
 	if code, out, errs := dlq("release", "--key", "key-1", "--wait"); code != 0 || !strings.Contains(out, `"released": 3`) {
@@ -210,9 +116,9 @@ name = "people"
 	}
 
 	// Cancel a replay held at the target; the next replay sends the rest.
-	reject.Store(false)
-	holding.Store(true)
-	code, out, errs := dlq("replay")
+	gate.Refuse(false)
+	gate.Hold()
+	code, out, errs = dlq("replay")
 	var started struct{ ID string }
 	if code != 0 || json.Unmarshal([]byte(out), &started) != nil || started.ID == "" {
 		t.Fatalf("dlq replay: exit %d: %s %s", code, out, errs)
@@ -221,8 +127,7 @@ name = "people"
 	if code, out, errs := dlq("cancel", started.ID); code != 0 || !strings.Contains(out, `"state": "cancelling"`) {
 		t.Fatalf("dlq cancel: exit %d: %s %s", code, out, errs)
 	}
-	holding.Store(false)
-	holdOnce.Do(func() { close(hold) })
+	gate.Release()
 	var job struct {
 		State    string
 		Replayed int

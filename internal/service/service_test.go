@@ -10,14 +10,80 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
+
+// startService runs a service until the test ends: its one route delivers
+// to sinkURL; its admin API listens on a free address behind the token
+// "s3cret" (the client returned); brokers is "embedded" (an embedded broker
+// with partitions partitions) or another service's Brokers().
+func startService(t *testing.T, group, brokers string, partitions int, sinkURL string) (*Service, apiClient) {
+	t.Helper()
+	adminAddr := testkit.FreeAddr(t)
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`
+[kafka]
+brokers = %q
+group_id = %q
+embedded_listen = "127.0.0.1:0"
+embedded_partitions = %d
+[kafka.properties]
+"session.timeout.ms" = 1000
+"heartbeat.interval.ms" = 250
+[dispatch]
+commit_interval = "100ms"
+[http.retry]
+initial_backoff = "5ms"
+max_backoff = "50ms"
+[admin]
+listen = %q
+token = "s3cret"
+[[routes]]
+name = "people"
+  [[routes.requests]]
+  url = "%s/people/{{ .Key }}"
+`, brokers, group, partitions, adminAddr, sinkURL)), "t.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.RunService(t, svc)
+	return svc, apiClient{t: t, base: "http://" + adminAddr, token: "s3cret"}
+}
+
+// newProducer returns a producer to brokers, closed when the test ends,
+// before the services started earlier.
+func newProducer(t *testing.T, brokers string) *testkit.Producer {
+	t.Helper()
+	prod, err := testkit.NewProducer(brokers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(prod.Close)
+	return prod
+}
+
+// produceDeadLetters produces recs to "orders" and waits until svcs have
+// dead-lettered want records in all.
+func produceDeadLetters(t *testing.T, prod *testkit.Producer, recs []testkit.Record, want int, svcs ...*Service) {
+	t.Helper()
+	if err := prod.Produce(context.Background(), "orders", recs); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, 30*time.Second, fmt.Sprint(want, " dead letters"), func() bool {
+		var n float64
+		for _, s := range svcs {
+			n += s.Metrics().Sum("orderly_dlq_produced_total")
+		}
+		return n >= float64(want)
+	})
+}
 
 type apiClient struct {
 	t     *testing.T
@@ -56,89 +122,60 @@ func (c apiClient) do(method, path string, body any, out any) int {
 	return resp.StatusCode
 }
 
+// job is a replay or release job as the admin API shows it.
+type job struct {
+	ID       string `json:"id"`
+	Kind     string `json:"kind"`
+	State    string `json:"state"`
+	Scanned  int    `json:"scanned"`
+	Matched  int    `json:"matched"`
+	Skipped  int    `json:"skipped"`
+	Replayed int    `json:"replayed"`
+	Released int    `json:"released"`
+	Failed   int    `json:"failed"`
+}
+
+// job returns job id as the API shows it (zero if it answers an error).
+func (c apiClient) job(id string) job {
+	c.t.Helper()
+	var j job
+	c.do("GET", "/dlq/replay/"+id, nil, &j)
+	return j
+}
+
+// waitJob waits for job id to end and returns it.
+func (c apiClient) waitJob(id string) job {
+	c.t.Helper()
+	var j job
+	testkit.WaitFor(c.t, 30*time.Second, "job "+id+" to end", func() bool {
+		switch j = c.job(id); j.State {
+		case "", "queued", "running", "cancelling":
+			return false
+		}
+		return true
+	})
+	return j
+}
+
 // TestDLQInspectAndReplay: messages the target rejects land in the DLQ; the
 // admin API lists them behind the bearer token; a replay delivers them once
 // the target accepts them, one job at a time; a second replay resends
 // nothing; what fails again goes back with orderly.attempts increased.
 func TestDLQInspectAndReplay(t *testing.T) {
 	sink := testkit.NewSink()
-	var rejecting atomic.Bool
-	rejecting.Store(true)
-	hold := make(chan struct{})
-	var holdOnce sync.Once
-	var holding atomic.Bool
-	sink.Status = func(d *testkit.Delivery) int {
-		if d.Key == "bad" && rejecting.Load() {
-			return http.StatusUnprocessableEntity
-		}
-		return 0
-	}
-	sink.Delay = func(d *testkit.Delivery) time.Duration {
-		if d.Key == "bad" && holding.Load() {
-			<-hold
-		}
-		return 0
-	}
+	gate := testkit.NewGate(sink, http.StatusUnprocessableEntity, func(d *testkit.Delivery) bool { return d.Key == "bad" })
 	srv := httptest.NewServer(sink)
-	defer srv.Close()
-	adminAddr := testkit.FreeAddr(t)
-	cfg, err := config.Parse([]byte(fmt.Sprintf(`
-[kafka]
-brokers = "embedded"
-group_id = "replaytest"
-embedded_listen = "127.0.0.1:0"
-embedded_partitions = 2
-[kafka.properties]
-"session.timeout.ms" = 1000
-"heartbeat.interval.ms" = 250
-[dispatch]
-commit_interval = "100ms"
-[http.retry]
-initial_backoff = "5ms"
-max_backoff = "50ms"
-[admin]
-listen = %q
-token = "s3cret"
-[[routes]]
-name = "people"
-  [[routes.requests]]
-  url = "%s/people/{{ .Key }}"
-`, adminAddr, srv.URL)), "t.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- svc.Run(ctx) }()
-	defer func() {
-		holdOnce.Do(func() { close(hold) })
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	}()
-
-	prod, err := testkit.NewProducer(svc.Brokers())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer prod.Close()
+	t.Cleanup(srv.Close) // closed after the service stopped
+	svc, api := startService(t, "replaytest", "embedded", 2, srv.URL)
+	defer gate.Release()
+	prod := newProducer(t, svc.Brokers())
 	var recs []testkit.Record
 	for i := 0; i < 10; i++ {
 		recs = append(recs, testkit.Record{Key: []byte("bad"), Value: []byte(fmt.Sprintf(`{"key":"bad","seq":%d}`, i))})
 		recs = append(recs, testkit.Record{Key: []byte("good"), Value: []byte(fmt.Sprintf(`{"key":"good","seq":%d}`, i))})
 	}
-	if err := prod.Produce(context.Background(), "orders", recs); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WaitFor(t, 30*time.Second, "10 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 10 })
+	produceDeadLetters(t, prod, recs, 10, svc)
 
-	api := apiClient{t: t, base: "http://" + adminAddr, token: "s3cret"}
 	if st := (apiClient{t: t, base: api.base, token: "wrong"}).do("GET", "/dlq/messages", nil, nil); st != 401 {
 		t.Fatalf("wrong token: status %d, want 401", st)
 	}
@@ -174,8 +211,8 @@ name = "people"
 	}
 
 	// Replay while the target accepts again; hold it to see the 409.
-	rejecting.Store(false)
-	holding.Store(true)
+	gate.Refuse(false)
+	gate.Hold()
 	var started struct{ ID string }
 	if st := api.do("POST", "/dlq/replay", map[string]any{"key": "bad"}, &started); st != 202 || started.ID == "" {
 		t.Fatalf("replay: status %d %+v", st, started)
@@ -186,20 +223,9 @@ name = "people"
 	if st := api.do("POST", "/dlq/replay", map[string]any{"bogus": 1}, nil); st != 400 {
 		t.Fatalf("unknown field: status %d, want 400", st)
 	}
-	holding.Store(false)
-	holdOnce.Do(func() { close(hold) })
-	var job struct {
-		State    string `json:"state"`
-		Matched  int    `json:"matched"`
-		Replayed int    `json:"replayed"`
-		Failed   int    `json:"failed"`
-	}
-	testkit.WaitFor(t, 30*time.Second, "the replay to finish", func() bool {
-		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "" && job.State != "queued" && job.State != "running"
-	})
-	if job.State != "done" || job.Replayed != 10 || job.Failed != 0 {
-		t.Fatalf("replay job %+v", job)
+	gate.Release()
+	if j := api.waitJob(started.ID); j.State != "done" || j.Replayed != 10 || j.Failed != 0 {
+		t.Fatalf("replay job %+v", j)
 	}
 	rep := sink.Check(map[string][]int64{"bad": {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, "good": {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}})
 	if !rep.OK() {
@@ -210,28 +236,17 @@ name = "people"
 	if st := api.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 {
 		t.Fatalf("second replay: %d", st)
 	}
-	testkit.WaitFor(t, 30*time.Second, "the second replay to finish", func() bool {
-		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "" && job.State != "queued" && job.State != "running"
-	})
-	if job.State != "done" || job.Matched != 0 {
-		t.Fatalf("second replay job %+v: want nothing matched", job)
+	if j := api.waitJob(started.ID); j.State != "done" || j.Matched != 0 {
+		t.Fatalf("second replay job %+v: want nothing matched", j)
 	}
 	// What fails again goes back to the DLQ with orderly.attempts increased.
-	rejecting.Store(true)
-	if err := prod.Produce(context.Background(), "orders", []testkit.Record{{Key: []byte("bad"), Value: []byte(`{"key":"bad","seq":10}`)}}); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WaitFor(t, 30*time.Second, "the 11th dead letter", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 11 })
+	gate.Refuse(true)
+	produceDeadLetters(t, prod, []testkit.Record{{Key: []byte("bad"), Value: []byte(`{"key":"bad","seq":10}`)}}, 11, svc)
 	if st := api.do("POST", "/dlq/replay", map[string]any{"key": "bad"}, &started); st != 202 {
 		t.Fatalf("third replay: %d", st)
 	}
-	testkit.WaitFor(t, 30*time.Second, "the third replay to finish", func() bool {
-		api.do("GET", "/dlq/replay/"+started.ID, nil, &job)
-		return job.State != "" && job.State != "queued" && job.State != "running"
-	})
-	if job.State != "done" || job.Matched != 1 || job.Failed != 1 {
-		t.Fatalf("third replay job %+v: want one record failing again", job)
+	if j := api.waitJob(started.ID); j.State != "done" || j.Matched != 1 || j.Failed != 1 {
+		t.Fatalf("third replay job %+v: want one record failing again", j)
 	}
 	api.do("GET", "/dlq/messages?limit=1000&key=bad", nil, &list)
 	if last := list.Messages[len(list.Messages)-1]; list.Count != 12 || last.Attempts != 2 || last.Status != 422 || last.ReplayOf == "" || last.Handled {
@@ -265,70 +280,13 @@ func httpGet(t *testing.T, url string) string {
 // first; every error is JSON with the right status.
 func TestDLQJobsAPI(t *testing.T) {
 	sink := testkit.NewSink()
-	var rejecting, holding atomic.Bool
-	rejecting.Store(true)
-	hold := make(chan struct{})
-	var holdOnce sync.Once
-	sink.Status = func(*testkit.Delivery) int {
-		if rejecting.Load() {
-			return http.StatusBadRequest
-		}
-		return 0
-	}
-	sink.Delay = func(*testkit.Delivery) time.Duration {
-		if holding.Load() {
-			<-hold
-		}
-		return 0
-	}
+	gate := testkit.NewGate(sink, http.StatusBadRequest, nil)
 	srv := httptest.NewServer(sink)
-	defer srv.Close()
-	adminAddr := testkit.FreeAddr(t)
-	cfg, err := config.Parse([]byte(fmt.Sprintf(`
-[kafka]
-brokers = "embedded"
-group_id = "jobsapi"
-embedded_listen = "127.0.0.1:0"
-embedded_partitions = 3
-[dispatch]
-commit_interval = "100ms"
-[admin]
-listen = %q
-token = "s3cret"
-[[routes]]
-name = "people"
-  [[routes.requests]]
-  url = "%s/people/{{ .Key }}"
-`, adminAddr, srv.URL)), "t.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer svc.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- svc.Run(ctx) }()
-	defer func() {
-		holdOnce.Do(func() { close(hold) })
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	}()
-	prod, err := testkit.NewProducer(svc.Brokers())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer prod.Close()
+	t.Cleanup(srv.Close) // closed after the service stopped
+	svc, api := startService(t, "jobsapi", "embedded", 3, srv.URL)
+	defer gate.Release()
 	gen := &testkit.Generator{Keys: 4}
-	if err := prod.Produce(context.Background(), "orders", gen.Records(20)); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WaitFor(t, 30*time.Second, "20 dead letters", func() bool { return svc.Metrics().Sum("orderly_dlq_produced_total") >= 20 })
-	api := apiClient{t: t, base: "http://" + adminAddr, token: "s3cret"}
+	produceDeadLetters(t, newProducer(t, svc.Brokers()), gen.Records(20), 20, svc)
 
 	// Paging across the partitions with next_page.
 	seen := map[string]bool{}
@@ -385,40 +343,22 @@ name = "people"
 		}
 	}
 
-	type jobT struct {
-		ID       string `json:"id"`
-		Kind     string `json:"kind"`
-		State    string `json:"state"`
-		Scanned  int    `json:"scanned"`
-		Matched  int    `json:"matched"`
-		Skipped  int    `json:"skipped"`
-		Replayed int    `json:"replayed"`
-		Released int    `json:"released"`
-	}
-	wait := func(id string) jobT {
-		var j jobT
-		testkit.WaitFor(t, 30*time.Second, "job "+id, func() bool {
-			api.do("GET", "/dlq/replay/"+id, nil, &j)
-			return j.State != "" && j.State != "queued" && j.State != "running" && j.State != "cancelling"
-		})
-		return j
-	}
 	var started struct{ ID, Kind string }
 	if st := api.do("POST", "/dlq/release", map[string]any{"key": "key-0", "dry_run": true}, &started); st != 202 || started.Kind != "release" {
 		t.Fatalf("dry-run release: %d %+v", st, started)
 	}
-	if j := wait(started.ID); j.State != "done" || j.Kind != "release" || j.Matched != 5 || j.Released != 0 || j.Scanned == 0 {
+	if j := api.waitJob(started.ID); j.State != "done" || j.Kind != "release" || j.Matched != 5 || j.Released != 0 || j.Scanned == 0 {
 		t.Fatalf("dry-run release: %+v", j)
 	}
 	api.do("POST", "/dlq/release", map[string]any{"key": "key-0"}, &started)
 	release := started.ID
-	if j := wait(release); j.State != "done" || j.Released != 5 {
+	if j := api.waitJob(release); j.State != "done" || j.Released != 5 {
 		t.Fatalf("release: %+v", j)
 	}
 
 	// A replay held at the target, cancelled.
-	rejecting.Store(false)
-	holding.Store(true)
+	gate.Refuse(false)
+	gate.Hold()
 	if st := api.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 {
 		t.Fatalf("replay: %d", st)
 	}
@@ -427,13 +367,12 @@ name = "people"
 	if st := api.do("POST", "/dlq/release", map[string]any{}, nil); st != 409 {
 		t.Fatalf("release while a replay runs: %d, want 409", st)
 	}
-	var j jobT
+	var j job
 	if st := api.do("DELETE", "/dlq/replay/"+cancelled, nil, &j); st != 202 || j.State != "cancelling" {
 		t.Fatalf("cancel: %d %+v", st, j)
 	}
-	holding.Store(false)
-	holdOnce.Do(func() { close(hold) })
-	if j = wait(cancelled); j.State != "cancelled" || j.Replayed >= 15 || int64(j.Replayed) != sink.Delivered() {
+	gate.Release()
+	if j = api.waitJob(cancelled); j.State != "cancelled" || j.Replayed >= 15 || int64(j.Replayed) != sink.Delivered() {
 		t.Fatalf("cancelled job %+v; the sink has %d", j, sink.Delivered())
 	}
 	if st := api.do("DELETE", "/dlq/replay/"+cancelled, nil, nil); st != 409 {
@@ -441,7 +380,7 @@ name = "people"
 	}
 	firstReplayed := j.Replayed
 	api.do("POST", "/dlq/replay", map[string]any{}, &started)
-	if j = wait(started.ID); j.State != "done" || j.Replayed != 15-firstReplayed {
+	if j = api.waitJob(started.ID); j.State != "done" || j.Replayed != 15-firstReplayed {
 		t.Fatalf("replay after the cancel: %+v; the cancelled one replayed %d", j, firstReplayed)
 	}
 	want := gen.Expected()
@@ -450,8 +389,8 @@ name = "people"
 		t.Fatalf("%s; released key-0 got %v", rep, sink.Sequences("key-0"))
 	}
 	var jobs struct {
-		Jobs  []jobT `json:"jobs"`
-		Count int    `json:"count"`
+		Jobs  []job `json:"jobs"`
+		Count int   `json:"count"`
 	}
 	if api.do("GET", "/dlq/replay", nil, &jobs); jobs.Count != 4 || jobs.Jobs[0].ID != started.ID || jobs.Jobs[1].ID != cancelled || jobs.Jobs[2].ID != release {
 		t.Fatalf("jobs: %+v", jobs)
@@ -474,95 +413,22 @@ name = "people"
 // and delivers every dead letter once; the jobs list is the same on both.
 func TestDLQJobsAcrossInstances(t *testing.T) {
 	sink := testkit.NewSink()
-	var rejecting atomic.Bool
-	rejecting.Store(true)
-	sink.Status = func(*testkit.Delivery) int {
-		if rejecting.Load() {
-			return http.StatusBadRequest
-		}
-		return 0
-	}
+	gate := testkit.NewGate(sink, http.StatusBadRequest, nil)
 	srv := httptest.NewServer(sink)
-	defer srv.Close()
-	parse := func(brokers, adminAddr string) *config.Config {
-		t.Helper()
-		cfg, err := config.Parse([]byte(fmt.Sprintf(`
-[kafka]
-brokers = %q
-group_id = "twoinstances"
-embedded_listen = "127.0.0.1:0"
-embedded_partitions = 2
-[kafka.properties]
-"session.timeout.ms" = 1000
-"heartbeat.interval.ms" = 250
-[dispatch]
-commit_interval = "100ms"
-[admin]
-listen = %q
-token = "s3cret"
-[[routes]]
-name = "people"
-  [[routes.requests]]
-  url = "%s/people/{{ .Key }}"
-`, brokers, adminAddr, srv.URL)), "t.toml")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cfg
-	}
-	start := func(cfg *config.Config) *Service {
-		t.Helper()
-		svc, err := New(cfg, slog.New(slog.DiscardHandler), "test")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		runErr := make(chan error, 1)
-		go func() { runErr <- svc.Run(ctx) }()
-		t.Cleanup(func() {
-			cancel()
-			if err := <-runErr; err != nil {
-				t.Errorf("run: %v", err)
-			}
-			svc.Close()
-		})
-		return svc
-	}
-	addrA, addrB := testkit.FreeAddr(t), testkit.FreeAddr(t)
-	a := start(parse("embedded", addrA))
-	b := start(parse(a.Brokers(), addrB)) // stopped first (cleanups run last first), before A's broker
-	apiA := apiClient{t: t, base: "http://" + addrA, token: "s3cret"}
-	apiB := apiClient{t: t, base: "http://" + addrB, token: "s3cret"}
-
-	prod, err := testkit.NewProducer(a.Brokers())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer prod.Close()
+	t.Cleanup(srv.Close) // closed after the services stopped
+	a, apiA := startService(t, "twoinstances", "embedded", 2, srv.URL)
+	b, apiB := startService(t, "twoinstances", a.Brokers(), 2, srv.URL) // stopped first (cleanups run last first), before A's broker
 	gen := &testkit.Generator{Keys: 4}
-	if err := prod.Produce(context.Background(), "orders", gen.Records(20)); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WaitFor(t, 30*time.Second, "20 dead letters", func() bool {
-		return a.Metrics().Sum("orderly_dlq_produced_total")+b.Metrics().Sum("orderly_dlq_produced_total") >= 20
-	})
-	rejecting.Store(false)
+	produceDeadLetters(t, newProducer(t, a.Brokers()), gen.Records(20), 20, a, b)
+	gate.Refuse(false)
 
 	var started struct{ ID string }
 	if st := apiB.do("POST", "/dlq/replay", map[string]any{}, &started); st != 202 || started.ID == "" {
 		t.Fatalf("replay on B: status %d %+v", st, started)
 	}
-	type job struct {
-		ID       string `json:"id"`
-		State    string `json:"state"`
-		Replayed int    `json:"replayed"`
-		Matched  int    `json:"matched"`
-	}
 	var ja, jb job
 	testkit.WaitFor(t, 30*time.Second, "the replay done, the same on both instances", func() bool {
-		ja, jb = job{}, job{}
-		apiA.do("GET", "/dlq/replay/"+started.ID, nil, &ja)
-		apiB.do("GET", "/dlq/replay/"+started.ID, nil, &jb)
+		ja, jb = apiA.job(started.ID), apiB.job(started.ID)
 		return ja.State == "done" && ja == jb
 	})
 	if ja.Replayed != 20 {
@@ -585,8 +451,7 @@ name = "people"
 		t.Fatalf("second replay on A: status %d", st)
 	}
 	testkit.WaitFor(t, 30*time.Second, "the second replay done on B", func() bool {
-		jb = job{}
-		apiB.do("GET", "/dlq/replay/"+started.ID, nil, &jb)
+		jb = apiB.job(started.ID)
 		return jb.State == "done"
 	})
 	if jb.Matched != 0 || sink.Delivered() != 20 {

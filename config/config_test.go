@@ -909,3 +909,28 @@ name = "a"
 		t.Fatalf("record request %+v: want no method and the message's key", rq)
 	}
 }
+
+func TestReplyErrors(t *testing.T) {
+	es := wantError(t, `
+[[routes]]
+name = "a"
+reply_topic = "{{ .Topic }}"
+error_topic = "bad topic"
+reply_headers = ["Bad Header"]
+  [[routes.requests]]
+  url = "http://x.example/"
+[[routes]]
+name = "b"
+reply_headers = ["Location"]
+  [[routes.requests]]
+  url = "http://x.example/"
+`,
+		`routes[0] ("a").reply_topic: "{{ .Topic }}" is not a topic name`,
+		`routes[0] ("a").error_topic: "bad topic" is not a topic name`,
+		`routes[0] ("a").reply_headers[0]: "Bad Header" is not a valid header name`,
+		`routes[1] ("b").reply_headers: is set without reply_topic or error_topic`,
+	)
+	if len(es) != 4 {
+		t.Errorf("%d errors, want 4:\n%v", len(es), es)
+	}
+}

@@ -156,6 +156,13 @@ type Route struct {
 	Topics   []string  `toml:"topics"` // empty: every consumed topic
 	When     string    `toml:"when"`   // expr-lang expression; empty: true
 	Requests []Request `toml:"requests"`
+	// ReplyTopic, if set, receives a record of the last response once the
+	// message's last request succeeded; ErrorTopic one of the failing
+	// response once it is dead-lettered. ReplyHeaders are the response
+	// headers those records carry.
+	ReplyTopic   string   `toml:"reply_topic,omitempty"`
+	ErrorTopic   string   `toml:"error_topic,omitempty"`
+	ReplyHeaders []string `toml:"reply_headers,omitempty"`
 	// ValueFormat and KeyFormat say how `when` and the templates read the
 	// value and the key (Format* in schemaregistry.go); "" is FormatJSON
 	// for the value, FormatString for the key.

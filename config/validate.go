@@ -364,6 +364,22 @@ func (v *validator) routes() {
 		for j := range rt.Requests {
 			v.request(rp.key("requests").at(j), &rt.Requests[j])
 		}
+		for _, t := range []struct{ key, topic string }{{"reply_topic", rt.ReplyTopic}, {"error_topic", rt.ErrorTopic}} {
+			if t.topic == "" {
+				continue
+			}
+			if err := TopicName(t.topic); err != nil || strings.Contains(t.topic, "{{") {
+				v.fail(rp.key(t.key), "%q is not a topic name (a literal one: where replies go comes from the configuration only)", t.topic)
+			}
+		}
+		for j, h := range rt.ReplyHeaders {
+			if !httpguts.ValidHeaderFieldName(h) {
+				v.fail(rp.key("reply_headers").at(j), "%q is not a valid header name", h)
+			}
+		}
+		if len(rt.ReplyHeaders) > 0 && rt.ReplyTopic == "" && rt.ErrorTopic == "" {
+			v.fail(rp.key("reply_headers"), "is set without reply_topic or error_topic: no record would carry them")
+		}
 	}
 }
 

@@ -112,6 +112,15 @@ type delivery struct {
 
 	recordBackoff time.Duration
 	recordTries   int
+
+	// responses are the answers of the requests done, kept when the
+	// route's templates or replies read them; reply is the reply_topic or
+	// error_topic record being written, replied and reported whether it
+	// was (responses.go).
+	responses []filters.Response
+	reply     *filters.Request
+	replied   bool
+	reported  bool
 }
 
 var deliveries = sync.Pool{New: func() any { return new(delivery) }}
@@ -472,11 +481,17 @@ func (p *partition) attempt(l *lane) *pool {
 	st := p.d.sender.Attempt(it.context(p), &l.call)
 	switch st.Outcome {
 	case httpclient.Delivered:
+		if it.route.Captures() {
+			l.responses = append(l.responses, l.call.Response())
+		}
 		l.next++
 	case httpclient.Retry:
 		p.park(l, st.After)
 		return nil
 	case httpclient.Failed:
+		if it.route.Captures() {
+			l.responses = append(l.responses, l.call.Response()) // for the error_topic record
+		}
 		it.fail = p.d.failed(p, it, l.next, st.Err)
 	case httpclient.Canceled:
 		// The partition's context ended: abandon this message and the rest
@@ -544,6 +559,8 @@ func (p *partition) advance(l *lane) *pool {
 			continue
 		}
 		switch {
+		case it.fail != nil && !l.reported && it.route != nil && p.replyLocked(l, it, true):
+			return nil // the error_topic record first (responses.go)
 		case it.fail != nil:
 			if p.d.dlq == nil {
 				p.parkLocked(l, parkStalled)
@@ -562,6 +579,15 @@ func (p *partition) advance(l *lane) *pool {
 			p.checkQuietLocked()
 			p.mu.Unlock()
 			return nil
+		case l.next < len(l.plan.Requests) && l.plan.Requests[l.next].Pending:
+			p.mu.Unlock()
+			wait := p.renderPending(l, it) // responses.go
+			p.mu.Lock()
+			if wait {
+				p.mu.Unlock()
+				return nil
+			}
+			continue
 		case l.next < len(l.plan.Requests):
 			rq := &l.plan.Requests[l.next]
 			if rq.Topic != "" {
@@ -569,7 +595,7 @@ func (p *partition) advance(l *lane) *pool {
 				p.parkLocked(l, parkRecord)
 				p.handing++ // as for the DLQ: stop waits while this goroutine produces
 				p.mu.Unlock()
-				p.d.produce(p, l, it, rq)
+				p.d.produce(p, l, it, rq, l.next)
 				p.mu.Lock()
 				p.handing--
 				p.checkQuietLocked()
@@ -578,12 +604,18 @@ func (p *partition) advance(l *lane) *pool {
 			}
 			if l.call.Request() != rq {
 				l.call.Reset(rq, it.msg.IdempotencyKey(l.next))
+				if it.route.Captures() {
+					l.call.Capture()
+				}
 			}
 			l.running = false
 			p.mu.Unlock()
 			return p.d.senders.pool(rq.Target)
 		}
 		// Every request succeeded.
+		if !l.replied && p.replyLocked(l, it, false) {
+			return nil // the reply_topic record first (responses.go)
+		}
 		l.popLocked()
 		p.mu.Unlock()
 		p.delivered(it)
@@ -658,6 +690,8 @@ func (l *lane) popLocked() {
 	}
 	l.plan, l.rendered, l.next, l.dlqBackoff, l.dlqCut, l.dlqKeep = filters.Plan{}, false, 0, 0, false, 0
 	l.recordBackoff, l.recordTries = 0, 0
+	clear(l.responses)
+	l.responses, l.reply, l.replied, l.reported = l.responses[:0], nil, false, false
 	l.call.Reset(nil, "")
 	clear(l.reqs[:])
 }

@@ -36,9 +36,9 @@ func (d *Dispatcher) newRecords(logs chan kafka.LogEvent) (*producer.Producer, e
 
 // produce writes rq, the request of l's head message it, as a record; l is
 // parked (parkRecord) until the broker acknowledges it (recordAcked).
-func (d *Dispatcher) produce(p *partition, l *lane, it *item, rq *filters.Request) {
+func (d *Dispatcher) produce(p *partition, l *lane, it *item, rq *filters.Request, index int) {
 	ctx, span := d.tracing.StartPublish(it.context(p), rq.Topic)
-	rec := producer.Record(ctx, d.tracing, rq, it.msg.IdempotencyKey(l.next))
+	rec := producer.Record(ctx, d.tracing, rq, it.msg.IdempotencyKey(index))
 	d.records.Produce(rec, func(err error) {
 		telemetry.EndPublish(span, err)
 		d.recordAcked(p, l, it, rq, err)
@@ -46,48 +46,76 @@ func (d *Dispatcher) produce(p *partition, l *lane, it *item, rq *filters.Reques
 }
 
 // recordAcked handles the broker's answer for the record of l's head
-// message it: acknowledged, l goes on to the next request; refused for its
-// size, for a topic that does not exist or as invalid, the message is
-// dead-lettered; any other failure (broker unreachable, authorization,
-// timeout) is an outage: the record is written again after a backoff, the
-// key waiting meanwhile, and never counts toward http.retry.max_attempts.
+// message it: a topic request's, or its reply_topic or error_topic record
+// (l.reply, responses.go):
+//   - acknowledged: l goes on to the next request (or past the reply);
+//   - refused for its size, for a topic that does not exist or as invalid:
+//     the message is dead-lettered (a refused error record is logged and
+//     the dead letter still written);
+//   - any other failure (broker unreachable, authorization, timeout) is an
+//     outage: the record is written again after a backoff, the key waiting
+//     meanwhile, and it never counts toward http.retry.max_attempts.
 func (d *Dispatcher) recordAcked(p *partition, l *lane, it *item, rq *filters.Request, err error) {
 	p.mu.Lock()
 	if l.abandoned || l.parked != parkRecord || len(l.q) == 0 || l.q[0] != it {
 		p.mu.Unlock()
 		return
 	}
-	index := l.next
+	index, reply := l.next, rq == l.reply
+	if !reply {
+		l.recordTries++
+	}
 	switch {
 	case err == nil:
 		p.unparkedLocked(l)
-		l.next++
+		switch {
+		case reply:
+			l.reply = nil
+			if it.fail == nil {
+				l.replied = true
+			} else {
+				l.reported = true
+			}
+		default:
+			if it.route.Captures() {
+				l.responses = append(l.responses, filters.Response{})
+			}
+			l.next++
+			l.recordTries = 0
+		}
 		l.recordBackoff = 0
 		p.mu.Unlock()
 		d.recordResult(rq.Topic, "produced").Inc()
 		p.moveOn(l)
 	case producer.Permanent(err):
 		p.unparkedLocked(l)
-		it.fail = &dlq.Failure{Reason: err.Error(), Route: it.route.Name(), RequestIndex: index, Attempts: l.recordTries + 1}
+		switch {
+		case reply && it.fail != nil:
+			l.reply, l.reported = nil, true // the dead letter still goes
+		case reply:
+			l.reply, l.replied = nil, true
+			it.fail = &dlq.Failure{Reason: "the reply record was refused: " + err.Error(), Route: it.route.Name(),
+				RequestIndex: len(l.plan.Requests), Attempts: 1}
+		default:
+			it.fail = &dlq.Failure{Reason: err.Error(), Route: it.route.Name(), RequestIndex: index, Attempts: l.recordTries}
+		}
 		p.mu.Unlock()
 		d.recordResult(rq.Topic, "failed").Inc()
 		d.log.Warn("record refused for good", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", it.route.Name(), "request", index, "to", rq.Topic, "error", err)
 		p.moveOn(l)
 	default:
-		l.recordTries++
 		l.recordBackoff = min(max(2*l.recordBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
 		wait := l.recordBackoff
 		p.backoffLocked(l, wait, parkBackoff)
-		tries := l.recordTries
 		p.mu.Unlock()
 		d.recordResult(rq.Topic, "retried").Inc()
 		lvl := slog.LevelWarn
-		if tries > 1 {
-			lvl = slog.LevelError
+		if wait > d.cfg.HTTP.Retry.InitialBackoff.D() {
+			lvl = slog.LevelError // not the first failure in a row
 		}
 		d.log.Log(p.ctx, lvl, "record write failed, retrying: the key waits", "topic", p.topic, "partition", p.id,
-			"offset", it.msg.Offset, "key", string(it.msg.Key), "to", rq.Topic, "attempts", tries, "error", err, "retry_in", wait.String())
+			"offset", it.msg.Offset, "key", string(it.msg.Key), "to", rq.Topic, "error", err, "retry_in", wait.String())
 	}
 }
 

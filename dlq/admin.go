@@ -1415,11 +1415,23 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 	if err != nil {
 		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}
+	rt := r.a.router.Route(plan.Route)
+	if rt != nil && rt.ReadsResponses() {
+		start = 0 // the later requests read the earlier ones' answers: all again, same idempotency keys
+	}
+	var responses []filters.Response
 	for i := start; i < len(plan.Requests); i++ {
-		if rq := &plan.Requests[i]; rq.Topic != "" {
+		rq := &plan.Requests[i]
+		if rq.Pending {
+			if err := rt.RenderRequest(&orig, i, responses, rq); err != nil {
+				return back(&Failure{Reason: "replay: " + err.Error(), Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
+			}
+		}
+		if rq.Topic != "" {
 			prev++
 			err := r.writeRecord(rq, orig.IdempotencyKey(i))
 			if err == nil {
+				responses = append(responses, filters.Response{})
 				continue
 			}
 			if !producer.Permanent(err) {
@@ -1427,15 +1439,27 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 			}
 			return back(&Failure{Reason: err.Error(), Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
 		}
-		res, err := r.a.sender.Send(r.send, &plan.Requests[i], orig.IdempotencyKey(i))
+		res, err := r.a.sender.Send(r.send, rq, orig.IdempotencyKey(i))
 		prev += res.Attempts // orderly.attempts adds this run's attempts to the earlier ones
 		if err == nil {
+			responses = append(responses, res.Response)
 			continue
 		}
 		if !httpclient.IsPermanent(err) {
 			return nil, fmt.Errorf("replay stopped: %w", err)
 		}
 		return back(&Failure{Reason: err.Error(), Status: res.Status, Route: plan.Route, RequestIndex: i, Attempts: prev}), nil
+	}
+	if n := len(responses); rt != nil && n > 0 {
+		if rq := rt.Reply(&orig, &responses[n-1]); rq != nil {
+			if err := r.writeRecord(rq, orig.IdempotencyKey(len(plan.Requests))); err != nil {
+				if !producer.Permanent(err) {
+					return nil, fmt.Errorf("replay stopped: %w", err)
+				}
+				return back(&Failure{Reason: "the reply record was refused: " + err.Error(), Route: plan.Route,
+					RequestIndex: len(plan.Requests), Attempts: prev}), nil
+			}
+		}
 	}
 	return nil, nil
 }

@@ -266,6 +266,10 @@ type Route struct {
 	// later one read, for expressions only; renderSpec what this route's
 	// templates read, for Render. Together they decode what one Plan does.
 	matchSpec, renderSpec valueSpec
+	// chained: some request reads an earlier one's answer (responses.go);
+	// reply and fail are the reply_topic and error_topic records' settings.
+	chained     bool
+	reply, fail *replyTo
 	// codec is how the route reads the value and key (value_format,
 	// key_format; nil: JSON and as it is); rematch is set on the pending
 	// route Match returns while the schema registry is unavailable
@@ -298,6 +302,9 @@ type request struct {
 	// is its key template (nil: the message's key), body its value.
 	topic string
 	key   *text
+	// responses is 1 + the highest earlier request whose answer its
+	// templates read (0: none): it is rendered on its turn (RenderRequest).
+	responses int
 }
 
 type header struct {
@@ -352,6 +359,7 @@ func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOpti
 		for j := range cr.Requests {
 			rt.compileRequest(j, &cr.Requests[j], o, fail)
 		}
+		rt.compileReplies(cr, fail) // responses.go
 		if rt.codec.keyFormat().framed() && rt.readsKey() {
 			rt.needs |= needKey // decoded up front, not by the fast path
 		}
@@ -400,6 +408,11 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		if tx.needs()&needValue != 0 && rt.valueReq < 0 {
 			rt.valueReq, rt.valueUser = j, at(field)
 		}
+		if tx.responses > j {
+			fail(at(field), fmt.Errorf("reads the response of requests[%d], which is sent after it: a request reads only the responses of the requests before it", tx.responses-1))
+		}
+		rq.responses = max(rq.responses, tx.responses)
+		rt.chained = rt.chained || tx.responses > 0
 	}
 
 	if cr.Topic != "" || cr.Key != nil || cr.Value != nil {
@@ -626,7 +639,6 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 	if err := st.need(rt.needs, spec); err != nil {
 		return bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
 	}
-	m := st.m
 	var reqs []Request
 	if cap(buf) >= len(rt.reqs) {
 		reqs = buf[:len(rt.reqs)]
@@ -636,74 +648,85 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 	}
 	for i := range rt.reqs {
 		rq, out := &rt.reqs[i], &reqs[i]
-		at := func(field string) string { return "requests[" + strconv.Itoa(i) + "]." + field }
-		if rq.topic != "" {
-			if field, err := st.renderRecord(rq, out); err != nil {
-				return bad(i, at(field), err)
-			}
+		if rq.responses > 0 {
+			// Rendered on its turn, with the answers it reads (RenderRequest).
+			out.Topic, out.Pending = rq.topic, true
 			continue
 		}
-
-		out.Method = rq.methodStr
-		if rq.method != nil {
-			s, err := st.renderString(rq.method)
-			if err == nil && !ValidToken(s) {
-				err = fmt.Errorf("%w: rendered method %q is not a valid HTTP method", ErrInvalidRequest, s)
-			}
-			if err != nil {
-				return bad(i, at("method"), err)
-			}
-			out.Method = s
-		}
-
-		u, err := st.renderString(rq.url)
-		out.Target, out.TargetName = rq.target, rq.targetName
-		if err == nil && !rq.url.static {
-			err = checkURLTail(u)
-		}
-		if err != nil {
-			return bad(i, at(rq.urlKey()), err)
-		}
-		out.URL = u
-
-		switch {
-		case rq.staticHeader != nil:
-			out.Header = rq.staticHeader
-		case len(rq.headers) > 0:
-			h := make(http.Header, len(rq.headers))
-			// One backing array for all values; each capped so that no
-			// append can reach its neighbour.
-			vals := make([]string, len(rq.headers))
-			for j := range rq.headers {
-				hd := &rq.headers[j]
-				v, err := st.renderString(hd.val)
-				if err == nil && !hd.val.static {
-					err = checkHeaderValue(v)
-				}
-				if err != nil {
-					return bad(i, at(fmt.Sprintf("headers[%q]", hd.name)), err)
-				}
-				vals[j] = v
-				h[hd.name] = vals[j : j+1 : j+1]
-			}
-			out.Header = h
-		}
-
-		switch b := rq.body; {
-		case b == nil || b.raw:
-			out.Body = m.Value
-		case b.static:
-			out.Body = []byte(b.str)
-		default:
-			if err := st.render(b); err != nil {
-				return bad(i, at("body"), err)
-			}
-			if st.buf.Len() > 0 {
-				out.Body = slices.Clone(st.buf.Bytes())
-			}
+		if field, err := rt.renderRequest(st, i, out); err != nil {
+			return bad(i, "requests["+strconv.Itoa(i)+"]."+field, err)
 		}
 	}
 	return Plan{Route: rt.name, Requests: reqs}, nil
+}
+
+// renderRequest renders request i of rt into out; on error it returns the
+// field that failed.
+func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
+	m := st.m
+	rq := &rt.reqs[i]
+	if rq.topic != "" {
+		return st.renderRecord(rq, out)
+	}
+	out.Method = rq.methodStr
+	if rq.method != nil {
+		s, err := st.renderString(rq.method)
+		if err == nil && !ValidToken(s) {
+			err = fmt.Errorf("%w: rendered method %q is not a valid HTTP method", ErrInvalidRequest, s)
+		}
+		if err != nil {
+			return "method", err
+		}
+		out.Method = s
+	}
+
+	u, err := st.renderString(rq.url)
+	out.Target, out.TargetName = rq.target, rq.targetName
+	if err == nil && !rq.url.static {
+		err = checkURLTail(u)
+	}
+	if err != nil {
+		return rq.urlKey(), err
+	}
+	out.URL = u
+
+	switch {
+	case rq.staticHeader != nil:
+		out.Header = rq.staticHeader
+	case len(rq.headers) > 0:
+		h := make(http.Header, len(rq.headers))
+		// One backing array for all values; each capped so that no
+		// append can reach its neighbour.
+		vals := make([]string, len(rq.headers))
+		for j := range rq.headers {
+			hd := &rq.headers[j]
+			v, err := st.renderString(hd.val)
+			if err == nil && !hd.val.static {
+				err = checkHeaderValue(v)
+			}
+			if err != nil {
+				return fmt.Sprintf("headers[%q]", hd.name), err
+			}
+			vals[j] = v
+			h[hd.name] = vals[j : j+1 : j+1]
+		}
+		out.Header = h
+	}
+
+	switch b := rq.body; {
+	case b == nil || b.raw:
+		out.Body = m.Value
+	case b.static:
+		out.Body = []byte(b.str)
+	default:
+		if err := st.render(b); err != nil {
+			return "body", err
+		}
+		if st.buf.Len() > 0 {
+			out.Body = slices.Clone(st.buf.Bytes())
+		}
+	}
+	return "", nil
 }
 
 // ValidToken reports whether s is an RFC 9110 token (a method or header name),

@@ -119,14 +119,23 @@ func (st *state) renderRecord(rq *request, out *Request) (string, error) {
 	return "", nil
 }
 
-// RecordTopics returns the topics the routes' topic requests write to,
-// sorted.
+// RecordTopics returns the topics the routes write records to (topic
+// requests, reply_topic, error_topic), sorted.
 func (r *Router) RecordTopics() []string {
 	var topics []string
+	add := func(t string) {
+		if t != "" && !slices.Contains(topics, t) {
+			topics = append(topics, t)
+		}
+	}
 	for i := range r.routes {
-		for j := range r.routes[i].reqs {
-			if t := r.routes[i].reqs[j].topic; t != "" && !slices.Contains(topics, t) {
-				topics = append(topics, t)
+		rt := &r.routes[i]
+		for j := range rt.reqs {
+			add(rt.reqs[j].topic)
+		}
+		for _, rp := range []*replyTo{rt.reply, rt.fail} {
+			if rp != nil {
+				add(rp.topic)
 			}
 		}
 	}

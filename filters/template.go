@@ -42,6 +42,55 @@ type tplData struct {
 	Partition int
 	Offset    int
 	Timestamp time.Time
+	// Responses are the answers to the message's earlier requests, read
+	// as (index .Responses N) (see responseIndex); nil on the fast path.
+	Responses []*tplResponse
+}
+
+// tplResponse is an earlier request's answer as templates read it.
+type tplResponse struct {
+	Status  int
+	Headers map[string]string // the first value of each header
+	Body    string
+	r       *Response
+	json    any
+	jsonErr error
+	decoded bool
+}
+
+// JSON decodes the body (numbers keep their literal); a body that is not
+// JSON, or was cut at MaxResponseBody, is an error.
+func (r *tplResponse) JSON() (any, error) {
+	if !r.decoded {
+		r.decoded = true
+		switch {
+		case r.r.Truncated:
+			r.jsonErr = fmt.Errorf("the response body is over %d bytes: not decoded", MaxResponseBody)
+		default:
+			d := json.NewDecoder(bytes.NewReader(r.r.Body))
+			d.UseNumber()
+			if err := d.Decode(&r.json); err != nil {
+				r.jsonErr = fmt.Errorf("the response body is not JSON: %w", err)
+			}
+		}
+	}
+	return r.json, r.jsonErr
+}
+
+// newTplResponses returns rs as templates read them.
+func newTplResponses(rs []Response) []*tplResponse {
+	out := make([]*tplResponse, len(rs))
+	for i := range rs {
+		r := &rs[i]
+		h := make(map[string]string, len(r.Header))
+		for k, v := range r.Header {
+			if len(v) > 0 {
+				h[k] = v[0]
+			}
+		}
+		out[i] = &tplResponse{Status: r.Status, Headers: h, Body: string(r.Body), r: r}
+	}
+	return out
 }
 
 // dataField identifies a field of tplData (or literal text) in a fast-path
@@ -110,6 +159,9 @@ type text struct {
 	need  needs     // what executing t needs
 	fast  needs     // what segs needs (no string copies of the key or value)
 	value *pathTrie // what of .Value the template reads
+	// responses is 1 + the highest N of the (index .Responses N) it reads:
+	// the earlier requests whose answers it needs (0: none).
+	responses int
 }
 
 // needs is what rendering tx needs up front; the fast path needs less.
@@ -167,6 +219,7 @@ func compileText(name, src string) (*text, error) {
 		a.list(sub.Tree.Root, ctx)
 		tx.need |= a.needs
 		tx.value = union(tx.value, a.value)
+		tx.responses = max(tx.responses, a.responses)
 		errs = append(errs, a.errs...)
 	}
 	if len(errs) > 0 {
@@ -241,7 +294,9 @@ type analyzer struct {
 	tree  *parse.Tree
 	needs needs
 	value *pathTrie // the paths below .Value read (see pathTrie)
-	errs  []error
+	// responses is 1 + the highest N of (index .Responses N) read.
+	responses int
+	errs      []error
 }
 
 // all records that the whole data is read ({{ . }}, {{ $ }}).
@@ -289,7 +344,12 @@ func (a *analyzer) node(n parse.Node, ctx dotCtx) {
 			a.node(c, ctx)
 		}
 	case *parse.CommandNode:
-		for _, arg := range n.Args {
+		args := n.Args
+		if i, ok := responseIndex(n); ok && ctx != dotDerived {
+			a.responses = max(a.responses, i+1)
+			args = args[3:] // index .Responses N: read; what follows as usual
+		}
+		for _, arg := range args {
 			a.node(arg, ctx)
 		}
 	case *parse.ChainNode:
@@ -333,13 +393,44 @@ func (a *analyzer) field(n parse.Node, ident []string, ctx dotCtx) {
 		return
 	}
 	switch {
+	case ident[0] == "Responses":
+		loc, _ := a.tree.ErrorContext(n)
+		a.errs = append(a.errs, fmt.Errorf("template: %s: read an earlier response as (index .Responses N), N a number: (index .Responses 0).JSON.id", loc))
 	case !known:
 		loc, _ := a.tree.ErrorContext(n)
-		a.errs = append(a.errs, fmt.Errorf("template: %s: unknown field .%s (the data has .Key, .Raw, .Value, .Headers, .Topic, .Partition, .Offset and .Timestamp)", loc, ident[0]))
+		a.errs = append(a.errs, fmt.Errorf("template: %s: unknown field .%s (the data has .Key, .Raw, .Value, .Headers, .Topic, .Partition, .Offset, .Timestamp and .Responses)", loc, ident[0]))
 	case len(ident) > 1 && f != fieldValue && f != fieldHeaders && f != fieldTimestamp:
 		loc, _ := a.tree.ErrorContext(n)
 		a.errs = append(a.errs, fmt.Errorf("template: %s: .%s has no field or method %s", loc, ident[0], ident[1]))
 	}
+}
+
+// responseIndex reports N when n is the command index .Responses N (or
+// $.Responses), N a non-negative integer literal.
+func responseIndex(n *parse.CommandNode) (int, bool) {
+	if len(n.Args) < 3 {
+		return 0, false
+	}
+	if id, ok := n.Args[0].(*parse.IdentifierNode); !ok || id.Ident != "index" {
+		return 0, false
+	}
+	var ident []string
+	switch f := n.Args[1].(type) {
+	case *parse.FieldNode:
+		ident = f.Ident
+	case *parse.VariableNode:
+		if len(f.Ident) == 2 && f.Ident[0] == "$" {
+			ident = f.Ident[1:]
+		}
+	}
+	if len(ident) != 1 || ident[0] != "Responses" {
+		return 0, false
+	}
+	num, ok := n.Args[2].(*parse.NumberNode)
+	if !ok || !num.IsInt || num.Int64 < 0 || num.Int64 > 1<<16 {
+		return 0, false
+	}
+	return int(num.Int64), true
 }
 
 // toJSON is the json template function.

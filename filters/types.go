@@ -61,6 +61,10 @@ type Request struct {
 	// (names as configured); Method, URL and Target are empty.
 	Topic string
 	Key   []byte
+	// Pending marks a request whose templates read earlier requests'
+	// answers: Plan leaves it unrendered (but for Topic), and
+	// Route.RenderRequest renders it on its turn.
+	Pending bool
 }
 
 // Plan is what a route makes of a message: its name and the requests to send
@@ -69,3 +73,18 @@ type Plan struct {
 	Route    string
 	Requests []Request
 }
+
+// Response is what a request's target answered, for the later requests of
+// the same message (.Responses in templates) and for reply records. A
+// record request's response has Status 0 and no header or body.
+type Response struct {
+	Status int
+	Header http.Header
+	// Body is the answer's body, cut to MaxResponseBody bytes (Truncated
+	// says whether it was).
+	Body      []byte
+	Truncated bool
+}
+
+// MaxResponseBody is how much of a response's body is kept.
+const MaxResponseBody = 64 << 10

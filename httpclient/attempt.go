@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -307,6 +309,9 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	start := time.Now()
 	resp, err := s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
 	if err == nil {
+		if c.capture {
+			c.keep(resp)
+		}
 		drain(resp.Body)
 		resp.Body = http.NoBody
 	}
@@ -319,6 +324,19 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 		telemetry.EndAttempt(span, resp.StatusCode, nil)
 	}
 	return resp, err
+}
+
+// keep records resp's status, headers and the start of its body as c's
+// response; the rest of the body is left for drain.
+func (c *Call) keep(resp *http.Response) {
+	body, err := io.ReadAll(io.LimitReader(resp.Body, filters.MaxResponseBody+1))
+	if err != nil {
+		body = nil // a body cut by the connection: kept empty, the status stands
+	}
+	c.resp = filters.Response{Status: resp.StatusCode, Header: resp.Header, Body: body}
+	if len(body) > filters.MaxResponseBody {
+		c.resp.Body, c.resp.Truncated = body[:filters.MaxResponseBody], true
+	}
 }
 
 // verdict classifies the attempt just made; retry says whether it failed in

@@ -299,6 +299,8 @@ type Result struct {
 	Status   int // the 2xx status of the last attempt
 	Attempts int // attempts made, the successful one included
 	Counted  int // attempts that counted toward max_attempts (see the package doc)
+	// Response is the last answer (see Call.Capture).
+	Response filters.Response
 }
 
 // Error is the error of a failed call. Permanent failures (non-retryable
@@ -500,6 +502,11 @@ type Call struct {
 	counted  int // attempts that count toward max_attempts
 	status   int // of the last attempt, 0 if it had no response
 
+	// capture, when set (Capture), keeps the last answer's headers and up
+	// to filters.MaxResponseBody bytes of its body in resp.
+	capture bool
+	resp    filters.Response
+
 	// The call on its target's health record: its id (0 until its first
 	// retryable failure), whether it has failed, and the target's success
 	// epoch when it first failed (a call fails in one run: its success
@@ -524,6 +531,15 @@ func (c *Call) Reset(req *filters.Request, idempotencyKey string) {
 	*c = Call{req: req, trace: tr}
 	c.idem[0] = idempotencyKey
 }
+
+// Capture makes c keep the headers and body of its attempts' answers (the
+// last one's: Response). Call it after Reset.
+func (c *Call) Capture() { c.capture = true }
+
+// Response returns the last answer of a Capture call: its status, headers
+// and body (cut to filters.MaxResponseBody bytes); zero without Capture or
+// an answer.
+func (c *Call) Response() filters.Response { return c.resp }
 
 // Request returns the request c delivers.
 func (c *Call) Request() *filters.Request { return c.req }
@@ -565,10 +581,12 @@ type Step struct {
 // Send blocks through the backoffs; the dispatcher uses Attempt instead.
 //
 // On failure the error is an *Error (see IsPermanent) and the Result still
-// holds the attempts made and the last status.
+// holds the attempts made and the last status. The Result keeps the last
+// answer's headers and body (Call.Capture).
 func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey string) (Result, error) {
 	var c Call
 	c.Reset(req, idempotencyKey)
+	c.Capture()
 	var t *time.Timer
 	defer func() {
 		if t != nil {
@@ -579,9 +597,9 @@ func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey 
 		st := s.Attempt(ctx, &c)
 		switch st.Outcome {
 		case Delivered:
-			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted}, nil
+			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted, Response: c.resp}, nil
 		case Failed, Canceled:
-			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted}, st.Err
+			return Result{Status: c.status, Attempts: c.attempts, Counted: c.counted, Response: c.resp}, st.Err
 		}
 		if t == nil {
 			t = time.NewTimer(st.After)

@@ -42,6 +42,8 @@ kcat -C -b "127.0.0.1:$kport" -t orders_announced -e -q -f '%k %s\n' | awk -v n=
     last[$1] = id; count++ }
   END { if (count != n) { print "e2e-kcat: " count " announcements, want " n > "/dev/stderr"; bad = 1 }; exit bad }'
 echo "e2e-kcat: $N announcements on orders_announced, each key in order"
+# ... and records each order's answer on orders_replies.
+wait_for 60 "all $N replies" sh -c "[ \"\$(curl -sf 127.0.0.1:$aport/metrics | awk '/^orderly_records_total/ && /orders_replies/ && /produced/ {s+=\$2} END {print s+0}')\" -ge $N ]"
 wait_for 30 "offsets committed" sh -c "[ \"\$(curl -sf 127.0.0.1:$aport/metrics | awk '/^orderly_committed_offset/ {s+=\$2} END {print s}')\" = $N ]"
 kill -TERM $run
 status=0; wait $run || status=$?

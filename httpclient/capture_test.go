@@ -1,0 +1,53 @@
+package httpclient
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/orderly-dispatch/orderly/filters"
+)
+
+// TestCaptureKeepsTheLastAnswer: a Call with Capture keeps the status,
+// headers and body of its last attempt's answer, the body cut at
+// filters.MaxResponseBody; a Call without keeps nothing. Send keeps it in
+// the Result.
+func TestCaptureKeepsTheLastAnswer(t *testing.T) {
+	big := strings.Repeat("b", filters.MaxResponseBody+10)
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		switch {
+		case r.URL.Path == "/big":
+			_, _ = w.Write([]byte(big))
+		case n == 0:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("busy"))
+		default:
+			w.Header().Set("Location", "/items/7")
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`{"id":7}`))
+		}
+	})
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	var c Call
+	c.Reset(post(rec.URL+"/items", nil), "k")
+	c.Capture()
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || c.Response().Status != 503 || string(c.Response().Body) != "busy" {
+		t.Fatalf("first attempt: %v, kept %+v", st.Outcome, c.Response())
+	}
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Delivered {
+		t.Fatalf("second attempt: %v %v", st.Outcome, st.Err)
+	}
+	if r := c.Response(); r.Status != 201 || r.Header.Get("Location") != "/items/7" || string(r.Body) != `{"id":7}` || r.Truncated {
+		t.Fatalf("kept %+v", r)
+	}
+	res, err := s.Send(context.Background(), post(rec.URL+"/big", nil), "k2")
+	if err != nil || len(res.Response.Body) != filters.MaxResponseBody || !res.Response.Truncated || res.Response.Status != 200 {
+		t.Fatalf("big answer: %v, kept %d bytes (truncated %v)", err, len(res.Response.Body), res.Response.Truncated)
+	}
+	var plain Call
+	plain.Reset(post(rec.URL+"/items", nil), "k3")
+	if st := s.Attempt(context.Background(), &plain); st.Outcome != Delivered || plain.Response().Status != 0 || plain.Response().Body != nil {
+		t.Fatalf("a call without Capture kept %+v (%v)", plain.Response(), st.Outcome)
+	}
+}

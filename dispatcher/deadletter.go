@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/dlq"
@@ -149,11 +150,17 @@ type dlqProblem struct {
 }
 
 // Problems lists what keeps the dispatcher from working fully although it
-// is ready: today, failing DLQ writes. Safe for concurrent use.
+// is ready: failing DLQ writes, and topics the routes write to that did not
+// exist at start-up. Safe for concurrent use.
 func (d *Dispatcher) Problems() []string {
+	var ps []string
 	if pr := d.dlqErr.Load(); pr != nil {
-		return []string{fmt.Sprintf("dead-letter writes to %s failing (last at %s): %v; the keys concerned wait",
-			d.cfg.DLQ.Topic, pr.since.UTC().Format(time.RFC3339), pr.err)}
+		ps = append(ps, fmt.Sprintf("dead-letter writes to %s failing (last at %s): %v; the keys concerned wait",
+			d.cfg.DLQ.Topic, pr.since.UTC().Format(time.RFC3339), pr.err))
 	}
-	return nil
+	if m := d.missingTopics.Load(); m != nil {
+		ps = append(ps, fmt.Sprintf("routes write to topics that did not exist at start-up: %s; their records are dead-lettered",
+			strings.Join(*m, ", ")))
+	}
+	return ps
 }

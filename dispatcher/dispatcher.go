@@ -91,9 +91,11 @@ type Dispatcher struct {
 
 	dlq *dlq.Writer // nil when dlq.topic is ""
 	// records writes the records of topic requests; nil when no route has
-	// one (records.go).
-	records *producer.Producer
-	dlqErr  atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
+	// one (records.go). missingTopics are those of its topics the brokers
+	// did not know at start-up.
+	records       *producer.Producer
+	missingTopics atomic.Pointer[[]string]
+	dlqErr        atomic.Pointer[dlqProblem] // the last DLQ write's failure, nil once one succeeds
 	// quarantine is the key quarantine, nil unless dlq.quarantine_keys.
 	quarantine   *dlq.Quarantine
 	onQuarantine func(*dlq.Quarantine)

@@ -30,6 +30,7 @@ func (d *Dispatcher) newRecords(logs chan kafka.LogEvent) (*producer.Producer, e
 	} else if len(missing) > 0 {
 		d.log.Error("routes write to topics that do not exist: their records are dead-lettered until the topics are created",
 			"topics", missing)
+		d.missingTopics.Store(&missing)
 	}
 	return pr, nil
 }

@@ -182,10 +182,13 @@ func TestTopicRequestFailures(t *testing.T) {
 		if err := h.Prod.Produce(context.Background(), h.Topic, []testkit.Record{{Key: []byte("lost"), Value: testkit.EventJSON("lost", 0)}}); err != nil {
 			t.Fatal(err)
 		}
-		_, m, stop := h.run(cfg, nil)
+		d, m, stop := h.run(cfg, nil)
 		testkit.WaitFor(t, 2*time.Minute, "every message finished", func() bool {
 			return m.Sum("orderly_messages_total") == 4
 		})
+		if ps := d.Problems(); len(ps) != 1 || !strings.Contains(ps[0], missing) {
+			t.Fatalf("problems %q: want the missing topic %s reported (readyz)", ps, missing)
+		}
 		if err := stop(); err != nil {
 			t.Fatal(err)
 		}

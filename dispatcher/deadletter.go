@@ -45,7 +45,7 @@ func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
 //     skipped, and a drain does not wait for it (it is redelivered).
 func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	p.mu.Lock()
-	if l.abandoned || l.parked != parkDLQ || len(l.q) == 0 || l.q[0] != it {
+	if l.state != parkDLQ || len(l.q) == 0 || l.q[0] != it {
 		p.mu.Unlock()
 		return
 	}
@@ -93,7 +93,7 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 			p.mu.Lock()
 			p.handing--
 			p.checkQuietLocked()
-			if err != nil || l.abandoned || l.parked != parkDLQ || len(l.q) == 0 || l.q[0] != it {
+			if err != nil || l.state != parkDLQ || len(l.q) == 0 || l.q[0] != it {
 				p.mu.Unlock()
 				return // the partition stopped: the message comes again to its next owner
 			}

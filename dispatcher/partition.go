@@ -75,19 +75,6 @@ const (
 	laneSingle
 )
 
-// parkKind says where a busy lane that no goroutine holds is waiting.
-type parkKind uint8
-
-const (
-	parkNone      parkKind = iota // in a sender pool's queue, or held by a goroutine
-	parkBackoff                   // on its retry timer after an HTTP attempt
-	parkDLQ                       // for the DLQ's acknowledgement of its head message
-	parkRecord                    // for the broker's acknowledgement of its head message's record (records.go)
-	parkDLQRetry                  // on its retry timer after a failed DLQ write: a drain does not wait for it
-	parkReplaying                 // its key is being replayed: until the replay ends (a drain does not wait for it)
-	parkStalled                   // its head message failed and there is no DLQ: until the partition stops
-)
-
 // delivery is the state of a lane's head message while it is delivered,
 // used by the goroutine holding the lane: its plan (rendered into reqs when
 // rendered is set), next the index of its request being sent and call that
@@ -126,10 +113,11 @@ type delivery struct {
 var deliveries = sync.Pool{New: func() any { return new(delivery) }}
 
 // lane delivers the messages of one key in order, one at a time. A lane is
-// not a goroutine: while it has work (busy) it is in exactly one place at a
-// time — a sender pool's queue, a goroutine that moves it on (a sender, the
+// not a goroutine: while it has work it is in exactly one place at a time —
+// a sender pool's queue, a goroutine that moves it on (a sender, the
 // partition worker, its retry timer, the DLQ writer's acknowledgement), or
-// parked — and only the goroutine holding it touches its head message.
+// parked — which its state says (lanestate.go), and only the goroutine
+// holding it touches its head message.
 type lane struct {
 	p   *partition
 	key laneKey
@@ -137,11 +125,8 @@ type lane struct {
 	// is busy: an idle lane is small, so many keys cost little.
 	*delivery
 	// Protected by p.mu.
-	q         []*item // in order; q[0] is being delivered
-	busy      bool    // has work (q non-empty)
-	running   bool    // held by a goroutine right now
-	abandoned bool    // the partition stopped: whoever holds or finds the lane drops it
-	parked    parkKind
+	q         []*item   // in order; q[0] is being delivered
+	state     laneState // moved only by moveLocked
 	retry     *time.Timer // the backoff timer, reused
 	idleSince time.Time   // when it last ran out of work
 }
@@ -391,12 +376,11 @@ func (p *partition) enqueue(it *item) bool {
 		}
 		if l != nil {
 			l.q = append(l.q, it)
-			if l.busy {
+			if l.state.busy() {
 				p.mu.Unlock()
 				return true
 			}
-			l.busy, l.running = true, true
-			p.busy++
+			l.moveLocked(laneHeld)
 			p.mu.Unlock()
 			p.moveOn(l)
 			return true
@@ -424,7 +408,7 @@ func (p *partition) enqueue(it *item) bool {
 func (p *partition) retireOneLocked() bool {
 	retired := false
 	p.eachLaneLocked(func(l *lane) {
-		if !retired && !l.busy {
+		if !retired && !l.state.busy() {
 			p.removeLocked(l)
 			retired = true
 		}
@@ -438,7 +422,7 @@ func (p *partition) retireIdle(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.eachLaneLocked(func(l *lane) {
-		if !l.busy && now.Sub(l.idleSince) >= limit {
+		if !l.state.busy() && now.Sub(l.idleSince) >= limit {
 			p.removeLocked(l)
 		}
 	})
@@ -465,7 +449,7 @@ func (p *partition) removeLocked(l *lane) {
 // elsewhere (idle, parked, dropped).
 func (p *partition) attempt(l *lane) *pool {
 	p.mu.Lock()
-	if l.abandoned {
+	if l.state == laneAbandoned {
 		p.mu.Unlock()
 		return nil
 	}
@@ -474,7 +458,7 @@ func (p *partition) attempt(l *lane) *pool {
 		p.mu.Unlock()
 		return nil
 	}
-	l.running = true
+	l.moveLocked(laneHeld) // from the pool's queue
 	it := l.q[0]
 	p.mu.Unlock()
 
@@ -608,7 +592,7 @@ func (p *partition) advance(l *lane) *pool {
 					l.call.Capture()
 				}
 			}
-			l.running = false
+			l.moveLocked(laneQueued) // the caller pushes it
 			p.mu.Unlock()
 			return p.d.senders.pool(rq.Target)
 		}
@@ -718,7 +702,7 @@ func (p *partition) park(l *lane, d time.Duration) {
 
 // backoffLocked parks l on its retry timer for d; kind is parkBackoff or
 // parkDLQRetry.
-func (p *partition) backoffLocked(l *lane, d time.Duration, kind parkKind) {
+func (p *partition) backoffLocked(l *lane, d time.Duration, kind laneState) {
 	p.parkLocked(l, kind)
 	if l.retry == nil {
 		l.retry = time.AfterFunc(d, func() { p.unpark(l, parkBackoff, parkDLQRetry) })
@@ -727,34 +711,19 @@ func (p *partition) backoffLocked(l *lane, d time.Duration, kind parkKind) {
 	}
 }
 
-// unwaited reports whether a drain does not wait for a lane parked as k:
-// it cannot finish by itself meanwhile.
-func (k parkKind) unwaited() bool { return k == parkStalled || k == parkDLQRetry || k == parkReplaying }
-
-// parkLocked parks l, held by the caller, as kind, counting the lanes a
-// drain does not wait for.
-func (p *partition) parkLocked(l *lane, kind parkKind) {
-	l.running, l.parked = false, kind
-	if kind.unwaited() {
-		p.stalled++
-		p.checkQuietLocked()
-	}
-}
+// parkLocked parks l, held by the caller (or parked by it a moment ago), as
+// kind.
+func (p *partition) parkLocked(l *lane, kind laneState) { l.moveLocked(kind) }
 
 // unparkedLocked takes l back from where it was parked: the caller holds it.
-func (p *partition) unparkedLocked(l *lane) {
-	if l.parked.unwaited() {
-		p.stalled--
-	}
-	l.parked, l.running = parkNone, true
-}
+func (p *partition) unparkedLocked(l *lane) { l.moveLocked(laneHeld) }
 
 // unpark takes l back from its retry timer or its key's replay (one of
 // kinds) and moves it on. A lane abandoned or parked elsewhere by now is
 // left alone.
-func (p *partition) unpark(l *lane, kinds ...parkKind) {
+func (p *partition) unpark(l *lane, kinds ...laneState) {
 	p.mu.Lock()
-	if l.abandoned || !slices.Contains(kinds, l.parked) {
+	if !slices.Contains(kinds, l.state) {
 		p.mu.Unlock()
 		return
 	}
@@ -765,7 +734,7 @@ func (p *partition) unpark(l *lane, kinds ...parkKind) {
 
 // idleLocked records that l ran out of work.
 func (p *partition) idleLocked(l *lane) {
-	l.busy, l.running = false, false
+	l.moveLocked(laneIdle)
 	if l.delivery != nil {
 		deliveries.Put(l.delivery)
 		l.delivery = nil
@@ -776,7 +745,6 @@ func (p *partition) idleLocked(l *lane) {
 		l.q = nil
 	}
 	l.idleSince = time.Now()
-	p.busyDoneLocked()
 	if l.key.kind == laneSingle {
 		p.removeLocked(l)
 	}
@@ -787,12 +755,12 @@ func (p *partition) idleLocked(l *lane) {
 
 // abandonLocked drops l and what it holds, wherever it is: the messages are
 // not committed and will be redelivered to the partition's next owner. A
-// goroutine that holds or later finds l sees l.abandoned and lets it go.
+// goroutine that holds or later finds l sees it abandoned and lets it go.
 func (p *partition) abandonLocked(l *lane) {
-	if l.abandoned {
+	if l.state == laneAbandoned {
 		return
 	}
-	l.abandoned = true
+	l.moveLocked(laneAbandoned)
 	if l.retry != nil {
 		l.retry.Stop()
 	}
@@ -800,20 +768,7 @@ func (p *partition) abandonLocked(l *lane) {
 		it.span().End()
 	}
 	l.q = nil
-	if l.parked.unwaited() {
-		p.stalled--
-	}
-	if l.busy {
-		l.busy = false
-		p.busyDoneLocked()
-	}
-	l.running = false
 	p.removeLocked(l)
-}
-
-func (p *partition) busyDoneLocked() {
-	p.busy--
-	p.checkQuietLocked()
 }
 
 // quietLocked reports whether the partition has nothing left that could
@@ -869,7 +824,7 @@ func (p *partition) stop(timeout time.Duration, whole bool) (drained bool) {
 		p.mu.Lock()
 		p.dead = true
 		p.eachLaneLocked(func(l *lane) {
-			if l.busy && !l.running && l.parked != parkDLQ && l.parked != parkRecord {
+			if l.state == laneQueued || l.state.parked() && l.state != parkDLQ && l.state != parkRecord {
 				p.abandonLocked(l)
 			}
 		})
@@ -881,7 +836,7 @@ func (p *partition) stop(timeout time.Duration, whole bool) (drained bool) {
 	p.dead = true
 	p.cancel() // in-flight attempts and breaker waits end now
 	p.eachLaneLocked(func(l *lane) {
-		if l.busy && !l.running {
+		if l.state == laneQueued || l.state.parked() {
 			p.abandonLocked(l) // queued, parked or stalled: nobody to wait for
 		}
 	})

@@ -58,7 +58,7 @@ func (d *Dispatcher) produce(p *partition, l *lane, it *item, rq *filters.Reques
 //     meanwhile, and it never counts toward http.retry.max_attempts.
 func (d *Dispatcher) recordAcked(p *partition, l *lane, it *item, rq *filters.Request, err error) {
 	p.mu.Lock()
-	if l.abandoned || l.parked != parkRecord || len(l.q) == 0 || l.q[0] != it {
+	if l.state != parkRecord || len(l.q) == 0 || l.q[0] != it {
 		p.mu.Unlock()
 		return
 	}

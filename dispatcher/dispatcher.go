@@ -178,9 +178,6 @@ func (d *Dispatcher) HeldBytes() int64 { return d.held.Load() }
 // shutting down. Safe for concurrent use.
 func (d *Dispatcher) Ready() bool { return d.assigned.Load() && !d.draining.Load() }
 
-// Draining reports whether shutdown began. Safe for concurrent use.
-func (d *Dispatcher) Draining() bool { return d.draining.Load() }
-
 // Run consumes until ctx ends, then stops fetching, lets in-flight work finish
 // within dispatch.drain_timeout, commits and leaves the group. It returns nil
 // after a clean shutdown and an error when the consumer cannot be created or

@@ -99,7 +99,7 @@ func TestShutdownDrainsInFlightThenCommits(t *testing.T) {
 	testkit.WaitFor(t, time.Minute, "requests of many keys held", func() bool { return heldCount() >= 20 })
 	errc := make(chan error, 1)
 	go func() { errc <- stop() }()
-	testkit.WaitFor(t, 30*time.Second, "the drain to begin", d.Draining)
+	testkit.WaitFor(t, 30*time.Second, "the drain to begin", d.draining.Load)
 	inFlight := heldCount()
 	close(gate)
 	if err := <-errc; err != nil {

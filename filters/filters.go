@@ -430,7 +430,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		use("method", tx)
 	case m == "":
 		rq.methodStr = http.MethodPost
-	case !ValidToken(m):
+	case !httpguts.ValidHeaderFieldName(m):
 		fail(at("method"), fmt.Errorf("%q is not a valid HTTP method", m))
 	default:
 		rq.methodStr = m
@@ -456,7 +456,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 	for _, name := range names {
 		field := at(fmt.Sprintf("headers[%q]", name))
 		cn := http.CanonicalHeaderKey(name)
-		if !ValidToken(name) {
+		if !httpguts.ValidHeaderFieldName(name) {
 			fail(field, fmt.Errorf("%q is not a valid header name", name))
 			continue
 		}
@@ -671,7 +671,7 @@ func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
 	out.Method = rq.methodStr
 	if rq.method != nil {
 		s, err := st.renderString(rq.method)
-		if err == nil && !ValidToken(s) {
+		if err == nil && !httpguts.ValidHeaderFieldName(s) {
 			err = fmt.Errorf("%w: rendered method %q is not a valid HTTP method", ErrInvalidRequest, s)
 		}
 		if err != nil {
@@ -728,10 +728,6 @@ func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
 	}
 	return "", nil
 }
-
-// ValidToken reports whether s is an RFC 9110 token (a method or header name),
-// as net/http checks them.
-func ValidToken(s string) bool { return httpguts.ValidHeaderFieldName(s) }
 
 // checkHeaderValue rejects what net/http would refuse to send, CR and LF
 // (header injection) first.

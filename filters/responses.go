@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"strconv"
 
+	"golang.org/x/net/http/httpguts"
+
 	"github.com/orderly-dispatch/orderly/config"
 )
 
@@ -30,7 +32,7 @@ type replyTo struct {
 func (rt *Route) compileReplies(cr *config.Route, fail func(string, error)) {
 	var hs []string
 	for j, h := range cr.ReplyHeaders {
-		if !ValidToken(h) {
+		if !httpguts.ValidHeaderFieldName(h) {
 			fail("reply_headers["+strconv.Itoa(j)+"]", errors.New("not a valid header name"))
 			continue
 		}
@@ -83,7 +85,9 @@ func (rt *Route) RenderRequest(m *Message, i int, responses []Response, out *Req
 
 // Reply returns the record of m's last answer resp for the route's
 // reply_topic, nil when it has none.
-func (rt *Route) Reply(m *Message, resp *Response) *Request { return rt.reply.record(rt.name, m, resp, "") }
+func (rt *Route) Reply(m *Message, resp *Response) *Request {
+	return rt.reply.record(rt.name, m, resp, "")
+}
 
 // ReplyError returns the record of m's failure (why, and the failing
 // answer resp if there was one) for the route's error_topic, nil when it

@@ -238,6 +238,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
+
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/telemetry"
@@ -617,7 +619,7 @@ func (s *Sender) Send(ctx context.Context, req *filters.Request, idempotencyKey 
 // prepare resolves the target and builds what every attempt of c shares.
 func (s *Sender) prepare(c *Call) error {
 	r := c.req
-	if !filters.ValidToken(r.Method) {
+	if !httpguts.ValidHeaderFieldName(r.Method) {
 		return fmt.Errorf("unable to build the request: invalid method %q", r.Method)
 	}
 	u, err := url.Parse(r.URL)

@@ -663,7 +663,6 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 // renderRequest renders request i of rt into out; on error it returns the
 // field that failed.
 func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
-	m := st.m
 	rq := &rt.reqs[i]
 	if rq.topic != "" {
 		return st.renderRecord(rq, out)
@@ -690,6 +689,18 @@ func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
 	}
 	out.URL = u
 
+	if field, err := st.renderHeaders(rq, out, checkHeaderValue); err != nil {
+		return field, err
+	}
+	if err := st.renderBody(rq, out); err != nil {
+		return "body", err
+	}
+	return "", nil
+}
+
+// renderHeaders renders the headers of rq into out, each value checked by
+// check (nil: not checked) unless static; on error it returns the field.
+func (st *state) renderHeaders(rq *request, out *Request, check func(string) error) (string, error) {
 	switch {
 	case rq.staticHeader != nil:
 		out.Header = rq.staticHeader
@@ -701,8 +712,8 @@ func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
 		for j := range rq.headers {
 			hd := &rq.headers[j]
 			v, err := st.renderString(hd.val)
-			if err == nil && !hd.val.static {
-				err = checkHeaderValue(v)
+			if err == nil && check != nil && !hd.val.static {
+				err = check(v)
 			}
 			if err != nil {
 				return fmt.Sprintf("headers[%q]", hd.name), err
@@ -712,21 +723,26 @@ func (rt *Route) renderRequest(st *state, i int, out *Request) (string, error) {
 		}
 		out.Header = h
 	}
+	return "", nil
+}
 
+// renderBody renders the body (a record's value) of rq into out: the
+// message's value itself when there is no template or it is {{ .Raw }}.
+func (st *state) renderBody(rq *request, out *Request) error {
 	switch b := rq.body; {
 	case b == nil || b.raw:
-		out.Body = m.Value
+		out.Body = st.m.Value
 	case b.static:
 		out.Body = []byte(b.str)
 	default:
 		if err := st.render(b); err != nil {
-			return "body", err
+			return err
 		}
 		if st.buf.Len() > 0 {
 			out.Body = slices.Clone(st.buf.Bytes())
 		}
 	}
-	return "", nil
+	return nil
 }
 
 // checkHeaderValue rejects what net/http would refuse to send, CR and LF

@@ -86,35 +86,11 @@ func (st *state) renderRecord(rq *request, out *Request) (string, error) {
 	if rq.key != nil && len(out.Key) == 0 {
 		out.Key = nil // a key that renders empty: a record without key
 	}
-	switch {
-	case rq.staticHeader != nil:
-		out.Header = rq.staticHeader
-	case len(rq.headers) > 0:
-		h := make(http.Header, len(rq.headers))
-		vals := make([]string, len(rq.headers))
-		for j := range rq.headers {
-			hd := &rq.headers[j]
-			v, err := st.renderString(hd.val)
-			if err != nil {
-				return fmt.Sprintf("headers[%q]", hd.name), err
-			}
-			vals[j] = v
-			h[hd.name] = vals[j : j+1 : j+1]
-		}
-		out.Header = h
+	if field, err := st.renderHeaders(rq, out, nil); err != nil {
+		return field, err
 	}
-	switch b := rq.body; {
-	case b == nil || b.raw:
-		out.Body = m.Value
-	case b.static:
-		out.Body = []byte(b.str)
-	default:
-		if err := st.render(b); err != nil {
-			return "value", err
-		}
-		if st.buf.Len() > 0 {
-			out.Body = slices.Clone(st.buf.Bytes())
-		}
+	if err := st.renderBody(rq, out); err != nil {
+		return "value", err
 	}
 	return "", nil
 }

@@ -11,7 +11,6 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 )
 
-
 // TestRecordRequests: a topic request renders to a record: the message's
 // key and value unless templated, headers under the names as written, and
 // no method, URL or target; the routes' topics are listed.

@@ -13,6 +13,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/filters"
+	"github.com/orderly-dispatch/orderly/internal/testkit"
 )
 
 // The benchmark harness keeps working: tiny runs through run(), checking the
@@ -52,7 +56,7 @@ func TestHelp(t *testing.T) {
 				t.Errorf("%s: help does not show %q:\n%s", h, w, out.String())
 			}
 		}
-		for _, w := range []string{"serve-broker", "serve-dispatcher", "-config", "internal"} {
+		for _, w := range []string{"serve-broker", "serve-dispatcher", "serve-plainloop", "-brokers", "-config", "internal"} {
 			if strings.Contains(out.String(), w) {
 				t.Errorf("%s: help shows %q:\n%s", h, w, out.String())
 			}
@@ -86,7 +90,7 @@ func TestScenarioFlags(t *testing.T) {
 			t.Errorf("%s: messages %d, latency %s, live %s: want the command line's 3000, 2ms, 0", r.name, r.f.messages, r.f.latency, r.f.live)
 		}
 	}
-	if want := []string{"4-memory", "1-throughput", "2-latency", "3-hotkey", "5-allocs"}; !slices.Equal(names, want) {
+	if want := []string{"4-memory", "1-throughput", "2-latency", "3-hotkey", "5-allocs", "6-transform"}; !slices.Equal(names, want) {
 		t.Errorf("-scenario all runs %v, want %v", names, want)
 	}
 	// The presets the command line left alone.
@@ -98,6 +102,116 @@ func TestScenarioFlags(t *testing.T) {
 	}
 	if r := runs[2]; r.f.maxConns != 0 {
 		t.Errorf("2-latency: max-conns %d, want the preset's 0", r.f.maxConns)
+	}
+	if r := runs[5]; r.f.keys != 200 || r.f.partitions != 8 || r.run == nil {
+		t.Errorf("6-transform: keys %d, partitions %d, run function %v: want the preset's 200, 8 and its own run", r.f.keys, r.f.partitions, r.run != nil)
+	}
+}
+
+// TestPlainTransformMatchesTemplate: the plain loop's transform renders, byte
+// for byte, what Orderly renders with the transform scenario's configuration
+// (testkit.HashedValue), names with quotes and accents included.
+func TestPlainTransformMatchesTemplate(t *testing.T) {
+	cfg, err := config.Parse([]byte(transformConfig(benchFlags{maxInFlight: 100}, "127.0.0.1:9092")), "transform.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if topics := router.RecordTopics(); !slices.Equal(topics, []string{transformOutput}) {
+		t.Fatalf("the configuration writes to %v, want [%s]", topics, transformOutput)
+	}
+	gen := &testkit.Generator{Keys: 7, Size: 200}
+	recs := gen.Records(40)
+	recs = append(recs, testkit.Record{Key: []byte("key-q"),
+		Value: []byte(`{"key":"key-q","seq":12,"first_name":"Lucía \"Lu\" <&>","last_name":"O'Brien","produced_at":1,"pad":"x"}`)})
+	var tf plainTransform
+	for _, r := range recs {
+		plan, err := router.Plan(&filters.Message{Topic: transformInput, Key: r.Key, Value: r.Value})
+		if err != nil {
+			t.Fatalf("%s: %v", r.Value, err)
+		}
+		got, err := tf.hashed(r.Value)
+		if err != nil {
+			t.Fatalf("%s: %v", r.Value, err)
+		}
+		if want := plan.Requests[0].Body; !bytes.Equal(got, want) {
+			t.Errorf("the plain loop's transform of %s:\n got %s\nwant %s", r.Value, got, want)
+		}
+	}
+	if _, err := tf.hashed([]byte("not json")); err == nil {
+		t.Error("a value that is not JSON: no error")
+	}
+}
+
+// TestBenchTransform runs the transform scenario small, the plain loop and
+// Orderly each in a child process (the built binary), and checks both sides'
+// figures and checks.
+func TestBenchTransform(t *testing.T) {
+	if testing.Short() {
+		t.Skip("four processes")
+	}
+	cmd := exec.Command(binary, "-json", "-scenario", "transform", "-messages", "5000", "-keys", "50", "-partitions", "4",
+		"-repeat", "2", "-timeout", "2m")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%v\nstdout:\n%s\nstderr:\n%s", err, out.String(), errb.String())
+	}
+	var doc struct {
+		Definitions map[string]string
+		Runs        []benchResult
+	}
+	if err := json.Unmarshal(out.Bytes(), &doc); err != nil || len(doc.Runs) != 2 {
+		t.Fatalf("stdout is not the JSON document of two runs (%v):\n%s", err, out.String())
+	}
+	if doc.Definitions["transform"] == "" {
+		t.Error("no definition of the transform columns")
+	}
+	var cpu, brokerCPU float64 // read from the children
+	for i, r := range doc.Runs {
+		tr := r.Transform
+		if tr == nil || tr.Plain == nil {
+			t.Fatalf("run %s: transform %+v, want both sides", r.Name, tr)
+		}
+		// The first side alternates, so that a drifting machine favours neither.
+		if want := []string{"plain loop", "orderly"}[i]; tr.First != want {
+			t.Errorf("run %s measured %s first, want %s", r.Name, tr.First, want)
+		}
+		for _, s := range []transformSide{tr.Orderly, *tr.Plain} {
+			if s.Records < 5000 || s.Missing != 0 || s.Violations != 0 || s.Wrong != 0 {
+				t.Errorf("run %s, %s: records %d, missing %d, violations %d, wrong %d", r.Name, s.System, s.Records, s.Missing, s.Violations, s.Wrong)
+			}
+			if s.Throughput <= 0 || s.MaxRSS <= 0 || s.CPUSeconds < 0 || s.BrokerCPU < 0 {
+				t.Errorf("run %s, %s: msg/s %v, maxrss %v, cpu %v, broker cpu %v: want them positive (the CPU in 10ms ticks: not negative)",
+					r.Name, s.System, s.Throughput, s.MaxRSS, s.CPUSeconds, s.BrokerCPU)
+			}
+			cpu += s.CPUSeconds
+			brokerCPU += s.BrokerCPU
+		}
+		if second := []*transformSide{tr.Plain, &tr.Orderly}[1-i]; second.Identical == nil || !*second.Identical {
+			t.Errorf("run %s: the two outputs are not reported identical", r.Name)
+		}
+		if tr.Ratio <= 0 || r.Ratio != tr.Ratio || r.Throughput != tr.Orderly.Throughput {
+			t.Errorf("run %s: ratio %v (result %v), msg/s %v (orderly %v)", r.Name, tr.Ratio, r.Ratio, r.Throughput, tr.Orderly.Throughput)
+		}
+	}
+	if cpu <= 0 || brokerCPU <= 0 {
+		t.Errorf("cpu %v s, broker cpu %v s over the runs: want them positive", cpu, brokerCPU)
+	}
+
+	// In this process (a test binary): the broker, Orderly and the plain loop.
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"-scenario", "transform", "-messages", "1000", "-keys", "20", "-partitions", "2"}, &out, &errb); code != 0 {
+		t.Fatalf("in-process: exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
+	}
+	for _, w := range []string{"orderly and plain loop in-process", "orderly / plain loop = ", "plain loop", "violations  dup  missing"} {
+		if !strings.Contains(out.String(), w) {
+			t.Errorf("in-process: the output lacks %q:\n%s", w, out.String())
+		}
 	}
 }
 

@@ -15,10 +15,14 @@ import (
 	"github.com/orderly-dispatch/orderly/internal/embedded"
 )
 
-// startBenchBroker starts the embedded broker with the bench topic.
+// benchTopics are the topics of the bench broker: the HTTP scenarios' and
+// the transform scenario's (an idle topic costs the broker nothing).
+var benchTopics = []string{benchTopic, transformInput, transformOutput, transformPlainOutput, transformDLQ}
+
+// startBenchBroker starts the embedded broker with the bench topics.
 func startBenchBroker(partitions int) (*embedded.Broker, error) {
 	return embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: partitions,
-		Topics: []string{benchTopic}, MinSessionTimeout: time.Second})
+		Topics: benchTopics, MinSessionTimeout: time.Second})
 }
 
 // serveBroker is `orderly-bench -serve-broker`: the embedded broker alone,

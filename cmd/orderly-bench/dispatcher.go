@@ -5,7 +5,10 @@ package main
 // process: `orderly-bench -serve-dispatcher -config FILE`), so that the CPU,
 // memory and allocation figures reported for Orderly are those of the
 // process it runs in, as deployed, without the sink, the recorder, the
-// producer and the ceiling client of the harness.
+// producer and the ceiling client of the harness. The transform scenario's
+// plain loop (transform.go) is measured through the same interface and runs
+// as `orderly-bench -serve-plainloop -brokers ADDR`, answering the same
+// protocol.
 //
 // The child and the bench process talk over the child's stdin and stdout,
 // one line each way:
@@ -94,17 +97,85 @@ func benchLogger(verbose bool, stderr io.Writer) *slog.Logger {
 
 // --- in this process ----------------------------------------------------------
 
+// procTools are the measurements and profiles of this process that a
+// served side (localOrderly, localPlain) answers the protocol's commands
+// with. Not safe for concurrent use: the protocol sends one command at a
+// time.
+type procTools struct {
+	stopCPU func()
+	// statsMallocs counts the allocations of stats's own gathers (the
+	// service's metrics), left out of the Mallocs it reports.
+	statsMallocs uint64
+}
+
+// readStats reads the runtime's counters, then calls gather (which may be
+// nil) for the figures that allocate, and leaves gather's allocations out
+// of the Mallocs of later calls, so that measuring does not count as the
+// side's allocations.
+func (p *procTools) readStats(gather func(*orderlyStats)) orderlyStats {
+	var m, after runtime.MemStats
+	runtime.ReadMemStats(&m)
+	st := orderlyStats{Mallocs: m.Mallocs - p.statsMallocs, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys}
+	if gather != nil {
+		gather(&st)
+	}
+	runtime.ReadMemStats(&after)
+	p.statsMallocs += after.Mallocs - m.Mallocs
+	return st
+}
+
+func (p *procTools) cpu() time.Duration { return cpuTime() }
+func (p *procTools) rss() int64         { return currentRSS() }
+func (p *procTools) peakRSS() int64     { return maxRSS() }
+
+func (p *procTools) settle() error {
+	settleMemory()
+	return nil
+}
+
+func (p *procTools) startCPUProfile(file string) error {
+	if p.stopCPU != nil {
+		return errors.New("a CPU profile is already being written")
+	}
+	stop, err := startCPUProfile(file)
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	p.stopCPU = stop
+	return nil
+}
+
+func (p *procTools) stopCPUProfile() error {
+	if p.stopCPU == nil {
+		return errors.New("no CPU profile is being written")
+	}
+	p.stopCPU()
+	p.stopCPU = nil
+	return nil
+}
+
+func (p *procTools) profile(kind, file string) error {
+	switch kind {
+	case "heap":
+		runtime.GC()
+	case "allocs":
+	default:
+		return fmt.Errorf("unknown profile %q", kind)
+	}
+	if err := writeProfile(kind, file); err != nil {
+		return fmt.Errorf("%s profile: %w", kind, err)
+	}
+	return nil
+}
+
 // localOrderly is the service in this process: the bench process with
 // -dispatcher in-process, or the child itself with -dispatcher process.
 type localOrderly struct {
+	procTools
 	svc     *service.Service
 	stopRun context.CancelFunc
 	done    chan struct{} // closed when Run returned; runErr is then set
 	runErr  error
-	stopCPU func()
-	// statsMallocs counts the allocations of stats's own metrics
-	// gathers, left out of the Mallocs it reports.
-	statsMallocs uint64
 
 	once    sync.Once
 	shutErr error
@@ -148,62 +219,12 @@ func (l *localOrderly) exitErr() error {
 	}
 }
 
-func (l *localOrderly) cpu() time.Duration { return cpuTime() }
-func (l *localOrderly) rss() int64         { return currentRSS() }
-func (l *localOrderly) peakRSS() int64     { return maxRSS() }
-
-// stats reads the runtime's counters, then the metrics: gathering the
-// registry allocates, and later calls leave those allocations out of Mallocs,
-// so that measuring does not count as Orderly's allocations.
+// stats reads the runtime's counters and the service's metrics.
 func (l *localOrderly) stats() (orderlyStats, error) {
-	var m, after runtime.MemStats
-	runtime.ReadMemStats(&m)
-	st := orderlyStats{Mallocs: m.Mallocs - l.statsMallocs, HeapInuse: m.HeapInuse, StackInuse: m.StackInuse, Sys: m.Sys,
-		Retries: l.svc.Metrics().Sum("orderly_http_retries_total"),
-		Pauses:  l.svc.Metrics().Sum("orderly_partition_pauses_total")}
-	runtime.ReadMemStats(&after)
-	l.statsMallocs += after.Mallocs - m.Mallocs
-	return st, nil
-}
-
-func (l *localOrderly) settle() error {
-	settleMemory()
-	return nil
-}
-
-func (l *localOrderly) startCPUProfile(file string) error {
-	if l.stopCPU != nil {
-		return errors.New("a CPU profile is already being written")
-	}
-	stop, err := startCPUProfile(file)
-	if err != nil {
-		return fmt.Errorf("CPU profile: %w", err)
-	}
-	l.stopCPU = stop
-	return nil
-}
-
-func (l *localOrderly) stopCPUProfile() error {
-	if l.stopCPU == nil {
-		return errors.New("no CPU profile is being written")
-	}
-	l.stopCPU()
-	l.stopCPU = nil
-	return nil
-}
-
-func (l *localOrderly) profile(kind, file string) error {
-	switch kind {
-	case "heap":
-		runtime.GC()
-	case "allocs":
-	default:
-		return fmt.Errorf("unknown profile %q", kind)
-	}
-	if err := writeProfile(kind, file); err != nil {
-		return fmt.Errorf("%s profile: %w", kind, err)
-	}
-	return nil
+	return l.readStats(func(st *orderlyStats) {
+		st.Retries = l.svc.Metrics().Sum("orderly_http_retries_total")
+		st.Pauses = l.svc.Metrics().Sum("orderly_partition_pauses_total")
+	}), nil
 }
 
 func (l *localOrderly) shutdown() error {
@@ -230,7 +251,11 @@ func (l *localOrderly) shutdown() error {
 
 // command executes one line of the protocol and returns the answer, and
 // whether it was stop.
-func (l *localOrderly) command(line string) (answer string, stop bool) {
+func (l *localOrderly) command(line string) (answer string, stop bool) { return command(l, line) }
+
+// command executes one line of the protocol on the side served in this
+// process and returns the answer, and whether it was stop.
+func command(l orderlySide, line string) (answer string, stop bool) {
 	verb, arg, _ := strings.Cut(strings.TrimSpace(line), " ")
 	var err error
 	switch verb {
@@ -289,6 +314,13 @@ func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr 
 	if err != nil {
 		return fail(err)
 	}
+	return serveSide(l, stdin, stdout, fail)
+}
+
+// serveSide starts l, says ready on stdout once it is, and answers the
+// protocol's commands on stdin until stop or EOF; then it shuts l down.
+// fail reports an error and returns the exit status.
+func serveSide(l orderlySide, stdin io.Reader, stdout io.Writer, fail func(error) int) int {
 	// The reader ends at EOF, or when this function returns after stop
 	// (the blocked read itself ends with the process). EOF before the
 	// assignment also ends the start-up.
@@ -322,7 +354,7 @@ func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr 
 				break
 			}
 			var answer string
-			if answer, stop = l.command(line); !stop {
+			if answer, stop = command(l, line); !stop {
 				fmt.Fprintln(stdout, answer)
 			}
 		case <-l.exited():
@@ -343,11 +375,13 @@ func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr 
 // profile of a large heap takes a GC and a while to write.
 const childCallTimeout = time.Minute
 
-// childOrderly is the parent's end of `orderly-bench -serve-dispatcher`.
+// childOrderly is the parent's end of `orderly-bench -serve-dispatcher`, or
+// of `orderly-bench -serve-plainloop` (newChildPlain).
 type childOrderly struct {
-	config  string // the configuration file, removed by shutdown
-	verbose bool
-	stderr  io.Writer
+	what   string   // "dispatcher" or "plain loop", in errors
+	args   []string // of the child
+	config string   // the configuration file, removed by shutdown ("": none)
+	stderr io.Writer
 
 	mu      sync.Mutex // one call at a time
 	cmd     *exec.Cmd
@@ -374,16 +408,24 @@ func newChildOrderly(toml string, verbose bool, stderr io.Writer) (*childOrderly
 		os.Remove(fh.Name())
 		return nil, fmt.Errorf("writing the dispatcher's configuration: %w", err)
 	}
-	return &childOrderly{config: fh.Name(), verbose: verbose, stderr: stderr,
-		lines: make(chan string, 1), quit: make(chan struct{}), done: make(chan struct{})}, nil
+	args := []string{"-serve-dispatcher", "-config", fh.Name()}
+	if verbose {
+		args = append(args, "-v")
+	}
+	c := newChild("dispatcher", stderr, args...)
+	c.config = fh.Name()
+	return c, nil
+}
+
+// newChild returns the parent's end of `orderly-bench args...`, a child
+// that answers the protocol; start starts it.
+func newChild(what string, stderr io.Writer, args ...string) *childOrderly {
+	return &childOrderly{what: what, args: args, stderr: stderr,
+		lines: make(chan string, 1), quit: make(chan struct{}), done: make(chan struct{})}
 }
 
 func (c *childOrderly) start(ctx context.Context) error {
-	args := []string{"-serve-dispatcher", "-config", c.config}
-	if c.verbose {
-		args = append(args, "-v")
-	}
-	cmd, stdin, stdout, err := startChild("dispatcher", c.stderr, args...)
+	cmd, stdin, stdout, err := startChild(c.what, c.stderr, c.args...)
 	if err != nil {
 		return err
 	}
@@ -405,13 +447,13 @@ func (c *childOrderly) start(ctx context.Context) error {
 	case l, ok := <-c.lines:
 		switch {
 		case !ok:
-			return fmt.Errorf("the dispatcher process exited before its partitions were assigned: %v", c.waitExit())
+			return fmt.Errorf("the %s process exited before its partitions were assigned: %v", c.what, c.waitExit())
 		case l != "ready":
-			return fmt.Errorf("the dispatcher process said %q, want ready", l)
+			return fmt.Errorf("the %s process said %q, want ready", c.what, l)
 		}
 		return nil
 	case <-ctx.Done():
-		return errors.New("timed out waiting for the dispatcher process's partition assignment")
+		return fmt.Errorf("timed out waiting for the %s process's partition assignment", c.what)
 	}
 }
 
@@ -460,24 +502,24 @@ func (c *childOrderly) call(command string) (string, error) {
 		return "", c.broken
 	}
 	if c.cmd == nil {
-		return "", errors.New("the dispatcher process is not running")
+		return "", fmt.Errorf("the %s process is not running", c.what)
 	}
 	if _, err := io.WriteString(c.stdin, command+"\n"); err != nil {
-		return "", fmt.Errorf("sending %s to the dispatcher process: %w", verb, err)
+		return "", fmt.Errorf("sending %s to the %s process: %w", verb, c.what, err)
 	}
 	t := time.NewTimer(childCallTimeout)
 	defer t.Stop()
 	select {
 	case l, ok := <-c.lines:
 		if !ok {
-			return "", fmt.Errorf("%s: the dispatcher process exited: %v", verb, c.waitExit())
+			return "", fmt.Errorf("%s: the %s process exited: %v", verb, c.what, c.waitExit())
 		}
 		if msg, failed := strings.CutPrefix(l, "error: "); failed {
-			return "", fmt.Errorf("the dispatcher process: %s: %s", verb, msg)
+			return "", fmt.Errorf("the %s process: %s: %s", c.what, verb, msg)
 		}
 		return l, nil
 	case <-t.C:
-		c.broken = fmt.Errorf("the dispatcher process did not answer %s within %s", verb, childCallTimeout)
+		c.broken = fmt.Errorf("the %s process did not answer %s within %s", c.what, verb, childCallTimeout)
 		return "", c.broken
 	}
 }
@@ -486,7 +528,7 @@ func (c *childOrderly) call(command string) (string, error) {
 func (c *childOrderly) callOK(command string) error {
 	l, err := c.call(command)
 	if err == nil && l != "ok" {
-		err = fmt.Errorf("the dispatcher process answered %q to %s, want ok", l, command)
+		err = fmt.Errorf("the %s process answered %q to %s, want ok", c.what, l, command)
 	}
 	return err
 }
@@ -498,7 +540,7 @@ func (c *childOrderly) stats() (orderlyStats, error) {
 		return st, err
 	}
 	if err := json.Unmarshal([]byte(l), &st); err != nil {
-		return st, fmt.Errorf("the dispatcher process's stats %q: %w", l, err)
+		return st, fmt.Errorf("the %s process's stats %q: %w", c.what, l, err)
 	}
 	return st, nil
 }
@@ -537,7 +579,9 @@ func (c *childOrderly) profile(kind, file string) error {
 // configuration file.
 func (c *childOrderly) shutdown() error {
 	c.once.Do(func() {
-		defer os.Remove(c.config)
+		if c.config != "" {
+			defer os.Remove(c.config)
+		}
 		if c.cmd == nil {
 			return
 		}
@@ -546,12 +590,12 @@ func (c *childOrderly) shutdown() error {
 		select {
 		case <-c.done:
 			if c.waitErr != nil {
-				c.shutErr = fmt.Errorf("the dispatcher process: %w", c.waitErr)
+				c.shutErr = fmt.Errorf("the %s process: %w", c.what, c.waitErr)
 			}
 		case <-time.After(stopTimeout):
 			_ = c.cmd.Process.Kill()
 			<-c.done // killed: stdout closes, Wait returns
-			c.shutErr = fmt.Errorf("the dispatcher process did not stop within %s: killed", stopTimeout)
+			c.shutErr = fmt.Errorf("the %s process did not stop within %s: killed", c.what, stopTimeout)
 		}
 	})
 	return c.shutErr

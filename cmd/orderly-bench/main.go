@@ -11,7 +11,9 @@
 // started again with -serve-broker or -serve-dispatcher (see dispatcher.go),
 // so that Orderly's figures are those of the Orderly process alone, as
 // deployed; the sink, the recorder, the producer and the ceiling client stay
-// in the harness's process.
+// in the harness's process. The transform scenario (transform.go) compares
+// Orderly's Kafka-to-Kafka transform with a plain consume, md5, produce loop
+// instead, which runs as a child too (-serve-plainloop).
 //
 // The scenarios are listed in scenarios.go; `make bench` runs them all.
 package main
@@ -41,10 +43,12 @@ Measure Orderly against a plain net/http client (the ceiling) on a local HTTP si
 pre-produced to an embedded broker, then both send them, and the throughput, latency, memory and
 allocations of each are printed side by side. A -scenario sets the flags of one of the README's
 performance scenarios (flags given explicitly override it) and checks its target. By default the
-broker and Orderly each run in a child process, so that what is measured is Orderly's alone.`
+broker and Orderly each run in a child process, so that what is measured is Orderly's alone. The
+transform scenario compares Orderly's Kafka-to-Kafka transform with a plain consume, md5, produce
+loop instead.`
 
 // hiddenFlags are the helper processes' flags, left out of the help.
-var hiddenFlags = []string{"serve-broker", "serve-dispatcher", "config"}
+var hiddenFlags = []string{"serve-broker", "serve-dispatcher", "config", "serve-plainloop", "brokers"}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -60,6 +64,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	serveBrokerFlag := fs.Bool("serve-broker", false, "internal: serve only the embedded broker until stdin closes")
 	serveDispatcherFlag := fs.Bool("serve-dispatcher", false, "internal: run only the Orderly service of -config, answering the bench's commands on stdin, until stdin closes")
 	config := fs.String("config", "", "internal: the configuration file of -serve-dispatcher")
+	servePlainFlag := fs.Bool("serve-plainloop", false, "internal: run only the transform scenario's plain loop, answering the bench's commands on stdin, until stdin closes")
+	brokers := fs.String("brokers", "", "internal: the brokers of -serve-plainloop")
 	switch err := fs.Parse(args); {
 	case errors.Is(err, flag.ErrHelp):
 		printHelp(fs, stdout)
@@ -80,6 +86,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if *serveDispatcherFlag {
 		return serveDispatcher(*config, f.verbose, os.Stdin, stdout, stderr)
+	}
+	if *servePlainFlag {
+		return servePlainLoop(*brokers, os.Stdin, stdout, stderr)
 	}
 	var set []*flag.Flag
 	fs.Visit(func(fl *flag.Flag) { set = append(set, fl) })
@@ -152,6 +161,7 @@ func repeatRuns(runs []benchRun, f benchFlags) []benchRun {
 				}
 			}
 			r.f.broker, r.f.dispatcher = f.broker, f.dispatcher
+			r.rep = i
 			if r.hotCompare != nil {
 				c := *r.hotCompare
 				c.f.broker, c.f.dispatcher = f.broker, f.dispatcher

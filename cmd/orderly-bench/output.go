@@ -84,11 +84,23 @@ var benchDefinitions = map[string]string{
 	"live e2e":   "per request of the live phase (messages produced at a steady rate after the backlog, by default a quarter of msg/s for 1s): from the produce timestamp in the event to the request received (includes the producer's linger.ms=5)",
 	"cpu s/10k":  "user+system CPU from assignment to the last request, per 10,000 messages, of the Orderly process: with -dispatcher process the child alone (/proc/PID/stat, 10ms ticks), the bench process's (sink, recorder, harness: on 2 cores they compete as two processes do) and the broker child's beside it; with -dispatcher in-process this process (getrusage), sink included and, with -broker in-process, the broker",
 	"rss":        "MB of the Orderly process; base: with -dispatcher process the child at start-up, right after its partitions are assigned and a GC (it is already consuming the backlog), with -dispatcher in-process before the dispatcher started, after a GC (with -broker in-process the backlog is in this heap); steady: median of 100ms samples of /proc/PID/statm during the backlog; peak: their largest; after: after the run (and -settle); freed: then after runtime.GC + debug.FreeOSMemory; maxrss: the process's peak (VmHWM of the child; getrusage in-process, the harness included)",
+	"transform":  "6-transform: the name events pre-produced to " + transformInput + ", then read, transformed (testkit.HashedValue: key, seq, names, md5 of the event) and produced to another topic by Orderly (one route, one topic request, DLQ on) and by the plain loop (one consume loop feeding a goroutine per input partition, encoding/json and md5, idempotent produce with acks=all not waited for, auto-commit), each in a child process in turn on the same broker, the first alternating over -repeat; msg/s: events / time from the first record of its output topic to the last (the topic's end offsets, polled every 5ms), so that start-up is left out; first record: from the side's partition assignment (every event consumable) to its first record; cpu s: the side's process from the assignment to the last record (broker cpu s: the broker process's over the same time, with -broker process); rss: MB of its process, steady and peak of 100ms samples over the window, maxrss its VmHWM; violations, dup, missing: testkit.HashedCheck of its output topic read back after the run (key, md5 of the event, per-key order); the run fails if a record is missing, out of order, wrong, or if the two topics' values differ",
 	"allocs/msg": "runtime.MemStats.Mallocs delta of the Orderly process / messages delivered over the backlog; own: Orderly's own code (go-retryablehttp and the Kafka client's Go side included), net/http excluded: with -dispatcher process allocs/msg - the net/http client's per request x requests, the client's per request being the bench process's during the ceiling run (client + sink side) - the bench process's during Orderly's run (sink side and harness only; with -broker in-process the broker too); with -dispatcher in-process allocs/msg - the ceiling run's per message (net/http client and server, the sink; the broker with -broker in-process is counted as own)",
 }
 
 // printBenchTable prints one row per run and the definitions of the columns.
 func printBenchTable(w io.Writer, results []*benchResult) {
+	var transform []*benchResult
+	results = slices.DeleteFunc(slices.Clone(results), func(r *benchResult) bool {
+		if r.Transform != nil {
+			transform = append(transform, r)
+		}
+		return r.Transform != nil
+	})
+	defer printTransformTable(w, transform)
+	if len(results) == 0 {
+		return
+	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "run\tmessages\tmsg/s\tceiling (goroutines)\tratio\tdispatch p50\tp99\tlive p50\tp99\tcpu s/10k\trss MB base\tsteady\tpeak\tafter\tfreed\tallocs/msg\town\t")
@@ -124,6 +136,99 @@ func printBenchTable(w io.Writer, results []*benchResult) {
 	}
 }
 
+// printTransformTable prints two rows per transform run, Orderly's and the
+// plain loop's, and the definition of the columns.
+func printTransformTable(w io.Writer, results []*benchResult) {
+	if len(results) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "run\tmessages\tsystem\tmsg/s\tratio\tfirst record\tcpu s\tcpu s/10k\tbroker cpu s\trss MB steady\tpeak\tmaxrss\tviolations\tdup\tmissing\t")
+	for _, r := range results {
+		t := r.Transform
+		for _, s := range []*transformSide{&t.Orderly, t.Plain} {
+			if s == nil {
+				continue
+			}
+			ratio := "-"
+			if s == &t.Orderly && t.Ratio > 0 {
+				ratio = fmt.Sprintf("%.2f", t.Ratio)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%s\t%.0fms\t%.2f\t%.2f\t%.2f\t%.0f\t%.0f\t%.0f\t%d\t%d\t%d\t\n", r.Name, r.Messages, s.System,
+				s.Throughput, ratio, s.FirstMS, s.CPUSeconds, s.CPUPer10k, s.BrokerCPU, s.RSSSteady, s.RSSPeak, s.MaxRSS, s.Violations, s.Duplicates, s.Missing)
+		}
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\n  %-10s %s\n", "transform", benchDefinitions["transform"])
+}
+
+// median returns the median of f over rs.
+func median(rs []*benchResult, f func(*benchResult) float64) float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = f(r)
+	}
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
+// spread returns the median of f over rs with its minimum and maximum, as
+// "median (min–max)".
+func spread(rs []*benchResult, f func(*benchResult) float64, format string) string {
+	lo, hi := math.Inf(1), math.Inf(-1)
+	for _, r := range rs {
+		lo, hi = min(lo, f(r)), max(hi, f(r))
+	}
+	return fmt.Sprintf(format+" ("+format+"–"+format+")", median(rs, f), lo, hi)
+}
+
+// printTransformMedians summarises repeated transform runs.
+func printTransformMedians(w io.Writer, order []string, groups map[string][]*benchResult) {
+	if !slices.ContainsFunc(order, func(name string) bool { return groups[name][0].Transform != nil }) {
+		return
+	}
+	fmt.Fprintln(w, "\ntransform: medians (min–max) over the repetitions")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "run\truns\torderly msg/s\tplain loop msg/s\tratio\tcpu s orderly\tplain\tmaxrss MB orderly\tplain\tviolations orderly\tplain\t")
+	for _, name := range order {
+		rs := groups[name]
+		if rs[0].Transform == nil {
+			continue
+		}
+		plain := func(f func(*transformSide) float64) func(*benchResult) float64 {
+			return func(r *benchResult) float64 {
+				if r.Transform.Plain == nil {
+					return 0
+				}
+				return f(r.Transform.Plain)
+			}
+		}
+		orderly := func(f func(*transformSide) float64) func(*benchResult) float64 {
+			return func(r *benchResult) float64 { return f(&r.Transform.Orderly) }
+		}
+		rate := func(s *transformSide) float64 { return s.Throughput }
+		cpu := func(s *transformSide) float64 { return s.CPUSeconds }
+		rss := func(s *transformSide) float64 { return s.MaxRSS }
+		var vo, vp int
+		for _, r := range rs {
+			vo += r.Transform.Orderly.Violations
+			if r.Transform.Plain != nil {
+				vp += r.Transform.Plain.Violations
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t\n", name, len(rs),
+			spread(rs, orderly(rate), "%.0f"), spread(rs, plain(rate), "%.0f"),
+			spread(rs, func(r *benchResult) float64 { return r.Transform.Ratio }, "%.2f"),
+			spread(rs, orderly(cpu), "%.2f"), spread(rs, plain(cpu), "%.2f"),
+			spread(rs, orderly(rss), "%.0f"), spread(rs, plain(rss), "%.0f"), vo, vp)
+	}
+	tw.Flush()
+}
+
 // printBenchMedians summarises repeated runs (named NAME#k): the median of
 // each figure over the repetitions.
 func printBenchMedians(w io.Writer, results []*benchResult) {
@@ -139,22 +244,19 @@ func printBenchMedians(w io.Writer, results []*benchResult) {
 		}
 		groups[name] = append(groups[name], r)
 	}
-	med := func(rs []*benchResult, f func(*benchResult) float64) float64 {
-		v := make([]float64, len(rs))
-		for i, r := range rs {
-			v[i] = f(r)
-		}
-		slices.Sort(v)
-		if len(v)%2 == 1 {
-			return v[len(v)/2]
-		}
-		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	med := median
+	defer printTransformMedians(w, order, groups)
+	if !slices.ContainsFunc(results, func(r *benchResult) bool { return r.Transform == nil }) {
+		return
 	}
 	fmt.Fprintln(w, "\nmedians over the repetitions")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "run\truns\tmsg/s\tceiling (goroutines)\tratio\tratio min\tmax\tlive p50\tp99\tcpu s/10k\trss steady\tpeak\tallocs/msg\town\t")
 	for _, name := range order {
 		rs := groups[name]
+		if rs[0].Transform != nil {
+			continue
+		}
 		ratio := func(r *benchResult) float64 {
 			if r.OtherKeys != nil {
 				return r.OtherKeys.Ratio

@@ -96,6 +96,11 @@ type benchResult struct {
 	Missing        int     `json:"missing"`           // of the keys waited for
 	OtherKeys      *hotKey `json:"hot_key_result,omitempty"`
 
+	// The transform scenario: Orderly and the plain loop side by side
+	// (Throughput and the figures above are Orderly's, Ceiling the plain
+	// loop's rate).
+	Transform *transformResult `json:"transform,omitempty"`
+
 	partHot int32 // partition of the hot key
 }
 

@@ -42,6 +42,10 @@ func NewRecords(brokers string, topics []string, props map[string]string, timeou
 		// brokers' defaults; librdkafka gives up on it after this wait.
 		"allow.auto.create.topics":          false,
 		"topic.metadata.propagation.max.ms": 10000,
+		// A key's next record waits for this one's acknowledgement, so
+		// the linger is on each key's critical path: 1 ms rather than
+		// New's 5 still batches the records of the keys meanwhile.
+		"linger.ms": 1,
 	}
 	if limit, err := maxMessageBytes(brokers, topics, props, timeout); err != nil {
 		log.Warn("unable to read the max.message.bytes of the routes' topics: batches may be refused whole for one large record",

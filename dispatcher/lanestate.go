@@ -34,7 +34,9 @@ func (s laneState) busy() bool { return s != laneIdle && s != laneAbandoned }
 
 // unwaited reports whether a drain does not wait for a lane in s: it cannot
 // finish by itself meanwhile.
-func (s laneState) unwaited() bool { return s == parkStalled || s == parkDLQRetry || s == parkReplaying }
+func (s laneState) unwaited() bool {
+	return s == parkStalled || s == parkDLQRetry || s == parkReplaying
+}
 
 // parked reports whether s is one of the park* states: busy, held by
 // nobody, out of every pool.

@@ -125,8 +125,8 @@ type lane struct {
 	// is busy: an idle lane is small, so many keys cost little.
 	*delivery
 	// Protected by p.mu.
-	q         []*item   // in order; q[0] is being delivered
-	state     laneState // moved only by moveLocked
+	q         []*item     // in order; q[0] is being delivered
+	state     laneState   // moved only by moveLocked
 	retry     *time.Timer // the backoff timer, reused
 	idleSince time.Time   // when it last ran out of work
 }

@@ -669,7 +669,7 @@ func TestKubernetesManifestsAreCoherent(t *testing.T) {
 					e.Value, ct.Resources.Limits["memory"])
 			}
 		case "GOGC":
-			t.Errorf("GOGC is set: it turns Orderly's held-aware GC headroom off")
+			t.Errorf("GOGC is set: leave it at its default and bound the memory with GOMEMLIMIT (README, Memory)")
 		}
 	}
 	// The image's ENTRYPOINT already holds run --config; args would be

@@ -19,12 +19,14 @@ func TestPercent(t *testing.T) {
 		want                   int
 	}{
 		{live: 100 * mb, held: 0, min: 16 * mb, want: 100},                     // nothing held: GOGC=100
-		{live: 100 * mb, held: 90 * mb, min: 16 * mb, want: 16},                // 10 MB of the rest < the floor
+		{live: 100 * mb, held: 90 * mb, min: 16 * mb, want: 25},                // 10 MB of the rest < a quarter of the heap
 		{live: 100 * mb, held: 50 * mb, min: 16 * mb, want: 50},                // headroom = the rest
 		{live: 10 * mb, held: 9 * mb, min: 16 * mb, want: 100},                 // the floor exceeds the heap
-		{live: 400 * mb, held: 400 * mb, min: 1 * mb, want: 1},                 // never below 1
-		{live: 100 * mb, held: 200 * mb, min: 16 * mb, want: 16},               // an overestimate of held
+		{live: 400 * mb, held: 400 * mb, min: 1 * mb, want: 25},                // never below a quarter
+		{live: 100 * mb, held: 200 * mb, min: 16 * mb, want: 25},               // an overestimate of held
 		{live: 40 * mb, roots: 20 * mb, held: 28 * mb, min: 16 * mb, want: 53}, // stacks count as the rest
+		{live: 4096 * mb, held: 4000 * mb, min: 16 * mb, want: 25},             // gigabytes held: a quarter, not 16 MB (GOGC 2)
+		{live: 40 * mb, held: 36 * mb, min: 16 * mb, want: 40},                 // a small heap: the fixed floor
 	} {
 		if got := percent(tt.live, tt.roots, tt.held, tt.min); got != tt.want {
 			t.Errorf("percent(live %d MB, roots %d MB, held %d MB, min %d MB) = %d, want %d",
@@ -54,9 +56,7 @@ var sink []byte
 // once the held memory is let go it releases the heap (a forced collection)
 // and GOGC goes back to 100. When Run returns, the GOGC it found is back.
 func TestGovernor(t *testing.T) {
-	if _, ok := os.LookupEnv("GOGC"); ok {
-		t.Skip("GOGC is set: the governor leaves the collector alone")
-	}
+	skipIfEnvironment(t)
 	before := debug.SetGCPercent(80)
 	defer debug.SetGCPercent(before)
 
@@ -97,9 +97,7 @@ func TestGovernor(t *testing.T) {
 // of the last collection back, not by waiting: with a short IdleAfter
 // (it was 50 ms) a busy machine could let it pass between two steps.
 func TestIdleRelease(t *testing.T) {
-	if _, ok := os.LookupEnv("GOGC"); ok {
-		t.Skip("GOGC is set: the governor leaves the collector alone")
-	}
+	skipIfEnvironment(t)
 	var held atomic.Int64
 	g := newGovernor(Options{Held: held.Load, IdleAfter: time.Hour})
 	defer debug.SetGCPercent(g.initial)
@@ -139,24 +137,38 @@ func TestIdleRelease(t *testing.T) {
 	}
 }
 
-// TestEnvironmentWins: with GOGC in the environment Run returns at once and
-// changes nothing.
-func TestEnvironmentWins(t *testing.T) {
-	t.Setenv("GOGC", "150")
-	before := debug.SetGCPercent(70)
-	defer debug.SetGCPercent(before)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		Run(context.Background(), Options{Held: func() int64 { return 1 << 40 }})
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Run did not return with GOGC set")
+// skipIfEnvironment skips a test of the governor when the environment
+// turns it off.
+func skipIfEnvironment(t *testing.T) {
+	for _, env := range []string{"GOGC", "GOMEMLIMIT"} {
+		if _, ok := os.LookupEnv(env); ok {
+			t.Skipf("%s is set: the governor leaves the collector alone", env)
+		}
 	}
-	if got := gcPercent(); got != 70 {
-		t.Fatalf("GOGC = %d after Run with GOGC in the environment, want 70 untouched", got)
+}
+
+// TestEnvironmentWins: with GOGC or GOMEMLIMIT in the environment Run
+// returns at once and changes nothing.
+func TestEnvironmentWins(t *testing.T) {
+	for _, env := range [][2]string{{"GOGC", "150"}, {"GOMEMLIMIT", "900MiB"}} {
+		t.Run(env[0], func(t *testing.T) {
+			t.Setenv(env[0], env[1])
+			before := debug.SetGCPercent(70)
+			defer debug.SetGCPercent(before)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				Run(context.Background(), Options{Held: func() int64 { return 1 << 40 }})
+			}()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("Run did not return with %s set", env[0])
+			}
+			if got := gcPercent(); got != 70 {
+				t.Fatalf("GOGC = %d after Run with %s in the environment, want 70 untouched", got, env[0])
+			}
+		})
 	}
 }
 

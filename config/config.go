@@ -46,14 +46,13 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/http"
 	"os"
 	"reflect"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -145,71 +144,21 @@ type Check func(*Config) error
 // is decoded and checked; only a syntax error stops decoding. Parse never
 // panics on any input.
 func Parse(data []byte, filename string, checks ...Check) (*Config, error) {
-	src := scan(filename, data)
-	errs := src.render(src.typeIssues, src.routeName)
-	// Values decoding would mishandle are blanked out, and so is each
-	// value decoding rejects, until it takes the rest.
-	var blanked []keyPath
-	doc, copied := data, false
-	stop := false
-	blank := func(i int) bool {
-		if !src.blankable(i) {
-			return false
-		}
-		if !copied {
-			doc, copied = bytes.Clone(data), true
-		}
-		src.blank(doc, i)
-		blanked = append(blanked, src.spans[i].p)
-		return true
-	}
-	for _, is := range src.typeIssues {
-		if !blank(is.span) {
-			stop = true
-		}
-	}
-	cfg := Defaults()
-	for attempt := 0; !stop; attempt++ {
-		cfg = Defaults()
-		dec := toml.NewDecoder(bytes.NewReader(doc))
-		dec.DisallowUnknownFields()
-		err := dec.Decode(&cfg)
-		if err == nil {
-			break
-		}
-		var missing *toml.StrictMissingError
-		if errors.As(err, &missing) {
-			// Everything else was decoded: report the unknown keys together
-			// with the rest.
-			for i := range missing.Errors {
-				errs = append(errs, src.unknownKey(&missing.Errors[i], cfg.routeName))
-			}
-			break
-		}
-		// A syntax or type error: decoding stopped there. Without the
-		// value (a type error), it may go on.
-		fe := src.decodeError(err)
-		errs = append(errs, fe)
-		var de *toml.DecodeError
-		if !errors.As(err, &de) || fe.Key == "" || attempt >= maxDecodeAttempts {
-			stop = true
-			break
-		}
-		if line, col := de.Position(); !blank(src.spanAt(line, col)) {
-			stop = true
-		}
-	}
-	sortByPosition(errs)
-	if stop {
+	src := index(filename, data)
+	cfg, errs, left, ok := src.decode(data)
+	if !ok {
 		// The values cannot all be judged.
 		return nil, errs
 	}
 	cfg.src = src
-	cfg.UnsetEnv = src.unset
-	expandValue(reflect.ValueOf(&cfg).Elem())
+	cfg.UnsetEnv = slices.Sorted(maps.Keys(src.unset))
+	expandEnv(reflect.ValueOf(&cfg).Elem())
 	cfg.setDefaults()
-	errs = append(errs, src.render(src.envIssues, cfg.routeName)...)
-	v := &validator{c: &cfg, skip: blanked}
+	for _, e := range src.envIssues {
+		e.Key = e.path.display(cfg.routeName)
+		errs = append(errs, e)
+	}
+	v := &validator{c: &cfg, skip: left}
 	v.all()
 	errs = append(errs, v.errs...)
 	for _, check := range checks {
@@ -218,7 +167,7 @@ func Parse(data []byte, filename string, checks ...Check) (*Config, error) {
 			if !errors.As(e, &fe) {
 				fe = &FieldError{File: filename, Msg: e.Error(), Err: e}
 			}
-			if !covered(fe.path, blanked, errs) {
+			if !covered(fe.path, left, errs) {
 				errs = append(errs, fe)
 			}
 		}
@@ -228,11 +177,6 @@ func Parse(data []byte, filename string, checks ...Check) (*Config, error) {
 	}
 	return &cfg, nil
 }
-
-// maxDecodeAttempts bounds the values of the wrong type Parse leaves out
-// before it gives up on decoding the rest: each costs a decoding of the
-// whole file.
-const maxDecodeAttempts = 50
 
 // flatten returns the errors err holds: those of an Errors or of
 // errors.Join, err itself otherwise; none for nil.
@@ -309,7 +253,7 @@ func (c *Config) ErrorAt(path string, err error) *FieldError {
 	}
 	fe.path = p
 	fe.Key = p.display(c.routeName)
-	if at, ok := c.src.position(p); ok {
+	if at, ok := c.src.position(p, nil); ok {
 		fe.Line, fe.Col = at.line, at.col
 	}
 	return fe
@@ -398,223 +342,4 @@ func tomlKind(v any) string {
 		return "a date or time (quote it)"
 	}
 	return fmt.Sprintf("%T", v)
-}
-
-// render turns scan issues into errors.
-func (s *source) render(issues []issue, routeName func(int) string) Errors {
-	var errs Errors
-	for _, is := range issues {
-		errs = append(errs, &FieldError{File: s.file, Line: is.at.line, Col: is.at.col,
-			Key: is.p.display(routeName), Msg: is.msg, path: is.p})
-	}
-	return errs
-}
-
-var typeMismatch = regexp.MustCompile(`^cannot decode TOML (\w+) into `)
-
-// decodeError turns a go-toml syntax or type error into a FieldError.
-func (s *source) decodeError(err error) *FieldError {
-	var de *toml.DecodeError
-	if !errors.As(err, &de) {
-		return &FieldError{File: s.file, Msg: strings.TrimPrefix(err.Error(), "toml: "), Err: err}
-	}
-	line, col := de.Position()
-	fe := &FieldError{File: s.file, Line: line, Col: col, Msg: strings.TrimPrefix(de.Error(), "toml: "), Err: err}
-	key := []string(de.Key())
-	if len(key) == 0 {
-		return fe // a syntax error
-	}
-	p := s.pathAt(line, col, key)
-	if p == nil {
-		p = keyPath{}.key(key...)
-	}
-	fe.Key = p.display(s.routeName)
-	fe.path = p
-	if m := typeMismatch.FindStringSubmatch(fe.Msg); m != nil {
-		if t, _ := typeAt(p); describe(t) != "" {
-			fe.Msg = "must be " + describe(t) + ", not a TOML " + m[1]
-		}
-	}
-	return fe
-}
-
-// unknownKey turns one of go-toml's strict-mode errors into a FieldError,
-// with a suggestion when the key is close to a known one.
-func (s *source) unknownKey(de *toml.DecodeError, routeName func(int) string) *FieldError {
-	line, col := de.Position()
-	key := []string(de.Key())
-	p := s.pathAt(line, col, key)
-	if p == nil {
-		p = keyPath{}.key(key...)
-	}
-	what := "key"
-	if strings.Contains(de.Error(), "table") {
-		what = "table"
-	}
-	msg := "unknown " + what
-	if at, ok := s.keys[p.id()]; ok {
-		line, col = at.line, at.col // a table: its header, not its name
-	}
-	if len(p) > 0 {
-		if alt := suggest(p); alt != "" {
-			msg += " (did you mean " + alt + "?)"
-		}
-	}
-	return &FieldError{File: s.file, Line: line, Col: col, Key: p.display(routeName), Msg: msg, Err: de, path: p}
-}
-
-// suggest returns the known key next to the last key of p that is closest
-// to it, if it is close enough to be a typo.
-func suggest(p keyPath) string {
-	last := p[len(p)-1]
-	if last.index >= 0 {
-		return ""
-	}
-	parent, _ := typeAt(p[:len(p)-1])
-	if parent == nil || parent.Kind() != reflect.Struct || parent == durationType {
-		return ""
-	}
-	best, bestD := "", 3
-	for i := 0; i < parent.NumField(); i++ {
-		tag := strings.Split(parent.Field(i).Tag.Get("toml"), ",")[0]
-		if tag == "" || tag == "-" {
-			continue
-		}
-		if d := editDistance(strings.ToLower(last.name), tag); d < bestD {
-			best, bestD = tag, d
-		}
-	}
-	return best
-}
-
-// editDistance is the Levenshtein distance between a and b (bytes).
-func editDistance(a, b string) int {
-	if len(a) > 64 || len(b) > 64 {
-		return math.MaxInt
-	}
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
-}
-
-// envRef is one ${NAME} reference found by expand.
-type envRef struct {
-	name       string
-	set        bool // the variable is set (possibly to "")
-	hasDefault bool // ${NAME:-default}
-}
-
-// expand replaces ${NAME} and ${NAME:-default} with values from the
-// environment and $${ with a literal ${. On a malformed reference it returns
-// s unchanged and an error.
-func expand(s string) (string, []envRef, error) {
-	if !strings.Contains(s, "${") {
-		return s, nil, nil
-	}
-	var b strings.Builder
-	var refs []envRef
-	for i := 0; i < len(s); {
-		switch {
-		case strings.HasPrefix(s[i:], "$${"):
-			b.WriteString("${")
-			i += 3
-		case strings.HasPrefix(s[i:], "${"):
-			end := strings.IndexByte(s[i:], '}')
-			if end < 0 {
-				return s, refs, malformed(s[i:])
-			}
-			body := s[i+2 : i+end]
-			name, def, hasDef := strings.Cut(body, ":-")
-			if !envName(name) {
-				return s, refs, malformed(s[i : i+end+1])
-			}
-			v, set := os.LookupEnv(name)
-			refs = append(refs, envRef{name: name, set: set, hasDefault: hasDef})
-			if hasDef && v == "" {
-				v = def
-			}
-			b.WriteString(v)
-			i += end + 1
-		default:
-			b.WriteByte(s[i])
-			i++
-		}
-	}
-	return b.String(), refs, nil
-}
-
-func malformed(ref string) error {
-	if len(ref) > 40 {
-		ref = ref[:40] + "..."
-	}
-	return fmt.Errorf("malformed environment reference %q: write ${NAME} or ${NAME:-default}, or $${ for a literal ${", ref)
-}
-
-func envName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c == '_' || c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || i > 0 && c >= '0' && c <= '9') {
-			return false
-		}
-	}
-	return true
-}
-
-// expandValue expands ${...} in every string reachable from v: fields,
-// slice elements, pointers, and the values (not keys) of maps, including
-// strings held in interfaces (kafka.properties). Malformed references are
-// left as they are; scan reported them.
-func expandValue(v reflect.Value) {
-	switch v.Kind() {
-	case reflect.String:
-		if v.CanSet() {
-			if s, _, err := expand(v.String()); err == nil {
-				v.SetString(s)
-			}
-		}
-	case reflect.Pointer:
-		if !v.IsNil() {
-			expandValue(v.Elem())
-		}
-	case reflect.Struct:
-		for i := 0; i < v.NumField(); i++ {
-			if v.Type().Field(i).IsExported() {
-				expandValue(v.Field(i))
-			}
-		}
-	case reflect.Slice:
-		for i := 0; i < v.Len(); i++ {
-			expandValue(v.Index(i))
-		}
-	case reflect.Map:
-		for _, k := range v.MapKeys() {
-			el := v.MapIndex(k)
-			if el.Kind() == reflect.Interface {
-				el = el.Elem()
-			}
-			if el.Kind() != reflect.String {
-				continue
-			}
-			if s, _, err := expand(el.String()); err == nil {
-				v.SetMapIndex(k, reflect.ValueOf(s).Convert(el.Type()))
-			}
-		}
-	}
 }

@@ -72,14 +72,7 @@ func (v *validator) failAt(p, alt keyPath, format string, args ...any) {
 	fe := &FieldError{Key: p.display(v.c.routeName), Msg: msg, path: p}
 	if src := v.c.src; src != nil {
 		fe.File = src.file
-		at, ok := src.keys[p.id()]
-		if !ok && alt != nil {
-			at, ok = src.keys[alt.id()]
-		}
-		if !ok {
-			at, ok = src.position(p)
-		}
-		if ok {
+		if at, ok := src.position(p, alt); ok {
 			fe.Line, fe.Col = at.line, at.col
 		}
 	}

@@ -50,10 +50,13 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 		return nil, err
 	}
 	pr := &Producer{p: p, acks: make(chan kafka.Event, 1024)}
+	// "dlq producer error", "records producer error": what the producer is
+	// for, as operators search the logs for it.
+	msg := strings.TrimPrefix(clientID, "orderly-") + " producer error"
 	pr.wg.Go(func() {
 		for ev := range p.Events() {
 			if e, ok := ev.(kafka.Error); ok {
-				log.Warn("producer error", "client", clientID, "error", e)
+				log.Warn(msg, "error", e)
 			}
 		}
 	})

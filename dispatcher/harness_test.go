@@ -13,6 +13,7 @@ import (
 	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/internal/embedded"
 	"github.com/orderly-dispatch/orderly/internal/kafkatest"
+	"github.com/orderly-dispatch/orderly/internal/schemareg"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -31,11 +32,20 @@ func newHarnessWith(t *testing.T, partitions int, tweak func(*embedded.Options))
 	return &harness{kafkatest.New(t, partitions, tweak)}
 }
 
-// run starts a dispatcher with cfg; stop (also run by t.Cleanup) ends it and
-// returns Run's error.
+// run starts a dispatcher with cfg, its routes compiled against cfg's
+// [schema_registry] when it has one; stop (also run by t.Cleanup) ends it
+// and returns Run's error.
 func (h *harness) run(cfg *config.Config, tweak func(*Dispatcher)) (d *Dispatcher, m *telemetry.Metrics, stop func() error) {
 	h.T.Helper()
-	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets))
+	copts := []filters.CompileOption{filters.WithTargets(cfg.Targets)}
+	reg, err := schemareg.FromConfig(cfg, kafkatest.Logger(h.T))
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	if reg != nil {
+		copts = append(copts, filters.WithSchemaRegistry(reg))
+	}
+	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, copts...)
 	if err != nil {
 		h.T.Fatal(err)
 	}
@@ -66,6 +76,9 @@ func (h *harness) run(cfg *config.Config, tweak func(*Dispatcher)) (d *Dispatche
 				runErr = fmt.Errorf("dispatcher did not stop within 60s")
 			}
 			sender.Close()
+			if reg != nil {
+				reg.Close()
+			}
 		})
 		return runErr
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"sync"
 	"testing"
 	"time"
 
@@ -12,14 +11,8 @@ import (
 	"github.com/confluentinc/confluent-kafka-go/v2/schemaregistry/serde"
 	"github.com/confluentinc/confluent-kafka-go/v2/schemaregistry/serde/avrov2"
 
-	"github.com/orderly-dispatch/orderly/config"
-	"github.com/orderly-dispatch/orderly/filters"
-	"github.com/orderly-dispatch/orderly/httpclient"
-	"github.com/orderly-dispatch/orderly/internal/kafkatest"
-	"github.com/orderly-dispatch/orderly/internal/schemareg"
 	"github.com/orderly-dispatch/orderly/internal/schemareg/schemaregtest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
-	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // TestSchemaRegistryOutageIsNotPoison: Avro values, produced with
@@ -74,7 +67,7 @@ when = 'value.note == "avro" && value.seq >= 0'
   url = "%s/people/{{ .Value.key }}"
   body = '{"key":{{ json .Value.key }},"seq":{{ .Value.seq }}}'
 `, srv.URL, h.Srv.URL))
-	_, m, stop := runWithRegistry(h, cfg)
+	_, m, stop := h.run(cfg, nil)
 
 	testkit.WaitFor(t, 30*time.Second, "the dispatcher asking the registry while it is down", func() bool {
 		return srv.Refused() >= 10
@@ -130,7 +123,7 @@ value_format = "avro"
   url = "%s/people/{{ .Value.key }}"
 `, srv.URL, h.Srv.URL))
 	cfg.Dispatch.DrainTimeout.Duration = time.Second
-	_, m, stop := runWithRegistry(h, cfg)
+	_, m, stop := h.run(cfg, nil)
 	testkit.WaitFor(t, 30*time.Second, "the dispatcher asking the registry", func() bool { return srv.Refused() >= 5 })
 	start := time.Now()
 	if err := stop(); err != nil {
@@ -145,49 +138,4 @@ value_format = "avro"
 	if got := m.Sum("orderly_dlq_produced_total"); got != 0 || h.Sink.Requests() != 0 {
 		t.Errorf("%v dead-lettered, %d sent while the registry was down", got, h.Sink.Requests())
 	}
-}
-
-// runWithRegistry is harness.run with the routes compiled against cfg's
-// [schema_registry].
-func runWithRegistry(h *harness, cfg *config.Config) (d *Dispatcher, m *telemetry.Metrics, stop func() error) {
-	t := h.T
-	t.Helper()
-	reg, err := schemareg.FromConfig(cfg, kafkatest.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	router, err := filters.Compile(cfg.Routes, cfg.Kafka.Topics, filters.WithTargets(cfg.Targets), filters.WithSchemaRegistry(reg))
-	if err != nil {
-		t.Fatal(err)
-	}
-	targets, err := httpclient.LoadTargets(cfg.Targets)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m = telemetry.NewMetrics()
-	sender := httpclient.New(httpclient.Options{HTTP: cfg.HTTP, Version: "test", Metrics: m, Targets: targets})
-	d, err = New(Options{Config: cfg, Router: router, Sender: sender, Metrics: m, Logger: kafkatest.Logger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- d.Run(ctx) }()
-	var once sync.Once
-	var runErr error
-	stop = func() error {
-		once.Do(func() {
-			cancel()
-			select {
-			case runErr = <-errc:
-			case <-time.After(60 * time.Second):
-				runErr = fmt.Errorf("dispatcher did not stop within 60s")
-			}
-			sender.Close()
-			reg.Close()
-		})
-		return runErr
-	}
-	t.Cleanup(func() { _ = stop() })
-	return d, m, stop
 }

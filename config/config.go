@@ -85,10 +85,11 @@ func Defaults() Config {
 			CommitMetadataMaxBytes: 4096,
 		},
 		HTTP: HTTP{
-			Timeout:         dur(10 * time.Second),
-			MaxConnsPerHost: 256,
-			MaxConnAge:      dur(60 * time.Second),
-			IdleConnTimeout: dur(90 * time.Second),
+			Timeout:              dur(10 * time.Second),
+			MaxConnsPerHost:      256,
+			AdaptiveConnsPerHost: true,
+			MaxConnAge:           dur(60 * time.Second),
+			IdleConnTimeout:      dur(90 * time.Second),
 			Retry: Retry{
 				MaxAttempts:    10,
 				InitialBackoff: dur(100 * time.Millisecond),

@@ -93,10 +93,14 @@ const (
 type HTTP struct {
 	Timeout         Duration `toml:"timeout"`
 	MaxConnsPerHost int      `toml:"max_conns_per_host"`
-	MaxConnAge      Duration `toml:"max_conn_age"`
-	IdleConnTimeout Duration `toml:"idle_conn_timeout"`
-	Retry           Retry    `toml:"retry"`
-	Breaker         Breaker  `toml:"breaker"`
+	// AdaptiveConnsPerHost lets the senders (and so the connections) per
+	// host adapt below MaxConnsPerHost to the fewest that keep the host's
+	// latency near its unloaded level.
+	AdaptiveConnsPerHost bool     `toml:"adaptive_conns_per_host"`
+	MaxConnAge           Duration `toml:"max_conn_age"`
+	IdleConnTimeout      Duration `toml:"idle_conn_timeout"`
+	Retry                Retry    `toml:"retry"`
+	Breaker              Breaker  `toml:"breaker"`
 }
 
 // Retry configures per-request retries.

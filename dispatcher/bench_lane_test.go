@@ -71,7 +71,7 @@ name = "people"
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d.ctx = ctx
-	d.senders = newSenders(cfg.HTTP.MaxConnsPerHost, d.metrics)
+	d.senders = newSenders(cfg.HTTP.MaxConnsPerHost, cfg.HTTP.AdaptiveConnsPerHost, d.metrics)
 	topic := "orders"
 	p := newPartition(d, kafka.TopicPartition{Topic: &topic, Partition: 0}, offsets.New(-1))
 	b.Cleanup(func() {

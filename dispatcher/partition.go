@@ -446,23 +446,25 @@ func (p *partition) removeLocked(l *lane) {
 
 // attempt makes the next attempt of l's head message (the caller, a sender,
 // holds l) and returns the pool l waits in next, or nil when l went
-// elsewhere (idle, parked, dropped).
-func (p *partition) attempt(l *lane) *pool {
+// elsewhere (idle, parked, dropped), and the target's latency when it
+// answered (0 otherwise).
+func (p *partition) attempt(l *lane) (*pool, time.Duration) {
 	p.mu.Lock()
 	if l.state == laneAbandoned {
 		p.mu.Unlock()
-		return nil
+		return nil, 0
 	}
 	if p.dead {
 		p.abandonLocked(l)
 		p.mu.Unlock()
-		return nil
+		return nil, 0
 	}
 	l.moveLocked(laneHeld) // from the pool's queue
 	it := l.q[0]
 	p.mu.Unlock()
 
 	st := p.d.sender.Attempt(it.context(p), &l.call)
+	latency := st.Latency
 	switch st.Outcome {
 	case httpclient.Delivered:
 		if it.route.Captures() {
@@ -471,7 +473,7 @@ func (p *partition) attempt(l *lane) *pool {
 		l.next++
 	case httpclient.Retry:
 		p.park(l, st.After)
-		return nil
+		return nil, 0
 	case httpclient.Failed:
 		if it.route.Captures() {
 			l.responses = append(l.responses, l.call.Response()) // for the error_topic record
@@ -484,9 +486,9 @@ func (p *partition) attempt(l *lane) *pool {
 		p.mu.Lock()
 		p.abandonLocked(l)
 		p.mu.Unlock()
-		return nil
+		return nil, 0
 	}
-	return p.advance(l)
+	return p.advance(l), latency
 }
 
 // advance moves l (held by the caller) on from its head message: past

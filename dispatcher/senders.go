@@ -38,9 +38,10 @@ const (
 // The dispatcher owns the senders: Run creates them and close, after every
 // partition stopped, ends the idle ones and waits for all of them.
 type senders struct {
-	max     int // senders per pool
-	metrics *telemetry.Metrics
-	now     func() time.Time // the clock of pool idleness (tests replace it)
+	max      int  // senders per pool
+	adaptive bool // the limit adapts below max (senderlimit.go)
+	metrics  *telemetry.Metrics
+	now      func() time.Time // the clock of pool idleness (tests replace it)
 
 	mu        sync.Mutex // protects writes of pools, closed and lastSweep
 	closed    bool
@@ -50,8 +51,8 @@ type senders struct {
 	wg    sync.WaitGroup // one per sender goroutine
 }
 
-func newSenders(maxConnsPerHost int, m *telemetry.Metrics) *senders {
-	e := &senders{max: maxConnsPerHost, metrics: m, now: time.Now}
+func newSenders(maxConnsPerHost int, adaptive bool, m *telemetry.Metrics) *senders {
+	e := &senders{max: maxConnsPerHost, adaptive: adaptive, metrics: m, now: time.Now}
 	if e.max <= 0 {
 		e.max = math.MaxInt
 	}
@@ -85,8 +86,10 @@ func (e *senders) pool(target string) *pool {
 	if sweep {
 		e.lastSweep = now
 	}
-	pl := &pool{e: e, target: target, closed: e.closed, idleSince: now,
-		sendersGauge: e.metrics.Senders.WithLabelValues(target), queuedGauge: e.metrics.QueuedLanes.WithLabelValues(target)}
+	pl := &pool{e: e, target: target, closed: e.closed, idleSince: now, limit: newSenderLimit(e.max, e.adaptive, time.Now()),
+		sendersGauge: e.metrics.Senders.WithLabelValues(target), queuedGauge: e.metrics.QueuedLanes.WithLabelValues(target),
+		limitGauge: e.metrics.SenderLimit.WithLabelValues(target)}
+	pl.limitGauge.Set(float64(pl.limit.limit))
 	m[target] = pl
 	e.pools.Store(&m)
 	return pl
@@ -104,6 +107,7 @@ func (pl *pool) removeIfIdle(now time.Time) bool {
 	pl.removed = true
 	pl.e.metrics.Senders.DeleteLabelValues(pl.target)
 	pl.e.metrics.QueuedLanes.DeleteLabelValues(pl.target)
+	pl.e.metrics.SenderLimit.DeleteLabelValues(pl.target)
 	return true
 }
 
@@ -127,12 +131,14 @@ type pool struct {
 
 	sendersGauge prometheus.Gauge // orderly_http_senders
 	queuedGauge  prometheus.Gauge // orderly_http_queued_lanes
+	limitGauge   prometheus.Gauge // orderly_http_sender_limit
 
-	mu     sync.Mutex // protects the fields below
-	q      laneRing   // lanes waiting for a sender, in arrival order
-	idle   []*sender  // senders waiting for a lane
-	n      int        // sender goroutines alive
-	peak   int        // the most senders alive at once (tests)
+	mu     sync.Mutex   // protects the fields below
+	limit  *senderLimit // how many senders may run
+	q      laneRing     // lanes waiting for a sender, in arrival order
+	idle   []*sender    // senders waiting for a lane
+	n      int          // sender goroutines alive
+	peak   int          // the most senders alive at once (tests)
 	closed bool
 	// idleSince is when n last fell to 0 (or the pool was created);
 	// removed is set once a sweep dropped the pool: a lane pushed to it
@@ -163,18 +169,24 @@ func (pl *pool) push(l *lane) {
 		s.wake <- l // buffered: never blocks
 		return
 	}
-	if pl.n < pl.e.max && !pl.closed {
-		pl.n++
-		pl.peak = max(pl.peak, pl.n)
-		pl.e.wg.Add(1)
+	if pl.n < pl.limit.limit && !pl.closed {
+		pl.startLocked()
 		pl.mu.Unlock()
-		pl.sendersGauge.Inc()
 		go pl.run(l)
 		return
 	}
 	pl.q.push(l)
 	pl.queuedGauge.Set(float64(pl.q.len()))
 	pl.mu.Unlock()
+}
+
+// startLocked counts in a sender goroutine the caller starts; the caller
+// holds pl.mu.
+func (pl *pool) startLocked() {
+	pl.n++
+	pl.peak = max(pl.peak, pl.n)
+	pl.e.wg.Add(1)
+	pl.sendersGauge.Inc()
 }
 
 // run is a sender goroutine: it serves lanes until it has been idle for
@@ -187,7 +199,10 @@ func (pl *pool) run(l *lane) {
 	defer idle.Stop()
 	for {
 		for l != nil {
-			l = pl.serve(l)
+			var exit bool
+			if l, exit = pl.serve(l); exit {
+				return
+			}
 		}
 		if l = pl.wait(s, idle); l == nil {
 			return
@@ -197,22 +212,37 @@ func (pl *pool) run(l *lane) {
 
 // serve makes one attempt for l, moves l on, and returns the lane this
 // sender serves next: the head of the pool's queue, which is l again when l
-// has more to send here and nobody else waits.
-func (pl *pool) serve(l *lane) *lane {
-	next := l.p.attempt(l)
+// has more to send here and nobody else waits, or nil when none waits. It
+// reports exit, having counted the sender out, when the pool runs more
+// senders than its limit.
+func (pl *pool) serve(l *lane) (h *lane, exit bool) {
+	next, latency := l.p.attempt(l)
+	var start []*lane // senders to start: the limit grew
 	pl.mu.Lock()
 	if next == pl {
 		pl.q.push(l) // to the tail: the keys waiting here take turns
 	}
-	h := pl.q.pop()
-	if h != nil {
-		pl.queuedGauge.Set(float64(pl.q.len()))
+	if latency > 0 && pl.limit.sample(time.Now(), latency, pl.q.len() > 0) {
+		pl.limitGauge.Set(float64(pl.limit.limit))
+		for !pl.closed && pl.n < pl.limit.limit && pl.q.len() > 1 {
+			pl.startLocked()
+			start = append(start, pl.q.pop())
+		}
 	}
+	if exit = pl.n > pl.limit.limit; exit {
+		pl.exitLocked()
+	} else {
+		h = pl.q.pop()
+	}
+	pl.queuedGauge.Set(float64(pl.q.len()))
 	pl.mu.Unlock()
+	for _, s := range start {
+		go pl.run(s)
+	}
 	if next != nil && next != pl {
 		next.push(l)
 	}
-	return h
+	return h, exit
 }
 
 // wait parks the sender until a lane is handed to it (returned), or returns

@@ -16,7 +16,7 @@ import (
 // TestIdleTargetsAreForgotten does the same for its targets.)
 func TestIdlePoolsAreRemoved(t *testing.T) {
 	m := telemetry.NewMetrics()
-	e := newSenders(4, m)
+	e := newSenders(4, false, m)
 	clock := testclock.New(time.Unix(1_000_000, 0))
 	e.now = clock.Now
 	pools := func() int { return len(*e.pools.Load()) }

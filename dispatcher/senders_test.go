@@ -182,3 +182,57 @@ open_timeout = "1m"
 		t.Fatalf("%v messages dead-lettered while X was down", got)
 	}
 }
+
+// TestSendersAdaptToATargetThatQueues: a target that serves 4 requests at
+// a time (2 ms each) and queues the rest, 500 keys with work and
+// max_conns_per_host 256. With http.adaptive_conns_per_host (the default)
+// the senders stay near what the target serves instead of queueing 256
+// requests at it; without, they go up to the keys' demand. Either way
+// everything is delivered in order.
+func TestSendersAdaptToATargetThatQueues(t *testing.T) {
+	for _, adaptive := range []bool{true, false} {
+		t.Run(fmt.Sprintf("adaptive=%v", adaptive), func(t *testing.T) {
+			h := newHarness(t, 4)
+			serving := make(chan struct{}, 4)
+			var inFlight, peak atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				n := inFlight.Add(1)
+				defer inFlight.Add(-1)
+				for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+				}
+				serving <- struct{}{}
+				defer func() { <-serving }()
+				time.Sleep(2 * time.Millisecond)
+				h.Sink.ServeHTTP(w, r)
+			}))
+			t.Cleanup(srv.Close)
+			gen := &testkit.Generator{Keys: 500}
+			const n = 4000
+			if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
+				t.Fatal(err)
+			}
+			cfg := h.Config("adapt", "", "")
+			cfg.HTTP.MaxConnsPerHost = 256
+			cfg.HTTP.AdaptiveConnsPerHost = adaptive
+			cfg.Routes[0].Requests[0].URL = srv.URL + "/people/{{ .Key }}"
+			d, m, stop := h.run(cfg, nil)
+			testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool { return h.Sink.Distinct() >= n })
+			limit := m.Sum("orderly_http_sender_limit")
+			if err := stop(); err != nil {
+				t.Fatal(err)
+			}
+			if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
+				t.Fatal(rep)
+			}
+			senders := poolPeak(d, hostOf(srv))
+			t.Logf("senders up to %d, requests at the target up to %d, limit at the end %v", senders, peak.Load(), limit)
+			if adaptive {
+				if senders > 128 || limit > 64 {
+					t.Fatalf("up to %d senders, limit %v at the end: want at most 128 and 64 for a target that serves 4 at a time", senders, limit)
+				}
+			} else if senders < 128 || limit != 256 {
+				t.Fatalf("fixed: up to %d senders, limit %v: want more than 128 and 256", senders, limit)
+			}
+		})
+	}
+}

@@ -122,8 +122,9 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	}
 	sent := time.Now()
 	resp, err := s.roundTrip(ctx, c)
+	latency := time.Since(sent)
 	if sl.c != nil {
-		sl.end(loadSignal(ctx, resp, err), time.Since(sent))
+		sl.end(loadSignal(ctx, resp, err), latency)
 	}
 	if st, ok := s.unauthorized(ctx, c, tg, resp, err, done); ok {
 		return st // the first 401 with an OAuth2 token (auth.go)
@@ -220,6 +221,9 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	st := s.verdict(ctx, c, resp, err, retry, pause)
 	if st.Outcome != Retry {
 		tg.ended(c.id)
+	}
+	if err == nil {
+		st.Latency = latency
 	}
 	return st
 }

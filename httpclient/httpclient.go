@@ -573,6 +573,9 @@ type Step struct {
 	Outcome Outcome
 	After   time.Duration // Retry: the backoff before the next attempt
 	Err     error         // Failed, Canceled: an *Error
+	// Latency is the attempt's round trip, from sending to the drained
+	// answer, when the target answered (0 otherwise): a sample of its load.
+	Latency time.Duration
 }
 
 // Send delivers req, retrying as configured, and returns once it succeeded,

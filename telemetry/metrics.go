@@ -53,6 +53,7 @@ type Metrics struct {
 	ActiveLanes      prometheus.Gauge
 	Senders          *prometheus.GaugeVec   // host
 	QueuedLanes      *prometheus.GaugeVec   // host
+	SenderLimit      *prometheus.GaugeVec   // host
 	Rebalances       *prometheus.CounterVec // kind: assigned, revoked, lost
 	CommitErrors     prometheus.Counter
 	DLQProduced      prometheus.Counter
@@ -123,6 +124,8 @@ func NewMetrics() *Metrics {
 			Help: "Sender goroutines per target host (at most http.max_conns_per_host)."}, []string{"host"}),
 		QueuedLanes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_queued_lanes",
 			Help: "Key lanes with a request ready for a target host, waiting for one of its senders."}, []string{"host"}),
+		SenderLimit: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_sender_limit",
+			Help: "How many senders a target host may have now: http.max_conns_per_host, or below it where http.adaptive_conns_per_host has taken it."}, []string{"host"}),
 		Rebalances: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_rebalances_total",
 			Help: "Partition assignment changes by kind (assigned, revoked, lost)."}, []string{"kind"}),
 		CommitErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_errors_total",
@@ -161,7 +164,7 @@ func NewMetrics() *Metrics {
 	}
 	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.HTTPPauses, m.BreakerState, m.BreakerChanges,
 		m.TargetConcurrencyLimit, m.TargetRateLimited,
-		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.Rebalances, m.CommitErrors,
+		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.SenderLimit, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.Records, m.ReplayMessages, m.ReplayJobsActive,
 		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,
 		m.QuarantinedKeys, m.QuarantinedMessages, m.Deferred, m.Rereads)

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -186,7 +187,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d.ctx = runCtx
-	d.senders = newSenders(d.cfg.HTTP.MaxConnsPerHost, d.metrics)
+	d.senders = newSenders(d.cfg.HTTP.MaxConnsPerHost, d.cfg.HTTP.AdaptiveConnsPerHost, d.metrics)
 
 	var pumps sync.WaitGroup
 	logs := make(chan kafka.LogEvent, 256)
@@ -562,7 +563,8 @@ func (d *Dispatcher) metadataRefused(p *partition, size int) {
 func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	switch e := ev.(type) {
 	case kafka.AssignedPartitions:
-		d.assign(c, e.Partitions)
+		start := d.assign(c, e.Partitions)
+		d.startAt(c, e.Partitions, start)
 		d.metrics.Rebalances.WithLabelValues("assigned").Add(float64(len(e.Partitions)))
 		d.assigned.Store(true)
 		d.log.Info("partitions assigned", "partitions", tpString(e.Partitions), "protocol", c.GetRebalanceProtocol())
@@ -600,11 +602,47 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	return nil
 }
 
+// startAt assigns tps to the consumer at the offsets start (as assign
+// returned them), or, should that fail, as the library would by itself.
+// Explicit offsets spare librdkafka a second committed-offset fetch, and a
+// new group's partitions the 100 ms it waits before it looks up their
+// auto.offset.reset offset.
+func (d *Dispatcher) startAt(c *kafka.Consumer, tps, start []kafka.TopicPartition) {
+	assign := c.Assign
+	if c.GetRebalanceProtocol() == "COOPERATIVE" {
+		assign = c.IncrementalAssign
+	}
+	if err := assign(start); err != nil {
+		d.log.Warn("unable to assign the partitions at their committed offsets; librdkafka looks them up", "error", err)
+		if err := assign(tps); err != nil {
+			d.log.Error("unable to assign the partitions", "partitions", tpString(tps), "error", err)
+		}
+	}
+}
+
+// resetOffset is where a partition without a committed offset starts, as
+// auto.offset.reset says (OffsetInvalid: let librdkafka decide, "error").
+func (d *Dispatcher) resetOffset() kafka.Offset {
+	v, ok := d.cfg.Kafka.Properties["auto.offset.reset"]
+	if !ok {
+		v = "earliest" // consumerConfig's default
+	}
+	switch v {
+	case "smallest", "earliest", "beginning":
+		return kafka.OffsetBeginning
+	case "largest", "latest", "end":
+		return kafka.OffsetEnd
+	}
+	return kafka.OffsetInvalid
+}
+
 // assign starts the newly assigned partitions where the group left off:
 // each partition's tracker starts from the committed offset and the
 // progress record committed with it, so that messages an earlier owner
-// finished beyond the committed offset are not sent again.
-func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) {
+// finished beyond the committed offset are not sent again. It returns tps
+// with the offsets the consumer is to start them at (those it could not
+// read left as they are).
+func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) []kafka.TopicPartition {
 	if d.quarantine != nil {
 		// Keys the partitions' previous owner quarantined must be known
 		// before their next messages are dispatched.
@@ -615,9 +653,20 @@ func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) {
 		cancel()
 	}
 	committed := map[partKey]kafka.TopicPartition{}
+	start := slices.Clone(tps)
 	if res, err := c.Committed(tps, 5000); err == nil {
 		for _, tp := range res {
 			committed[partKey{*tp.Topic, tp.Partition}] = tp
+		}
+		reset := d.resetOffset()
+		for i, tp := range start {
+			ct, ok := committed[partKey{*tp.Topic, tp.Partition}]
+			switch {
+			case ok && ct.Error == nil && ct.Offset >= 0:
+				start[i].Offset, start[i].LeaderEpoch = ct.Offset, ct.LeaderEpoch
+			case ok && ct.Error == nil && ct.Offset == kafka.OffsetInvalid:
+				start[i].Offset = reset
+			}
 		}
 	} else {
 		// The partitions start without progress: what finished beyond the
@@ -652,6 +701,7 @@ func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) {
 		}
 		d.parts[k] = p
 	}
+	return start
 }
 
 // release stops the given partitions, and forgets them: revoked (commit),

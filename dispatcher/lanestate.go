@@ -81,6 +81,9 @@ func (l *lane) moveLocked(to laneState) {
 			"from", from.String(), "to", to.String())
 	}
 	l.state = to
+	if from == laneIdle {
+		p.idle.remove(l) // idleLocked puts it on the list when it goes idle
+	}
 	if from.busy() != to.busy() {
 		if to.busy() {
 			p.busy++

@@ -112,6 +112,21 @@ type delivery struct {
 
 var deliveries = sync.Pool{New: func() any { return new(delivery) }}
 
+// deliveriesOut counts the deliveries taken from the pool and not given
+// back (those of abandoned lanes are left to the collector): the lanes
+// that hold one, which tests bound.
+var deliveriesOut atomic.Int64
+
+func getDelivery() *delivery {
+	deliveriesOut.Add(1)
+	return deliveries.Get().(*delivery)
+}
+
+func putDelivery(d *delivery) {
+	deliveriesOut.Add(-1)
+	deliveries.Put(d)
+}
+
 // lane delivers the messages of one key in order, one at a time. A lane is
 // not a goroutine: while it has work it is in exactly one place at a time —
 // a sender pool's queue, a goroutine that moves it on (a sender, the
@@ -129,6 +144,44 @@ type lane struct {
 	state     laneState   // moved only by moveLocked
 	retry     *time.Timer // the backoff timer, reused
 	idleSince time.Time   // when it last ran out of work
+	// While idle and in its partition's map, the lane is on the
+	// partition's list of idle lanes, oldest first (idleList).
+	idlePrev, idleNext *lane
+}
+
+// idleList is a partition's idle lanes in the order they went idle, so that
+// the lane cap and the sweep retire the oldest without looking at the busy
+// ones (with every held message on a lane of its own, a scan of the map per
+// new key cost more than the message).
+type idleList struct{ head, tail *lane }
+
+// push appends l (not on the list).
+func (il *idleList) push(l *lane) {
+	l.idlePrev, l.idleNext = il.tail, nil
+	if il.tail != nil {
+		il.tail.idleNext = l
+	} else {
+		il.head = l
+	}
+	il.tail = l
+}
+
+// remove takes l off the list, if it is on it.
+func (il *idleList) remove(l *lane) {
+	if l.idlePrev == nil && il.head != l {
+		return
+	}
+	if l.idlePrev != nil {
+		l.idlePrev.idleNext = l.idleNext
+	} else {
+		il.head = l.idleNext
+	}
+	if l.idleNext != nil {
+		l.idleNext.idlePrev = l.idlePrev
+	} else {
+		il.tail = l.idlePrev
+	}
+	l.idlePrev, l.idleNext = nil, nil
 }
 
 // partition is the state of one assigned partition: its completion tracker,
@@ -162,6 +215,7 @@ type partition struct {
 	mu       sync.Mutex        // protects the fields below and every lane's fields
 	keyed    map[string]*lane  // the lanes of keyed messages
 	lanes    map[laneKey]*lane // the others (unkeyed, one per message with unkeyed = "parallel")
+	idle     idleList          // the idle lanes of keyed and lanes, oldest first
 	busy     int               // lanes with work
 	stalled  int               // of those, lanes a drain does not wait for: parked on a failure with no DLQ, or on a failed DLQ write
 	handing  int               // goroutines handing a lane's message to the DLQ writer right now
@@ -406,14 +460,12 @@ func (p *partition) enqueue(it *item) bool {
 
 // retireOneLocked removes one idle lane.
 func (p *partition) retireOneLocked() bool {
-	retired := false
-	p.eachLaneLocked(func(l *lane) {
-		if !retired && !l.state.busy() {
-			p.removeLocked(l)
-			retired = true
-		}
-	})
-	return retired
+	l := p.idle.head
+	if l == nil {
+		return false
+	}
+	p.removeLocked(l)
+	return true
 }
 
 // retireIdle removes the lanes idle for dispatch.lane_idle.
@@ -421,15 +473,14 @@ func (p *partition) retireIdle(now time.Time) {
 	limit := p.d.cfg.Dispatch.LaneIdle.D()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.eachLaneLocked(func(l *lane) {
-		if !l.state.busy() && now.Sub(l.idleSince) >= limit {
-			p.removeLocked(l)
-		}
-	})
+	for l := p.idle.head; l != nil && now.Sub(l.idleSince) >= limit; l = p.idle.head {
+		p.removeLocked(l)
+	}
 }
 
 // removeLocked forgets l, if it is still the lane of its key.
 func (p *partition) removeLocked(l *lane) {
+	p.idle.remove(l)
 	if l.key.kind == laneKeyed {
 		if p.keyed[l.key.key] != l {
 			return
@@ -444,11 +495,11 @@ func (p *partition) removeLocked(l *lane) {
 	p.d.metrics.ActiveLanes.Dec()
 }
 
-// attempt makes the next attempt of l's head message (the caller, a sender,
-// holds l) and returns the pool l waits in next, or nil when l went
+// attempt makes the next attempt of l's head message (the caller, a sender
+// of pool pl, holds l) and returns the pool l waits in next, or nil when l went
 // elsewhere (idle, parked, dropped), and the target's latency when it
 // answered (0 otherwise).
-func (p *partition) attempt(l *lane) (*pool, time.Duration) {
+func (p *partition) attempt(l *lane, pl *pool) (*pool, time.Duration) {
 	p.mu.Lock()
 	if l.state == laneAbandoned {
 		p.mu.Unlock()
@@ -460,6 +511,16 @@ func (p *partition) attempt(l *lane) (*pool, time.Duration) {
 		return nil, 0
 	}
 	l.moveLocked(laneHeld) // from the pool's queue
+	if l.delivery == nil {
+		// Queued before its head message was rendered (advance): render
+		// it now, and send unless it goes elsewhere first.
+		l.delivery = getDelivery()
+		p.mu.Unlock()
+		if next := p.advance(l); next != pl {
+			return next, 0
+		}
+		return p.attempt(l, pl)
+	}
 	it := l.q[0]
 	p.mu.Unlock()
 
@@ -498,12 +559,9 @@ func (p *partition) attempt(l *lane) (*pool, time.Duration) {
 // parked or was dropped.
 func (p *partition) advance(l *lane) *pool {
 	p.mu.Lock()
-	if l.delivery == nil {
-		l.delivery = deliveries.Get().(*delivery)
-	}
 	for {
 		if p.dead {
-			if len(l.q) > 0 && l.q[0].fail == nil && l.rendered && l.next >= len(l.plan.Requests) {
+			if len(l.q) > 0 && l.q[0].fail == nil && l.delivery != nil && l.rendered && l.next >= len(l.plan.Requests) {
 				// Its last request just succeeded: record it before the
 				// rest of the lane is dropped, or its next owner sends it again.
 				it := l.q[0]
@@ -522,7 +580,7 @@ func (p *partition) advance(l *lane) *pool {
 			return nil
 		}
 		it := l.q[0]
-		if it.fail == nil && !l.rendered && p.d.quarantine != nil && len(it.msg.Key) > 0 {
+		if it.fail == nil && (l.delivery == nil || !l.rendered) && p.d.quarantine != nil && len(it.msg.Key) > 0 {
 			switch st, cause := p.d.quarantine.State(p.topic, it.msg.Key); st {
 			case dlq.KeyQuarantined:
 				it.fail = &dlq.Failure{Reason: "key quarantined: " + cause.String() + " was dead-lettered",
@@ -535,6 +593,18 @@ func (p *partition) advance(l *lane) *pool {
 				p.d.quarantine.Wait(p.topic, it.msg.Key, dlq.KeyReplaying, func() { p.unpark(l, parkReplaying) })
 				return nil
 			}
+		}
+		if l.delivery == nil {
+			if t := it.route.FirstTarget(); t != "" && it.fail == nil {
+				// Queued unrendered: the sender that takes it renders it
+				// (attempt), so that lanes waiting for a sender hold their
+				// message and no rendered requests (with a lane per key and
+				// thousands of keys waiting, those were most of the memory).
+				l.moveLocked(laneQueued)
+				p.mu.Unlock()
+				return p.d.senders.pool(t)
+			}
+			l.delivery = getDelivery()
 		}
 		if it.fail == nil && !l.rendered {
 			p.mu.Unlock()
@@ -738,7 +808,7 @@ func (p *partition) unpark(l *lane, kinds ...laneState) {
 func (p *partition) idleLocked(l *lane) {
 	l.moveLocked(laneIdle)
 	if l.delivery != nil {
-		deliveries.Put(l.delivery)
+		putDelivery(l.delivery)
 		l.delivery = nil
 	}
 	if cap(l.q) > 1 {
@@ -749,6 +819,8 @@ func (p *partition) idleLocked(l *lane) {
 	l.idleSince = time.Now()
 	if l.key.kind == laneSingle {
 		p.removeLocked(l)
+	} else {
+		p.idle.push(l)
 	}
 	if p.waiting {
 		p.laneFree.Signal()

@@ -216,7 +216,7 @@ func (pl *pool) run(l *lane) {
 // reports exit, having counted the sender out, when the pool runs more
 // senders than its limit.
 func (pl *pool) serve(l *lane) (h *lane, exit bool) {
-	next, latency := l.p.attempt(l)
+	next, latency := l.p.attempt(l, pl)
 	var start []*lane // senders to start: the limit grew
 	pl.mu.Lock()
 	if next == pl {

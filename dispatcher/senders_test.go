@@ -236,3 +236,43 @@ func TestSendersAdaptToATargetThatQueues(t *testing.T) {
 		})
 	}
 }
+
+// TestQueuedLanesHoldNoDelivery: 3,000 messages, each under a key of its
+// own, for a target with 2 senders that takes 2 ms per request. The lanes
+// waiting for a sender hold their message but no rendered requests: at no
+// point do more lanes hold a delivery than there are senders (and a few in
+// hand-over), although hundreds wait.
+func TestQueuedLanesHoldNoDelivery(t *testing.T) {
+	h := newHarness(t, 4)
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 2 * time.Millisecond }
+	gen := &testkit.Generator{Keys: 3000}
+	const n = 3000
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.Config("unrendered", "", "")
+	cfg.HTTP.MaxConnsPerHost = 2
+	cfg.HTTP.AdaptiveConnsPerHost = false
+	base := deliveriesOut.Load()
+	_, m, stop := h.run(cfg, nil)
+	var most int64
+	var waited float64
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered", func() bool {
+		most = max(most, deliveriesOut.Load()-base)
+		waited = max(waited, m.Sum("orderly_http_queued_lanes"))
+		return h.Sink.Distinct() >= n
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
+		t.Fatal(rep)
+	}
+	t.Logf("up to %v lanes waited for a sender, up to %d held a delivery", waited, most)
+	if waited < 100 {
+		t.Fatalf("only %v lanes ever waited for a sender: the test shows nothing", waited)
+	}
+	if most > 8 {
+		t.Fatalf("up to %d lanes held a delivery with 2 senders, want at most 8", most)
+	}
+}

@@ -596,6 +596,17 @@ func (r *Router) match(st *state, alone bool) (*Route, error) {
 // Name returns the route's name.
 func (rt *Route) Name() string { return rt.name }
 
+// FirstTarget returns the host:port of the route's first request when that
+// is an HTTP request (every URL fixes its origin), "" when it is a record or
+// the route is a pending one (Pending): what the dispatcher needs to queue
+// a message for a sender before rendering it.
+func (rt *Route) FirstTarget() string {
+	if rt == nil || rt.rematch != nil || len(rt.reqs) == 0 || rt.reqs[0].topic != "" {
+		return ""
+	}
+	return rt.reqs[0].target
+}
+
 // Render renders the requests of rt for m, whatever its topics and `when`
 // say, into buf when it has room (see PlanInto). It fails with a
 // *BadMessageError or an *UnavailableError as Plan does; a Pending route

@@ -1336,3 +1336,37 @@ func numbersToFloat(v any) any {
 	}
 	return v
 }
+
+// FirstTarget is the target of the first request's rendering, known before
+// it: the dispatcher queues a message at that target's senders unrendered.
+func TestFirstTargetIsTheRenderedTarget(t *testing.T) {
+	for _, tc := range []struct {
+		route config.Route
+		want  string
+	}{
+		{req1("tpl", "", "http://sink:8081/people/{{ .Key }}?v={{ .Value.id }}", nil), "sink:8081"},
+		{req1("static", "", "https://api.example/orders", nil), "api.example:443"},
+		{config.Route{Name: "record", Requests: []config.Request{{Topic: "out"}, {Method: "POST", URL: "http://sink:8081/x"}}}, ""},
+	} {
+		r := mustCompile(t, tc.route)
+		m := msg("orders", `{"id":7}`)
+		rt, err := r.Match(m)
+		if err != nil {
+			t.Fatalf("%s: Match: %v", tc.route.Name, err)
+		}
+		if got := rt.FirstTarget(); got != tc.want {
+			t.Fatalf("%s: FirstTarget = %q, want %q", tc.route.Name, got, tc.want)
+		}
+		plan, err := rt.Render(m, nil)
+		if err != nil {
+			t.Fatalf("%s: Render: %v", tc.route.Name, err)
+		}
+		if tc.want != "" && plan.Requests[0].Target != tc.want {
+			t.Fatalf("%s: rendered target %q, FirstTarget %q", tc.route.Name, plan.Requests[0].Target, tc.want)
+		}
+	}
+	var none *Route
+	if got := none.FirstTarget(); got != "" {
+		t.Fatalf("nil route: FirstTarget = %q", got)
+	}
+}

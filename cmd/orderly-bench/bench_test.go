@@ -90,7 +90,7 @@ func TestScenarioFlags(t *testing.T) {
 			t.Errorf("%s: messages %d, latency %s, live %s: want the command line's 3000, 2ms, 0", r.name, r.f.messages, r.f.latency, r.f.live)
 		}
 	}
-	if want := []string{"4-memory", "1-throughput", "2-latency", "3-hotkey", "5-allocs", "6-transform"}; !slices.Equal(names, want) {
+	if want := []string{"4-memory", "1-throughput", "2-latency", "3-hotkey", "5-allocs", "6-transform", "7-manykeys"}; !slices.Equal(names, want) {
 		t.Errorf("-scenario all runs %v, want %v", names, want)
 	}
 	// The presets the command line left alone.

@@ -54,6 +54,9 @@ type orderlyStats struct {
 	Sys        uint64  `json:"sys"`
 	Retries    float64 `json:"retries"` // orderly_http_retries_total
 	Pauses     float64 `json:"pauses"`  // orderly_partition_pauses_total
+	// Partitions is how many partitions the service owns now (from
+	// orderly_rebalances_total: assigned - revoked - lost).
+	Partitions float64 `json:"partitions"`
 }
 
 // orderlySide is the Orderly service of a run, wherever it runs.
@@ -224,6 +227,10 @@ func (l *localOrderly) stats() (orderlyStats, error) {
 	return l.readStats(func(st *orderlyStats) {
 		st.Retries = l.svc.Metrics().Sum("orderly_http_retries_total")
 		st.Pauses = l.svc.Metrics().Sum("orderly_partition_pauses_total")
+		rb := func(kind string) float64 {
+			return l.svc.Metrics().SumWhere("orderly_rebalances_total", map[string]string{"kind": kind})
+		}
+		st.Partitions = rb("assigned") - rb("revoked") - rb("lost")
 	}), nil
 }
 

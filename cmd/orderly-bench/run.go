@@ -39,6 +39,7 @@ type benchResult struct {
 	MaxConns    int     `json:"max_conns_per_host"`
 	Broker      string  `json:"broker"`
 	Dispatcher  string  `json:"dispatcher"` // where Orderly ran: process (a child) or in-process
+	Instances   int     `json:"instances"`  // Orderly processes in the consumer group (-instances)
 
 	ProduceSeconds float64 `json:"produce_seconds"`
 
@@ -152,7 +153,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	m := r.messages()
 	res := &benchResult{Name: r.name, Target: r.target, Messages: m, Keys: f.keys, Partitions: f.partitions,
 		Size: f.size, LatencyMS: ms(f.latency), Requests: f.requests, FailureRate: f.failureRate, HotKey: f.hotKey,
-		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, partHot: -1}
+		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, Instances: f.instances, partHot: -1}
 	b.printf("\n== %s: %d messages, %d keys, %d partitions, %d B, sink latency %s, %d request(s)/message, failure rate %.2f",
 		r.name, m, f.keys, f.partitions, f.size, f.latency, f.requests, f.failureRate)
 	if f.hotKey > 0 {
@@ -161,7 +162,11 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	if r.baselineOf > 0 {
 		b.printf(", keys 1..%d only (hot key left out)", f.keys-1)
 	}
-	b.printf(", max_in_flight %d, max_conns_per_host %d, broker %s, dispatcher %s\n", f.maxInFlight, f.maxConns, f.broker, f.dispatcher)
+	b.printf(", max_in_flight %d, max_conns_per_host %d, broker %s, dispatcher %s", f.maxInFlight, f.maxConns, f.broker, f.dispatcher)
+	if f.instances > 1 {
+		b.printf(" x %d instances in one group (CPU, memory and allocations summed)", f.instances)
+	}
+	b.printf("\n")
 	if r.target != "" {
 		b.printf("   issue target: %s\n", r.target)
 	}
@@ -224,6 +229,36 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		side, brokers = l, l.svc.Brokers()
 	}
 
+	// The recorder is in place before anything can send.
+	liveCap := 0
+	if f.live > 0 && f.hotKey == 0 {
+		liveCap = 200000
+	}
+	rec := newRecorder(m*f.requests+liveCap*f.requests+1024, f.latency, f.failureRate, hotKeyName)
+	sink.cur.Store(rec)
+
+	// Several instances start on the empty topic and settle into one group
+	// first: their window is from the backlog's first produce to the last
+	// request (see instances).
+	var multi *instances
+	var base measureBase
+	if f.instances > 1 && !inProcess {
+		in, err := newInstances(f.instances, f.partitions, toml, f.verbose, b)
+		if err != nil {
+			return nil, err
+		}
+		defer in.shutdown()
+		started := time.Now()
+		if err := in.start(ctx); err != nil {
+			return nil, err
+		}
+		res.StartupMS = ms(time.Since(started))
+		if base, err = takeBase(in, brokerChild); err != nil {
+			return nil, err
+		}
+		multi, side = in, in
+	}
+
 	gen := r.generator()
 	t0 := time.Now()
 	// The producer stays open (idle) for the live phase, so that its
@@ -240,12 +275,6 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	b.printf("   produced %d messages in %.1fs\n", m, res.ProduceSeconds)
 
 	// 3. Orderly drains the backlog.
-	liveCap := 0
-	if f.live > 0 && f.hotKey == 0 {
-		liveCap = 200000
-	}
-	rec := newRecorder(m*f.requests+liveCap*f.requests+1024, f.latency, f.failureRate, hotKeyName)
-	sink.cur.Store(rec)
 
 	want := int64(m * f.requests)
 	done := func() bool { return rec.ok.Load() >= want }
@@ -263,7 +292,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		if err := startProfiles(side, f, profName); err != nil {
 			return nil, err
 		}
-	} else {
+	} else if multi == nil {
 		c, err := newChildOrderly(toml, f.verbose, b.stderr)
 		if err != nil {
 			return nil, err
@@ -271,22 +300,20 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		defer c.shutdown()
 		side = c
 	}
-	started := time.Now()
-	if err := side.start(ctx); err != nil {
-		return nil, err
+	if multi != nil {
+		base.s0.at = t0 // the instances consume as the backlog is produced
+	} else {
+		started := time.Now()
+		if err := side.start(ctx); err != nil {
+			return nil, err
+		}
+		// The partitions are assigned: every pre-produced message is consumable.
+		if base, err = takeBase(side, brokerChild); err != nil {
+			return nil, err
+		}
+		res.StartupMS = ms(base.s0.at.Sub(started))
 	}
-	// The partitions are assigned: every pre-produced message is consumable.
-	s0 := snap() // this process: with -dispatcher process the sink and the harness
-	cpu0 := side.cpu()
-	var brokerCPU0 time.Duration
-	if brokerChild != nil {
-		brokerCPU0 = brokerChild.cpu()
-	}
-	st0, err := side.stats()
-	if err != nil {
-		return nil, err
-	}
-	res.StartupMS = ms(s0.at.Sub(started))
+	s0, cpu0, brokerCPU0, st0 := base.s0, base.cpu, base.brokerCPU, base.stats
 	if !inProcess {
 		// The child is consuming already: its baseline is the process
 		// at start-up.
@@ -433,6 +460,24 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		return nil, fmt.Errorf("delivery check failed: %s", rep)
 	}
 	return res, nil
+}
+
+// measureBase is where a run's measurements start from.
+type measureBase struct {
+	s0        snapshot // this process: with -dispatcher process the sink and the harness
+	cpu       time.Duration
+	brokerCPU time.Duration
+	stats     orderlyStats
+}
+
+func takeBase(side orderlySide, broker *brokerProcess) (measureBase, error) {
+	b := measureBase{s0: snap(), cpu: side.cpu()}
+	if broker != nil {
+		b.brokerCPU = broker.cpu()
+	}
+	var err error
+	b.stats, err = side.stats()
+	return b, err
 }
 
 func (b *bencher) profileName(file, run string) string {

@@ -94,6 +94,7 @@ type benchFlags struct {
 	settle      time.Duration
 	broker      string
 	dispatcher  string
+	instances   int
 	ceiling     bool
 	timeout     time.Duration
 	json        bool
@@ -127,6 +128,7 @@ func bindFlags(fs *flag.FlagSet, f *benchFlags) {
 	fs.DurationVar(&f.settle, "settle", 0, "after the run, wait this long before measuring the RSS after the burst")
 	fs.StringVar(&f.broker, "broker", "auto", "where the embedded broker runs: process (a child process, so that its CPU, memory and allocations are not counted), in-process, or auto (process unless running inside a Go test binary)")
 	fs.StringVar(&f.dispatcher, "dispatcher", "auto", "where the Orderly service runs: process (a child process, so that its CPU, memory and allocations are those of Orderly alone, as deployed), in-process (with the sink and the harness), or auto (process unless running inside a Go test binary); the transform scenario's plain loop runs there too")
+	fs.IntVar(&f.instances, "instances", 1, "Orderly processes in one consumer group (with -dispatcher process): the scale-out figures")
 	fs.BoolVar(&f.ceiling, "ceiling", true, "also drive the plain net/http client (the ceiling), or in the transform scenario the plain loop")
 	fs.DurationVar(&f.timeout, "timeout", 5*time.Minute, "give up on a run after this long (an error)")
 	fs.IntVar(&f.repeat, "repeat", 1, "do each run this many times (ceiling and Orderly side by side each time) and summarise the medians: shared machines drift")
@@ -156,6 +158,10 @@ func (f benchFlags) validate() error {
 		return errors.New("-messages, -keys, -partitions, -requests and -max-in-flight must be at least 1")
 	case f.size < 0 || f.maxConns < 0 || f.latency < 0 || f.live < 0 || f.liveRate < 0 || f.settle < 0:
 		return errors.New("-size, -max-conns, -latency, -live, -live-rate and -settle must not be negative")
+	case f.instances < 1:
+		return errors.New("-instances must be at least 1")
+	case f.instances > 1 && f.dispatcher == "in-process":
+		return errors.New("-instances above 1 needs -dispatcher process: each instance is a process of its own")
 	case f.failureRate < 0 || f.failureRate >= 1:
 		return errors.New("-failure-rate must be in [0, 1)")
 	case f.hotKey < 0 || f.hotKey >= 1:

@@ -219,19 +219,21 @@ func (pl *pool) serve(l *lane) (h *lane, exit bool) {
 	next, latency := l.p.attempt(l, pl)
 	var start []*lane // senders to start: the limit grew
 	pl.mu.Lock()
-	if next == pl {
-		pl.q.push(l) // to the tail: the keys waiting here take turns
-	}
 	if latency > 0 && pl.limit.sample(time.Now(), latency, pl.q.len() > 0) {
 		pl.limitGauge.Set(float64(pl.limit.limit))
-		for !pl.closed && pl.n < pl.limit.limit && pl.q.len() > 1 {
+		for !pl.closed && pl.n < pl.limit.limit && pl.q.len() > 0 {
 			pl.startLocked()
 			start = append(start, pl.q.pop())
 		}
 	}
 	if exit = pl.n > pl.limit.limit; exit {
+		// l goes through push below: an idle sender may be waiting, and a
+		// lane left in the queue would wait for a busy one.
 		pl.exitLocked()
 	} else {
+		if next == pl {
+			pl.q.push(l) // to the tail: the keys waiting here take turns
+		}
 		h = pl.q.pop()
 	}
 	pl.queuedGauge.Set(float64(pl.q.len()))
@@ -239,7 +241,7 @@ func (pl *pool) serve(l *lane) (h *lane, exit bool) {
 	for _, s := range start {
 		go pl.run(s)
 	}
-	if next != nil && next != pl {
+	if next != nil && (next != pl || exit) {
 		next.push(l)
 	}
 	return h, exit

@@ -276,3 +276,60 @@ func TestQueuedLanesHoldNoDelivery(t *testing.T) {
 		t.Fatalf("up to %d lanes held a delivery with 2 senders, want at most 8", most)
 	}
 }
+
+// TestSenderOverTheLimitHandsItsLaneOn: a sender that finds its pool over
+// the limit exits, and the lane it served, with more to send, goes to a
+// sender that is idle then; queued behind the busy ones, it would wait for
+// a sender that never comes. Key x's first request is held at the target
+// while key y's is answered (the pool's second sender goes idle); the
+// limit then drops to 1, and x's second message must still be delivered.
+func TestSenderOverTheLimitHandsItsLaneOn(t *testing.T) {
+	h := newHarness(t, 1)
+	release := make(chan struct{})
+	var held atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/x") && held.CompareAndSwap(false, true) {
+			<-release
+		}
+		h.Sink.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	recs := []testkit.Record{
+		{Key: []byte("x"), Value: testkit.EventJSON("x", 0)},
+		{Key: []byte("y"), Value: testkit.EventJSON("y", 0)},
+		{Key: []byte("x"), Value: testkit.EventJSON("x", 1)},
+	}
+	if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.Config("handover", "", "")
+	cfg.HTTP.MaxConnsPerHost = 2
+	cfg.HTTP.AdaptiveConnsPerHost = false
+	cfg.Routes[0].Requests[0].URL = srv.URL + "/people/{{ .Key }}"
+	d, _, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the partition assigned", d.Ready) // Run has made d.senders by then
+	pl := d.senders.pool(hostOf(srv))
+	testkit.WaitFor(t, time.Minute, "x held at the target, y delivered, a sender idle", func() bool {
+		pl.mu.Lock()
+		defer pl.mu.Unlock()
+		return held.Load() && h.Sink.Distinct() == 1 && len(pl.idle) == 1
+	})
+	pl.mu.Lock()
+	pl.limit.limit = 1
+	pl.mu.Unlock()
+	close(release)
+	testkit.WaitFor(t, 30*time.Second, "both of x's messages delivered", func() bool { return h.Sink.Distinct() >= 3 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if rep := h.Sink.Check(map[string][]int64{"x": {0, 1}, "y": {0}}); !rep.OK() {
+		t.Fatal(rep)
+	}
+}

@@ -222,7 +222,10 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if st.Outcome != Retry {
 		tg.ended(c.id)
 	}
-	if err == nil {
+	if err == nil && !retry {
+		// A 429 or 5xx that is retried says nothing of how fast the target
+		// serves: a target failing fast would set the sender limit's base
+		// far below its latency once it recovers.
 		st.Latency = latency
 	}
 	return st

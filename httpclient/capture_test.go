@@ -51,3 +51,33 @@ func TestCaptureKeepsTheLastAnswer(t *testing.T) {
 		t.Fatalf("a call without Capture kept %+v (%v)", plain.Response(), st.Outcome)
 	}
 }
+
+// TestStepLatency: an attempt reports its round trip as a load sample when
+// the target served it (2xx, or an answer that is not retried), not for a
+// retried 503: a target failing fast is no measure of its latency.
+func TestStepLatency(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		switch {
+		case r.URL.Path == "/bad":
+			w.WriteHeader(http.StatusBadRequest)
+		case n == 0:
+			w.WriteHeader(http.StatusServiceUnavailable)
+		default:
+			w.WriteHeader(http.StatusOK)
+		}
+	})
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	var c Call
+	c.Reset(post(rec.URL+"/items", nil), "k")
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Retry || st.Latency != 0 {
+		t.Fatalf("503: %v, latency %v; want Retry and no sample", st.Outcome, st.Latency)
+	}
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Delivered || st.Latency <= 0 {
+		t.Fatalf("200: %v, latency %v; want Delivered and a sample", st.Outcome, st.Latency)
+	}
+	var bad Call
+	bad.Reset(post(rec.URL+"/bad", nil), "k2")
+	if st := s.Attempt(context.Background(), &bad); st.Outcome != Failed || st.Latency <= 0 {
+		t.Fatalf("400: %v, latency %v; want Failed and a sample", st.Outcome, st.Latency)
+	}
+}

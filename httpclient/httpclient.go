@@ -574,7 +574,8 @@ type Step struct {
 	After   time.Duration // Retry: the backoff before the next attempt
 	Err     error         // Failed, Canceled: an *Error
 	// Latency is the attempt's round trip, from sending to the drained
-	// answer, when the target answered (0 otherwise): a sample of its load.
+	// answer, when the target answered other than with a retryable status
+	// (0 otherwise): a sample of its load.
 	Latency time.Duration
 }
 

@@ -14,10 +14,11 @@ import (
 // 64 connections, not 256; on a remote target with stable latency the limit
 // climbs to the ceiling.
 //
-// The limit moves once per window of samples (answered attempts' latency,
-// send to drained answer), on the window's mean latency R against base, the
-// least window mean seen lately (a per-sample minimum would mistake a
-// target whose latency merely varies for an overloaded one):
+// The limit moves once per window of samples (the latency, send to drained
+// answer, of attempts the target served; retried answers are left out), on
+// the window's mean latency R against base, the least window mean seen
+// lately (a per-sample minimum would mistake a target whose latency merely
+// varies for an overloaded one):
 //
 //   - R above max(2*base, base+overloadSlack): overloaded, the limit
 //     shrinks by a tenth (not below senderFloor);

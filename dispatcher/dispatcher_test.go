@@ -210,3 +210,46 @@ func TestBackPressure(t *testing.T) {
 	t.Logf("processing took %s with max.poll.interval.ms %d; %v pauses", elapsed.Round(time.Millisecond),
 		maxPoll.Milliseconds(), m.Sum("orderly_partition_pauses_total"))
 }
+
+// TestNewGroupStartsWhereAutoOffsetResetSays: the partitions of a group
+// without committed offsets are assigned at auto.offset.reset's offset by
+// the dispatcher itself (assign, startAt). With "latest", the messages
+// produced before the group joined are never sent; those produced after
+// are.
+func TestNewGroupStartsWhereAutoOffsetResetSays(t *testing.T) {
+	h := newHarness(t, 2)
+	var early []testkit.Record
+	for i := range 10 {
+		early = append(early, testkit.Record{Key: []byte("early"), Value: testkit.EventJSON("early", int64(i))})
+	}
+	if err := h.Prod.Produce(context.Background(), h.Topic, early); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.Config("reset-latest", "", "")
+	cfg.Kafka.Properties["auto.offset.reset"] = "latest"
+	d, _, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "the partitions assigned", d.Ready)
+	// The end offsets are looked up after the assignment: produce until
+	// one of the later messages arrives.
+	seq := int64(0)
+	testkit.WaitFor(t, time.Minute, "a message produced after the start delivered", func() bool {
+		if h.Sink.Distinct() > 0 {
+			return true
+		}
+		rec := testkit.Record{Key: []byte("late"), Value: testkit.EventJSON("late", seq)}
+		seq++
+		if err := h.Prod.Produce(context.Background(), h.Topic, []testkit.Record{rec}); err != nil {
+			t.Fatal(err)
+		}
+		return false
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.Sink.Sequences("early"); len(got) > 0 {
+		t.Fatalf("messages produced before the group joined were sent: early %v", got)
+	}
+	if got := h.Sink.Sequences("late"); len(got) == 0 {
+		t.Fatal("no message produced after the start was sent")
+	}
+}

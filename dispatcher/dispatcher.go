@@ -563,8 +563,7 @@ func (d *Dispatcher) metadataRefused(p *partition, size int) {
 func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	switch e := ev.(type) {
 	case kafka.AssignedPartitions:
-		start := d.assign(c, e.Partitions)
-		d.startAt(c, e.Partitions, start)
+		d.startAt(c, e.Partitions, d.assign(c, e.Partitions))
 		d.metrics.Rebalances.WithLabelValues("assigned").Add(float64(len(e.Partitions)))
 		d.assigned.Store(true)
 		d.log.Info("partitions assigned", "partitions", tpString(e.Partitions), "protocol", c.GetRebalanceProtocol())
@@ -602,17 +601,17 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 	return nil
 }
 
-// startAt assigns tps to the consumer at the offsets start (as assign
+// startAt assigns tps to the consumer at the offsets of at (as assign
 // returned them), or, should that fail, as the library would by itself.
 // Explicit offsets spare librdkafka a second committed-offset fetch, and a
 // new group's partitions the 100 ms it waits before it looks up their
 // auto.offset.reset offset.
-func (d *Dispatcher) startAt(c *kafka.Consumer, tps, start []kafka.TopicPartition) {
+func (d *Dispatcher) startAt(c *kafka.Consumer, tps, at []kafka.TopicPartition) {
 	assign := c.Assign
 	if c.GetRebalanceProtocol() == "COOPERATIVE" {
 		assign = c.IncrementalAssign
 	}
-	if err := assign(start); err != nil {
+	if err := assign(at); err != nil {
 		d.log.Warn("unable to assign the partitions at their committed offsets; librdkafka looks them up", "error", err)
 		if err := assign(tps); err != nil {
 			d.log.Error("unable to assign the partitions", "partitions", tpString(tps), "error", err)
@@ -653,33 +652,32 @@ func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) []kaf
 		cancel()
 	}
 	committed := map[partKey]kafka.TopicPartition{}
-	start := slices.Clone(tps)
 	if res, err := c.Committed(tps, 5000); err == nil {
 		for _, tp := range res {
 			committed[partKey{*tp.Topic, tp.Partition}] = tp
-		}
-		reset := d.resetOffset()
-		for i, tp := range start {
-			ct, ok := committed[partKey{*tp.Topic, tp.Partition}]
-			switch {
-			case ok && ct.Error == nil && ct.Offset >= 0:
-				start[i].Offset, start[i].LeaderEpoch = ct.Offset, ct.LeaderEpoch
-			case ok && ct.Error == nil && ct.Offset == kafka.OffsetInvalid:
-				start[i].Offset = reset
-			}
 		}
 	} else {
 		// The partitions start without progress: what finished beyond the
 		// committed offset is sent again (at-least-once).
 		d.log.Warn("unable to read committed offsets and progress", "error", err)
 	}
-	for _, tp := range tps {
+	at := slices.Clone(tps)
+	reset := d.resetOffset()
+	for i, tp := range tps {
 		k := partKey{*tp.Topic, tp.Partition}
+		ct, ok := committed[k]
+		has := ok && ct.Offset >= 0 // the consumer and the tracker start there
+		switch {
+		case has:
+			at[i].Offset, at[i].LeaderEpoch = ct.Offset, ct.LeaderEpoch
+		case ok && ct.Error == nil && ct.Offset == kafka.OffsetInvalid:
+			at[i].Offset = reset // nothing committed
+		}
 		if d.parts[k] != nil {
 			continue
 		}
 		start, meta := int64(-1), ""
-		if ct, ok := committed[k]; ok && ct.Offset >= 0 {
+		if has {
 			start = int64(ct.Offset)
 			if ct.Metadata != nil {
 				meta = *ct.Metadata
@@ -701,7 +699,7 @@ func (d *Dispatcher) assign(c *kafka.Consumer, tps []kafka.TopicPartition) []kaf
 		}
 		d.parts[k] = p
 	}
-	return start
+	return at
 }
 
 // release stops the given partitions, and forgets them: revoked (commit),

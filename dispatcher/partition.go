@@ -112,21 +112,6 @@ type delivery struct {
 
 var deliveries = sync.Pool{New: func() any { return new(delivery) }}
 
-// deliveriesOut counts the deliveries taken from the pool and not given
-// back (those of abandoned lanes are left to the collector): the lanes
-// that hold one, which tests bound.
-var deliveriesOut atomic.Int64
-
-func getDelivery() *delivery {
-	deliveriesOut.Add(1)
-	return deliveries.Get().(*delivery)
-}
-
-func putDelivery(d *delivery) {
-	deliveriesOut.Add(-1)
-	deliveries.Put(d)
-}
-
 // lane delivers the messages of one key in order, one at a time. A lane is
 // not a goroutine: while it has work it is in exactly one place at a time —
 // a sender pool's queue, a goroutine that moves it on (a sender, the
@@ -148,6 +133,10 @@ type lane struct {
 	// partition's list of idle lanes, oldest first (idleList).
 	idlePrev, idleNext *lane
 }
+
+// renderedLocked reports whether l's head message has been rendered (a lane
+// queued unrendered has no delivery yet).
+func (l *lane) renderedLocked() bool { return l.delivery != nil && l.rendered }
 
 // idleList is a partition's idle lanes in the order they went idle, so that
 // the lane cap and the sweep retire the oldest without looking at the busy
@@ -514,7 +503,7 @@ func (p *partition) attempt(l *lane, pl *pool) (*pool, time.Duration) {
 	if l.delivery == nil {
 		// Queued before its head message was rendered (advance): render
 		// it now, and send unless it goes elsewhere first.
-		l.delivery = getDelivery()
+		l.delivery = deliveries.Get().(*delivery)
 		p.mu.Unlock()
 		if next := p.advance(l); next != pl {
 			return next, 0
@@ -561,7 +550,7 @@ func (p *partition) advance(l *lane) *pool {
 	p.mu.Lock()
 	for {
 		if p.dead {
-			if len(l.q) > 0 && l.q[0].fail == nil && l.delivery != nil && l.rendered && l.next >= len(l.plan.Requests) {
+			if len(l.q) > 0 && l.q[0].fail == nil && l.renderedLocked() && l.next >= len(l.plan.Requests) {
 				// Its last request just succeeded: record it before the
 				// rest of the lane is dropped, or its next owner sends it again.
 				it := l.q[0]
@@ -580,7 +569,7 @@ func (p *partition) advance(l *lane) *pool {
 			return nil
 		}
 		it := l.q[0]
-		if it.fail == nil && (l.delivery == nil || !l.rendered) && p.d.quarantine != nil && len(it.msg.Key) > 0 {
+		if it.fail == nil && !l.renderedLocked() && p.d.quarantine != nil && len(it.msg.Key) > 0 {
 			switch st, cause := p.d.quarantine.State(p.topic, it.msg.Key); st {
 			case dlq.KeyQuarantined:
 				it.fail = &dlq.Failure{Reason: "key quarantined: " + cause.String() + " was dead-lettered",
@@ -604,7 +593,7 @@ func (p *partition) advance(l *lane) *pool {
 				p.mu.Unlock()
 				return p.d.senders.pool(t)
 			}
-			l.delivery = getDelivery()
+			l.delivery = deliveries.Get().(*delivery)
 		}
 		if it.fail == nil && !l.rendered {
 			p.mu.Unlock()
@@ -808,7 +797,7 @@ func (p *partition) unpark(l *lane, kinds ...laneState) {
 func (p *partition) idleLocked(l *lane) {
 	l.moveLocked(laneIdle)
 	if l.delivery != nil {
-		putDelivery(l.delivery)
+		deliveries.Put(l.delivery)
 		l.delivery = nil
 	}
 	if cap(l.q) > 1 {

@@ -120,9 +120,7 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if c.attempts > 1 {
 		tg.retries.Inc()
 	}
-	sent := time.Now()
-	resp, err := s.roundTrip(ctx, c)
-	latency := time.Since(sent)
+	resp, latency, err := s.roundTrip(ctx, c)
 	if sl.c != nil {
 		sl.end(loadSignal(ctx, resp, err), latency)
 	}
@@ -296,7 +294,8 @@ func (s *Sender) failingLogDue(tg *target) bool {
 
 // roundTrip sends one attempt of c and returns the response with its body
 // drained and closed (replaced by http.NoBody); status and headers remain.
-func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error) {
+// latency is the time from sending to the drained answer (or the error).
+func (s *Sender) roundTrip(ctx context.Context, c *Call) (resp *http.Response, latency time.Duration, err error) {
 	actx := ctx
 	if s.timeout > 0 {
 		var cancel context.CancelFunc
@@ -314,7 +313,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	c.sending = h // for gotConn
 
 	start := time.Now()
-	resp, err := s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
+	resp, err = s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
 	if err == nil {
 		if c.capture {
 			c.keep(resp)
@@ -322,7 +321,8 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 		drain(resp.Body)
 		resp.Body = http.NoBody
 	}
-	c.tg.duration.Observe(time.Since(start).Seconds())
+	latency = time.Since(start)
+	c.tg.duration.Observe(latency.Seconds())
 	if err != nil {
 		// As http.Client reports it: "Post "http://host/path": ...".
 		err = &url.Error{Op: urlErrorOp(c.req.Method), URL: safeURL(c.u), Err: err}
@@ -330,7 +330,7 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call) (*http.Response, error)
 	} else {
 		telemetry.EndAttempt(span, resp.StatusCode, nil)
 	}
-	return resp, err
+	return resp, latency, err
 }
 
 // keep records resp's status, headers and the start of its body as c's

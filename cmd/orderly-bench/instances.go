@@ -18,7 +18,6 @@ import (
 type instances struct {
 	children   []*childOrderly
 	partitions int           // of the topic
-	ready      time.Time     // when the group had settled (start)
 	exitedCh   chan struct{} // closed when any child exits
 	exitOnce   sync.Once
 }
@@ -64,7 +63,6 @@ func (in *instances) start(ctx context.Context) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	in.ready = time.Now()
 	return nil
 }
 

@@ -13,6 +13,8 @@ import (
 func (b *bencher) printRun(res *benchResult) {
 	if res.OtherKeys != nil {
 		b.printf("   orderly   the other keys' %d messages in %.2fs (assignment to their last request) = %.0f msg/s", res.OtherKeys.Others, res.Seconds, res.Throughput)
+	} else if res.Instances > 1 {
+		b.printf("   orderly   %d messages in %.2fs (first produce to last request, %d instances) = %.0f msg/s", res.Messages, res.Seconds, res.Instances, res.Throughput)
 	} else {
 		b.printf("   orderly   %d messages in %.2fs (assignment to last request) = %.0f msg/s", res.Messages, res.Seconds, res.Throughput)
 	}
@@ -22,7 +24,12 @@ func (b *bencher) printRun(res *benchResult) {
 			b.printf(" (mean of %.0f before and %.0f after)", res.CeilingBefore, res.CeilingAfter)
 		}
 	}
-	b.printf("; assignment after %.0fms, first request %.1fms later; sink concurrency max %d\n", res.StartupMS, res.FirstRequestMS, res.SinkMaxInFlow)
+	if res.Instances > 1 {
+		b.printf("; group settled after %.0fms, first request %.1fms after the first produce", res.StartupMS, res.FirstRequestMS)
+	} else {
+		b.printf("; assignment after %.0fms, first request %.1fms later", res.StartupMS, res.FirstRequestMS)
+	}
+	b.printf("; sink concurrency max %d\n", res.SinkMaxInFlow)
 	if res.LatencyBound > 0 && res.BoundRatio > 0 {
 		b.printf("             latency bound min(keys, partitions x max_in_flight, max_conns)/(latency x requests) = %.0f msg/s: ratio %.2f\n", res.LatencyBound, res.BoundRatio)
 	}

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"math"
+	"slices"
 	"time"
 )
 
@@ -10,9 +11,9 @@ import (
 // at most max_conns_per_host. More requests under way than a target (or
 // this machine's CPU) serves at once only queue: latency grows with them,
 // throughput does not, and every extra connection and goroutine costs CPU
-// on both sides. On loopback with a 0 ms target the best plain client runs
-// 64 connections, not 256; on a remote target with stable latency the limit
-// climbs to the ceiling.
+// on both sides. On loopback with a 0 ms target a plain client is fastest
+// with a few dozen connections, not 256; on a remote target with stable
+// latency the limit climbs to the ceiling.
 //
 // The limit moves once per window of samples (the latency, send to drained
 // answer, of attempts the target served; retried answers are left out), on
@@ -27,23 +28,48 @@ import (
 //     first window without room (slow start), then by an eighth;
 //   - otherwise it holds.
 //
-// base expires after baseTTL without a window near it: the next window then
-// runs at a quarter of the limit (a probe, as TCP BBR probes its minimum
-// RTT) and its mean becomes the new base, so that a target that became
-// slower for good is not held to its old latency. It is not safe for
-// concurrent use: the pool's mutex guards it.
+// Latency alone does not find the knee of a target (or of this machine)
+// that slows gradually as requests are added, such as a sink on loopback
+// that shares the CPU with Orderly: each sender more adds a little latency
+// and a little throughput, and the rules above settle at one and a half to
+// twice the concurrency at which base was measured. So the limit is also
+// capped by Little's law, as TCP BBR caps its window by the bandwidth-delay
+// product: at most senderGain times the highest rate the pool served in its
+// latest windows with lanes waiting, times base. Where adding senders adds
+// throughput in proportion (a remote target with room) the cap grows with
+// the limit; where throughput stopped growing it holds the limit within
+// senderGain of the concurrency that reached it.
+//
+// base expires after baseTTL without a window near it: the next two
+// windows then run at a quarter of the limit, but not below senderStart (a
+// probe, as TCP BBR probes its minimum RTT), and the second one's mean
+// becomes the new base (the first lets the requests sent at the old limit
+// drain), so that a target that became slower for good is not held to its
+// old latency. The probe stays at senderStart or above because on a target
+// whose latency grows with every request (no flat region) a base taken at a
+// few senders would ratchet the cap down with every probe. It is not safe
+// for concurrent use: the pool's mutex guards it.
 type senderLimit struct {
 	max      int // the ceiling: max_conns_per_host, math.MaxInt when unlimited
 	limit    int
 	adaptive bool
-	// saved is the limit to return to after a probe window (0: no probe).
+	// saved is the limit to return to after a probe (0: no probe); the
+	// probe's first window lets the requests sent at the old limit drain,
+	// its second (settled set) measures the base.
 	saved     int
+	settled   bool
 	slowStart bool
 
 	base   time.Duration // 0 until the first window
 	baseAt time.Time
 
+	// rates are the answers per second of the latest windows that ran
+	// with lanes waiting (a ring; 0: none yet).
+	rates [senderRates]float64
+	rate  int // the next slot of rates
+
 	start     time.Time // of the window
+	first     time.Time // the window's first sample
 	n         int       // samples in the window
 	sum       time.Duration
 	saturated int // samples taken while lanes waited for a sender
@@ -59,6 +85,8 @@ const (
 	overloadSlack    = 2 * time.Millisecond // a queue shorter than this is not overload
 	roomSlack        = time.Millisecond
 	senderGrowthRate = 8 // after slow start the limit grows by 1/senderGrowthRate
+	senderRates      = 8 // windows whose highest rate the cap uses
+	senderGain       = 1.5
 )
 
 // newSenderLimit returns the limit of a pool of at most max senders;
@@ -77,6 +105,9 @@ func (s *senderLimit) sample(now time.Time, latency time.Duration, waiting bool)
 	if !s.adaptive {
 		return false
 	}
+	if s.n == 0 {
+		s.first = now
+	}
 	s.n++
 	s.sum += latency
 	if waiting {
@@ -87,10 +118,20 @@ func (s *senderLimit) sample(now time.Time, latency time.Duration, waiting bool)
 	}
 	mean := s.sum / time.Duration(s.n)
 	saturated := 2*s.saturated >= s.n
+	if saturated && now.After(s.first) {
+		// Over the samples' own span: an idle gap before the window says
+		// nothing of the target.
+		s.rates[s.rate] = float64(s.n-1) / now.Sub(s.first).Seconds()
+		s.rate = (s.rate + 1) % senderRates
+	}
 	s.start, s.n, s.sum, s.saturated = now, 0, 0, 0
 	old := s.limit
 	switch {
-	case s.saved > 0: // the probe window: its mean is the new base
+	case s.saved > 0 && !s.settled:
+		s.settled = true
+		return false
+	case s.saved > 0: // the probe's second window: its mean is the new base
+		s.settled = false
 		s.base, s.baseAt = mean, now
 		s.limit, s.saved = s.saved, 0
 		return s.limit != old
@@ -114,11 +155,30 @@ func (s *senderLimit) sample(now time.Time, latency time.Duration, waiting bool)
 			s.slowStart = false
 		}
 	}
+	if c := s.cap(); s.limit > c {
+		s.slowStart = false
+		s.limit = c
+	}
 	if now.Sub(s.baseAt) > senderBaseTTL {
 		s.saved = s.limit
-		s.limit = max(min(senderFloor, s.max), s.limit/4)
+		s.limit = max(s.limit/4, min(s.limit, senderStart))
 	}
 	return s.limit != old
+}
+
+// cap is the most senders Little's law gives at the highest recent rate and
+// the base latency (math.MaxInt before any window with lanes waiting), not
+// below the floor.
+func (s *senderLimit) cap() int {
+	rate := slices.Max(s.rates[:])
+	if rate == 0 {
+		return math.MaxInt
+	}
+	c := math.Ceil(senderGain * rate * s.base.Seconds())
+	if c >= float64(s.max) {
+		return s.max
+	}
+	return max(min(senderFloor, s.max), int(c))
 }
 
 // satAdd is a+b, at most math.MaxInt (a, b >= 0).

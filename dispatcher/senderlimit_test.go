@@ -9,9 +9,9 @@ import (
 
 // limitRun feeds a senderLimit windows of samples whose latency is
 // latency(limit) (the same for every sample of a window: the mean is what
-// counts) for d of simulated time, with lanes waiting throughout, and
-// returns the limit at the end and the least and most it took after the
-// first second.
+// counts), answered at the rate Little's law gives (limit / latency), for d
+// of simulated time, with lanes waiting throughout, and returns the limit at
+// the end and the least and most it took after the first second.
 func limitRun(t *testing.T, s *senderLimit, d time.Duration, latency func(limit int) time.Duration) (last, lo, hi int) {
 	t.Helper()
 	now := time.Unix(1000, 0)
@@ -20,14 +20,13 @@ func limitRun(t *testing.T, s *senderLimit, d time.Duration, latency func(limit 
 	lo, hi = math.MaxInt, 0
 	for now.Before(end) {
 		lat := latency(s.limit)
-		// One window's worth of samples, spread over the window.
-		n := max(senderWindowMin, 2*s.limit)
-		step := max(senderWindow/time.Duration(n), time.Microsecond)
+		step := max(lat/time.Duration(s.limit), time.Microsecond)
+		// One window's worth of samples at that rate.
+		n := max(senderWindowMin, 2*s.limit, int(senderWindow/step)+1)
 		for range n {
 			now = now.Add(step)
 			s.sample(now, lat, true)
 		}
-		now = now.Add(time.Millisecond)
 		if s.limit < 1 || s.limit > s.max {
 			t.Fatalf("limit %d outside [1, %d]", s.limit, s.max)
 		}
@@ -38,11 +37,12 @@ func limitRun(t *testing.T, s *senderLimit, d time.Duration, latency func(limit 
 	return s.limit, lo, hi
 }
 
-// A target (or a machine) that serves a fixed rate: every request beyond
-// what it serves at once waits, so latency grows with the limit. The limit
-// comes down from the ceiling to a few dozen.
+// A target (or a machine) whose latency grows with every request under
+// way, with no flat region: each sender more adds a little throughput and
+// more latency. The limit stays near where it started, and a probe of the
+// base never ratchets it down.
 func TestSenderLimitShrinksWhereLatencyOnlyQueues(t *testing.T) {
-	const rate = 30000.0 // requests per second, whatever the concurrency
+	const rate = 30000.0 // requests per second the queue drains at
 	queueing := func(limit int) time.Duration {
 		return 100*time.Microsecond + time.Duration(float64(limit)/rate*float64(time.Second))
 	}
@@ -50,11 +50,28 @@ func TestSenderLimitShrinksWhereLatencyOnlyQueues(t *testing.T) {
 	if s.limit != senderStart {
 		t.Fatalf("starts at %d, want %d", s.limit, senderStart)
 	}
-	_, lo, hi := limitRun(t, s, 20*time.Second, queueing)
-	// base ~0.63 ms at 16: room below ~1.6 ms (limit ~45), overload above
-	// ~2.6 ms (limit ~75).
-	if lo < 16 || hi > 100 {
-		t.Fatalf("the limit ranged over [%d, %d], want within [16, 100]", lo, hi)
+	// 40 s: base probes at 10 s intervals.
+	_, lo, hi := limitRun(t, s, 40*time.Second, queueing)
+	// base ~0.63 ms at 16 senders and ~27k/s: Little's cap 1.5 x 27k x
+	// 0.63 ms, about 26.
+	if lo < senderStart || hi > 32 {
+		t.Fatalf("the limit ranged over [%d, %d], want within [%d, 32]", lo, hi, senderStart)
+	}
+}
+
+// A target that serves at most 20 requests at once in 1 ms each: beyond 20
+// senders the rate stays at 20,000/s and latency grows. Little's law holds
+// the limit within senderGain of the knee, although latency alone (below
+// twice the base) would let it climb.
+func TestSenderLimitStopsWhereThroughputStops(t *testing.T) {
+	const knee, service = 20, time.Millisecond
+	saturating := func(limit int) time.Duration {
+		return service * time.Duration(max(limit, knee)) / knee
+	}
+	s := newSenderLimit(256, true, time.Unix(1000, 0))
+	last, lo, hi := limitRun(t, s, 30*time.Second, saturating)
+	if lo < senderStart || hi > knee*senderGain+1 {
+		t.Fatalf("the limit ranged over [%d, %d] (last %d), want within [%d, %d]", lo, hi, last, senderStart, int(knee*senderGain+1))
 	}
 }
 

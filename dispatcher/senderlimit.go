@@ -31,11 +31,13 @@ import (
 // Latency alone does not find the knee of a target (or of this machine)
 // that slows gradually as requests are added, such as a sink on loopback
 // that shares the CPU with Orderly: each sender more adds a little latency
-// and a little throughput, and the rules above settle at one and a half to
-// twice the concurrency at which base was measured. So the limit is also
-// capped by Little's law, as TCP BBR caps its window by the bandwidth-delay
-// product: at most senderGain times the highest rate the pool served in its
-// latest windows with lanes waiting, times base. Where adding senders adds
+// and a little throughput, and the rules above hold anywhere from 1.5 times
+// the concurrency at which base was measured to several times it (their
+// slack of 1-2 ms is loose where base is below a millisecond). So the limit
+// is also capped by Little's law, as TCP BBR caps its window by the
+// bandwidth-delay product (with BBR's gain, senderGain): at most senderGain
+// times the highest rate the pool served in its latest windows with lanes
+// waiting, times base. Where adding senders adds
 // throughput in proportion (a remote target with room) the cap grows with
 // the limit; where throughput stopped growing it holds the limit within
 // senderGain of the concurrency that reached it.
@@ -86,7 +88,7 @@ const (
 	roomSlack        = time.Millisecond
 	senderGrowthRate = 8 // after slow start the limit grows by 1/senderGrowthRate
 	senderRates      = 8 // windows whose highest rate the cap uses
-	senderGain       = 1.5
+	senderGain       = 2.0
 )
 
 // newSenderLimit returns the limit of a pool of at most max senders;

@@ -37,17 +37,17 @@ import (
 // is also capped by Little's law, as TCP BBR caps its window by the
 // bandwidth-delay product (with BBR's gain, senderGain): at most senderGain
 // times the highest rate the pool served in its latest windows with lanes
-// waiting, times base. Where adding senders adds
-// throughput in proportion (a remote target with room) the cap grows with
-// the limit; where throughput stopped growing it holds the limit within
-// senderGain of the concurrency that reached it.
+// waiting, times base. Where adding senders adds throughput in proportion
+// (a remote target with room) the cap grows with the limit; where
+// throughput stopped growing it holds the limit within senderGain of the
+// concurrency that reached it.
 //
 // base expires after baseTTL without a window near it: the next two
-// windows then run at a quarter of the limit, but not below senderStart (a
-// probe, as TCP BBR probes its minimum RTT), and the second one's mean
-// becomes the new base (the first lets the requests sent at the old limit
-// drain), so that a target that became slower for good is not held to its
-// old latency. The probe stays at senderStart or above because on a target
+// windows then run at a quarter of the limit, but not below senderStart
+// (or at the limit itself where that is lower: a probe, as TCP BBR probes
+// its minimum RTT), and the second one's mean becomes the new base (the
+// first lets the requests sent at the old limit drain), so that a target
+// that became slower for good is not held to its old latency. The probe stays at senderStart or above because on a target
 // whose latency grows with every request (no flat region) a base taken at a
 // few senders would ratchet the cap down with every probe. It is not safe
 // for concurrent use: the pool's mutex guards it.
@@ -145,7 +145,7 @@ func (s *senderLimit) sample(now time.Time, latency time.Duration, waiting bool)
 	switch {
 	case mean > max(2*s.base, s.base+overloadSlack):
 		s.slowStart = false
-		s.limit = max(min(senderFloor, s.max), int(float64(s.limit)*senderShrink))
+		s.limit = s.floored(int(float64(s.limit) * senderShrink))
 	case mean < s.base+max(s.base/2, roomSlack) && saturated:
 		step := max(1, s.limit/senderGrowthRate)
 		if s.slowStart {
@@ -180,8 +180,12 @@ func (s *senderLimit) cap() int {
 	if c >= float64(s.max) {
 		return s.max
 	}
-	return max(min(senderFloor, s.max), int(c))
+	return s.floored(int(c))
 }
+
+// floored is n, but not below senderFloor (nor the ceiling, where that is
+// lower).
+func (s *senderLimit) floored(n int) int { return max(min(senderFloor, s.max), n) }
 
 // satAdd is a+b, at most math.MaxInt (a, b >= 0).
 func satAdd(a, b int) int {

@@ -83,10 +83,10 @@ const (
 // much of the value the next DLQ write keeps (the DLQ refused it for size);
 // recordBackoff and recordTries are the same for the record of a topic
 // request.
-// A lane takes one from deliveries when it starts on its work (advance) and
-// gives it back when it goes idle (reset by popLocked): lanes waiting for a
-// sender hold none. An abandoned lane keeps its own, since a goroutine may
-// still hold it.
+// A lane takes one from deliveries when it starts on a message (advance) and
+// gives it back when the message finished (popLocked) or the lane goes idle:
+// lanes waiting for a sender hold none. An abandoned lane keeps its own,
+// since a goroutine may still hold it.
 type delivery struct {
 	plan       filters.Plan
 	rendered   bool
@@ -726,7 +726,9 @@ func registryDown(err error) *filters.UnavailableError {
 }
 
 // popLocked removes the finished head message and forgets its delivery
-// (and, clearing the rendered requests, the value they alias).
+// (and, clearing the rendered requests, the value they alias). The delivery
+// goes back to deliveries: the next message is queued unrendered, so that a
+// key waiting for its turn holds no rendered requests (advance).
 func (l *lane) popLocked() {
 	l.q[0] = nil
 	l.q = l.q[1:]
@@ -739,6 +741,8 @@ func (l *lane) popLocked() {
 	l.responses, l.reply, l.replied, l.reported = l.responses[:0], nil, false, false
 	l.call.Reset(nil, "")
 	clear(l.reqs[:])
+	deliveries.Put(l.delivery)
+	l.delivery = nil
 }
 
 // moveOn advances l (held by the caller) and hands it to the pool of its

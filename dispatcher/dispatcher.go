@@ -51,6 +51,13 @@ type Sender interface {
 	Attempt(ctx context.Context, c *httpclient.Call) httpclient.Step
 }
 
+// slotSender is a Sender whose attempts each sender goroutine makes in a
+// slot of its own, bounded by http.timeout without a context per attempt
+// (httpclient.Slot). *httpclient.Sender is one.
+type slotSender interface {
+	NewSlot() *httpclient.Slot
+}
+
 // Options configures a Dispatcher.
 type Options struct {
 	Config  *config.Config

@@ -485,10 +485,10 @@ func (p *partition) removeLocked(l *lane) {
 }
 
 // attempt makes the next attempt of l's head message (the caller, a sender
-// of pool pl, holds l) and returns the pool l waits in next, or nil when l went
-// elsewhere (idle, parked, dropped), and the target's latency when it
-// answered (0 otherwise).
-func (p *partition) attempt(l *lane, pl *pool) (*pool, time.Duration) {
+// of pool pl making its attempts in sl, holds l) and returns the pool l
+// waits in next, or nil when l went elsewhere (idle, parked, dropped), and
+// the target's latency when it answered (0 otherwise).
+func (p *partition) attempt(l *lane, pl *pool, sl *httpclient.Slot) (*pool, time.Duration) {
 	p.mu.Lock()
 	if l.state == laneAbandoned {
 		p.mu.Unlock()
@@ -508,12 +508,17 @@ func (p *partition) attempt(l *lane, pl *pool) (*pool, time.Duration) {
 		if next := p.advance(l); next != pl {
 			return next, 0
 		}
-		return p.attempt(l, pl)
+		return p.attempt(l, pl, sl)
 	}
 	it := l.q[0]
 	p.mu.Unlock()
 
-	st := p.d.sender.Attempt(it.context(p), &l.call)
+	var st httpclient.Step
+	if sl != nil {
+		st = sl.Attempt(it.context(p), &l.call)
+	} else {
+		st = p.d.sender.Attempt(it.context(p), &l.call)
+	}
 	latency := st.Latency
 	switch st.Outcome {
 	case httpclient.Delivered:

@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/orderly-dispatch/orderly/httpclient"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -197,10 +198,17 @@ func (pl *pool) run(l *lane) {
 	s := &sender{wake: make(chan *lane, 1)}
 	idle := time.NewTimer(senderIdle)
 	defer idle.Stop()
+	// One context for this sender's attempts (httpclient.Slot), from the
+	// dispatcher's Sender (every lane names the same one).
+	var sl *httpclient.Slot
+	if ss, ok := l.p.d.sender.(slotSender); ok {
+		sl = ss.NewSlot()
+		defer sl.Close()
+	}
 	for {
 		for l != nil {
 			var exit bool
-			if l, exit = pl.serve(l); exit {
+			if l, exit = pl.serve(l, sl); exit {
 				return
 			}
 		}
@@ -215,8 +223,8 @@ func (pl *pool) run(l *lane) {
 // has more to send here and nobody else waits, or nil when none waits. It
 // reports exit, having counted the sender out, when the pool runs more
 // senders than its limit.
-func (pl *pool) serve(l *lane) (h *lane, exit bool) {
-	next, latency := l.p.attempt(l, pl)
+func (pl *pool) serve(l *lane, sl *httpclient.Slot) (h *lane, exit bool) {
+	next, latency := l.p.attempt(l, pl, sl)
 	var start []*lane // senders to start: the limit grew
 	pl.mu.Lock()
 	if latency > 0 && pl.limit.sample(time.Now(), latency, pl.q.len() > 0) {

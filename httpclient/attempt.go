@@ -66,7 +66,10 @@ func breakerFailure(status int) bool {
 // named target has no token of its rate or no room under its concurrency
 // limit (limits.go), with the wait for either. A request that
 // cannot be built at all fails at once.
-func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
+func (s *Sender) Attempt(ctx context.Context, c *Call) Step { return s.attempt(ctx, c, nil) }
+
+// attempt is Attempt, made in sl when it is not nil.
+func (s *Sender) attempt(ctx context.Context, c *Call, sl *Slot) Step {
 	if c.tg == nil {
 		if err := s.prepare(c); err != nil {
 			return Step{Outcome: Failed, Err: &Error{Permanent: true, Err: err}}
@@ -106,10 +109,10 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 			probe, trip = true, tg.soloTrip.Load()
 		}
 	}
-	var sl slot
+	var cs slot
 	if fl != nil && fl.conc != nil {
 		var ok bool
-		if sl, ok = fl.conc.acquire(time.Now()); !ok {
+		if cs, ok = fl.conc.acquire(time.Now()); !ok {
 			if done != nil {
 				done(errExcluded)
 			}
@@ -120,9 +123,9 @@ func (s *Sender) Attempt(ctx context.Context, c *Call) Step {
 	if c.attempts > 1 {
 		tg.retries.Inc()
 	}
-	resp, latency, err := s.roundTrip(ctx, c)
-	if sl.c != nil {
-		sl.end(loadSignal(ctx, resp, err), latency)
+	resp, latency, err := s.roundTrip(ctx, c, sl)
+	if cs.c != nil {
+		cs.end(loadSignal(ctx, resp, err), latency)
 	}
 	if st, ok := s.unauthorized(ctx, c, tg, resp, err, done); ok {
 		return st // the first 401 with an OAuth2 token (auth.go)
@@ -292,15 +295,21 @@ func (s *Sender) failingLogDue(tg *target) bool {
 	return now-last >= int64(s.failingEvery) && tg.failingLogged.CompareAndSwap(last, now)
 }
 
-// roundTrip sends one attempt of c and returns the response with its body
-// drained and closed (replaced by http.NoBody); status and headers remain.
-// latency is the time from sending to the drained answer (or the error).
-func (s *Sender) roundTrip(ctx context.Context, c *Call) (resp *http.Response, latency time.Duration, err error) {
+// roundTrip sends one attempt of c, in sl if it is not nil, and returns the
+// response with its body drained and closed (replaced by http.NoBody);
+// status and headers remain. latency is the time from sending to the
+// drained answer (or the error).
+func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.Response, latency time.Duration, err error) {
 	actx := ctx
-	if s.timeout > 0 {
+	switch {
+	case s.timeout <= 0:
+	case sl != nil && sl.ctx != nil && ctx.Err() == nil:
+		actx = sl.begin(ctx, s.timeout)
+		defer sl.end() // after the drain: the body is read under the same limit
+	default:
 		var cancel context.CancelFunc
 		actx, cancel = context.WithTimeout(ctx, s.timeout)
-		defer cancel() // after the drain: the body is read under the same limit
+		defer cancel()
 	}
 	c.connected = false
 	actx = s.withConnTrace(actx, c)

@@ -65,6 +65,25 @@ func BenchmarkSendInMemory(b *testing.B) {
 			}
 		})
 	}
+	b.Run("defaults-slot", func(b *testing.B) {
+		// As a dispatcher sender makes its attempts: one after another in
+		// a Slot, each call reset in place.
+		s, _ := newTestSender(b, benchDefaultHTTP(), nil)
+		s.transport.RegisterProtocol("http", memoryRoundTripper{})
+		sl := s.NewSlot()
+		defer sl.Close()
+		r := post("http://sink.invalid:8080/people/key-17", []byte(benchBody))
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var c Call
+		b.ReportAllocs()
+		for b.Loop() {
+			c.Reset(r, "orders-3-123456-0")
+			if st := sl.Attempt(ctx, &c); st.Outcome != Delivered {
+				b.Fatal(st.Err)
+			}
+		}
+	})
 	b.Run("net-http-baseline", func(b *testing.B) {
 		// The same request through a bare http.Client on the same in-memory
 		// transport: what any Go client pays; the difference is Send's own.

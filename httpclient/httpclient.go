@@ -373,6 +373,10 @@ type Sender struct {
 	mu        sync.RWMutex // protects targets and lastSweep
 	targets   map[string]*target
 	lastSweep time.Time
+
+	slotsMu  sync.Mutex // protects slots and watching (slot.go)
+	slots    map[*Slot]struct{}
+	watching bool // the watchdog goroutine runs
 }
 
 // New builds a Sender. It panics if o.Metrics is nil. Zero durations in
@@ -473,9 +477,9 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 	}
 }
 
-// Close closes the idle connections of the Sender's pool. No background
-// goroutine outlives an attempt, so there is nothing else to stop. An
-// attempt after Close still works, on new connections.
+// Close closes the idle connections of the Sender's pool. The only
+// background goroutine, the slots' watchdog, exits by itself once every Slot
+// is closed. An attempt after Close still works, on new connections.
 func (s *Sender) Close() {
 	s.transport.CloseIdleConnections()
 	s.closeTargets()

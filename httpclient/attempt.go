@@ -77,7 +77,7 @@ func (s *Sender) attempt(ctx context.Context, c *Call, sl *Slot) Step {
 	}
 	tg := s.acquire(c)
 	defer s.release(tg)
-	if wait := tg.paused(time.Now()); wait > 0 {
+	if wait := tg.pausedNow(); wait > 0 {
 		return Step{Outcome: Retry, After: wait}
 	}
 	fl := c.named.flow()
@@ -99,7 +99,7 @@ func (s *Sender) attempt(ctx context.Context, c *Call, sl *Slot) Step {
 				Err: fmt.Errorf("unable to send %s: %w", c.what(), err)}}
 		}
 		// A Retry-After may have paused the target during the wait.
-		if wait := tg.paused(time.Now()); wait > 0 {
+		if wait := tg.pausedNow(); wait > 0 {
 			done(errExcluded)
 			return Step{Outcome: Retry, After: wait}
 		}
@@ -297,14 +297,15 @@ func (s *Sender) failingLogDue(tg *target) bool {
 
 // roundTrip sends one attempt of c, in sl if it is not nil, and returns the
 // response with its body drained and closed (replaced by http.NoBody);
-// status and headers remain. latency is the time from sending to the
-// drained answer (or the error).
+// status and headers remain. latency is the time from the start of the
+// attempt (building its request) to the drained answer (or the error).
 func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.Response, latency time.Duration, err error) {
+	start := time.Now()
 	actx := ctx
 	switch {
 	case s.timeout <= 0:
 	case sl != nil && sl.ctx != nil && ctx.Err() == nil:
-		actx = sl.begin(ctx, s.timeout)
+		actx = sl.begin(ctx, start.Add(s.timeout))
 		defer sl.end() // after the drain: the body is read under the same limit
 	default:
 		var cancel context.CancelFunc
@@ -314,14 +315,13 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 	c.connected = false
 	actx = s.withConnTrace(actx, c)
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
-	h := c.attemptHeader(time.Now()) // a named target's token and signature (auth.go)
+	h := c.attemptHeader() // a named target's token and signature (auth.go)
 	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
 		h = h.Clone()
 		s.propagate(actx, h)
 	}
 	c.sending = h // for gotConn
 
-	start := time.Now()
 	resp, err = s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
 	if err == nil {
 		if c.capture {

@@ -315,7 +315,7 @@ func (s *Sender) authorize(ctx context.Context, c *Call) (Step, bool) {
 // attemptHeader returns the headers of one attempt of c: c.header, or for
 // a named target with OAuth2 or signing a copy with the attempt's
 // Authorization and signature.
-func (c *Call) attemptHeader(now time.Time) http.Header {
+func (c *Call) attemptHeader() http.Header {
 	bt := c.named.bt
 	if bt == nil || (bt.tokens == nil && len(bt.keys) == 0) {
 		return c.header
@@ -325,7 +325,7 @@ func (c *Call) attemptHeader(now time.Time) http.Header {
 		h["Authorization"] = c.named.auth
 	}
 	if len(bt.keys) > 0 {
-		sign(h, bt.keys, c.named.webhookID, now, c.req.Body)
+		sign(h, bt.keys, c.named.webhookID, time.Now(), c.req.Body)
 	}
 	return h
 }

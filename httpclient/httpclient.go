@@ -499,10 +499,10 @@ type Call struct {
 	// if any, ask for the close too.
 	tg      *target
 	u       *url.URL
-	header  http.Header // configured headers + Idempotency-Key + User-Agent
-	host    string      // a configured Host header
-	getBody func() (io.ReadCloser, error)
-	named   targetCall // the named target's part, if any (auth.go)
+	header  http.Header                   // configured headers + Idempotency-Key + User-Agent
+	host    string                        // a configured Host header
+	getBody func() (io.ReadCloser, error) // copyBody, bound once
+	named   targetCall                    // the named target's part, if any (auth.go)
 
 	attempts int // attempts made
 	counted  int // attempts that count toward max_attempts
@@ -533,8 +533,9 @@ type Call struct {
 // (omitted if empty). req is not modified and must stay unchanged while c is
 // in use.
 func (c *Call) Reset(req *filters.Request, idempotencyKey string) {
-	tr := c.trace // its hook is bound to c: a Call reused in place (a lane's) binds it once
-	*c = Call{req: req, trace: tr}
+	// The hooks are bound to c: a Call reused in place (a lane's) binds them once.
+	tr, gb := c.trace, c.getBody
+	*c = Call{req: req, trace: tr, getBody: gb}
 	c.idem[0] = idempotencyKey
 }
 
@@ -662,8 +663,8 @@ func (s *Sender) prepare(c *Call) error {
 	if host := r.Header.Get("Host"); host != "" {
 		c.host = host
 	}
-	if body := r.Body; len(body) > 0 {
-		c.getBody = func() (io.ReadCloser, error) { return newBody(body), nil }
+	if len(r.Body) > 0 && c.getBody == nil {
+		c.getBody = c.copyBody // bound once, as trace's hook: a Call is reused in place
 	}
 	if err := s.prepareTarget(c, h); err != nil {
 		return err
@@ -701,6 +702,9 @@ func (c *Call) what() string {
 func (c *Call) canceled(ctx context.Context) error {
 	return &Error{Status: c.status, Attempts: c.attempts, Counted: c.counted, Err: fmt.Errorf("unable to send %s: %w", c.what(), ctx.Err())}
 }
+
+// copyBody is the GetBody of c's requests: a new body over the request's.
+func (c *Call) copyBody() (io.ReadCloser, error) { return newBody(c.req.Body), nil }
 
 // newBody returns a request body over b; a fresh one per attempt, because
 // net/http may still read (or close) the previous one after RoundTrip

@@ -72,15 +72,15 @@ func (sl *Slot) Close() {
 func (sl *Slot) Attempt(ctx context.Context, c *Call) Step { return sl.s.attempt(ctx, c, sl) }
 
 // begin returns the context of an attempt of the caller's ctx that must
-// end within d: the slot's, with ctx's values.
-func (sl *Slot) begin(ctx context.Context, d time.Duration) context.Context {
+// end by deadline: the slot's, with ctx's values.
+func (sl *Slot) begin(ctx context.Context, deadline time.Time) context.Context {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.ctx.Err() != nil {
 		// The previous attempt overran.
 		sl.ctx, sl.cancel = context.WithCancelCause(context.Background())
 	}
-	sl.parent, sl.deadline = ctx, time.Now().Add(d)
+	sl.parent, sl.deadline = ctx, deadline
 	return &slotContext{Context: sl.ctx, values: ctx, deadline: sl.deadline}
 }
 

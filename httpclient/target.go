@@ -219,6 +219,15 @@ func (t *target) paused(now time.Time) time.Duration {
 	return max(time.Duration(until-mono(now)), 0)
 }
 
+// pausedNow is paused at the current time, which it reads only when the
+// target is paused.
+func (t *target) pausedNow() time.Duration {
+	if t.pausedUntil.Load() == 0 {
+		return 0
+	}
+	return t.paused(time.Now())
+}
+
 // pause makes the target's pause last at least until now+d, and reports
 // whether this starts a pause (the target was not paused at now).
 func (t *target) pause(now time.Time, d time.Duration) bool {

@@ -11,16 +11,35 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 )
 
-// Producer writes records and reports each one's delivery.
+// Producer writes records and reports each one's delivery. A fatal error of
+// its librdkafka producer (an idempotent producer's broken sequence, a
+// fenced producer id), after which that producer writes nothing more, makes
+// it start a new one in its place: the records it held are reported failed
+// (their callers write them again), and the next ones go to the new one.
 type Producer struct {
-	p    *kafka.Producer
-	acks chan kafka.Event // delivery reports of Produce
-	wg   sync.WaitGroup   // the event and acknowledgement pumps
+	cm   kafka.ConfigMap // of every librdkafka producer started
+	log  *slog.Logger
+	msg  string           // the log message of client errors
+	acks chan kafka.Event // delivery reports of Produce, from every producer started
+
+	// mu protects p and closed, and is held for reading while p is used:
+	// a producer replaced is closed only once nobody uses it.
+	mu      sync.RWMutex
+	p       *kafka.Producer
+	closed  bool
+	stop    chan struct{}  // closed by Close: a restart waiting gives up
+	retired sync.WaitGroup // producers replaced after a fatal error, until closed
+	wg      sync.WaitGroup // the event and acknowledgement pumps
 }
+
+// restartBackoff spaces the attempts to start a new producer after a fatal
+// error when starting one fails.
+const restartBackoff = time.Second
 
 // New returns a Producer to brokers named clientID in the brokers' logs.
 // The connection and security settings among props (kafka.properties, see
@@ -49,17 +68,11 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 	if err != nil {
 		return nil, err
 	}
-	pr := &Producer{p: p, acks: make(chan kafka.Event, 1024)}
 	// "dlq producer error", "records producer error": what the producer is
 	// for, as operators search the logs for it.
-	msg := strings.TrimPrefix(clientID, "orderly-") + " producer error"
-	pr.wg.Go(func() {
-		for ev := range p.Events() {
-			if e, ok := ev.(kafka.Error); ok {
-				log.Warn(msg, "error", e)
-			}
-		}
-	})
+	pr := &Producer{cm: cm, log: log, msg: strings.TrimPrefix(clientID, "orderly-") + " producer error",
+		p: p, acks: make(chan kafka.Event, 1024), stop: make(chan struct{})}
+	pr.wg.Go(func() { pr.events(p) })
 	pr.wg.Go(func() {
 		for ev := range pr.acks {
 			m, ok := ev.(*kafka.Message)
@@ -74,12 +87,66 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 	return pr, nil
 }
 
+// events logs p's client errors until p is closed, and replaces p after a
+// fatal one.
+func (pr *Producer) events(p *kafka.Producer) {
+	for ev := range p.Events() {
+		e, ok := ev.(kafka.Error)
+		if !ok {
+			continue
+		}
+		if !e.IsFatal() {
+			pr.log.Warn(pr.msg, "error", e)
+			continue
+		}
+		pr.log.Error(pr.msg+": fatal, starting a new producer; the records it held are written again", "error", e)
+		pr.replace(p)
+	}
+}
+
+// replace starts a producer in place of old, which had a fatal error, and
+// retires old: its records are purged (reported failed) and it is closed.
+// Starting one that fails is tried again every restartBackoff until one
+// starts or pr is closed.
+func (pr *Producer) replace(old *kafka.Producer) {
+	for {
+		pr.mu.Lock()
+		if pr.closed || pr.p != old {
+			pr.mu.Unlock()
+			return
+		}
+		p, err := kafka.NewProducer(&pr.cm)
+		if err == nil {
+			pr.p = p
+			pr.wg.Go(func() { pr.events(p) })
+			pr.retired.Go(func() {
+				// Not on this goroutine: Close waits for old's events to
+				// be read, which this goroutine does.
+				_ = old.Purge(kafka.PurgeQueue | kafka.PurgeInFlight)
+				old.Close()
+			})
+			pr.mu.Unlock()
+			return
+		}
+		pr.mu.Unlock()
+		pr.log.Error(pr.msg+": unable to start a new producer after a fatal error, retrying", "error", err, "retry_in", restartBackoff.String())
+		select {
+		case <-pr.stop:
+			return
+		case <-time.After(restartBackoff):
+		}
+	}
+}
+
 // Produce writes rec without waiting; done is called once with the outcome,
 // from the acknowledgement pump (or at once if librdkafka refuses the
 // record). rec.Opaque is the Producer's.
 func (pr *Producer) Produce(rec *kafka.Message, done func(error)) {
 	rec.Opaque = done
-	if err := pr.p.Produce(rec, pr.acks); err != nil {
+	pr.mu.RLock()
+	err := pr.p.Produce(rec, pr.acks)
+	pr.mu.RUnlock()
+	if err != nil {
 		done(fmt.Errorf("unable to produce to %s: %w", topicOf(rec), err))
 	}
 }
@@ -88,7 +155,10 @@ func (pr *Producer) Produce(rec *kafka.Message, done func(error)) {
 // where the record landed.
 func (pr *Producer) Write(ctx context.Context, rec *kafka.Message) (kafka.TopicPartition, error) {
 	ch := make(chan kafka.Event, 1)
-	if err := pr.p.Produce(rec, ch); err != nil {
+	pr.mu.RLock()
+	err := pr.p.Produce(rec, ch)
+	pr.mu.RUnlock()
+	if err != nil {
 		return kafka.TopicPartition{}, fmt.Errorf("unable to produce to %s: %w", topicOf(rec), err)
 	}
 	select {
@@ -106,7 +176,9 @@ func (pr *Producer) Write(ctx context.Context, rec *kafka.Message) (kafka.TopicP
 // Missing returns those of topics the brokers do not know, asking them for
 // at most timeoutMs.
 func (pr *Producer) Missing(topics []string, timeoutMs int) ([]string, error) {
+	pr.mu.RLock()
 	md, err := pr.p.GetMetadata(nil, true, timeoutMs)
+	pr.mu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
@@ -122,8 +194,14 @@ func (pr *Producer) Missing(topics []string, timeoutMs int) ([]string, error) {
 // Close flushes outstanding records (for up to 5 s) and stops the producer
 // and its pumps. Nothing may produce meanwhile.
 func (pr *Producer) Close() {
-	pr.p.Flush(5000)
-	pr.p.Close()
+	pr.mu.Lock()
+	pr.closed = true
+	p := pr.p
+	pr.mu.Unlock()
+	close(pr.stop)
+	pr.retired.Wait()
+	p.Flush(5000)
+	p.Close()
 	close(pr.acks)
 	pr.wg.Wait()
 }

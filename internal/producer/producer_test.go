@@ -1,0 +1,68 @@
+package producer_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+
+	"github.com/orderly-dispatch/orderly/internal/embedded"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
+	"github.com/orderly-dispatch/orderly/internal/producer"
+	"github.com/orderly-dispatch/orderly/internal/testkit"
+)
+
+// TestProducerRecoversFromFatalError: after a fatal error of its librdkafka
+// producer (raised with rd_kafka_test_fatal_error, against the embedded
+// broker), which writes nothing more, the Producer starts a new one: a
+// record produced around the error is reported (delivered or failed, never
+// lost), later records are delivered, and Close returns.
+func TestProducerRecoversFromFatalError(t *testing.T) {
+	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	logs := make(chan kafka.LogEvent, 64)
+	go func() {
+		for range logs {
+		}
+	}()
+	pr, err := producer.New(b.Addr(), "orderly-test", nil, nil, kafkatest.Logger(t), logs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	topic := "out"
+	write := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := pr.Write(ctx, &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
+			Value: []byte("v")})
+		return err
+	}
+	if err := write(); err != nil {
+		t.Fatalf("before the fatal error: %v", err)
+	}
+	if code := pr.TestFatalError(kafka.ErrOutOfOrderSequenceNumber, "test"); code != kafka.ErrNoError {
+		t.Fatalf("raising the fatal error: %v", code)
+	}
+	reported := make(chan error, 1)
+	pr.Produce(&kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
+		Value: []byte("around")}, func(err error) { reported <- err })
+	select {
+	case err := <-reported:
+		t.Logf("the record produced around the fatal error: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the record produced around the fatal error was never reported")
+	}
+	testkit.WaitFor(t, 30*time.Second, "a write after the fatal error to succeed", func() bool { return write() == nil })
+	done := make(chan struct{})
+	go func() { pr.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	close(logs)
+}

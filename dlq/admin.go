@@ -1416,8 +1416,13 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}
 	rt := r.a.router.Route(plan.Route)
-	if rt != nil && rt.ReadsResponses() {
+	switch {
+	case rt != nil && rt.ReadsResponses():
 		start = 0 // the later requests read the earlier ones' answers: all again, same idempotency keys
+	case rt != nil && rt.Replies() && start >= len(plan.Requests):
+		// Only the reply record was refused, and it is the last answer's:
+		// ask the last request again (same idempotency key) for it.
+		start = max(len(plan.Requests)-1, 0)
 	}
 	var responses []filters.Response
 	for i := start; i < len(plan.Requests); i++ {

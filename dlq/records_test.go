@@ -20,17 +20,7 @@ import (
 func TestReplayWritesRecords(t *testing.T) {
 	h := &harness{kafkatest.New(t, 1, func(o *embedded.Options) { o.Topics = append(o.Topics, "hashed") })}
 	ds := seqs([]string{"K", "G"}, 3)
-	recs := h.deadLetters(ds...)
-	for i := range recs {
-		for j := range recs[i].Headers {
-			if recs[i].Headers[j].Key == HeaderRequestIndex {
-				recs[i].Headers[j].Value = []byte("1")
-			}
-		}
-	}
-	if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", 0, recs); err != nil {
-		t.Fatal(err)
-	}
+	h.seedDLQAt(t, "1", ds...)
 	cfg := h.Config("records", "", "")
 	v := `{"key":"{{ .Value.key }}","seq":{{ .Value.seq }}}`
 	cfg.Routes[0].Requests = append(cfg.Routes[0].Requests, config.Request{Topic: "hashed", Value: &v})
@@ -59,5 +49,52 @@ func TestReplayWritesRecords(t *testing.T) {
 		if !slices.Equal(got[k], want) {
 			t.Fatalf("key %s: records %v, want %v", k, got[k], want)
 		}
+	}
+}
+
+// TestReplayWritesRefusedReply: dead letters whose requests all succeeded
+// but whose reply record was refused (orderly.request_index past the last
+// request) are replayed by asking the last request again, with its
+// idempotency key, for the answer the reply is made of: the reply records
+// land in the reply topic, in each key's order. Before, the replay sent
+// nothing and wrote no reply, and counted the records replayed.
+func TestReplayWritesRefusedReply(t *testing.T) {
+	h := &harness{kafkatest.New(t, 1, func(o *embedded.Options) { o.Topics = append(o.Topics, "replies") })}
+	ds := seqs([]string{"K", "G"}, 3)
+	h.seedDLQAt(t, "1", ds...) // the route has one request: the reply's turn
+	cfg := h.Config("replies", "", "")
+	cfg.Routes[0].ReplyTopic = "replies"
+	a := h.dlqAdmin(cfg)
+	if j := runJob(t, a, JobReplay, ReplayRequest{}); j.State != JobDone || j.Replayed != len(ds) {
+		t.Fatalf("replay: %s; want %d replayed", counts(j), len(ds))
+	}
+	if n := h.Sink.Requests(); n != int64(len(ds)) {
+		t.Fatalf("the sink got %d requests, want the last request of each of the %d dead letters again", n, len(ds))
+	}
+	got := map[string]int{}
+	for _, m := range h.ReadAll("replies", len(ds), time.Minute) {
+		got[string(m.Key)]++
+	}
+	for k, want := range expected(ds...) {
+		if got[k] != len(want) {
+			t.Fatalf("key %s: %d replies, want %d", k, got[k], len(want))
+		}
+	}
+}
+
+// seedDLQAt writes the dead letters of ds to the DLQ's partition 0, each
+// failed at request index.
+func (h *harness) seedDLQAt(t *testing.T, index string, ds ...dead) {
+	t.Helper()
+	recs := h.deadLetters(ds...)
+	for i := range recs {
+		for j := range recs[i].Headers {
+			if recs[i].Headers[j].Key == HeaderRequestIndex {
+				recs[i].Headers[j].Value = []byte(index)
+			}
+		}
+	}
+	if err := h.Prod.ProduceTo(context.Background(), "orderly.dlq", 0, recs); err != nil {
+		t.Fatal(err)
 	}
 }

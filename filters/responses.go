@@ -83,6 +83,9 @@ func (rt *Route) RenderRequest(m *Message, i int, responses []Response, out *Req
 	return nil
 }
 
+// Replies reports whether the route has a reply_topic.
+func (rt *Route) Replies() bool { return rt.reply != nil }
+
 // Reply returns the record of m's last answer resp for the route's
 // reply_topic, nil when it has none.
 func (rt *Route) Reply(m *Message, resp *Response) *Request {

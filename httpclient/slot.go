@@ -81,7 +81,10 @@ func (sl *Slot) begin(ctx context.Context, deadline time.Time) context.Context {
 		sl.ctx, sl.cancel = context.WithCancelCause(context.Background())
 	}
 	sl.parent, sl.deadline = ctx, deadline
-	return &slotContext{Context: sl.ctx, values: ctx, deadline: sl.deadline}
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d // the caller's comes first, as under context.WithTimeout
+	}
+	return &slotContext{Context: sl.ctx, values: ctx, deadline: deadline}
 }
 
 // end ends the attempt begun last.
@@ -142,7 +145,7 @@ func (s *Sender) watch() {
 type slotContext struct {
 	context.Context // the slot's
 	values          context.Context
-	deadline        time.Time
+	deadline        time.Time // the earlier of the attempt's and the caller's
 }
 
 func (c *slotContext) Deadline() (time.Time, bool) { return c.deadline, true }

@@ -122,3 +122,25 @@ func TestSlotWatchdogStops(t *testing.T) {
 		t.Fatal("no watchdog after a slot was opened again")
 	}
 }
+
+// TestSlotCallerDeadline: an attempt in a slot reports the earlier of its
+// own deadline and its caller's, as context.WithTimeout would (a dialer
+// bounds its dial by it), and ends with the caller's deadline.
+func TestSlotCallerDeadline(t *testing.T) {
+	rec, s, sl := newSlotTest(t, time.Minute, hangFirst)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	want, _ := ctx.Deadline()
+	if d, ok := sl.begin(ctx, time.Now().Add(time.Minute)).Deadline(); !ok || !d.Equal(want) {
+		t.Fatalf("deadline %v (%v), want the caller's %v", d, ok, want)
+	}
+	sl.end()
+	var c Call
+	c.Reset(post(rec.URL, nil), "k")
+	if err := s.prepare(&c); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.roundTrip(ctx, &c, sl); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("round trip past the caller's deadline: error %v, want one wrapping context.DeadlineExceeded", err)
+	}
+}

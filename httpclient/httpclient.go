@@ -376,7 +376,8 @@ type Sender struct {
 
 	slotsMu  sync.Mutex // protects slots and watching (slot.go)
 	slots    map[*Slot]struct{}
-	watching bool // the watchdog goroutine runs
+	watching bool           // the watchdog goroutine runs
+	watchers sync.WaitGroup // the watchdog goroutine, for Close
 }
 
 // New builds a Sender. It panics if o.Metrics is nil. Zero durations in
@@ -477,12 +478,19 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 	}
 }
 
-// Close closes the idle connections of the Sender's pool. The only
-// background goroutine, the slots' watchdog, exits by itself once every Slot
-// is closed. An attempt after Close still works, on new connections.
+// Close closes the idle connections of the Sender's pool and, once every
+// Slot is closed, waits for the slots' watchdog, the only background
+// goroutine, to exit (it does within a tick of the last Close). An attempt
+// after Close still works, on new connections.
 func (s *Sender) Close() {
 	s.transport.CloseIdleConnections()
 	s.closeTargets()
+	s.slotsMu.Lock()
+	open := len(s.slots)
+	s.slotsMu.Unlock()
+	if open == 0 {
+		s.watchers.Wait()
+	}
 }
 
 // Call is the delivery of one request across its attempts. The zero Call is

@@ -51,7 +51,7 @@ func (s *Sender) NewSlot() *Slot {
 	s.slots[sl] = struct{}{}
 	if !s.watching {
 		s.watching = true
-		go s.watch()
+		s.watchers.Go(s.watch)
 	}
 	return sl
 }

@@ -117,9 +117,13 @@ func TestSlotWatchdogStops(t *testing.T) {
 	b.Close()
 	waitFor(t, 5*time.Second, "the watchdog to exit", func() bool { return !watching() })
 	c := s.NewSlot()
-	defer c.Close()
 	if !watching() {
 		t.Fatal("no watchdog after a slot was opened again")
+	}
+	c.Close()
+	s.Close() // waits for the watchdog
+	if watching() {
+		t.Fatal("the watchdog runs after the last slot and the Sender were closed")
 	}
 }
 

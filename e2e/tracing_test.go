@@ -10,7 +10,8 @@ package e2e
 //     tracing.enabled = true: a message produced with a traceparent reaches
 //     the sink with a traceparent of the same trace, and Jaeger holds the
 //     consumer span "orders process" (service orderly) under the producer's
-//     span with at least one HTTP client span under it.
+//     span with at least one HTTP client span under it, and the PRODUCER
+//     span of its topic request's record, whose traceparent names it.
 //
 // Without the Jaeger binary the test skips, unless ORDERLY_E2E=1 (CI), which
 // makes it fail. Everything here is prefixed "tr" to stay out of the way of
@@ -453,6 +454,9 @@ name = "people"
   url = "%s/people/{{ .Key }}"
   [routes.requests.headers]
   Content-Type = "application/json"
+  [[routes.requests]]
+  topic = "orders_announced"
+  value = '{"key": {{ json .Key }}}'
 `, j.otlpHTTP, srv.URL)), "tracing-e2e.toml")
 	if err != nil {
 		t.Fatal(err)
@@ -500,6 +504,7 @@ name = "people"
 		t.Fatal(err)
 	}
 	testkit.WaitFor(t, 30*time.Second, "the message at the sink", func() bool { return sink.Delivered() >= 1 })
+	announced := trReadOne(t, svc.Brokers(), "orders_announced")
 	stop()
 
 	mu.Lock()
@@ -538,4 +543,56 @@ name = "people"
 		"http.response.status_code": "200",
 		"url.full":                  srv.URL + "/people/key-1",
 	})
+
+	// The topic request's record: a PRODUCER span under the process span,
+	// whose context the record carries.
+	var publish *trSpan
+	trWantTrace(t, j, traceID, 30*time.Second, func(tt *trTrace) error {
+		for i, s := range tt.Spans {
+			if s.tag("span.kind") == "producer" && s.parent() == proc.SpanID {
+				publish = &tt.Spans[i]
+				return nil
+			}
+		}
+		return fmt.Errorf("no producer span under the process span %s (%d spans)", proc.SpanID, len(tt.Spans))
+	})
+	if publish.OperationName != "orders_announced publish" {
+		t.Errorf("producer span %q, want %q", publish.OperationName, "orders_announced publish")
+	}
+	trWantTags(t, "producer span", *publish, map[string]string{
+		"messaging.system":           "kafka",
+		"messaging.destination.name": "orders_announced",
+		"messaging.operation.type":   "send",
+	})
+	var recParent string
+	for _, h := range announced.Headers {
+		if h.Key == "traceparent" {
+			recParent = string(h.Value)
+		}
+	}
+	if want := "00-" + traceID + "-" + publish.SpanID + "-01"; recParent != want {
+		t.Errorf("the record's traceparent %q, want %q (the producer span)", recParent, want)
+	}
+}
+
+// trReadOne reads the first record of topic (partition 0) from brokers.
+func trReadOne(t *testing.T, brokers, topic string) *kafka.Message {
+	t.Helper()
+	c, err := kafka.NewConsumer(&kafka.ConfigMap{"bootstrap.servers": brokers, "group.id": "tr-reader",
+		"enable.auto.commit": false, "enable.metrics.push": false, "log_level": 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Assign([]kafka.TopicPartition{{Topic: &topic, Partition: 0, Offset: kafka.OffsetBeginning}}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if m, ok := c.Poll(100).(*kafka.Message); ok && m.TopicPartition.Error == nil {
+			return m
+		}
+	}
+	t.Fatalf("no record in %s within 30s", topic)
+	return nil
 }

@@ -38,8 +38,12 @@ type Producer struct {
 }
 
 // restartBackoff spaces the attempts to start a new producer after a fatal
-// error when starting one fails.
-const restartBackoff = time.Second
+// error when starting one fails; retireFlush is how long (ms) a replaced
+// producer is served its purged records' reports at a time.
+const (
+	restartBackoff = time.Second
+	retireFlush    = 5000
+)
 
 // New returns a Producer to brokers named clientID in the brokers' logs.
 // The connection and security settings among props (kafka.properties, see
@@ -121,8 +125,20 @@ func (pr *Producer) replace(old *kafka.Producer) {
 			pr.wg.Go(func() { pr.events(p) })
 			pr.retired.Go(func() {
 				// Not on this goroutine: Close waits for old's events to
-				// be read, which this goroutine does.
+				// be read, which this goroutine does. The purged records'
+				// reports come out only as old is polled, so Flush serves
+				// them (to pr.acks) before Close, which would drop them.
 				_ = old.Purge(kafka.PurgeQueue | kafka.PurgeInFlight)
+				for old.Flush(retireFlush) > 0 {
+					select {
+					case <-pr.stop:
+						pr.log.Error(pr.msg+": closing with records of the replaced producer unreported", "records", old.Len())
+						old.Close()
+						return
+					default:
+					}
+					pr.log.Warn(pr.msg+": the replaced producer still holds records after a purge", "records", old.Len())
+				}
 				old.Close()
 			})
 			pr.mu.Unlock()

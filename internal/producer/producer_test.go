@@ -2,6 +2,7 @@ package producer_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,9 +16,10 @@ import (
 
 // TestProducerRecoversFromFatalError: after a fatal error of its librdkafka
 // producer (raised with rd_kafka_test_fatal_error, against the embedded
-// broker), which writes nothing more, the Producer starts a new one: a
+// broker), which writes nothing more, the Producer starts a new one: every
 // record produced around the error is reported (delivered or failed, never
-// lost), later records are delivered, and Close returns.
+// lost, the purged ones included), later records are delivered, and Close
+// returns.
 func TestProducerRecoversFromFatalError(t *testing.T) {
 	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
 	if err != nil {
@@ -29,7 +31,8 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 		for range logs {
 		}
 	}()
-	pr, err := producer.New(b.Addr(), "orderly-test", nil, nil, kafkatest.Logger(t), logs)
+	// No linger: many records in flight when the error comes.
+	pr, err := producer.New(b.Addr(), "orderly-test", nil, kafka.ConfigMap{"linger.ms": 0}, kafkatest.Logger(t), logs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,18 +47,26 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 	if err := write(); err != nil {
 		t.Fatalf("before the fatal error: %v", err)
 	}
-	if code := pr.TestFatalError(kafka.ErrOutOfOrderSequenceNumber, "test"); code != kafka.ErrNoError {
-		t.Fatalf("raising the fatal error: %v", code)
+	// Records in flight when the error comes: each one is reported, as
+	// delivered or failed (the purged ones), none is left waiting.
+	const n = 20000
+	var reported, failed atomic.Int64
+	for i := range n {
+		if i == n/2 {
+			if code := pr.TestFatalError(kafka.ErrOutOfOrderSequenceNumber, "test"); code != kafka.ErrNoError {
+				t.Fatalf("raising the fatal error: %v", code)
+			}
+		}
+		pr.Produce(&kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
+			Value: []byte("around")}, func(err error) {
+			if err != nil {
+				failed.Add(1)
+			}
+			reported.Add(1)
+		})
 	}
-	reported := make(chan error, 1)
-	pr.Produce(&kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &topic, Partition: kafka.PartitionAny},
-		Value: []byte("around")}, func(err error) { reported <- err })
-	select {
-	case err := <-reported:
-		t.Logf("the record produced around the fatal error: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("the record produced around the fatal error was never reported")
-	}
+	testkit.WaitFor(t, 30*time.Second, "every record produced around the fatal error reported", func() bool { return reported.Load() == n })
+	t.Logf("%d of the %d records produced around the fatal error failed", failed.Load(), n)
 	testkit.WaitFor(t, 30*time.Second, "a write after the fatal error to succeed", func() bool { return write() == nil })
 	done := make(chan struct{})
 	go func() { pr.Close(); close(done) }()

@@ -1416,15 +1416,19 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 		return back(&Failure{Reason: "replay: " + err.Error(), Route: route, RequestIndex: start, Attempts: prev}), nil
 	}
 	rt := r.a.router.Route(plan.Route)
-	switch {
+	var responses []filters.Response
+	switch last := len(plan.Requests) - 1; {
 	case rt != nil && rt.ReadsResponses():
 		start = 0 // the later requests read the earlier ones' answers: all again, same idempotency keys
-	case rt != nil && rt.Replies() && start >= len(plan.Requests):
-		// Only the reply record was refused, and it is the last answer's:
-		// ask the last request again (same idempotency key) for it.
-		start = max(len(plan.Requests)-1, 0)
+	case rt != nil && rt.Replies() && last >= 0 && start > last && plan.Requests[last].Topic != "":
+		// Only the reply record was refused; a topic request's answer,
+		// which it is made of, is empty.
+		responses = []filters.Response{{}}
+	case rt != nil && rt.Replies() && last >= 0 && start > last:
+		// Only the reply record was refused, and it is made of the last
+		// answer: ask the last request again (same idempotency key) for it.
+		start = last
 	}
-	var responses []filters.Response
 	for i := start; i < len(plan.Requests); i++ {
 		rq := &plan.Requests[i]
 		if rq.Pending {

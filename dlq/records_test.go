@@ -54,31 +54,55 @@ func TestReplayWritesRecords(t *testing.T) {
 
 // TestReplayWritesRefusedReply: dead letters whose requests all succeeded
 // but whose reply record was refused (orderly.request_index past the last
-// request) are replayed by asking the last request again, with its
-// idempotency key, for the answer the reply is made of: the reply records
-// land in the reply topic, in each key's order. Before, the replay sent
-// nothing and wrote no reply, and counted the records replayed.
+// request) are replayed by writing the reply: when the last request is an
+// HTTP one, it is asked again, with its idempotency key, for the answer the
+// reply is made of; when it is a topic request, whose answer is empty,
+// nothing is sent or written again. The replies land in the reply topic,
+// in each key's order. Before, the replay wrote no reply and counted the
+// records replayed.
 func TestReplayWritesRefusedReply(t *testing.T) {
-	h := &harness{kafkatest.New(t, 1, func(o *embedded.Options) { o.Topics = append(o.Topics, "replies") })}
-	ds := seqs([]string{"K", "G"}, 3)
-	h.seedDLQAt(t, "1", ds...) // the route has one request: the reply's turn
-	cfg := h.Config("replies", "", "")
-	cfg.Routes[0].ReplyTopic = "replies"
-	a := h.dlqAdmin(cfg)
-	if j := runJob(t, a, JobReplay, ReplayRequest{}); j.State != JobDone || j.Replayed != len(ds) {
-		t.Fatalf("replay: %s; want %d replayed", counts(j), len(ds))
-	}
-	if n := h.Sink.Requests(); n != int64(len(ds)) {
-		t.Fatalf("the sink got %d requests, want the last request of each of the %d dead letters again", n, len(ds))
-	}
-	got := map[string]int{}
-	for _, m := range h.ReadAll("replies", len(ds), time.Minute) {
-		got[string(m.Key)]++
-	}
-	for k, want := range expected(ds...) {
-		if got[k] != len(want) {
-			t.Fatalf("key %s: %d replies, want %d", k, got[k], len(want))
-		}
+	for _, tc := range []struct {
+		name      string
+		topicLast bool
+		wantSink  int // requests the sink gets per dead letter
+	}{
+		{"http request last", false, 1},
+		{"topic request last", true, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &harness{kafkatest.New(t, 1, func(o *embedded.Options) { o.Topics = append(o.Topics, "replies", "hashed") })}
+			ds := seqs([]string{"K", "G"}, 3)
+			cfg := h.Config("replies", "", "")
+			cfg.Routes[0].ReplyTopic = "replies"
+			index := "1" // past the route's one request: the reply's turn
+			if tc.topicLast {
+				v := `{"key":"{{ .Value.key }}"}`
+				cfg.Routes[0].Requests = append(cfg.Routes[0].Requests, config.Request{Topic: "hashed", Value: &v})
+				index = "2"
+			}
+			h.seedDLQAt(t, index, ds...)
+			a := h.dlqAdmin(cfg)
+			if j := runJob(t, a, JobReplay, ReplayRequest{}); j.State != JobDone || j.Replayed != len(ds) {
+				t.Fatalf("replay: %s; want %d replayed", counts(j), len(ds))
+			}
+			if n := h.Sink.Requests(); n != int64(tc.wantSink*len(ds)) {
+				t.Fatalf("the sink got %d requests, want %d", n, tc.wantSink*len(ds))
+			}
+			if tc.topicLast {
+				if recs := h.ReadAll("hashed", 1, 2*time.Second); len(recs) != 0 {
+					t.Fatalf("the topic request's record was written %d times again", len(recs))
+				}
+			}
+			got := map[string]int{}
+			for _, m := range h.ReadAll("replies", len(ds), time.Minute) {
+				got[string(m.Key)]++
+			}
+			for k, want := range expected(ds...) {
+				if got[k] != len(want) {
+					t.Fatalf("key %s: %d replies, want %d", k, got[k], len(want))
+				}
+			}
+		})
 	}
 }
 

@@ -53,7 +53,9 @@ type Sender interface {
 
 // slotSender is a Sender whose attempts each sender goroutine makes in a
 // slot of its own, bounded by http.timeout without a context per attempt
-// (httpclient.Slot). *httpclient.Sender is one.
+// (httpclient.Slot). *httpclient.Sender is one. A slot's attempts are the
+// httpclient.Sender's: a wrapper that embeds one to change Attempt must
+// hide NewSlot too.
 type slotSender interface {
 	NewSlot() *httpclient.Slot
 }

@@ -36,7 +36,7 @@ type Slot struct {
 var errAttemptTimeout = fmt.Errorf("attempt exceeded http.timeout: %w", context.DeadlineExceeded)
 
 // NewSlot returns a Slot of s. Without an http.timeout it needs no
-// watchdog, and its attempts are those of s.Attempt.
+// watchdog, and its attempts are those of s.Attempt. Not after s.Close.
 func (s *Sender) NewSlot() *Slot {
 	sl := &Slot{s: s}
 	if s.timeout <= 0 {

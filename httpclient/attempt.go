@@ -301,11 +301,11 @@ func (s *Sender) failingLogDue(tg *target) bool {
 // attempt (building its request) to the drained answer (or the error).
 func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.Response, latency time.Duration, err error) {
 	start := time.Now()
-	actx := ctx
+	actx, traced := ctx, false
 	switch {
 	case s.timeout <= 0:
 	case sl != nil && sl.ctx != nil && ctx.Err() == nil:
-		actx = sl.begin(ctx, start.Add(s.timeout))
+		actx, traced = sl.begin(ctx, start.Add(s.timeout), c.connTrace())
 		defer sl.end() // after the drain: the body is read under the same limit
 	default:
 		var cancel context.CancelFunc
@@ -313,7 +313,9 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 		defer cancel()
 	}
 	c.connected = false
-	actx = s.withConnTrace(actx, c)
+	if !traced {
+		actx = s.withConnTrace(actx, c)
+	}
 	actx, span := s.tracing.StartAttemptURL(actx, c.req.Method, c.u, c.attempts)
 	h := c.attemptHeader() // a named target's token and signature (auth.go)
 	if s.propagate != nil && trace.SpanContextFromContext(actx).IsValid() {
@@ -394,13 +396,18 @@ func (s *Sender) verdict(ctx context.Context, c *Call, resp *http.Response, err 
 	return Step{Outcome: Retry, After: backoff(s.initialBackoff, s.maxBackoff, c.attempts-1)}
 }
 
-// withConnTrace attaches c's GotConn hook to ctx: it tells whether an
-// attempt got a connection, and runs the max_conn_age check.
-func (s *Sender) withConnTrace(ctx context.Context, c *Call) context.Context {
+// connTrace returns c's GotConn hook: it tells whether an attempt got a
+// connection, and runs the max_conn_age check.
+func (c *Call) connTrace() *httptrace.ClientTrace {
 	if c.trace.GotConn == nil {
 		c.trace.GotConn = c.gotConn
 	}
-	tr := &c.trace
+	return &c.trace
+}
+
+// withConnTrace attaches c's GotConn hook (connTrace) to ctx.
+func (s *Sender) withConnTrace(ctx context.Context, c *Call) context.Context {
+	tr := c.connTrace()
 	if httptrace.ContextClientTrace(ctx) != nil {
 		// WithClientTrace composes into (mutates) its argument when the
 		// context already holds a trace: give it a private copy.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http/httptrace"
 	"sync"
 	"time"
 )
@@ -72,8 +73,10 @@ func (sl *Slot) Close() {
 func (sl *Slot) Attempt(ctx context.Context, c *Call) Step { return sl.s.attempt(ctx, c, sl) }
 
 // begin returns the context of an attempt of the caller's ctx that must
-// end by deadline: the slot's, with ctx's values.
-func (sl *Slot) begin(ctx context.Context, deadline time.Time) context.Context {
+// end by deadline: the slot's, with ctx's values and, when ctx holds no
+// client trace of its own, tr as its client trace (traced reports it does:
+// otherwise the caller composes tr with ctx's).
+func (sl *Slot) begin(ctx context.Context, deadline time.Time, tr *httptrace.ClientTrace) (actx context.Context, traced bool) {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.ctx.Err() != nil {
@@ -84,7 +87,10 @@ func (sl *Slot) begin(ctx context.Context, deadline time.Time) context.Context {
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d // the caller's comes first, as under context.WithTimeout
 	}
-	return &slotContext{Context: sl.ctx, values: ctx, deadline: deadline}
+	if httptrace.ContextClientTrace(ctx) != nil {
+		tr = nil
+	}
+	return &slotContext{Context: sl.ctx, values: ctx, deadline: deadline, trace: tr}, tr != nil
 }
 
 // end ends the attempt begun last.
@@ -145,7 +151,8 @@ func (s *Sender) watch() {
 type slotContext struct {
 	context.Context // the slot's
 	values          context.Context
-	deadline        time.Time // the earlier of the attempt's and the caller's
+	deadline        time.Time              // the earlier of the attempt's and the caller's
+	trace           *httptrace.ClientTrace // the attempt's client trace, or nil
 }
 
 func (c *slotContext) Deadline() (time.Time, bool) { return c.deadline, true }
@@ -160,12 +167,37 @@ func (c *slotContext) Err() error {
 	return err
 }
 
-// Value looks in the slot's context first, which answers only for the
-// key of its cancelCtx: so context.WithCancel on an attempt's context
-// links to the slot's instead of starting a goroutine.
+// Value answers the client trace key with the attempt's trace (sparing a
+// context.WithValue per attempt), then looks in the slot's context, which
+// answers only for the key of its cancelCtx (so that context.WithCancel on
+// an attempt's context links to the slot's instead of starting a
+// goroutine), then in the caller's.
 func (c *slotContext) Value(key any) any {
+	if c.trace != nil && key == clientTraceKey {
+		return c.trace
+	}
 	if v := c.Context.Value(key); v != nil {
 		return v
 	}
 	return c.values.Value(key)
+}
+
+// clientTraceKey is net/http/httptrace's (unexported) context key of a
+// *httptrace.ClientTrace, caught as httptrace.ContextClientTrace looks it
+// up.
+var clientTraceKey = func() any {
+	var k keyCatcher
+	httptrace.ContextClientTrace(&k)
+	return k.key
+}()
+
+// keyCatcher is a context that records the key it is asked for.
+type keyCatcher struct {
+	context.Context // nil: only Value is called
+	key             any
+}
+
+func (k *keyCatcher) Value(key any) any {
+	k.key = key
+	return nil
 }

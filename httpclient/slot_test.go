@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptrace"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -135,7 +137,8 @@ func TestSlotCallerDeadline(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	want, _ := ctx.Deadline()
-	if d, ok := sl.begin(ctx, time.Now().Add(time.Minute)).Deadline(); !ok || !d.Equal(want) {
+	actx, _ := sl.begin(ctx, time.Now().Add(time.Minute), nil)
+	if d, ok := actx.Deadline(); !ok || !d.Equal(want) {
 		t.Fatalf("deadline %v (%v), want the caller's %v", d, ok, want)
 	}
 	sl.end()
@@ -146,5 +149,28 @@ func TestSlotCallerDeadline(t *testing.T) {
 	}
 	if _, _, err := s.roundTrip(ctx, &c, sl); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("round trip past the caller's deadline: error %v, want one wrapping context.DeadlineExceeded", err)
+	}
+}
+
+// TestSlotConnTrace: an attempt in a slot runs the call's GotConn hook
+// (whether it got a connection: what decides an uncounted failure), and,
+// when the caller's context holds a client trace of its own, that one's
+// too.
+func TestSlotConnTrace(t *testing.T) {
+	rec, _, sl := newSlotTest(t, time.Minute, statuses(200, 200))
+	var c Call
+	c.Reset(post(rec.URL, nil), "k")
+	if st := sl.Attempt(context.Background(), &c); st.Outcome != Delivered || !c.connected {
+		t.Fatalf("outcome %v (%v), connected %v; want Delivered on a connection", st.Outcome, st.Err, c.connected)
+	}
+	var theirs atomic.Bool
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(httptrace.GotConnInfo) { theirs.Store(true) },
+	})
+	var c2 Call
+	c2.Reset(post(rec.URL, nil), "k2")
+	if st := sl.Attempt(ctx, &c2); st.Outcome != Delivered || !c2.connected || !theirs.Load() {
+		t.Fatalf("outcome %v (%v), connected %v, the caller's hook called %v; want Delivered and both hooks",
+			st.Outcome, st.Err, c2.connected, theirs.Load())
 	}
 }

@@ -1253,6 +1253,7 @@ func TestAlertRules(t *testing.T) {
 		{"OrderlyDLQFailing", "2m", []string{"orderly_dlq_failing", "== 1"}, nil},
 		{"OrderlyCommitMetadataRefused", "", []string{"increase(orderly_commit_metadata_refused_total[15m])", "> 0"},
 			[]string{"dispatch.commit_metadata_max_bytes"}},
+		{"OrderlyProducerRestarted", "", []string{"increase(orderly_producer_restarts_total[15m])", "> 0"}, nil},
 	} {
 		a, ok := alerts[w.name]
 		if !ok {

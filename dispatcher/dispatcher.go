@@ -205,7 +205,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer func() { close(stopLogs); pumps.Wait() }()
 
 	if d.cfg.DLQ.Topic != "" {
-		w, err := dlq.NewWriter(d.brokers, d.cfg, d.log, logs)
+		w, err := dlq.NewWriter(d.brokers, d.cfg, d.log, logs, d.metrics)
 		if err != nil {
 			return err
 		}

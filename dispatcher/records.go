@@ -21,7 +21,7 @@ func (d *Dispatcher) newRecords(logs chan kafka.LogEvent) (*producer.Producer, e
 	if len(topics) == 0 {
 		return nil, nil
 	}
-	pr, err := producer.NewRecords(d.brokers, topics, d.cfg.Kafka.Properties, 5*time.Second, d.log, logs)
+	pr, err := producer.NewRecords(d.brokers, topics, d.cfg.Kafka.Properties, 5*time.Second, d.log, logs, d.metrics)
 	if err != nil {
 		return nil, err
 	}

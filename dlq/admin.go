@@ -912,12 +912,12 @@ func (r *run) run() (stopped bool, err error) {
 		var lw sync.WaitGroup
 		lw.Go(func() { kafkalog.Pump(a.log, logs, stopLogs) })
 		defer func() { close(stopLogs); lw.Wait() }()
-		if r.w, err = NewWriter(a.brokers, a.cfg, a.log, logs); err != nil {
+		if r.w, err = NewWriter(a.brokers, a.cfg, a.log, logs, a.metrics); err != nil {
 			return false, err
 		}
 		defer r.w.Close()
 		if topics := a.router.RecordTopics(); len(topics) > 0 {
-			if r.records, err = producer.NewRecords(a.brokers, topics, a.cfg.Kafka.Properties, 5*time.Second, a.log, logs); err != nil {
+			if r.records, err = producer.NewRecords(a.brokers, topics, a.cfg.Kafka.Properties, 5*time.Second, a.log, logs, a.metrics); err != nil {
 				return false, err
 			}
 			defer r.records.Close()

@@ -11,6 +11,7 @@ import (
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/internal/producer"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // DLQ record headers, as documented in the README.
@@ -88,9 +89,10 @@ type Writer struct {
 	*producer.Producer
 }
 
-// NewWriter returns a Writer to cfg.DLQ.Topic; librdkafka's logs go to logs.
-func NewWriter(brokers string, cfg *config.Config, log *slog.Logger, logs chan kafka.LogEvent) (*Writer, error) {
-	p, err := producer.New(brokers, "orderly-dlq", cfg.Kafka.Properties, nil, log, logs)
+// NewWriter returns a Writer to cfg.DLQ.Topic; librdkafka's logs go to logs,
+// its producer's restarts to m (nil: none).
+func NewWriter(brokers string, cfg *config.Config, log *slog.Logger, logs chan kafka.LogEvent, m *telemetry.Metrics) (*Writer, error) {
+	p, err := producer.New(brokers, "orderly-dlq", cfg.Kafka.Properties, nil, log, logs, m)
 	if err != nil {
 		return nil, fmt.Errorf("dlq: unable to create the DLQ producer: %w", err)
 	}

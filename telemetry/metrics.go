@@ -68,6 +68,7 @@ type Metrics struct {
 	ProgressRefused   prometheus.Counter
 	DLQTruncated      prometheus.Counter
 	DLQFailing        prometheus.Gauge
+	ProducerRestarts  *prometheus.CounterVec // producer
 
 	QuarantinedKeys     prometheus.Gauge
 	QuarantinedMessages prometheus.Counter
@@ -153,6 +154,9 @@ func NewMetrics() *Metrics {
 			Help: "Dead-letter records written with their value cut because the DLQ topic refused the whole record for its size."}),
 		DLQFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
 			Help: "1 while dead-letter writes fail (the keys concerned wait), 0 once one succeeds."}),
+		ProducerRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_producer_restarts_total",
+			Help: "Kafka producers (dlq, records) started anew after a fatal error; the records the old one held are written again."},
+			[]string{"producer"}),
 		QuarantinedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_quarantined_keys",
 			Help: "Keys quarantined or being replayed (dlq.quarantine_keys), as this instance knows them."}),
 		QuarantinedMessages: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_quarantined_messages_total",
@@ -166,7 +170,7 @@ func NewMetrics() *Metrics {
 		m.TargetConcurrencyLimit, m.TargetRateLimited,
 		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.SenderLimit, m.Rebalances, m.CommitErrors,
 		m.DLQProduced, m.DLQErrors, m.Records, m.ReplayMessages, m.ReplayJobsActive,
-		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing,
+		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing, m.ProducerRestarts,
 		m.QuarantinedKeys, m.QuarantinedMessages, m.Deferred, m.Rereads)
 	return m
 }

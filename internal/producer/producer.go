@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // Producer writes records and reports each one's delivery. A fatal error of
@@ -22,10 +25,11 @@ import (
 // it start a new one in its place: the records it held are reported failed
 // (their callers write them again), and the next ones go to the new one.
 type Producer struct {
-	cm   kafka.ConfigMap // of every librdkafka producer started
-	log  *slog.Logger
-	msg  string           // the log message of client errors
-	acks chan kafka.Event // delivery reports of Produce, from every producer started
+	cm       kafka.ConfigMap // of every librdkafka producer started
+	log      *slog.Logger
+	msg      string             // the log message of client errors
+	restarts prometheus.Counter // orderly_producer_restarts_total{producer}, nil without metrics
+	acks     chan kafka.Event   // delivery reports of Produce, from every producer started
 
 	// mu protects p and closed, and is held for reading while p is used:
 	// a producer replaced is closed only once nobody uses it.
@@ -48,8 +52,9 @@ const (
 // New returns a Producer to brokers named clientID in the brokers' logs.
 // The connection and security settings among props (kafka.properties, see
 // ClientProperty) apply; extra sets or overrides librdkafka properties.
-// librdkafka's logs go to logs, client errors to log.
-func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMap, log *slog.Logger, logs chan kafka.LogEvent) (*Producer, error) {
+// librdkafka's logs go to logs, client errors to log; its restarts after a
+// fatal error are counted in m (nil: not counted).
+func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMap, log *slog.Logger, logs chan kafka.LogEvent, m *telemetry.Metrics) (*Producer, error) {
 	cm := kafka.ConfigMap{
 		"bootstrap.servers":      brokers,
 		"client.id":              clientID,
@@ -74,8 +79,12 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 	}
 	// "dlq producer error", "records producer error": what the producer is
 	// for, as operators search the logs for it.
-	pr := &Producer{cm: cm, log: log, msg: strings.TrimPrefix(clientID, "orderly-") + " producer error",
+	name := strings.TrimPrefix(clientID, "orderly-")
+	pr := &Producer{cm: cm, log: log, msg: name + " producer error",
 		p: p, acks: make(chan kafka.Event, 1024), stop: make(chan struct{})}
+	if m != nil {
+		pr.restarts = m.ProducerRestarts.WithLabelValues(name)
+	}
 	pr.wg.Go(func() { pr.events(p) })
 	pr.wg.Go(func() {
 		for ev := range pr.acks {
@@ -122,6 +131,9 @@ func (pr *Producer) replace(old *kafka.Producer) {
 		p, err := kafka.NewProducer(&pr.cm)
 		if err == nil {
 			pr.p = p
+			if pr.restarts != nil {
+				pr.restarts.Inc()
+			}
 			pr.wg.Go(func() { pr.events(p) })
 			pr.retired.Go(func() {
 				// Not on this goroutine: Close waits for old's events to

@@ -12,14 +12,15 @@ import (
 	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/producer"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // TestProducerRecoversFromFatalError: after a fatal error of its librdkafka
 // producer (raised with rd_kafka_test_fatal_error, against the embedded
 // broker), which writes nothing more, the Producer starts a new one: every
 // record produced around the error is reported (delivered or failed, never
-// lost, the purged ones included), later records are delivered, and Close
-// returns.
+// lost, the purged ones included), later records are delivered, the
+// restart is counted, and Close returns.
 func TestProducerRecoversFromFatalError(t *testing.T) {
 	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
 	if err != nil {
@@ -32,7 +33,8 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 		}
 	}()
 	// No linger: many records in flight when the error comes.
-	pr, err := producer.New(b.Addr(), "orderly-test", nil, kafka.ConfigMap{"linger.ms": 0}, kafkatest.Logger(t), logs)
+	m := telemetry.NewMetrics()
+	pr, err := producer.New(b.Addr(), "orderly-test", nil, kafka.ConfigMap{"linger.ms": 0}, kafkatest.Logger(t), logs, m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,6 +70,9 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 	testkit.WaitFor(t, 30*time.Second, "every record produced around the fatal error reported", func() bool { return reported.Load() == n })
 	t.Logf("%d of the %d records produced around the fatal error failed", failed.Load(), n)
 	testkit.WaitFor(t, 30*time.Second, "a write after the fatal error to succeed", func() bool { return write() == nil })
+	if n := m.Sum("orderly_producer_restarts_total"); n != 1 {
+		t.Fatalf("orderly_producer_restarts_total %v, want 1", n)
+	}
 	done := make(chan struct{})
 	go func() { pr.Close(); close(done) }()
 	select {

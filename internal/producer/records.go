@@ -33,7 +33,7 @@ const HeaderIdempotencyKey = "orderly.idempotency_key"
 // within timeout: a broker refuses a batch over the limit whole, and
 // librdkafka does not split it, so one oversized record would otherwise
 // fail the records batched with it.
-func NewRecords(brokers string, topics []string, props map[string]string, timeout time.Duration, log *slog.Logger, logs chan kafka.LogEvent) (*Producer, error) {
+func NewRecords(brokers string, topics []string, props map[string]string, timeout time.Duration, log *slog.Logger, logs chan kafka.LogEvent, m *telemetry.Metrics) (*Producer, error) {
 	extra := kafka.ConfigMap{
 		"partitioner":        "murmur2_random",
 		"message.timeout.ms": int(RecordTimeout / time.Millisecond),
@@ -53,7 +53,7 @@ func NewRecords(brokers string, topics []string, props map[string]string, timeou
 	} else if limit > 0 {
 		extra["batch.size"] = limit
 	}
-	return New(brokers, "orderly-records", props, extra, log, logs)
+	return New(brokers, "orderly-records", props, extra, log, logs, m)
 }
 
 // maxMessageBytes returns the smallest max.message.bytes of topics (0 when

@@ -1420,14 +1420,16 @@ func (r *run) replayOne(m *kafka.Message) (*kafka.Message, error) {
 	switch last := len(plan.Requests) - 1; {
 	case rt != nil && rt.ReadsResponses():
 		start = 0 // the later requests read the earlier ones' answers: all again, same idempotency keys
-	case rt != nil && rt.Replies() && last >= 0 && start > last && plan.Requests[last].Topic != "":
-		// Only the reply record was refused; a topic request's answer,
-		// which it is made of, is empty.
-		responses = []filters.Response{{}}
 	case rt != nil && rt.Replies() && last >= 0 && start > last:
 		// Only the reply record was refused, and it is made of the last
-		// answer: ask the last request again (same idempotency key) for it.
-		start = last
+		// answer: ask the last request again (same idempotency key) for
+		// it; a topic request's answer is empty, its record not written
+		// again.
+		if plan.Requests[last].Topic != "" {
+			responses = []filters.Response{{}}
+		} else {
+			start = last
+		}
 	}
 	for i := start; i < len(plan.Requests); i++ {
 		rq := &plan.Requests[i]

@@ -42,11 +42,12 @@ type Producer struct {
 }
 
 // restartBackoff spaces the attempts to start a new producer after a fatal
-// error when starting one fails; retireFlush is how long (ms) a replaced
-// producer is served its purged records' reports at a time.
+// error when starting one fails; flushMs is how long a producer being
+// closed (Close, or one replaced, for its purged records' reports) is
+// served its outstanding reports at a time.
 const (
 	restartBackoff = time.Second
-	retireFlush    = 5000
+	flushMs        = 5000
 )
 
 // New returns a Producer to brokers named clientID in the brokers' logs.
@@ -141,7 +142,7 @@ func (pr *Producer) replace(old *kafka.Producer) {
 				// reports come out only as old is polled, so Flush serves
 				// them (to pr.acks) before Close, which would drop them.
 				_ = old.Purge(kafka.PurgeQueue | kafka.PurgeInFlight)
-				for old.Flush(retireFlush) > 0 {
+				for old.Flush(flushMs) > 0 {
 					select {
 					case <-pr.stop:
 						pr.log.Error(pr.msg+": closing with records of the replaced producer unreported", "records", old.Len())
@@ -228,7 +229,7 @@ func (pr *Producer) Close() {
 	pr.mu.Unlock()
 	close(pr.stop)
 	pr.retired.Wait()
-	p.Flush(5000)
+	p.Flush(flushMs)
 	p.Close()
 	close(pr.acks)
 	pr.wg.Wait()

@@ -1085,7 +1085,7 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 		"orderly_committed_offset", "orderly_consumer_lag", "orderly_active_lanes", "orderly_dlq_produced_total",
 		"orderly_dlq_errors_total", "orderly_rebalances_total", "orderly_partition_span_offsets",
 		"orderly_partition_oldest_unfinished_seconds", "orderly_http_attempts_uncounted_total", "orderly_dlq_failing",
-		"orderly_dlq_truncated_total", "orderly_commit_metadata_refused_total"} {
+		"orderly_dlq_truncated_total", "orderly_commit_metadata_refused_total", "orderly_producer_restarts_total"} {
 		if !used[name] {
 			t.Errorf("no panel shows %s", name)
 		}
@@ -1100,7 +1100,7 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 		"Oldest unfinished message (age) per partition": {"orderly_partition_oldest_unfinished_seconds"},
 		"Offset span per partition":                     {"orderly_partition_span_offsets"},
 		"Attempts not counted (target down)":            {"orderly_http_attempts_uncounted_total"},
-		"DLQ health":                                    {"orderly_dlq_failing", "orderly_dlq_truncated_total"},
+		"DLQ health":                                    {"orderly_dlq_failing", "orderly_dlq_truncated_total", "orderly_producer_restarts_total"},
 	} {
 		p, ok := byTitle[title]
 		if !ok {
@@ -1135,7 +1135,7 @@ func TestDashboardQueriesExportedMetrics(t *testing.T) {
 	}
 	if len(unused) > 0 {
 		sort.Strings(unused)
-		t.Logf("exported but on no panel: %v", unused)
+		t.Errorf("exported but on no panel: %v", unused)
 	}
 }
 

@@ -96,6 +96,12 @@ type KeyGate interface {
 	// Requarantine keeps the key quarantined after a replayed record of it failed again;
 	// cause is the original message (topic, partition, offset) of the failed record.
 	Requarantine(ctx context.Context, topic string, key []byte, causePartition int32, causeOffset int64) error
+	// HoldFailed keeps the key held for the next run of a replay handed
+	// over after a record of the key failed again (cause: its original).
+	HoldFailed(ctx context.Context, topic string, key []byte, causePartition int32, causeOffset int64) error
+	// Held returns the keys held now, as far as the gate has read: those of
+	// a replay that stopped before it released them.
+	Held(ctx context.Context) ([]HeldKey, error)
 }
 
 // Record is a dead-lettered message as the admin API shows it.
@@ -318,6 +324,13 @@ func (a *Admin) SetGate(g KeyGate) {
 	a.mu.Lock()
 	a.gate = g
 	a.mu.Unlock()
+}
+
+// keyGate returns the gate SetGate set.
+func (a *Admin) keyGate() KeyGate {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.gate
 }
 
 // Close stops Run and a running job (the records in flight are abandoned
@@ -861,6 +874,9 @@ type run struct {
 	f    Filter
 	dry  bool
 	gate KeyGate
+	// resumed: an earlier run of this job stopped (handed over, or its
+	// instance crashed); the keys it held are this run's.
+	resumed bool
 
 	c       *kafka.Consumer // the job goroutine's alone
 	parts   []*dlqPart
@@ -905,6 +921,11 @@ func (r *run) run() (stopped bool, err error) {
 	defer r.c.Close()
 	if r.parts, err = a.openParts(r.c, r.f.Partition); err != nil {
 		return false, err
+	}
+	if r.resumed && r.gate != nil && r.kind == JobReplay && !r.dry {
+		if err = r.adopt(); err != nil {
+			return false, err
+		}
 	}
 	if r.kind == JobReplay && !r.dry {
 		logs := make(chan kafka.LogEvent, 16)
@@ -966,7 +987,10 @@ func (r *run) run() (stopped bool, err error) {
 			err = errors.Join(err, fmt.Errorf("committing the replay progress: %w", cerr))
 		}
 		if r.gate != nil {
-			if gerr := r.gateActions(stopped || err != nil); gerr != nil {
+			r.a.mu.Lock()
+			handedOver := stopped && err == nil && !r.e.cancelled
+			r.a.mu.Unlock()
+			if gerr := r.gateActions(stopped || err != nil, handedOver); gerr != nil {
 				err = errors.Join(err, gerr)
 			}
 		}
@@ -1052,6 +1076,9 @@ func (r *run) record(p *dlqPart, m *kafka.Message, tail bool) (bool, error) {
 	case !matches(m, r.f):
 		return true, nil
 	}
+	if r.failedHere(id, m) {
+		return true, nil
+	}
 	r.matched++
 	r.a.update(func() { r.e.job.Matched++ })
 	if id.keyed {
@@ -1069,6 +1096,17 @@ func (r *run) record(p *dlqPart, m *kafka.Message, tail bool) (bool, error) {
 		}
 	}
 	return tail || r.f.Limit <= 0 || r.matched < r.f.Limit, nil
+}
+
+// failedHere reports whether m is the copy of the record that failed again
+// on its lane (its original is the lane's cause), written back by an
+// earlier run of the job: it heads the key's records in the DLQ, where it
+// stays, the key's other records being copied forward behind it.
+func (r *run) failedHere(id laneID, m *kafka.Message) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.lanes[id]
+	return l != nil && l.failed && originOf(m) == l.cause
 }
 
 func (r *run) laneOf(m *kafka.Message) laneID {
@@ -1165,12 +1203,14 @@ func (r *run) handle(l *rlane, rec dlqRec) {
 		return
 	}
 	if r.gate != nil && l.id.keyed && !l.held {
+		// Held before the call: a hold that fails may still be written (or
+		// applied here), and the end then requarantines the key.
+		l.held = true
 		if err := r.gate.Hold(r.send, l.id.topic, l.key); err != nil {
 			r.fail(fmt.Errorf("holding key %q of %s: %w", l.key, l.id.topic, err))
 			drop()
 			return
 		}
-		l.held = true
 	}
 	if err := r.pace.wait(r.halt); err != nil {
 		drop()
@@ -1324,8 +1364,10 @@ func (r *run) commitLogged() {
 // with a key filter, that key on every source topic); a replay releases
 // the keys whose records all went through, and requarantines those where a
 // record failed again or was left unhandled (or, the job having stopped
-// early, whose later records it did not look for).
-func (r *run) gateActions(stoppedEarly bool) error {
+// early, whose later records it did not look for). A replay handed over
+// leaves its keys held: the next run of the job takes them on (adopt) and
+// releases them once their later records went through too.
+func (r *run) gateActions(stoppedEarly, handedOver bool) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.a.ctx), replayGateTimeout)
 	defer cancel()
 	var errs []error
@@ -1345,11 +1387,16 @@ func (r *run) gateActions(stoppedEarly bool) error {
 		}
 		return errors.Join(errs...)
 	}
+	n := 0
 	for _, l := range r.lanes {
 		if !l.held {
 			continue
 		}
+		n++
 		switch {
+		case handedOver && l.failed:
+			note("holding", l.id, r.gate.HoldFailed(ctx, l.id.topic, l.key, l.cause.partition, l.cause.offset))
+		case handedOver: // held as it is
 		case l.failed || l.dropped:
 			note("requarantining", l.id, r.gate.Requarantine(ctx, l.id.topic, l.key, l.cause.partition, l.cause.offset))
 		case stoppedEarly:
@@ -1358,7 +1405,36 @@ func (r *run) gateActions(stoppedEarly bool) error {
 			note("releasing", l.id, r.gate.Release(ctx, l.id.topic, l.key))
 		}
 	}
+	if handedOver && n > 0 {
+		r.a.log.Info("dlq job handed over: its keys stay held for its next run", "id", r.e.job.ID, "keys", n)
+	}
 	return errors.Join(errs...)
+}
+
+// adopt takes on the keys held by the job's earlier run: only one job runs
+// at a time, and a key a stopped job held stays held until its next run
+// (or, cancelled or finished without one, the runner's settle). Each
+// becomes a held lane, so that the job's tail pass takes the key's later
+// records, and the end releases or requarantines it.
+func (r *run) adopt() error {
+	ctx, cancel := context.WithTimeout(r.halt, replayGateTimeout)
+	defer cancel()
+	held, err := r.gate.Held(ctx)
+	if err != nil {
+		return fmt.Errorf("reading the keys the job held: %w", err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, h := range held {
+		id := laneID{topic: h.Topic, key: string(h.Key), keyed: true}
+		cause := pos{h.Cause.Partition, h.Cause.Offset}
+		r.lanes[id] = &rlane{id: id, key: h.Key, held: true, failed: h.Failed, cause: cause, last: cause}
+		r.touched[id] = h.Key
+	}
+	if len(held) > 0 {
+		r.a.log.Info("dlq job resumed with the keys its earlier run held", "id", r.e.job.ID, "keys", len(held))
+	}
+	return nil
 }
 
 // source rebuilds the original message of a DLQ record.

@@ -525,17 +525,48 @@ type gateCall struct {
 }
 
 // recordingGate is a KeyGate that records its calls, in order, with the
-// sink's deliveries (see observe) between them.
+// sink's deliveries (see observe) between them, and keeps the keys held.
 type recordingGate struct {
-	mu     sync.Mutex // protects calls
+	mu     sync.Mutex // protects calls and held
 	calls  []gateCall
+	held   map[string]HeldKey // by topic/key
 	onHold func(key string)
 }
 
 func (g *recordingGate) add(c gateCall) {
 	g.mu.Lock()
+	defer g.mu.Unlock()
 	g.calls = append(g.calls, c)
-	g.mu.Unlock()
+	if c.op == "send" {
+		return
+	}
+	if g.held == nil {
+		g.held = map[string]HeldKey{}
+	}
+	id := c.topic + "/" + c.key
+	switch c.op {
+	case "hold", "holdfailed":
+		h := HeldKey{Topic: c.topic, Key: []byte(c.key), Failed: c.op == "holdfailed"}
+		h.Cause.Partition, h.Cause.Offset = c.cause.partition, c.cause.offset
+		g.held[id] = h
+	default:
+		delete(g.held, id)
+	}
+}
+
+func (g *recordingGate) HoldFailed(_ context.Context, topic string, key []byte, p int32, o int64) error {
+	g.add(gateCall{op: "holdfailed", topic: topic, key: string(key), cause: pos{p, o}})
+	return nil
+}
+
+func (g *recordingGate) Held(context.Context) ([]HeldKey, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var out []HeldKey
+	for _, h := range g.held {
+		out = append(out, h)
+	}
+	return out, nil
 }
 
 func (g *recordingGate) Hold(_ context.Context, topic string, key []byte) error {

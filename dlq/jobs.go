@@ -34,6 +34,9 @@ const (
 	// jobsPruneEvery is how often the runner looks for finished jobs to
 	// forget (tombstones).
 	jobsPruneEvery = 5 * time.Second
+	// jobsSettleEvery spaces out the runner's looks, while no job runs, for
+	// keys a stopped replay left held (see settle).
+	jobsSettleEvery = 30 * time.Second
 	// jobsWriteTimeout bounds a write of a job record asked by the admin API.
 	jobsWriteTimeout = 15 * time.Second
 	// jobsReadyTimeout bounds the wait of the admin API for the jobs topic
@@ -320,13 +323,14 @@ func (a *Admin) runJobs(ctx context.Context) error {
 // runner runs the jobs while its instance owns the jobs topic's partition.
 // Its fields are the loop goroutine's (the rebalance callback runs in it).
 type runner struct {
-	a      *Admin
-	s      *jobStore
-	c      *kafka.Consumer
-	owner  bool // the partition is assigned
-	fresh  bool // assigned since the last catch-up
-	cur    *current
-	pruned time.Time
+	a       *Admin
+	s       *jobStore
+	c       *kafka.Consumer
+	owner   bool // the partition is assigned
+	fresh   bool // assigned since the last catch-up
+	cur     *current
+	pruned  time.Time
+	settled time.Time // the last settle; zero: settle at the next idle step
 }
 
 // current is the job the runner runs.
@@ -424,6 +428,9 @@ func (r *runner) step(ctx context.Context) {
 		r.pruned = now
 		r.prune(ctx)
 	}
+	if r.a.cfg.DLQ.QuarantineKeys && r.a.keyGate() == nil {
+		return // the dispatcher has not loaded the quarantine yet: a job would run ungated
+	}
 	// A job handed over by the previous owner first, then the queued ones
 	// in the topic's order.
 	jobs := r.s.list()
@@ -440,11 +447,48 @@ func (r *runner) step(ctx context.Context) {
 				r.a.log.Warn("dlq jobs: writing a cancelled job", "id", j.ID, "error", err)
 			}
 			cancel()
-			continue
+			continue // the keys its earlier run held are settled below or before the next job
+		}
+		if j.State != JobRunning && !r.settle(ctx) {
+			return // a new job does not take on the keys a stopped one held
 		}
 		r.start(j)
 		return
 	}
+	if r.a.now().Sub(r.settled) >= jobsSettleEvery {
+		r.settle(ctx)
+	}
+}
+
+// settle requarantines the keys held while no job runs them, with the cause
+// of their quarantine: those of a replay cancelled or finished before its
+// next run, or one whose end could not tell the gate (the brokers down).
+// Only one job runs at a time, and only here, so a held key with no job
+// running is nobody's. It reports whether none is left held.
+func (r *runner) settle(ctx context.Context) bool {
+	g := r.a.keyGate()
+	if g == nil {
+		return true
+	}
+	r.settled = r.a.now()
+	gctx, cancel := context.WithTimeout(ctx, replayGateTimeout)
+	defer cancel()
+	held, err := g.Held(gctx)
+	if err != nil {
+		r.a.log.Warn("dlq jobs: reading the held keys", "error", err)
+		return false
+	}
+	ok := true
+	for _, h := range held {
+		if err := g.Requarantine(gctx, h.Topic, h.Key, h.Cause.Partition, h.Cause.Offset); err != nil {
+			r.a.log.Warn("dlq jobs: requarantining a key no job holds", "topic", h.Topic, "key", string(h.Key), "error", err)
+			ok = false
+		}
+	}
+	if len(held) > 0 {
+		r.a.log.Info("dlq jobs: keys a stopped replay held are quarantined again", "keys", len(held))
+	}
+	return ok
 }
 
 // watch passes a cancel request on to the running job and writes its
@@ -517,7 +561,7 @@ func (r *runner) start(j ReplayJob) {
 		a.log.Warn("dlq jobs: writing a started job", "id", j.ID, "error", err)
 	}
 	cancel()
-	run := &run{a: a, e: e, kind: j.Kind, req: j.Request, f: f, dry: j.DryRun, gate: gate, stop: stopCtx}
+	run := &run{a: a, e: e, kind: j.Kind, req: j.Request, f: f, dry: j.DryRun, gate: gate, stop: stopCtx, resumed: resumed}
 	r.cur = cur
 	a.wg.Go(func() {
 		defer stop()
@@ -543,6 +587,7 @@ func (r *runner) handOff() {
 func (r *runner) end(res runResult) {
 	a, cur := r.a, r.cur
 	r.cur = nil
+	r.settled = time.Time{} // a job that could not tell the gate leaves its keys to settle
 	a.mu.Lock()
 	j, cancelled := cur.e.job, cur.e.cancelled
 	a.running = nil

@@ -1,16 +1,23 @@
 package dlq
 
 import (
+	"context"
 	"errors"
+	"net/http"
 	"reflect"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 
+	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // keysN returns n keys named prefix0, prefix1, ...
@@ -205,5 +212,186 @@ func TestJobsHandOver(t *testing.T) {
 	}
 	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
 		t.Fatalf("at the sink: %s", rep)
+	}
+}
+
+// quarantine returns a key quarantine for cfg on the harness's broker,
+// following its topic until t's cleanup.
+func (h *harness) quarantine(cfg *config.Config) *Quarantine {
+	h.T.Helper()
+	q, err := NewQuarantine(context.Background(), h.Broker.Addr(), cfg, kafkatest.Logger(h.T), telemetry.NewMetrics())
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); q.Run(ctx) }()
+	h.T.Cleanup(func() { cancel(); <-done; q.Close() })
+	return q
+}
+
+// keyState returns a key's state in q once q has read its topic.
+func keyState(t *testing.T, q *Quarantine, topic, key string) (KeyState, Cause) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := q.CatchUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return q.State(topic, []byte(key))
+}
+
+// TestHandOverKeepsHeldKeys: a replay with the key quarantine handed over
+// by a stopping instance leaves the keys it held held, including one whose
+// records had all gone through; the next owner's run takes them on and
+// releases every key once its records went through. Before, the hand-over
+// requarantined them, and the resumed run, with nothing left of such a key
+// to replay, never released it.
+func TestHandOverKeepsHeldKeys(t *testing.T) {
+	h := newHarness(t, 1)
+	h.Sink.Delay = func(d *testkit.Delivery) time.Duration {
+		if d.Key == "quick" {
+			return 0
+		}
+		return 20 * time.Millisecond
+	}
+	ds := append(seqs([]string{"quick"}, 2), seqs(keysN("slow", 4), 30)...)
+	h.seedDLQ(0, ds...)
+	cfg := h.Config("handovergate", "", "")
+	cfg.DLQ.QuarantineKeys = true
+	a, stopA := h.dlqInstance(cfg)
+	b, stopB := h.dlqInstance(cfg)
+	qa, qb := h.quarantine(cfg), h.quarantine(cfg)
+	a.SetGate(qa)
+	b.SetGate(qb)
+	keys := append([]string{"quick"}, keysN("slow", 4)...)
+	for _, k := range keys { // quarantined by the dead letters seeded
+		if err := qa.Quarantine(context.Background(), h.Topic, []byte(k), Cause{Topic: h.Topic}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	id, err := a.StartReplay(ReplayRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, 30*time.Second, "quick's records and some others replayed", func() bool {
+		return h.Sink.Check(expected(seqs([]string{"quick"}, 2)...)).Missing == 0 && h.Sink.Delivered() >= 12
+	})
+	var run *Admin
+	testkit.WaitFor(t, 10*time.Second, "the runner", func() bool { run = owner(a, b); return run != nil })
+	other, q := a, qa
+	if run == a {
+		stopA()
+		other, q = b, qb
+	} else {
+		stopB()
+	}
+	if j, ok := other.Job(id); !ok || j.FinishedAt != nil {
+		t.Fatalf("after the hand-over: %v %s; want the job not finished", ok, counts(j))
+	}
+	if st, _ := keyState(t, q, h.Topic, "quick"); st != KeyReplaying {
+		t.Fatalf("key quick after the hand-over: %s, want still held (replaying)", st)
+	}
+	j := sameEverywhere(t, id, other)
+	if j.State != JobDone || j.Replayed != len(ds) {
+		t.Fatalf("handed-over job: %s; want done, %d replayed", counts(j), len(ds))
+	}
+	for _, k := range keys {
+		if st, _ := keyState(t, q, h.Topic, k); st != KeyFree {
+			t.Errorf("key %s after the job: %s, want free", k, st)
+		}
+	}
+	if rep := h.Sink.Check(expected(ds...)); !rep.OK() || rep.Duplicates != 0 || rep.Delivered != len(ds) {
+		t.Fatalf("at the sink: %s", rep)
+	}
+}
+
+// TestNewJobSettlesKeysNobodyHolds: a key left held with no job to run it
+// (its replay's instance crashed and the job was cancelled, or its end
+// could not reach the gate) is quarantined again, with its cause, before a
+// new job starts: the new job neither releases it nor leaves its live
+// messages waiting for good.
+func TestNewJobSettlesKeysNobodyHolds(t *testing.T) {
+	h := newHarness(t, 1)
+	ds := seqs([]string{"a"}, 3)
+	h.seedDLQ(0, ds...)
+	cfg := h.Config("settle", "", "")
+	cfg.DLQ.QuarantineKeys = true
+	q := h.quarantine(cfg)
+	cause := Cause{Topic: h.Topic, Partition: 0, Offset: 7}
+	ctx := context.Background()
+	if err := q.Quarantine(ctx, h.Topic, []byte("orphan"), cause); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Hold(ctx, h.Topic, []byte("orphan")); err != nil {
+		t.Fatal(err)
+	}
+	a := h.dlqAdmin(cfg)
+	a.SetGate(q)
+	j := runJob(t, a, JobReplay, ReplayRequest{Key: "a"})
+	if j.State != JobDone || j.Replayed != 3 {
+		t.Fatalf("replay: %s", counts(j))
+	}
+	if st, c := keyState(t, q, h.Topic, "orphan"); st != KeyQuarantined || c != cause {
+		t.Fatalf("key orphan: %s %v, want quarantined by %v", st, c, cause)
+	}
+	if st, _ := keyState(t, q, h.Topic, "a"); st != KeyFree {
+		t.Fatalf("key a: %s, want released", st)
+	}
+}
+
+// TestHandOverAfterAFailureKeepsTheKeyBehindIt: a replay handed over right
+// after a record of a key failed again, before the key's later records were
+// handled, marks the key failed in the quarantine; its next run copies those
+// records forward behind the failed one instead of sending them ahead of it,
+// and requarantines the key with the failed record's original as the cause.
+func TestHandOverAfterAFailureKeepsTheKeyBehindIt(t *testing.T) {
+	h := newHarness(t, 1)
+	ds := seqs([]string{"bad"}, 4)
+	h.seedDLQ(0, ds...)
+	cfg := h.Config("failedhandover", "", "")
+	cfg.DLQ.QuarantineKeys = true
+	q := h.quarantine(cfg)
+	a := h.dlqAdmin(cfg)
+	a.SetGate(q)
+	var stopped atomic.Bool
+	h.Sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == "bad" && d.Seq == 1 {
+			// The job's run stops (as for a hand-over: not a cancel) while
+			// bad/1 is at the target; the runner starts its next run.
+			if !stopped.Swap(true) {
+				a.mu.Lock()
+				a.running.stop()
+				a.mu.Unlock()
+			}
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	j := runJob(t, a, JobReplay, ReplayRequest{})
+	if j.State != JobDone || j.Replayed != 1 || j.Failed != 1 || j.Deferred != 2 {
+		t.Fatalf("replay: %s; want bad/0 replayed, bad/1 failed, bad/2 and bad/3 copied forward", counts(j))
+	}
+	if rep := h.Sink.Check(expected(seqs([]string{"bad"}, 1)...)); !rep.OK() || rep.Delivered != 1 {
+		t.Fatalf("at the sink: %s; want bad/0 delivered, nothing after bad/1", rep)
+	}
+	page, err := a.List(context.Background(), Filter{Partition: -1, To: -1, Key: "bad"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What the next replay finds of the key: bad/1 (written back), then the
+	// copies of bad/2 and bad/3, in that order.
+	var left []int64
+	for _, rec := range page.Records {
+		if !rec.Handled {
+			left = append(left, rec.OriginalOffset)
+		}
+	}
+	failed := page.Records[1]
+	if want := []int64{failed.OriginalOffset, page.Records[2].OriginalOffset, page.Records[3].OriginalOffset}; !slices.Equal(left, want) {
+		t.Fatalf("unhandled records of bad by original offset: %v, want %v", left, want)
+	}
+	if st, c := keyState(t, q, h.Topic, "bad"); st != KeyQuarantined || c.Offset != failed.OriginalOffset {
+		t.Fatalf("key bad: %s %v, want quarantined by bad/1's original offset %d", st, c, failed.OriginalOffset)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,11 +57,16 @@ type keyRecord struct {
 	State string    `json:"state"` // "quarantined" or "replaying"
 	Cause Cause     `json:"cause"`
 	Since time.Time `json:"since"`
+	// Failed (replaying only): a record of the key failed again in a replay
+	// that was handed over; its next run copies the key's later records
+	// forward behind the failed one, whose original Cause names.
+	Failed bool `json:"failed,omitempty"`
 }
 
 type keyEntry struct {
-	state KeyState
-	cause Cause
+	state  KeyState
+	cause  Cause
+	failed bool
 }
 
 // Quarantine is the set of quarantined keys (dlq.quarantine_keys), kept in
@@ -122,7 +128,7 @@ func (q *Quarantine) apply(m *kafka.Message) {
 		}
 		e = keyEntry{state: KeyQuarantined, cause: r.Cause}
 		if r.State == KeyReplaying.String() {
-			e.state = KeyReplaying
+			e.state, e.failed = KeyReplaying, r.Failed
 		}
 	}
 	q.mu.Lock()
@@ -164,6 +170,35 @@ func (q *Quarantine) State(topic string, key []byte) (KeyState, Cause) {
 	return e.state, e.cause
 }
 
+// HeldKey is a key a replay holds (KeyReplaying), with the cause of its
+// quarantine.
+type HeldKey struct {
+	Topic  string
+	Key    []byte
+	Cause  Cause
+	Failed bool // see HoldFailed
+}
+
+// Held returns the keys being replayed, once the topic has been read up to
+// the call: those a replay that stopped (handed over, or its instance
+// crashed) left held. It implements KeyGate for replays.
+func (q *Quarantine) Held(ctx context.Context) ([]HeldKey, error) {
+	if err := q.CatchUp(ctx); err != nil {
+		return nil, err
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out []HeldKey
+	for id, e := range q.keys {
+		if e.state != KeyReplaying {
+			continue
+		}
+		topic, key, _ := strings.Cut(id, "/") // topic names hold no slash
+		out = append(out, HeldKey{Topic: topic, Key: []byte(key), Cause: e.cause, Failed: e.failed})
+	}
+	return out, nil
+}
+
 // Count returns the number of keys not free.
 func (q *Quarantine) Count() int {
 	q.mu.Lock()
@@ -191,7 +226,7 @@ func (q *Quarantine) set(ctx context.Context, topic string, key []byte, e keyEnt
 	var v []byte
 	if e.state != KeyFree {
 		var err error
-		if v, err = json.Marshal(keyRecord{State: e.state.String(), Cause: e.cause, Since: time.Now().UTC()}); err != nil {
+		if v, err = json.Marshal(keyRecord{State: e.state.String(), Cause: e.cause, Since: time.Now().UTC(), Failed: e.failed}); err != nil {
 			return err
 		}
 	}
@@ -211,6 +246,14 @@ func (q *Quarantine) Quarantine(ctx context.Context, topic string, key []byte, c
 func (q *Quarantine) Hold(ctx context.Context, topic string, key []byte) error {
 	_, cause := q.State(topic, key)
 	return q.set(ctx, topic, key, keyEntry{state: KeyReplaying, cause: cause})
+}
+
+// HoldFailed keeps the key held for the next run of a replay handed over
+// after a record of the key (whose original is at partition/offset) failed
+// again: that run copies the key's later records forward behind it. It
+// implements KeyGate for replays.
+func (q *Quarantine) HoldFailed(ctx context.Context, topic string, key []byte, partition int32, offset int64) error {
+	return q.set(ctx, topic, key, keyEntry{state: KeyReplaying, cause: Cause{Topic: topic, Partition: partition, Offset: offset}, failed: true})
 }
 
 // Release frees the key. It implements KeyGate for replays and releases.

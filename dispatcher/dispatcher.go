@@ -487,13 +487,18 @@ func (d *Dispatcher) ownedPartitions() []*partition {
 // record of what finished beyond it (offsets.Tracker.Progress) as the
 // commit's metadata, where either changed. Only partitions in d.parts are
 // ever passed: the poll loop removes a partition after its final commit on
-// revoke, so no commit is sent for a partition this member no longer owns.
+// revoke, so no commit is sent for a partition this member no longer owns;
+// one reported lost while its revoke drains is skipped (its new owner may
+// have committed already).
 func (d *Dispatcher) commit(ps []*partition) {
 	var offs []kafka.TopicPartition
 	var which []*partition
 	var finishedAt []int64 // each committed partition's finished count when its progress was taken
 	now := time.Now()
 	for _, p := range ps {
+		if p.lost {
+			continue
+		}
 		p.inFlightGauge.Set(float64(p.holding.Load()))
 		p.spanGauge.Set(float64(p.tracker.Span()))
 		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
@@ -530,7 +535,9 @@ func (d *Dispatcher) commit(ps []*partition) {
 			// The client reports one error for the request: every partition
 			// that sent a record shrinks it.
 			for i, p := range which {
-				d.metadataRefused(p, len(*offs[i].Metadata))
+				if n := len(*offs[i].Metadata); n > 0 {
+					d.metadataRefused(p, n)
+				}
 			}
 			return
 		}

@@ -555,9 +555,12 @@ func (p *partition) advance(l *lane) *pool {
 	p.mu.Lock()
 	for {
 		if p.dead {
-			if len(l.q) > 0 && l.q[0].fail == nil && l.renderedLocked() && l.next >= len(l.plan.Requests) {
+			if len(l.q) > 0 && l.q[0].fail == nil && l.renderedLocked() && l.next >= len(l.plan.Requests) &&
+				(l.replied || !l.q[0].route.Replies()) {
 				// Its last request just succeeded: record it before the
-				// rest of the lane is dropped, or its next owner sends it again.
+				// rest of the lane is dropped, or its next owner sends it
+				// again. One whose reply record is still owed is dropped
+				// with the rest: finished, its reply would be lost.
 				it := l.q[0]
 				l.popLocked()
 				p.mu.Unlock()

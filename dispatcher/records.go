@@ -105,6 +105,11 @@ func (d *Dispatcher) recordAcked(p *partition, l *lane, it *item, rq *filters.Re
 		d.log.Warn("record refused for good", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 			"route", it.route.Name(), "request", index, "to", rq.Topic, "error", err)
 		p.moveOn(l)
+	case p.dead:
+		// The partition is stopping: the drain does not wait out a backoff,
+		// the message's next owner writes the record.
+		p.abandonLocked(l)
+		p.mu.Unlock()
 	default:
 		l.recordBackoff = min(max(2*l.recordBackoff, d.cfg.HTTP.Retry.InitialBackoff.D()), d.cfg.HTTP.Retry.MaxBackoff.D())
 		wait := l.recordBackoff

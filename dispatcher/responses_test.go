@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -136,5 +137,59 @@ func TestChainedRequestsAndReplies(t *testing.T) {
 	}
 	if dead := h.ReadAll("orderly.dlq", 1, 10*time.Second); len(dead) != 1 {
 		t.Fatalf("DLQ holds %d records, want 1", len(dead))
+	}
+}
+
+// TestRevokeKeepsOwedReplies: a cooperative rebalance moves partitions while
+// a route with a reply_topic is sending. A revoked partition's requests
+// under way finish, but a message whose reply record is not written yet is
+// not finished with them: its next owner sends it again and writes the
+// reply. Before, such a message was committed as done, its reply never
+// written.
+func TestRevokeKeepsOwedReplies(t *testing.T) {
+	h := newHarnessWith(t, 4, func(o *embedded.Options) { o.Topics = append(o.Topics, "replies") })
+	h.Sink.Delay = func(*testkit.Delivery) time.Duration { return 40 * time.Millisecond }
+	const n, keys = 4000, 128
+	gen := &testkit.Generator{Keys: keys}
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(n)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := h.Config("owedreplies", "max_in_flight = 200", "")
+	cfg.Routes[0].ReplyTopic = "replies"
+	var atRevoke atomic.Int64
+	_, m1, stop1 := h.run(cfg, func(d *Dispatcher) {
+		d.onRevoke = func([]int32) { atRevoke.CompareAndSwap(0, h.Sink.InFlight()+1) }
+	})
+	testkit.WaitFor(t, time.Minute, "a sixth delivered", func() bool { return h.Sink.Distinct() >= n/6 })
+	_, m2, stop2 := h.run(cfg, nil)
+	testkit.WaitFor(t, 2*time.Minute, "every message delivered and committed", func() bool {
+		return h.Sink.Distinct() >= n && m1.Sum("orderly_committed_offset")+m2.Sum("orderly_committed_offset") == n
+	})
+	for _, stop := range []func() error{stop1, stop2} {
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if atRevoke.Load() < 2 {
+		t.Fatalf("no request was under way at the revoke (%d): the test proves nothing", atRevoke.Load()-1)
+	}
+	replied := map[string]bool{}
+	for _, r := range h.ReadAll("replies", n, time.Minute) {
+		p, _ := kafkatest.Header(r, filters.HeaderOriginalPartition)
+		o, _ := kafkatest.Header(r, filters.HeaderOriginalOffset)
+		replied[p+"/"+o] = true
+	}
+	committed, _ := h.Committed("owedreplies")
+	var missing []string
+	for p, end := range committed {
+		for o := range end {
+			if id := strconv.Itoa(p) + "/" + strconv.FormatInt(o, 10); !replied[id] {
+				missing = append(missing, id)
+			}
+		}
+	}
+	if len(missing) > 0 {
+		t.Fatalf("%d committed messages have no reply record (%d requests were under way at the revoke): %v",
+			len(missing), atRevoke.Load()-1, missing[:min(len(missing), 20)])
 	}
 }

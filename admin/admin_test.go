@@ -18,11 +18,12 @@ import (
 
 // fakeDLQ records what the /dlq/ endpoints ask for and answers as told.
 type fakeDLQ struct {
-	mu       sync.Mutex
-	filter   dlq.Filter
-	req      dlq.ReplayRequest
-	startErr error
-	calls    int
+	mu        sync.Mutex
+	filter    dlq.Filter
+	req       dlq.ReplayRequest
+	startErr  error
+	calls     int
+	notLoaded bool // the jobs topic is not loaded yet
 }
 
 func (f *fakeDLQ) List(_ context.Context, fl dlq.Filter) (dlq.Page, error) {
@@ -48,6 +49,12 @@ func (f *fakeDLQ) Job(id string) (dlq.ReplayJob, bool) {
 }
 
 func (f *fakeDLQ) Jobs() []dlq.ReplayJob { return []dlq.ReplayJob{{ID: "job-1"}} }
+
+func (f *fakeDLQ) JobsLoaded() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return !f.notLoaded
+}
 
 func (f *fakeDLQ) Cancel(id string) (dlq.ReplayJob, error) {
 	switch id {
@@ -239,6 +246,7 @@ func TestDLQErrors(t *testing.T) {
 	for _, tt := range []struct {
 		name, method, path, body string
 		startErr                 error
+		notLoaded                bool
 		status                   int
 		allow                    string
 	}{
@@ -256,10 +264,13 @@ func TestDLQErrors(t *testing.T) {
 		{name: "wrong method", method: "PUT", path: "/dlq/replay", status: 405, allow: "GET, POST"},
 		{name: "wrong method on a job", method: "POST", path: "/dlq/replay/job-1", status: 405, allow: "GET, DELETE"},
 		{name: "unknown dlq path", method: "GET", path: "/dlq/nope", status: 404},
+		{name: "dlq without a slash", method: "GET", path: "/dlq", status: 404},
+		{name: "jobs listed before they are loaded", method: "GET", path: "/dlq/replay", notLoaded: true, status: 503},
+		{name: "a job asked for before the jobs are loaded", method: "GET", path: "/dlq/replay/job-1", notLoaded: true, status: 503},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f.mu.Lock()
-			f.startErr = tt.startErr
+			f.startErr, f.notLoaded = tt.startErr, tt.notLoaded
 			f.mu.Unlock()
 			st, hdr, body := call(t, tt.method, srv.URL+tt.path, "t", tt.body)
 			if st != tt.status || hdr.Get("Content-Type") != "application/json" {
@@ -273,6 +284,9 @@ func TestDLQErrors(t *testing.T) {
 			}
 		})
 	}
+	f.mu.Lock()
+	f.startErr, f.notLoaded = nil, false
+	f.mu.Unlock()
 	st, hdr, body := call(t, "POST", srv.URL+"/dlq/replay", "t", `{"key":"user-3","rate":50}`)
 	if st != 202 || hdr.Get("Location") != "/dlq/replay/job-1" || jsonOf(t, body)["id"] != "job-1" || f.req.Key != "user-3" || f.req.Rate != 50 {
 		t.Fatalf("POST /dlq/replay: %d %s (Location %q), request passed on %+v", st, body, hdr.Get("Location"), f.req)

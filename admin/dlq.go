@@ -21,6 +21,9 @@ type DLQ interface {
 	Job(id string) (dlq.ReplayJob, bool)
 	Jobs() []dlq.ReplayJob
 	Cancel(id string) (dlq.ReplayJob, error)
+	// JobsLoaded reports whether the jobs topic is loaded (Job and Jobs
+	// know nothing before).
+	JobsLoaded() bool
 }
 
 const maxListLimit = 1000
@@ -34,7 +37,7 @@ func (s *Server) dlqRoutes(mux *http.ServeMux) {
 	mux.Handle("GET /dlq/replay/{id}", s.auth(http.HandlerFunc(s.replayStatus)))
 	mux.Handle("DELETE /dlq/replay/{id}", s.auth(http.HandlerFunc(s.cancelJob)))
 	allowed := map[string]string{"/dlq/messages": "GET", "/dlq/replay": "GET, POST", "/dlq/release": "POST"}
-	mux.Handle("/dlq/", s.auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	unknown := s.auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		allow, ok := allowed[r.URL.Path]
 		if rest, found := strings.CutPrefix(r.URL.Path, "/dlq/replay/"); found && rest != "" && !strings.Contains(rest, "/") {
 			allow, ok = "GET, DELETE", true
@@ -45,7 +48,9 @@ func (s *Server) dlqRoutes(mux *http.ServeMux) {
 			return
 		}
 		WriteError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
-	})))
+	}))
+	mux.Handle("/dlq/", unknown)
+	mux.Handle("/dlq", unknown) // not the mux's redirect to /dlq/, which is not JSON
 }
 
 // auth checks Authorization: Bearer <admin.token> in constant time. With
@@ -180,11 +185,19 @@ func (s *Server) startJob(kind string) http.Handler {
 // listJobs serves GET /dlq/replay: the jobs kept, newest first, as the
 // jobs topic shows them on this instance.
 func (s *Server) listJobs(w http.ResponseWriter, _ *http.Request) {
+	if !s.o.DLQ.JobsLoaded() {
+		WriteError(w, http.StatusServiceUnavailable, dlq.ErrJobsNotReady.Error())
+		return
+	}
 	jobs := s.o.DLQ.Jobs()
 	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs, "count": len(jobs)})
 }
 
 func (s *Server) replayStatus(w http.ResponseWriter, r *http.Request) {
+	if !s.o.DLQ.JobsLoaded() {
+		WriteError(w, http.StatusServiceUnavailable, dlq.ErrJobsNotReady.Error())
+		return
+	}
 	job, ok := s.o.DLQ.Job(r.PathValue("id"))
 	if !ok {
 		WriteError(w, http.StatusNotFound, "no job "+r.PathValue("id"))

@@ -161,13 +161,14 @@ func (v *validator) registryURL(p keyPath, sr *SchemaRegistry) (https bool) {
 		u, err := url.Parse(s)
 		switch {
 		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
-			v.fail(p, "%q is not an absolute http:// or https:// URL, e.g. \"https://schema-registry.internal:8081\"", s)
+			v.fail(p, "%q is not an absolute http:// or https:// URL, e.g. \"https://schema-registry.internal:8081\"", redactURL(s))
 			return false
 		case u.User != nil:
 			v.fail(p, "%q has user info: set schema_registry.username and password instead", redactURL(s))
 			return false
 		case u.RawQuery != "" || u.Fragment != "":
-			v.fail(p, "%q has a query or fragment", s)
+			// Not printed: a query may hold a token.
+			v.fail(p, "%q has a query or fragment", redactURL(u.Scheme+"://"+u.Host+u.Path)+"?…")
 			return false
 		}
 		https = https && u.Scheme == "https"

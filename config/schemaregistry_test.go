@@ -75,6 +75,11 @@ name = "r"
 		`t.toml:2:1: schema_registry.url: "sr:8081" is not an absolute http:// or https:// URL`)
 	wantError(t, "[schema_registry]\nurl = \"https://u:pw@sr:8081\"\n"+minimal,
 		`schema_registry.url: "https://u:REDACTED@sr:8081" has user info`)
+	// Neither a password nor a query's token is printed.
+	wantError(t, "[schema_registry]\nurl = \"ftp://u:pw@sr:8081\"\n"+minimal,
+		`schema_registry.url: "ftp://u:REDACTED@sr:8081" is not an absolute http:// or https:// URL`)
+	wantError(t, "[schema_registry]\nurl = \"https://sr:8081/api?token=secret\"\n"+minimal,
+		`schema_registry.url: "https://sr:8081/api?…" has a query or fragment`)
 	wantError(t, "[schema_registry]\nusername = \"u\"\npassword = \"p\"\n"+minimal,
 		`t.toml:2:1: schema_registry.username: is set but schema_registry.url is not`,
 		`t.toml:3:1: schema_registry.password: is set but schema_registry.url is not`)

@@ -760,6 +760,15 @@ func (a *Admin) Job(id string) (ReplayJob, bool) {
 	return ReplayJob{}, false
 }
 
+// JobsLoaded reports whether Run has loaded the jobs topic; Job and Jobs
+// know no job before.
+func (a *Admin) JobsLoaded() bool {
+	a.autoRun()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.store != nil
+}
+
 // Jobs returns the jobs kept, newest first.
 func (a *Admin) Jobs() []ReplayJob {
 	jobs := a.kept()

@@ -638,8 +638,7 @@ func (c *client) do(fn func() error, notFound func() string) error {
 		return err
 	}
 	c.mu.Unlock()
-	err := fn()
-	c.call.Unlock()
+	err := c.callLocked(fn)
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -664,6 +663,19 @@ func (c *client) do(fn func() error, notFound func() string) error {
 		return fmt.Errorf("%s: %w", notFound(), err)
 	}
 	return nil
+}
+
+// callLocked runs fn, the caller holding c.call, and releases c.call: a
+// panic in the registry client becomes fn's error rather than leaving every
+// later request waiting for the lock (or the probe it was).
+func (c *client) callLocked(fn func() error) (err error) {
+	defer c.call.Unlock()
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("schema registry client: panic: %v", r)
+		}
+	}()
+	return fn()
 }
 
 // unavailableLocked is the error of a request the outage holds back or that

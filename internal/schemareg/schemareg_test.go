@@ -2,8 +2,10 @@ package schemareg
 
 import (
 	"encoding/binary"
+	"log/slog"
 	"math"
 	"math/big"
+	"strings"
 	"testing"
 	"time"
 
@@ -60,5 +62,36 @@ func TestAvroJSON(t *testing.T) {
 		`"payer":{"name":"ann","tags":["a",null]},"ratio":"NaN","raw":"AQI=","status":"SETTLED"}`
 	if string(js) != want {
 		t.Errorf("JSON\n %s\nwant\n %s", js, want)
+	}
+}
+
+// TestClientSurvivesAPanic: a panic in the registry client during a
+// request becomes that request's error (an outage: the keys wait); the
+// next probe is made and answers (before, the request lock stayed held and
+// every later lookup waited for good).
+func TestClientSurvivesAPanic(t *testing.T) {
+	c := &client{initial: time.Millisecond, max: time.Millisecond, log: slog.New(slog.DiscardHandler)}
+	if err := c.do(func() error { panic("boom") }, func() string { return "" }); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Fatalf("a panicking request: %v, want its panic in the error", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := c.do(func() error { return nil }, func() string { return "" })
+			if err == nil || time.Now().After(deadline) {
+				done <- err
+				return
+			}
+			time.Sleep(time.Millisecond) // the probe is due 1 ms after the failure
+		}
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("the requests after it: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the next request waits for the lock the panicking one held")
 	}
 }

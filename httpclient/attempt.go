@@ -326,11 +326,18 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 
 	resp, err = s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
 	if err == nil {
+		var cut error
 		if c.capture {
-			c.keep(resp)
+			cut = c.keep(resp)
 		}
 		drain(resp.Body)
 		resp.Body = http.NoBody
+		if cut != nil {
+			// What a later request or the reply would read of this answer
+			// is missing: the attempt failed as a transport error does, and
+			// is sent again (with the same Idempotency-Key).
+			resp, err = nil, fmt.Errorf("reading the answer (status %d): %w", resp.StatusCode, cut)
+		}
 	}
 	latency = time.Since(start)
 	c.tg.duration.Observe(latency.Seconds())
@@ -345,16 +352,18 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 }
 
 // keep records resp's status, headers and the start of its body as c's
-// response; the rest of the body is left for drain.
-func (c *Call) keep(resp *http.Response) {
+// response; the rest of the body is left for drain. It returns the error of
+// a body cut short (the connection, http.timeout), kept empty.
+func (c *Call) keep(resp *http.Response) error {
 	body, err := io.ReadAll(io.LimitReader(resp.Body, filters.MaxResponseBody+1))
 	if err != nil {
-		body = nil // a body cut by the connection: kept empty, the status stands
+		body = nil
 	}
 	c.resp = filters.Response{Status: resp.StatusCode, Header: resp.Header, Body: body}
 	if len(body) > filters.MaxResponseBody {
 		c.resp.Body, c.resp.Truncated = body[:filters.MaxResponseBody], true
 	}
+	return err
 }
 
 // verdict classifies the attempt just made; retry says whether it failed in

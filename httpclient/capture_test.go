@@ -81,3 +81,30 @@ func TestStepLatency(t *testing.T) {
 		t.Fatalf("400: %v, latency %v; want Failed and a sample", st.Outcome, st.Latency)
 	}
 }
+
+// TestCaptureRetriesACutAnswer: a 2xx answer whose body the connection cuts
+// short is not delivered with an empty body (a later request or the reply
+// would read nothing of it): the attempt is retried like a transport error,
+// and the next answer is kept whole.
+func TestCaptureRetriesACutAnswer(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		w.Header().Set("Content-Length", "8")
+		w.WriteHeader(http.StatusCreated)
+		if n == 0 {
+			_, _ = w.Write([]byte(`{"id"`))
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler) // the connection closes mid-body
+		}
+		_, _ = w.Write([]byte(`{"id":7}`))
+	})
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	var c Call
+	c.Reset(post(rec.URL+"/items", nil), "k")
+	c.Capture()
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Retry {
+		t.Fatalf("cut answer: %v %v, kept %+v; want a retry", st.Outcome, st.Err, c.Response())
+	}
+	if st := s.Attempt(context.Background(), &c); st.Outcome != Delivered || string(c.Response().Body) != `{"id":7}` {
+		t.Fatalf("second attempt: %v %v, kept %+v", st.Outcome, st.Err, c.Response())
+	}
+}

@@ -77,7 +77,10 @@
 // slice is an error: {{ md5 (json .Value.items) }} hashes a value's JSON.
 // A function that fails (b64dec of invalid base64, md5 of a map) fails the
 // rendering, like a missing key: Plan reports a *BadMessageError. In a URL,
-// their output is escaped like any other action's (see URLs).
+// their output is escaped like any other action's (see URLs). So does what
+// would let a message's data decide how long rendering runs or how much it
+// writes: a {{ range }} over a number above 10,000 (a check added to every
+// range's pipeline) or a text over 64 MiB.
 //
 // In .Value, numbers print exactly as the producer wrote them: integers that
 // fit an int are ints and every other number is a json.Number holding the

@@ -1370,3 +1370,50 @@ func TestFirstTargetIsTheRenderedTarget(t *testing.T) {
 		t.Fatalf("nil route: FirstTarget = %q", got)
 	}
 }
+
+// TestRenderIsBoundedByTheRoute: what a message holds cannot make rendering
+// run or grow without bound, which would crash the process and, its offset
+// never committed, crash it again on the same message. A range over a number
+// above 10,000 and a text over 64 MiB are the message's errors (it goes to
+// the DLQ); a range over a small number still renders.
+func TestRenderIsBoundedByTheRoute(t *testing.T) {
+	body := func(s string) *string { return &s }
+	r := mustCompile(t,
+		req1("loop", `value.kind == "loop"`, "http://sink/a", body(`{{ range .Value.items }}{{ end }}done`)),
+		req1("grow", "", "http://sink/b", body(`{{ range .Value.items }}{{ $.Raw }}{{ end }}`)))
+	render := func(value string) (string, error) {
+		m := msg("orders", value)
+		rt, err := r.Match(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := rt.Render(m, nil)
+		if err != nil {
+			return "", err
+		}
+		return string(p.Requests[0].Body), nil
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := render(`{"kind":"loop","items":1000000000000000}`)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if bad := badMessage(t, err); !strings.Contains(bad.Error(), "at most 10000 iterations") {
+			t.Fatalf("range over a huge number: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a range over a huge number is still rendering")
+	}
+	if got, err := render(`{"kind":"loop","items":3}`); err != nil || got != "done" {
+		t.Fatalf("range over 3: %q, %v", got, err)
+	}
+	pad := strings.Repeat("x", 10000)
+	if _, err := render(`{"items":9000,"pad":"` + pad + `"}`); !strings.Contains(badMessage(t, err).Error(), "over 64 MiB") {
+		t.Fatalf("a 90 MB body: %v", err)
+	}
+	if got, err := render(`{"items":[1,2],"pad":"p"}`); err != nil || len(got) != 2*len(`{"items":[1,2],"pad":"p"}`) {
+		t.Fatalf("a small range: %d bytes, %v", len(got), err)
+	}
+}

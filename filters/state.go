@@ -3,6 +3,7 @@ package filters
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"sync"
 
@@ -226,7 +227,23 @@ func (st *state) render(tx *text) error {
 	d.Partition = int(m.Partition)
 	d.Offset = int(m.Offset)
 	d.Timestamp = m.Timestamp
-	return tx.t.Execute(&st.buf, d)
+	return tx.t.Execute(capped{&st.buf}, d)
+}
+
+// maxRendered is the most a template renders (a request's URL, header or
+// body): a message's data must not make rendering take the process's
+// memory, as a {{ range }} over a huge array of a compressed message could.
+const maxRendered = 64 << 20
+
+// capped is st.buf, refusing a write past maxRendered: text/template stops
+// at the first failed write.
+type capped struct{ b *bytes.Buffer }
+
+func (c capped) Write(p []byte) (int, error) {
+	if c.b.Len()+len(p) > maxRendered {
+		return 0, fmt.Errorf("the rendered text is over %d MiB", maxRendered>>20)
+	}
+	return c.b.Write(p)
 }
 
 // renderFast renders segs as text/template would. It reports false, leaving

@@ -191,6 +191,30 @@ var funcs = template.FuncMap{
 	"b64dec":     b64dec,
 	escPathFunc:  func(v any) string { return url.PathEscape(toString(v)) },
 	escQueryFunc: func(v any) string { return url.QueryEscape(toString(v)) },
+	rangeFunc:    rangeable,
+}
+
+// maxRangeCount is the most iterations a {{ range }} over a number may
+// make: text/template ranges over an integer, and a message's number
+// would otherwise set how long rendering runs (a body that prints nothing
+// never hits maxRendered).
+const maxRangeCount = 10000
+
+// rangeable passes v on to a range, unless it is an integer above
+// maxRangeCount.
+func rangeable(v any) (any, error) {
+	rv := reflect.ValueOf(v)
+	switch rv.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		if n := rv.Int(); n > maxRangeCount {
+			return nil, fmt.Errorf("range over the number %d: at most %d iterations", n, maxRangeCount)
+		}
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Uintptr:
+		if n := rv.Uint(); n > maxRangeCount {
+			return nil, fmt.Errorf("range over the number %d: at most %d iterations", n, maxRangeCount)
+		}
+	}
+	return v, nil
 }
 
 // compileText compiles src, named name in errors.
@@ -326,6 +350,11 @@ func (a *analyzer) node(n parse.Node, ctx dotCtx) {
 		a.list(n.ElseList, ctx)
 	case *parse.RangeNode:
 		a.node(n.Pipe, ctx)
+		if cmds := n.Pipe.Cmds; len(cmds) > 0 {
+			pos := cmds[len(cmds)-1].Pos
+			n.Pipe.Cmds = append(cmds, &parse.CommandNode{NodeType: parse.NodeCommand, Pos: pos,
+				Args: []parse.Node{parse.NewIdentifier(rangeFunc).SetTree(a.tree).SetPos(pos)}})
+		}
 		a.list(n.List, dotDerived)
 		a.list(n.ElseList, ctx)
 	case *parse.WithNode:
@@ -542,6 +571,7 @@ func isEmpty(v any) bool {
 const (
 	escPathFunc  = "_orderly_path_segment" // url.PathEscape
 	escQueryFunc = "_orderly_query"        // url.QueryEscape
+	rangeFunc    = "_orderly_range"        // rangeable, on every range's pipeline
 )
 
 // urlPart is the part of a URL a point of a URL template is in.

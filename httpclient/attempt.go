@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -158,7 +159,7 @@ func (s *Sender) attempt(ctx context.Context, c *Call, sl *Slot) Step {
 	var othersFailed, otherSucceeded bool
 	if retry {
 		if c.id == 0 {
-			c.id = s.callIDs.Add(1)
+			c.id = s.callID(c)
 		}
 		var why string
 		if err != nil {
@@ -349,6 +350,21 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 		telemetry.EndAttempt(span, resp.StatusCode, nil)
 	}
 	return resp, latency, err
+}
+
+// callID returns the id a failing call goes by on the health record: one
+// derived from its Idempotency-Key, so that a message sent again in a new
+// call (its partition revoked while the first call waited out a backoff,
+// then assigned back) is the same failing call, not a second one making the
+// target look down; a call without a key gets a number of its own (below
+// 2^63, where no derived id is).
+func (s *Sender) callID(c *Call) uint64 {
+	if key := c.idem[0]; key != "" {
+		h := fnv.New64a()
+		_, _ = h.Write([]byte(key))
+		return h.Sum64() | 1<<63
+	}
+	return s.callIDs.Add(1)
 }
 
 // keep records resp's status, headers and the start of its body as c's

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -84,6 +85,9 @@ type driver struct {
 	done              chan Step
 }
 
+// driven numbers the calls drive makes.
+var driven atomic.Int64
+
 func drive(t testing.TB, s *Sender, r *filters.Request) *driver {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -93,7 +97,7 @@ func drive(t testing.TB, s *Sender, r *filters.Request) *driver {
 	go func() {
 		defer close(exited)
 		var c Call
-		c.Reset(r, "k")
+		c.Reset(r, "k"+strconv.FormatInt(driven.Add(1), 10)) // each driven call is a message of its own
 		timer := time.NewTimer(time.Hour)
 		defer timer.Stop()
 		for {
@@ -563,5 +567,40 @@ func TestFailingTargetIsExplained(t *testing.T) {
 	y.delivered(t, "y")
 	if _, since, waiting := s.targetOf(addr).failingSummary(time.Now()); waiting != 0 || !since.IsZero() {
 		t.Fatalf("after delivery: %d waiting calls, failing since %v; want none, not failing", waiting, since)
+	}
+}
+
+// TestPoisonSentAgainAfterARevokeIsFailed: a poison message's call is
+// abandoned mid-backoff (its partition revoked, the call never ended), and
+// the message comes back in a new call with the same Idempotency-Key. Its
+// failures are still one call's: they count, and the message fails after
+// max_attempts. Before, the abandoned call stayed the target's first
+// failing call, the new one looked like a second failing call (the target
+// down), and nothing counted on an otherwise idle target: retried for ever.
+func TestPoisonSentAgainAfterARevokeIsFailed(t *testing.T) {
+	rec := newRecorder(t, func(w http.ResponseWriter, _ *http.Request, _ int) { w.WriteHeader(http.StatusInternalServerError) })
+	h := baseHTTP()
+	h.Retry.MaxAttempts = 3
+	s, m, logs := newLoggedSender(t, h)
+	ctx := context.Background()
+	var first Call
+	first.Reset(post(rec.URL+"/poison", nil), "orders-0-7-0")
+	if st := s.Attempt(ctx, &first); st.Outcome != Retry {
+		t.Fatalf("first call: %v %v, want Retry", st.Outcome, st.Err)
+	}
+	// first is abandoned here: no further attempt, never ended.
+	var again Call
+	again.Reset(post(rec.URL+"/poison", nil), "orders-0-7-0")
+	var st Step
+	for i := range 10 {
+		if st = s.Attempt(ctx, &again); st.Outcome != Retry {
+			break
+		}
+		if i == 9 {
+			t.Fatalf("still retried after 10 attempts (%v uncounted: %v)", uncounted(t, m, rec.host()), logs.reasons())
+		}
+	}
+	if st.Outcome != Failed || !errors.Is(st.Err, ErrRetriesExhausted) {
+		t.Fatalf("outcome %d, %v; want Failed, retries exhausted", st.Outcome, st.Err)
 	}
 }

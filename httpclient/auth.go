@@ -191,39 +191,85 @@ func (s *Sender) closeTargets() {
 		if bt.transport != nil {
 			bt.transport.CloseIdleConnections()
 		}
+		if bt.tokens != nil {
+			bt.tokens.close()
+		}
 	}
 }
 
 // tokenCache holds the current OAuth2 token of a target. It is safe for
-// concurrent use.
+// concurrent use; close ends a fetch under way.
 type tokenCache struct {
-	cfg   *clientcredentials.Config
-	ctx   context.Context // carries the token endpoint's client (oauth2.HTTPClient)
-	early time.Duration
+	cfg     *clientcredentials.Config
+	ctx     context.Context // the fetches': carries the token endpoint's client (oauth2.HTTPClient)
+	cancel  context.CancelFunc
+	early   time.Duration
+	fetches sync.WaitGroup
 
-	mu  sync.Mutex         // protects src and gen
-	src oauth2.TokenSource // reuses the token until it nears its expiry
-	gen uint64             // bumped when a 401 drops the token
+	mu    sync.Mutex    // protects the fields below
+	tok   *oauth2.Token // the current token (nil: none)
+	gen   uint64        // bumped when a 401 drops the token
+	fetch *tokenFetch   // the fetch under way, nil if none
+}
+
+// tokenFetch is one fetch of a token, shared by the callers that wait for it.
+type tokenFetch struct {
+	done chan struct{} // closed once tok or err is set
+	gen  uint64
+	tok  *oauth2.Token
+	err  error
 }
 
 func newTokenCache(cfg *clientcredentials.Config, client *http.Client, early time.Duration) *tokenCache {
-	tc := &tokenCache{cfg: cfg, ctx: context.WithValue(context.Background(), oauth2.HTTPClient, client), early: early}
-	tc.src = oauth2.ReuseTokenSourceWithExpiry(nil, cfg.TokenSource(tc.ctx), early)
-	return tc
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), oauth2.HTTPClient, client))
+	return &tokenCache{cfg: cfg, ctx: ctx, cancel: cancel, early: early}
 }
 
 // token returns the Authorization value of the current token and its
-// generation, fetching a token when there is none valid. Concurrent callers
-// share one fetch.
-func (tc *tokenCache) token() (string, uint64, error) {
+// generation. When there is none valid (none yet, or within early of its
+// expiry) it waits for a fetch, one at a time, shared by the callers that
+// come meanwhile, or until ctx ends: a token endpoint that hangs holds up
+// no caller beyond its own context, and is asked once, not once per caller.
+func (tc *tokenCache) token(ctx context.Context) (string, uint64, error) {
 	tc.mu.Lock()
-	src, gen := tc.src, tc.gen
-	tc.mu.Unlock()
-	tok, err := src.Token()
-	if err != nil {
-		return "", gen, err
+	if t := tc.tok; t != nil && (t.Expiry.IsZero() || time.Until(t.Expiry) > tc.early) {
+		gen := tc.gen
+		tc.mu.Unlock()
+		return t.Type() + " " + t.AccessToken, gen, nil
 	}
-	return tok.Type() + " " + tok.AccessToken, gen, nil
+	f := tc.fetch
+	if f == nil {
+		f = &tokenFetch{done: make(chan struct{}), gen: tc.gen}
+		tc.fetch = f
+		tc.fetches.Go(func() { tc.get(f) })
+	}
+	tc.mu.Unlock()
+	select {
+	case <-f.done:
+		if f.err != nil {
+			return "", f.gen, f.err
+		}
+		return f.tok.Type() + " " + f.tok.AccessToken, f.gen, nil
+	case <-ctx.Done():
+		return "", f.gen, ctx.Err()
+	}
+}
+
+// get makes fetch f and keeps its token, unless a 401 dropped f's
+// generation meanwhile.
+func (tc *tokenCache) get(f *tokenFetch) {
+	tok, err := tc.cfg.Token(tc.ctx) // a new token: the cache is here
+	if err == nil && tok.AccessToken == "" {
+		tok, err = nil, errors.New("the token endpoint issued an empty access_token")
+	}
+	tc.mu.Lock()
+	f.tok, f.err = tok, err
+	tc.fetch = nil
+	if err == nil && tc.gen == f.gen {
+		tc.tok = tok
+	}
+	tc.mu.Unlock()
+	close(f.done)
 }
 
 // invalidate drops the token of generation gen (a 401 answered it), unless
@@ -233,8 +279,14 @@ func (tc *tokenCache) invalidate(gen uint64) {
 	defer tc.mu.Unlock()
 	if tc.gen == gen {
 		tc.gen++
-		tc.src = oauth2.ReuseTokenSourceWithExpiry(nil, tc.cfg.TokenSource(tc.ctx), tc.early)
+		tc.tok = nil
 	}
+}
+
+// close ends a fetch under way and waits for it.
+func (tc *tokenCache) close() {
+	tc.cancel()
+	tc.fetches.Wait()
 }
 
 // targetCall is what a Call to a named target keeps across its attempts.
@@ -295,7 +347,7 @@ func (s *Sender) authorize(ctx context.Context, c *Call) (Step, bool) {
 	if bt == nil || bt.tokens == nil {
 		return Step{}, true
 	}
-	auth, gen, err := bt.tokens.token()
+	auth, gen, err := bt.tokens.token(ctx)
 	if err == nil {
 		c.named.auth, c.named.tokenGen, c.named.tokenFail = []string{auth}, gen, 0
 		return Step{}, true

@@ -17,6 +17,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -356,4 +357,63 @@ func TestTargetOAuth2(t *testing.T) {
 	if st.Outcome != Retry || st.After <= 0 || c.Attempts() != 0 || c.Counted() != 0 || after != before {
 		t.Errorf("without a token: %+v, %d attempts, %d requests sent", st, c.Attempts(), after-before)
 	}
+}
+
+// TestTokenEndpointThatHangs: while the token endpoint does not answer,
+// the calls that need a token share one fetch and each waits no longer
+// than its own context (a revoke or a shutdown ends the wait); once the
+// endpoint answers, the next call has its token. Before, each caller
+// queued behind the previous one's fetch and made its own, so the last of
+// N waited N fetches' timeouts and no context could end the wait.
+func TestTokenEndpointThatHangs(t *testing.T) {
+	release := make(chan struct{})
+	var asked atomic.Int64
+	tokens := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		asked.Add(1)
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"access_token": "tok", "token_type": "bearer", "expires_in": 3600}`))
+	}))
+	t.Cleanup(tokens.Close)
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	t.Cleanup(api.Close)
+	s := targetSender(t, baseHTTP(), []config.Target{{Name: "api", BaseURL: api.URL, Auth: config.TargetAuth{Type: "oauth2",
+		TokenURL: tokens.URL + "/token", ClientID: "orderly", ClientSecret: "s3cret"}}}, time.Millisecond)
+
+	const callers = 20
+	outcomes := make(chan Outcome, callers)
+	start := time.Now()
+	for i := range callers {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			defer cancel()
+			var c Call
+			c.Reset(to("api", api.URL+"/x", nil), "orders-0-"+strconv.Itoa(i)+"-0")
+			outcomes <- s.Attempt(ctx, &c).Outcome
+		}()
+	}
+	for range callers {
+		select {
+		case o := <-outcomes:
+			if o != Canceled {
+				t.Fatalf("a call while the token endpoint hangs: outcome %d, want Canceled", o)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("calls still waiting for a token %s after their contexts ended", time.Since(start))
+		}
+	}
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("the token endpoint was asked %d times, want once (one fetch shared)", n)
+	}
+	releaseOnce.Do(func() { close(release) })
+	waitFor(t, 10*time.Second, "a token once the endpoint answers", func() bool {
+		st, c := attemptOnce(s, to("api", api.URL+"/x", nil))
+		return st.Outcome == Delivered && c.Attempts() == 1
+	})
 }

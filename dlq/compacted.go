@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"sync"
@@ -12,7 +13,9 @@ import (
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
 
 	"github.com/orderly-dispatch/orderly/config"
+	"github.com/orderly-dispatch/orderly/internal/kafkalog"
 	"github.com/orderly-dispatch/orderly/internal/producer"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // compacted is a compacted topic that an instance reads whole and then
@@ -24,9 +27,13 @@ type compacted struct {
 	topic string
 	what  string // names the store in errors and logs
 	log   *slog.Logger
-	prod  *kafka.Producer
-	cons  *kafka.Consumer // assigned the whole topic from its beginning; commits nothing
+	prod  *producer.Producer // starts a new librdkafka producer after a fatal error
+	cons  *kafka.Consumer    // assigned the whole topic from its beginning; commits nothing
 	apply func(*kafka.Message)
+
+	logs     chan kafka.LogEvent // the producer's librdkafka logs, pumped to log
+	stopLogs chan struct{}
+	pump     sync.WaitGroup
 
 	mu      sync.Mutex      // protects read and changed
 	read    map[int32]int64 // next offset to read per partition
@@ -38,7 +45,7 @@ type compacted struct {
 // apply (in order, from the reading goroutine). readerGroup is the group.id
 // librdkafka requires of a consumer; nothing is committed under it.
 func openCompacted(ctx context.Context, what, topic, brokers, readerGroup string, cfg *config.Config, log *slog.Logger,
-	apply func(*kafka.Message)) (*compacted, error) {
+	m *telemetry.Metrics, apply func(*kafka.Message)) (*compacted, error) {
 	c := &compacted{topic: topic, what: what, log: log, apply: apply, read: map[int32]int64{}, changed: make(chan struct{})}
 	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
 	for k, v := range cfg.Kafka.Properties {
@@ -49,20 +56,22 @@ func openCompacted(ctx context.Context, what, topic, brokers, readerGroup string
 	if err := c.ensure(ctx, common); err != nil {
 		return nil, err
 	}
-	pc := kafka.ConfigMap{"enable.idempotence": true, "acks": "all", "linger.ms": 0, "client.id": "orderly-" + what}
 	cc := kafka.ConfigMap{"group.id": readerGroup, "enable.auto.commit": false, "auto.offset.reset": "earliest",
 		"client.id": "orderly-" + what, "fetch.wait.max.ms": 50}
 	for k, v := range common {
-		pc[k], cc[k] = v, v
+		cc[k] = v
 	}
+	c.logs, c.stopLogs = make(chan kafka.LogEvent, 16), make(chan struct{})
+	c.pump.Go(func() { kafkalog.Pump(log, c.logs, c.stopLogs) })
 	var err error
-	if c.prod, err = kafka.NewProducer(&pc); err != nil {
+	// Idempotent, acks=all (producer.New); its restarts count under the
+	// store's name: producer="quarantine" or "dlq-jobs".
+	c.prod, err = producer.New(brokers, "orderly-"+strings.ReplaceAll(what, " ", "-"), cfg.Kafka.Properties,
+		kafka.ConfigMap{"linger.ms": 0, "log_level": 3}, log, c.logs, m)
+	if err != nil {
+		c.close()
 		return nil, fmt.Errorf("%s: unable to create the producer: %w", what, err)
 	}
-	go func() {
-		for range c.prod.Events() { // delivery reports come on per-call channels; ends when prod closes
-		}
-	}()
 	if c.cons, err = kafka.NewConsumer(&cc); err != nil {
 		c.close()
 		return nil, fmt.Errorf("%s: unable to create the reader: %w", what, err)
@@ -120,9 +129,10 @@ func (c *compacted) close() {
 		c.cons.Close()
 	}
 	if c.prod != nil {
-		c.prod.Flush(5000)
-		c.prod.Close()
+		c.prod.Close() // flushes for up to 5 s
 	}
+	close(c.stopLogs)
+	c.pump.Wait()
 }
 
 // follow reads the topic until ctx ends.
@@ -223,17 +233,6 @@ func (c *compacted) write(ctx context.Context, key, value []byte) error {
 }
 
 func (c *compacted) produce(ctx context.Context, rec *kafka.Message) error {
-	ch := make(chan kafka.Event, 1)
-	if err := c.prod.Produce(rec, ch); err != nil {
-		return err
-	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case ev := <-ch:
-		if m, ok := ev.(*kafka.Message); ok && m.TopicPartition.Error != nil {
-			return m.TopicPartition.Error
-		}
-		return nil
-	}
+	_, err := c.prod.Write(ctx, rec)
+	return err
 }

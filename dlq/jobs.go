@@ -16,6 +16,7 @@ import (
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/internal/producer"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // Replay and release jobs are shared by every instance of a consumer group
@@ -117,9 +118,9 @@ type jobStore struct {
 
 // openJobStore creates the jobs topic if it does not exist (one partition,
 // compacted), connects and reads it to its end.
-func openJobStore(ctx context.Context, brokers string, cfg *config.Config, log *slog.Logger) (*jobStore, error) {
+func openJobStore(ctx context.Context, brokers string, cfg *config.Config, log *slog.Logger, m *telemetry.Metrics) (*jobStore, error) {
 	s := &jobStore{log: log, jobs: map[string]ReplayJob{}, at: map[string]int64{}}
-	store, err := openCompacted(ctx, "dlq jobs", JobsTopic(cfg), brokers, cfg.Kafka.GroupID+".dlq-jobs-reader", cfg, log, s.apply)
+	store, err := openCompacted(ctx, "dlq jobs", JobsTopic(cfg), brokers, cfg.Kafka.GroupID+".dlq-jobs-reader", cfg, log, m, s.apply)
 	if err != nil {
 		return nil, err
 	}
@@ -290,7 +291,7 @@ func (a *Admin) runJobs(ctx context.Context) error {
 	var s *jobStore
 	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
 		var err error
-		if s, err = openJobStore(ctx, a.brokers, a.cfg, a.log); err == nil {
+		if s, err = openJobStore(ctx, a.brokers, a.cfg, a.log, a.metrics); err == nil {
 			break
 		}
 		if ctx.Err() != nil {

@@ -102,7 +102,7 @@ func NewQuarantine(ctx context.Context, brokers string, cfg *config.Config, log 
 		log = slog.New(slog.DiscardHandler)
 	}
 	q := &Quarantine{log: log, metrics: m, keys: map[string]keyEntry{}, waiters: map[string][]func(){}}
-	store, err := openCompacted(ctx, "quarantine", QuarantineTopic(cfg), brokers, cfg.Kafka.GroupID+".quarantine-reader", cfg, log, q.apply)
+	store, err := openCompacted(ctx, "quarantine", QuarantineTopic(cfg), brokers, cfg.Kafka.GroupID+".quarantine-reader", cfg, log, m, q.apply)
 	if err != nil {
 		return nil, err
 	}

@@ -155,7 +155,7 @@ func NewMetrics() *Metrics {
 		DLQFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
 			Help: "1 while dead-letter writes fail (the keys concerned wait), 0 once one succeeds."}),
 		ProducerRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_producer_restarts_total",
-			Help: "Kafka producers (dlq, records) started anew after a fatal error; the records the old one held are written again."},
+			Help: "Kafka producers (dlq, records, quarantine, dlq-jobs) started anew after a fatal error; the records the old one held are written again."},
 			[]string{"producer"}),
 		QuarantinedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_quarantined_keys",
 			Help: "Keys quarantined or being replayed (dlq.quarantine_keys), as this instance knows them."}),

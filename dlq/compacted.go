@@ -211,28 +211,31 @@ func (c *compacted) catchUp(ctx context.Context, step func()) error {
 }
 
 // write writes a keyed record (nil value: a tombstone), retrying with
-// backoff until it is acknowledged or ctx ends.
-func (c *compacted) write(ctx context.Context, key, value []byte) error {
+// backoff until it is acknowledged or ctx ends, and returns where it landed.
+func (c *compacted) write(ctx context.Context, key, value []byte) (kafka.TopicPartition, error) {
 	rec := &kafka.Message{TopicPartition: kafka.TopicPartition{Topic: &c.topic, Partition: kafka.PartitionAny}, Key: key, Value: value}
 	wait := 100 * time.Millisecond
 	for {
-		err := c.produce(ctx, rec)
+		tp, err := c.prod.Write(ctx, rec)
 		if err == nil {
-			return nil
+			return tp, nil
 		}
 		c.log.Error(c.what+" write failed, retrying", "key", string(key), "error", err, "retry_in", wait.String())
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("%s: writing %s: %w", c.what, key, errors.Join(err, ctx.Err()))
+			return kafka.TopicPartition{}, fmt.Errorf("%s: writing %s: %w", c.what, key, errors.Join(err, ctx.Err()))
 		case <-t.C:
 		}
 		wait = min(2*wait, 5*time.Second)
 	}
 }
 
-func (c *compacted) produce(ctx context.Context, rec *kafka.Message) error {
-	_, err := c.prod.Write(ctx, rec)
-	return err
+// readPast reports whether the reader has read the record at tp (and
+// applied it).
+func (c *compacted) readPast(tp kafka.TopicPartition) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.read[tp.Partition] > int64(tp.Offset)
 }

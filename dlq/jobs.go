@@ -232,7 +232,8 @@ func (s *jobStore) write(ctx context.Context, id string, j *ReplayJob) error {
 			return err
 		}
 	}
-	return s.store.write(ctx, []byte(id), v)
+	_, err := s.store.write(ctx, []byte(id), v)
+	return err
 }
 
 // Run loads the jobs topic (creating it if missing), then until ctx ends

@@ -74,8 +74,10 @@ type keyEntry struct {
 // partitions to whichever instance owns them: every instance reads the
 // whole topic at start and then follows it. A key's owner changes its
 // state (the dispatcher when it dead-letters, a replay when it redelivers
-// or releases) and sees its own change at once; the others see it when
-// they read it. Safe for concurrent use; Run follows the topic until its
+// or releases) and sees its own change once the topic acknowledged it
+// (a write that fails changes nothing here), before its reader reaches
+// it; the others see it when they read it. The reader then passes over the
+// key's records older than that write, so that the state never goes back. Safe for concurrent use; Run follows the topic until its
 // context ends, Close then releases the clients.
 type Quarantine struct {
 	log     *slog.Logger
@@ -85,6 +87,9 @@ type Quarantine struct {
 	mu      sync.Mutex // protects the fields below
 	keys    map[string]keyEntry
 	waiters map[string][]func() // called once at the key's next change
+	// own holds the offset of this instance's latest write of a key,
+	// applied before the reader reached it; gone once the reader did.
+	own map[string]int64
 }
 
 // QuarantineTopic is the topic a configuration keeps its quarantine in.
@@ -101,7 +106,7 @@ func NewQuarantine(ctx context.Context, brokers string, cfg *config.Config, log 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	q := &Quarantine{log: log, metrics: m, keys: map[string]keyEntry{}, waiters: map[string][]func(){}}
+	q := &Quarantine{log: log, metrics: m, keys: map[string]keyEntry{}, waiters: map[string][]func(){}, own: map[string]int64{}}
 	store, err := openCompacted(ctx, "quarantine", QuarantineTopic(cfg), brokers, cfg.Kafka.GroupID+".quarantine-reader", cfg, log, m, q.apply)
 	if err != nil {
 		return nil, err
@@ -131,9 +136,16 @@ func (q *Quarantine) apply(m *kafka.Message) {
 			e.state, e.failed = KeyReplaying, r.Failed
 		}
 	}
+	id, off := string(m.Key), int64(m.TopicPartition.Offset)
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.setLocked(string(m.Key), e)
+	if at, ok := q.own[id]; ok {
+		if off < at {
+			return // older than this instance's own write, applied already
+		}
+		delete(q.own, id)
+	}
+	q.setLocked(id, e)
 }
 
 // setLocked records a key's state and wakes whoever waits for it.
@@ -220,7 +232,8 @@ func (q *Quarantine) Wait(topic string, key []byte, st KeyState, fn func()) {
 }
 
 // set writes a key's new state to the topic, retrying with backoff until
-// it is acknowledged or ctx ends, and applies it here at once.
+// it is acknowledged or ctx ends, and then applies it here (unless the
+// reader has read it, and what came after it, already).
 func (q *Quarantine) set(ctx context.Context, topic string, key []byte, e keyEntry) error {
 	id := keyID(topic, key)
 	var v []byte
@@ -230,10 +243,17 @@ func (q *Quarantine) set(ctx context.Context, topic string, key []byte, e keyEnt
 			return err
 		}
 	}
+	tp, err := q.store.write(ctx, []byte(id), v)
+	if err != nil {
+		return err
+	}
 	q.mu.Lock()
-	q.setLocked(id, e)
-	q.mu.Unlock()
-	return q.store.write(ctx, []byte(id), v)
+	defer q.mu.Unlock()
+	if !q.store.readPast(tp) {
+		q.own[id] = int64(tp.Offset)
+		q.setLocked(id, e)
+	}
+	return nil
 }
 
 // Quarantine quarantines a key after its message cause was dead-lettered.

@@ -1614,7 +1614,12 @@ func rewrite(topic string, m *kafka.Message, set map[string]string) *kafka.Messa
 // acknowledgement, remembering where it landed so that the gate's second
 // pass does not take it for a later record of its key.
 func (r *run) writeBack(rec *kafka.Message, m *kafka.Message) error {
-	tp, err := r.w.Write(r.send, rec)
+	// Not cut by the cancel's grace: a record given to the producer lands
+	// even when nobody waits for it, and the original, not marked handled,
+	// would then be replayed again ahead of its copy.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.send), replayGateTimeout)
+	defer cancel()
+	tp, err := r.w.Write(ctx, rec)
 	if err != nil {
 		return err
 	}

@@ -199,9 +199,15 @@ func (s *Service) Metrics() *telemetry.Metrics { return s.metrics }
 // Ready reports whether the service should receive traffic.
 func (s *Service) Ready() bool { return !s.draining.Load() && s.disp.Ready() }
 
+// runnerHandOff bounds the wait at shutdown for the DLQ jobs runner to hand
+// its job over (its records in flight finish within 10 s, then it writes
+// the job and its keys' states) before the dispatcher stops.
+const runnerHandOff = 15 * time.Second
+
 // Run serves until ctx ends. Then readiness turns 503 at once, and after
-// admin.drain_grace (time for load balancers to notice) the dispatcher stops
-// fetching, drains within dispatch.drain_timeout and commits. The admin
+// admin.drain_grace (time for load balancers to notice), and once a DLQ
+// job running here has been handed over, the dispatcher stops fetching,
+// drains within dispatch.drain_timeout and commits. The admin
 // server stays up until the dispatcher has stopped.
 func (s *Service) Run(ctx context.Context) error {
 	dctx, stopDispatch := context.WithCancel(context.Background())
@@ -223,12 +229,16 @@ func (s *Service) Run(ctx context.Context) error {
 	// another instance while this one drains.
 	rctx, stopRunner := context.WithCancel(context.Background())
 	defer stopRunner()
+	runnerDone := make(chan struct{})
 	if s.dlq != nil {
 		wg.Go(func() {
+			defer close(runnerDone)
 			if err := s.dlq.Run(rctx); err != nil {
 				s.log.Error("dlq jobs runner stopped", "error", err)
 			}
 		})
+	} else {
+		close(runnerDone)
 	}
 	// The collector's headroom follows what is held in flight (see
 	// gcpolicy); it stops with the admin context, after the dispatcher.
@@ -240,16 +250,33 @@ func (s *Service) Run(ctx context.Context) error {
 		s.draining.Store(true)
 		stopRunner()
 		s.log.Info("shutting down", "drain_grace", s.cfg.Admin.DrainGrace.D().String())
+		dispDone := false
 		if g := s.cfg.Admin.DrainGrace.D(); g > 0 {
 			t := time.NewTimer(g)
 			select {
 			case <-t.C:
 			case err = <-dispErr:
+				dispDone = true
 				t.Stop()
 			}
 		}
+		// A DLQ job hands over with the key quarantine open (it writes the
+		// state of a key whose record failed again): the dispatcher, which
+		// closes the quarantine, stops after it, waiting at most
+		// runnerHandOff.
+		if !dispDone {
+			t := time.NewTimer(runnerHandOff)
+			select {
+			case <-runnerDone:
+			case <-t.C:
+				s.log.Warn("the DLQ job is still handing over; stopping the dispatcher")
+			case err = <-dispErr:
+				dispDone = true
+			}
+			t.Stop()
+		}
 		stopDispatch()
-		if err == nil {
+		if !dispDone {
 			err = <-dispErr
 		}
 	case err = <-dispErr:

@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // maxRedirects is how many redirects in a row one attempt follows.
@@ -17,7 +18,8 @@ const maxRedirects = 5
 // is on base_url's scheme://host:port is followed within the attempt, at
 // most maxRedirects times, with the same headers: 307 and 308 re-send the
 // method and body, 301, 302 and 303 become a GET (a HEAD stays one) without
-// body, as net/http does. The bodies of the answers followed are drained and
+// body, as net/http does (a signing target's hop is signed again for the
+// empty body). The bodies of the answers followed are drained and
 // closed; the caller owns the body of the answer returned, which the
 // attempt judges. A redirect not followed is that answer (see redirectNote).
 func (s *Sender) send(ctx context.Context, c *Call, h http.Header) (*http.Response, error) {
@@ -44,6 +46,11 @@ func (s *Sender) send(ctx context.Context, c *Call, h http.Header) (*http.Respon
 				next.Method = http.MethodGet
 			}
 			next.Body, next.GetBody, next.ContentLength = nil, nil, 0
+			if len(bt.keys) > 0 && len(c.req.Body) > 0 {
+				// The signature covers the body, which this hop drops.
+				next.Header = next.Header.Clone()
+				sign(next.Header, bt.keys, c.named.webhookID, time.Now(), nil)
+			}
 		}
 		drain(resp.Body)
 		req = &next

@@ -2,6 +2,7 @@ package httpclient
 
 import (
 	"context"
+	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -86,5 +87,35 @@ func TestSignedRequests(t *testing.T) {
 	wh, _ := standardwebhooks.NewWebhook(secret)
 	if !strings.HasPrefix(h.Get("webhook-id"), "msg_") || wh.Verify(nil, h) != nil {
 		t.Errorf("without an Idempotency-Key: %v", h)
+	}
+}
+
+// TestSignedRedirectToGet: a signed POST that a 303 turns into a GET
+// without body arrives signed for what it carries (no body), so that the
+// receiver verifies it; before, the signature was the POST body's.
+func TestSignedRedirectToGet(t *testing.T) {
+	const secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+	rec := newRecorder(t, func(w http.ResponseWriter, r *http.Request, _ int) {
+		if r.URL.Path == "/hook" {
+			http.Redirect(w, r, "/status/42", http.StatusSeeOther)
+		}
+	})
+	s := targetSender(t, baseHTTP(), []config.Target{{Name: "hooks", BaseURL: rec.URL, FollowRedirects: true,
+		Signing: config.Signing{Secrets: []string{secret}}}}, -1)
+	if _, err := s.Send(context.Background(), to("hooks", rec.URL+"/hook", []byte(`{"id":42}`)), "orders-3-42-0"); err != nil {
+		t.Fatal(err)
+	}
+	wh, err := standardwebhooks.NewWebhook(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{`{"id":42}`, ""} {
+		got := rec.get(i)
+		if string(got.body) != want {
+			t.Fatalf("request %d: body %q, want %q", i, got.body, want)
+		}
+		if err := wh.Verify(got.body, got.header); err != nil {
+			t.Errorf("request %d (%q): %v", i, want, err)
+		}
 	}
 }

@@ -82,14 +82,15 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 			"offset", it.msg.Offset, "key", string(it.msg.Key), "dlq", d.dlq.Topic(), "error", err, "retry_in", wait.String())
 		return
 	}
-	if q := d.quarantine; q != nil && len(it.msg.Key) > 0 && it.fail.QuarantinedBy == nil {
+	if cause, ok := d.quarantineCause(p, it); ok {
 		// Its key is quarantined before the message counts as done: were
 		// the process to die in between, the message comes again and
 		// quarantines the key then.
+		q := d.quarantine
 		p.handing++
 		p.mu.Unlock()
 		go func() {
-			err := q.Quarantine(p.ctx, p.topic, it.msg.Key, dlq.Cause{Topic: p.topic, Partition: p.id, Offset: it.msg.Offset})
+			err := q.Quarantine(p.ctx, p.topic, it.msg.Key, cause)
 			p.mu.Lock()
 			p.handing--
 			p.checkQuietLocked()
@@ -104,6 +105,27 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 		return
 	}
 	d.deadLettered(p, l, it)
+}
+
+// quarantineCause reports whether dead-lettering it (acknowledged) must
+// quarantine its key, and with which cause: a message that failed
+// quarantines its key as the cause; one dead-lettered because its key was
+// quarantined does so again, with the same cause, when the key was freed
+// while it was being written (a replay on another instance held and
+// released the key before this instance saw the hold, and may have missed
+// this record: the key's next messages must not go ahead of it).
+func (d *Dispatcher) quarantineCause(p *partition, it *item) (dlq.Cause, bool) {
+	q := d.quarantine
+	if q == nil || len(it.msg.Key) == 0 {
+		return dlq.Cause{}, false
+	}
+	if it.fail.QuarantinedBy == nil {
+		return dlq.Cause{Topic: p.topic, Partition: p.id, Offset: it.msg.Offset}, true
+	}
+	if st, _ := q.State(p.topic, it.msg.Key); st == dlq.KeyFree {
+		return *it.fail.QuarantinedBy, true
+	}
+	return dlq.Cause{}, false
 }
 
 // deadLettered finishes l's head message it, acknowledged by the DLQ, and

@@ -7,10 +7,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
 	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/filters"
 	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
+	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
 // TestQuarantineHoldsExactlyTheFailingKey: with dlq.quarantine_keys, the
@@ -240,5 +245,70 @@ func TestQuarantineFollowsThePartition(t *testing.T) {
 	}
 	if rep := h.Sink.Check(want); !rep.OK() || rep.Duplicates != 0 {
 		t.Fatalf("deliveries: %s", rep)
+	}
+}
+
+// TestQuarantinedDeadLetterOutlivesARelease: a message dead-lettered
+// because its key was quarantined is still being written when the key is
+// released elsewhere (a replay on another instance that held and released
+// the key before this one saw the hold, and may have missed this record).
+// Once written, the key is quarantined again with the same cause, and the
+// key's next message goes to the DLQ behind it instead of being delivered
+// ahead of it.
+func TestQuarantinedDeadLetterOutlivesARelease(t *testing.T) {
+	h := newHarness(t, 1)
+	h.Sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == "K" && d.Seq == 0 {
+			return http.StatusBadRequest
+		}
+		return 0
+	}
+	cfg := h.Config("qrelease", "", "[dlq]\nquarantine_keys = true\n")
+	var q atomic.Pointer[dlq.Quarantine]
+	_, m, stop := h.run(cfg, func(d *Dispatcher) { d.onQuarantine = func(x *dlq.Quarantine) { q.Store(x) } })
+	produce := func(seqs ...int64) {
+		var recs []testkit.Record
+		for _, s := range seqs {
+			recs = append(recs, testkit.Record{Key: []byte("K"), Value: testkit.EventJSON("K", s)})
+		}
+		if err := h.Prod.ProduceTo(context.Background(), h.Topic, 0, recs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := func() dlq.KeyState {
+		if q.Load() == nil {
+			return dlq.KeyFree
+		}
+		st, _ := q.Load().State(h.Topic, []byte("K"))
+		return st
+	}
+	produce(0)
+	testkit.WaitFor(t, time.Minute, "K quarantined by its seq 0", func() bool { return state() == dlq.KeyQuarantined })
+	_, cause := q.Load().State(h.Topic, []byte("K"))
+
+	var writes atomic.Int64
+	fh := h.Broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "orderly.dlq", Err: kerr.NotEnoughReplicas,
+		Count: -1, When: func(kmsg.Request) bool { writes.Add(1); return true }})
+	produce(1, 2)
+	testkit.WaitFor(t, time.Minute, "K's seq 1 being written to the DLQ", func() bool { return writes.Load() >= 1 })
+	other, err := dlq.NewQuarantine(context.Background(), h.Broker.Addr(), cfg, kafkatest.Logger(t), telemetry.NewMetrics())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(other.Close)
+	if err := other.Release(context.Background(), h.Topic, []byte("K")); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, time.Minute, "the release seen here", func() bool { return state() == dlq.KeyFree })
+	fh.Remove()
+	testkit.WaitFor(t, time.Minute, "K's three messages finished", func() bool { return m.Sum("orderly_committed_offset") == 3 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := h.Sink.Sequences("K"); len(seqs) != 0 {
+		t.Fatalf("K delivered %v after its seq 1 went to the DLQ", seqs)
+	}
+	if st, c := q.Load().State(h.Topic, []byte("K")); st != dlq.KeyQuarantined || c != cause {
+		t.Fatalf("K at the end: %s by %v, want quarantined by %v", st, c, cause)
 	}
 }

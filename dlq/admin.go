@@ -80,6 +80,11 @@ const (
 	// replayTailPasses bounds the passes over the DLQ's end for the held
 	// keys' later records.
 	replayTailPasses = 5
+	// replaySettle is how long after its last hold a job reads the DLQ's
+	// end for the held keys' later records: time for the instances that
+	// own those keys to see the hold, and for their dead letters already
+	// being written to land.
+	replaySettle = time.Second
 	// replayGateTimeout bounds the key gate calls a job makes as it ends.
 	replayGateTimeout = 30 * time.Second
 	// Finished jobs are kept for jobRetention, at most jobsKept of them.
@@ -886,6 +891,8 @@ type run struct {
 	// resumed: an earlier run of this job stopped (handed over, or its
 	// instance crashed); the keys it held are this run's.
 	resumed bool
+	// lastHold is when a worker last held a key (unix ns; 0: none).
+	lastHold atomic.Int64
 
 	c       *kafka.Consumer // the job goroutine's alone
 	parts   []*dlqPart
@@ -970,6 +977,14 @@ func (r *run) run() (stopped bool, err error) {
 	// The held keys' later records: live messages dead-lettered before the
 	// hold took effect. Passes repeat while they find some.
 	for pass := 0; pass < replayTailPasses && err == nil && r.gate != nil && r.kind == JobReplay && r.halt.Err() == nil; pass++ {
+		if held := r.lastHold.Load(); held != 0 {
+			t := time.NewTimer(time.Until(time.Unix(0, held).Add(replaySettle)))
+			select {
+			case <-t.C:
+			case <-r.halt.Done():
+			}
+			t.Stop()
+		}
 		before := r.matched
 		if err = r.scan(true); err != nil {
 			r.halted()
@@ -1220,6 +1235,7 @@ func (r *run) handle(l *rlane, rec dlqRec) {
 			drop()
 			return
 		}
+		r.lastHold.Store(time.Now().UnixNano())
 	}
 	if err := r.pace.wait(r.halt); err != nil {
 		drop()

@@ -192,6 +192,9 @@ func (s *Sink) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer s.end(ev.Key, f)
 	if s.Observe != nil {
 		s.Observe(d, r)
+		if r.Context().Err() != nil {
+			return // the client left while Observe held the request: nothing was answered
+		}
 	}
 	dl := s.jitter()
 	if s.Delay != nil {

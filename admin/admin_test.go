@@ -258,6 +258,7 @@ func TestDLQErrors(t *testing.T) {
 		{name: "rejected request", method: "POST", path: "/dlq/replay", body: `{}`, startErr: dlq.ErrBadRequest, status: 400},
 		{name: "job running", method: "POST", path: "/dlq/replay", body: `{}`, startErr: dlq.ErrReplayRunning, status: 409},
 		{name: "jobs not loaded", method: "POST", path: "/dlq/release", body: `{}`, startErr: dlq.ErrJobsNotReady, status: 503},
+		{name: "job not written in time", method: "POST", path: "/dlq/replay", body: `{}`, startErr: dlq.ErrJobUnsure, status: 503},
 		{name: "unknown job", method: "GET", path: "/dlq/replay/nope", status: 404},
 		{name: "cancel unknown job", method: "DELETE", path: "/dlq/replay/nope", status: 404},
 		{name: "cancel finished job", method: "DELETE", path: "/dlq/replay/old", status: 409},

@@ -170,7 +170,7 @@ func (s *Server) startJob(kind string) http.Handler {
 			WriteError(w, http.StatusBadRequest, err.Error())
 		case errors.Is(err, dlq.ErrReplayRunning):
 			WriteError(w, http.StatusConflict, err.Error())
-		case errors.Is(err, dlq.ErrJobsNotReady):
+		case errors.Is(err, dlq.ErrJobsNotReady), errors.Is(err, dlq.ErrJobUnsure):
 			WriteError(w, http.StatusServiceUnavailable, err.Error())
 		case err != nil:
 			WriteError(w, http.StatusInternalServerError, err.Error())

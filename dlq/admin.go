@@ -676,7 +676,7 @@ func (a *Admin) start(kind string, req ReplayRequest) (string, error) {
 	defer cancel()
 	if err := st.write(ctx, j.ID, &j); err != nil {
 		st.forget(j.ID)
-		return "", err
+		return "", errors.Join(ErrJobUnsure, err)
 	}
 	return j.ID, nil
 }

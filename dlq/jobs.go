@@ -49,6 +49,11 @@ const (
 // has not connected).
 var ErrJobsNotReady = errors.New("the DLQ jobs topic is not loaded yet")
 
+// ErrJobUnsure is returned when a job's record was not acknowledged in
+// time: it was not started here, but the record may still land, and the
+// job then runs.
+var ErrJobUnsure = errors.New("the job could not be written to the jobs topic in time; it may still land there and run: check GET /dlq/replay before asking again")
+
 // JobsTopic is the topic a configuration keeps its replay and release jobs in.
 func JobsTopic(cfg *config.Config) string { return cfg.DLQ.Topic + ".jobs" }
 
@@ -200,6 +205,16 @@ func (s *jobStore) list() []ReplayJob {
 		out = append(out, s.jobs[id])
 	}
 	return out
+}
+
+// landed reports whether the job's record has been read from the topic:
+// a job written here is run only then, since a write that fails is
+// forgotten (and its start answered with an error).
+func (s *jobStore) landed(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.at[id]
+	return ok
 }
 
 // forget drops a job from the map (a write of it failed).
@@ -450,6 +465,9 @@ func (r *runner) step(ctx context.Context) {
 			}
 			cancel()
 			continue // the keys its earlier run held are settled below or before the next job
+		}
+		if j.State != JobRunning && !r.s.landed(j.ID) {
+			return // written here, not read back yet: its write may still fail
 		}
 		if j.State != JobRunning && !r.settle(ctx) {
 			return // a new job does not take on the keys a stopped one held

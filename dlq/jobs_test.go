@@ -13,6 +13,9 @@ import (
 	"time"
 
 	"github.com/confluentinc/confluent-kafka-go/v2/kafka"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/internal/kafkatest"
@@ -394,4 +397,43 @@ func TestHandOverAfterAFailureKeepsTheKeyBehindIt(t *testing.T) {
 	if st, c := keyState(t, q, h.Topic, "bad"); st != KeyQuarantined || c.Offset != failed.OriginalOffset {
 		t.Fatalf("key bad: %s %v, want quarantined by bad/1's original offset %d", st, c, failed.OriginalOffset)
 	}
+}
+
+// TestJobNotWrittenIsNotRun: a replay whose record the jobs topic does not
+// take in time is answered ErrJobUnsure and is not run meanwhile (before,
+// the runner on the same instance could start it within 100 ms while the
+// API answered 500). The record the producer still holds lands once the
+// topic takes writes again, and the job then runs, as the error says.
+func TestJobNotWrittenIsNotRun(t *testing.T) {
+	h := newHarness(t, 1)
+	ds := seqs([]string{"a"}, 3)
+	h.seedDLQ(0, ds...)
+	cfg := h.Config("unsure", "", "")
+	a := h.dlqAdmin(cfg)
+	if _, err := a.StartReplay(ReplayRequest{DryRun: true}); err != nil { // the runner is up
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, time.Minute, "the dry run finished", func() bool {
+		for _, j := range a.Jobs() {
+			if j.FinishedAt == nil {
+				return false
+			}
+		}
+		return true
+	})
+	fh := h.Broker.Cluster().Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: JobsTopic(cfg), Err: kerr.NotEnoughReplicas, Count: -1})
+	_, err := a.StartReplay(ReplayRequest{})
+	if !errors.Is(err, ErrJobUnsure) {
+		t.Fatalf("start while the jobs topic refuses writes: %v, want ErrJobUnsure", err)
+	}
+	// For two seconds more, the topic still refusing: nothing runs.
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if n := h.Sink.Requests(); n != 0 {
+			t.Fatalf("%d records sent by a job whose start failed", n)
+		}
+	}
+	fh.Remove()
+	testkit.WaitFor(t, time.Minute, "the record landed late and its job ran", func() bool {
+		return h.Sink.Check(expected(ds...)).OK()
+	})
 }

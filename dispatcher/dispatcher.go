@@ -826,12 +826,15 @@ func (d *Dispatcher) forget(ps []*partition) {
 // is under way, see partition.stop) for at most timeout.
 func (d *Dispatcher) stopAll(ps []*partition, timeout time.Duration, whole bool) {
 	var wg sync.WaitGroup
+	start := time.Now()
 	for _, p := range ps {
 		wg.Go(func() {
 			if !p.stop(timeout, whole) {
+				// Before the timeout when what is left can only wait
+				// (stalled keys, keys held by a replay).
 				d.log.Warn("unfinished messages abandoned, they will be redelivered",
 					"topic", p.topic, "partition", p.id, "committable", p.tracker.Committable(),
-					"drained_for", timeout.String())
+					"drained_for", time.Since(start).Round(time.Millisecond).String(), "drain_timeout", timeout.String())
 			}
 		})
 	}

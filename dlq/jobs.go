@@ -392,6 +392,9 @@ func (r *runner) loop(ctx context.Context) error {
 			return c.Assign(e.Partitions)
 		case kafka.RevokedPartitions:
 			r.handOff()
+			if r.owner {
+				a.log.Info("dlq jobs: another instance runs the jobs now")
+			}
 			r.owner = false
 			return c.Unassign()
 		}
@@ -553,6 +556,11 @@ func (r *runner) start(j ReplayJob) {
 		j.StartedAt = a.now().UTC()
 	}
 	f := j.Request.filter()
+	if resumed && !j.DryRun {
+		// The records the earlier run took on but did not handle are taken
+		// on again: matched counts them once.
+		j.Matched = j.Replayed + j.Failed + j.Deferred + j.Released
+	}
 	if resumed && !j.DryRun && f.Limit > 0 {
 		// The records handled before count against the limit.
 		f.Limit -= j.Replayed + j.Failed + j.Deferred + j.Released
@@ -629,7 +637,11 @@ func (r *runner) end(res runResult) {
 		a.log.Error("dlq jobs: writing the job's end", "id", j.ID, "error", err)
 	}
 	cancel()
-	a.log.Info("dlq job ended", "id", j.ID, "kind", j.Kind, "state", j.State, "dry_run", j.DryRun,
+	msg := "dlq job ended"
+	if j.State == JobRunning {
+		msg = "dlq job handed over: the next owner of the jobs goes on with it"
+	}
+	a.log.Info(msg, "id", j.ID, "kind", j.Kind, "state", j.State, "dry_run", j.DryRun,
 		"scanned", j.Scanned, "matched", j.Matched, "skipped", j.Skipped, "replayed", j.Replayed,
 		"failed", j.Failed, "deferred", j.Deferred, "released", j.Released, "error", j.Error)
 }

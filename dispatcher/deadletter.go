@@ -30,7 +30,11 @@ func (d *Dispatcher) deadLetter(p *partition, l *lane, it *item) {
 	if l.dlqCut {
 		keep = l.dlqKeep
 	}
-	d.dlq.Produce(dlq.Build(d.dlq.Topic(), &it.msg, it.fail, time.Now(), keep), func(err error) { d.dlqAcked(p, l, it, err) })
+	d.dlqWriting.Add(1)
+	d.dlq.Produce(dlq.Build(d.dlq.Topic(), &it.msg, it.fail, time.Now(), keep), func(err error) {
+		d.dlqAcked(p, l, it, err)
+		d.dlqWriting.Add(-1)
+	})
 }
 
 // dlqAcked handles the DLQ's answer for l's head message it:
@@ -145,7 +149,7 @@ func (d *Dispatcher) deadLettered(p *partition, l *lane, it *item) {
 	}
 	it.span().End()
 	p.finish(&it.msg, telemetry.OutcomeDeadLettered)
-	d.commitSoon.Store(true)
+	d.commitNow.Store(true)
 	d.log.Info("message dead-lettered", "topic", p.topic, "partition", p.id, "offset", it.msg.Offset,
 		"dlq", d.dlq.Topic(), "reason", it.fail.Reason, "value_truncated", cut)
 	p.moveOn(l)

@@ -109,8 +109,15 @@ type Dispatcher struct {
 	// quarantine is the key quarantine, nil unless dlq.quarantine_keys.
 	quarantine   *dlq.Quarantine
 	onQuarantine func(*dlq.Quarantine)
-	// commitSoon asks the poll loop to commit at its next turn.
+	// commitSoon asks the poll loop to commit at its next turn (at most
+	// every 25 ms); commitNow, set once a message is dead-lettered, asks it
+	// to commit at once (at most every 5 ms), and while DLQ writes are under
+	// way (dlqWriting) it polls every 5 ms: a crash between the DLQ's
+	// acknowledgement and the commit that records the message dead-letters
+	// it again.
 	commitSoon atomic.Bool
+	commitNow  atomic.Bool
+	dlqWriting atomic.Int64
 	// rewindSoon asks the poll loop to look for partitions that want a
 	// pass over their deferred messages (hotkeys.go).
 	rewindSoon atomic.Bool
@@ -320,7 +327,7 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 		// soon as its lanes have drained to half of max_in_flight.
 		timeout := 100
 		switch {
-		case d.anyPaused:
+		case d.anyPaused, d.dlqWriting.Load() > 0 || d.commitNow.Load():
 			timeout = 5
 		case d.commitSoon.Load() || d.held.Load() > 0:
 			// Messages may finish any moment: come back in time to commit them.
@@ -353,6 +360,9 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 // last one, so an idle dispatcher sends none.
 const soonest = 25 * time.Millisecond
 
+// commitNowEvery spaces the commits of dead-lettered messages (commitNow).
+const commitNowEvery = 5 * time.Millisecond
+
 // afterPoll resumes what may resume and commits every commit_interval, or
 // sooner (at most every 25 ms) after a message was dead-lettered or when
 // there was nothing to consume: the sooner what finished is committed, the
@@ -362,8 +372,9 @@ func (d *Dispatcher) afterPoll() {
 	d.maybeResume()
 	d.rewind()
 	since, every := time.Since(d.lastCommit), d.cfg.Dispatch.CommitInterval.D()
-	if since >= every || since >= min(every, soonest) && d.commitSoon.Load() {
+	if since >= every || since >= min(every, soonest) && d.commitSoon.Load() || since >= commitNowEvery && d.commitNow.Load() {
 		d.commitSoon.Store(false)
+		d.commitNow.Store(false)
 		d.commit(d.ownedPartitions())
 		d.lastCommit = time.Now()
 	}

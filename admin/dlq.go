@@ -33,8 +33,8 @@ func (s *Server) dlqRoutes(mux *http.ServeMux) {
 	mux.Handle("GET /dlq/messages", s.auth(http.HandlerFunc(s.listDLQ)))
 	mux.Handle("POST /dlq/replay", s.auth(s.startJob(dlq.JobReplay)))
 	mux.Handle("POST /dlq/release", s.auth(s.startJob(dlq.JobRelease)))
-	mux.Handle("GET /dlq/replay", s.auth(http.HandlerFunc(s.listJobs)))
-	mux.Handle("GET /dlq/replay/{id}", s.auth(http.HandlerFunc(s.replayStatus)))
+	mux.Handle("GET /dlq/replay", s.auth(s.jobsLoaded(s.listJobs)))
+	mux.Handle("GET /dlq/replay/{id}", s.auth(s.jobsLoaded(s.replayStatus)))
 	mux.Handle("DELETE /dlq/replay/{id}", s.auth(http.HandlerFunc(s.cancelJob)))
 	allowed := map[string]string{"/dlq/messages": "GET", "/dlq/replay": "GET, POST", "/dlq/release": "POST"}
 	unknown := s.auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -51,6 +51,18 @@ func (s *Server) dlqRoutes(mux *http.ServeMux) {
 	}))
 	mux.Handle("/dlq/", unknown)
 	mux.Handle("/dlq", unknown) // not the mux's redirect to /dlq/, which is not JSON
+}
+
+// jobsLoaded serves next once the jobs topic is loaded, 503 before (Job
+// and Jobs know no job until then).
+func (s *Server) jobsLoaded(next http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.o.DLQ.JobsLoaded() {
+			WriteError(w, http.StatusServiceUnavailable, dlq.ErrJobsNotReady.Error())
+			return
+		}
+		next(w, r)
+	})
 }
 
 // auth checks Authorization: Bearer <admin.token> in constant time. With
@@ -185,19 +197,11 @@ func (s *Server) startJob(kind string) http.Handler {
 // listJobs serves GET /dlq/replay: the jobs kept, newest first, as the
 // jobs topic shows them on this instance.
 func (s *Server) listJobs(w http.ResponseWriter, _ *http.Request) {
-	if !s.o.DLQ.JobsLoaded() {
-		WriteError(w, http.StatusServiceUnavailable, dlq.ErrJobsNotReady.Error())
-		return
-	}
 	jobs := s.o.DLQ.Jobs()
 	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs, "count": len(jobs)})
 }
 
 func (s *Server) replayStatus(w http.ResponseWriter, r *http.Request) {
-	if !s.o.DLQ.JobsLoaded() {
-		WriteError(w, http.StatusServiceUnavailable, dlq.ErrJobsNotReady.Error())
-		return
-	}
 	job, ok := s.o.DLQ.Job(r.PathValue("id"))
 	if !ok {
 		WriteError(w, http.StatusNotFound, "no job "+r.PathValue("id"))

@@ -87,6 +87,9 @@ const (
 	replaySettle = time.Second
 	// replayGateTimeout bounds the key gate calls a job makes as it ends.
 	replayGateTimeout = 30 * time.Second
+	// replayWriteBackTimeout bounds the wait for a write-back to the DLQ,
+	// past the cancel's grace (see writeBack).
+	replayWriteBackTimeout = 30 * time.Second
 	// Finished jobs are kept for jobRetention, at most jobsKept of them.
 	jobRetention = time.Hour
 	jobsKept     = 100
@@ -1633,7 +1636,7 @@ func (r *run) writeBack(rec *kafka.Message, m *kafka.Message) error {
 	// Not cut by the cancel's grace: a record given to the producer lands
 	// even when nobody waits for it, and the original, not marked handled,
 	// would then be replayed again ahead of its copy.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.send), replayGateTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.send), replayWriteBackTimeout)
 	defer cancel()
 	tp, err := r.w.Write(ctx, rec)
 	if err != nil {

@@ -77,8 +77,9 @@ type keyEntry struct {
 // or releases) and sees its own change once the topic acknowledged it
 // (a write that fails changes nothing here), before its reader reaches
 // it; the others see it when they read it. The reader then passes over the
-// key's records older than that write, so that the state never goes back. Safe for concurrent use; Run follows the topic until its
-// context ends, Close then releases the clients.
+// key's records older than that write, so that the state never goes back.
+// Safe for concurrent use; Run follows the topic until its context ends,
+// Close then releases the clients.
 type Quarantine struct {
 	log     *slog.Logger
 	metrics *telemetry.Metrics

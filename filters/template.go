@@ -203,16 +203,8 @@ const maxRangeCount = 10000
 // rangeable passes v on to a range, unless it is an integer above
 // maxRangeCount.
 func rangeable(v any) (any, error) {
-	rv := reflect.ValueOf(v)
-	switch rv.Kind() {
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
-		if n := rv.Int(); n > maxRangeCount {
-			return nil, fmt.Errorf("range over the number %d: at most %d iterations", n, maxRangeCount)
-		}
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Uintptr:
-		if n := rv.Uint(); n > maxRangeCount {
-			return nil, fmt.Errorf("range over the number %d: at most %d iterations", n, maxRangeCount)
-		}
+	if rv := reflect.ValueOf(v); rv.CanInt() && rv.Int() > maxRangeCount || rv.CanUint() && rv.Uint() > maxRangeCount {
+		return nil, fmt.Errorf("range over the number %v: at most %d iterations", v, maxRangeCount)
 	}
 	return v, nil
 }

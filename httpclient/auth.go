@@ -235,7 +235,7 @@ func (tc *tokenCache) token(ctx context.Context) (string, uint64, error) {
 	if t := tc.tok; t != nil && (t.Expiry.IsZero() || time.Until(t.Expiry) > tc.early) {
 		gen := tc.gen
 		tc.mu.Unlock()
-		return t.Type() + " " + t.AccessToken, gen, nil
+		return authorization(t), gen, nil
 	}
 	f := tc.fetch
 	if f == nil {
@@ -249,11 +249,14 @@ func (tc *tokenCache) token(ctx context.Context) (string, uint64, error) {
 		if f.err != nil {
 			return "", f.gen, f.err
 		}
-		return f.tok.Type() + " " + f.tok.AccessToken, f.gen, nil
+		return authorization(f.tok), f.gen, nil
 	case <-ctx.Done():
 		return "", f.gen, ctx.Err()
 	}
 }
+
+// authorization is the Authorization value of t.
+func authorization(t *oauth2.Token) string { return t.Type() + " " + t.AccessToken }
 
 // get makes fetch f and keeps its token, unless a 401 dropped f's
 // generation meanwhile.

@@ -74,7 +74,7 @@ func Defaults() Config {
 		},
 		Dispatch: Dispatch{
 			MaxInFlight:    10000,
-			CommitInterval: dur(time.Second),
+			CommitInterval: dur(5 * time.Millisecond),
 			DrainTimeout:   dur(30 * time.Second),
 			Unkeyed:        UnkeyedPartition,
 			Unmatched:      UnmatchedSkip,

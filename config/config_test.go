@@ -78,7 +78,7 @@ func TestDefaults(t *testing.T) {
 	s := time.Second
 	dp, h, r, b := c.Dispatch, c.HTTP, c.HTTP.Retry, c.HTTP.Breaker
 	for name, ok := range map[string]bool{
-		"dispatch":     dp.MaxInFlight == 10000 && dp.CommitInterval.D() == s && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.MaxKeyInFlight == 0 && dp.CommitMetadataMaxBytes == 4096,
+		"dispatch":     dp.MaxInFlight == 10000 && dp.CommitInterval.D() == 5*time.Millisecond && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.MaxKeyInFlight == 0 && dp.CommitMetadataMaxBytes == 4096,
 		"http":         h.Timeout.D() == 10*s && h.MaxConnsPerHost == 256 && h.MaxConnAge.D() == 60*s && h.IdleConnTimeout.D() == 90*s,
 		"http.retry":   r.MaxAttempts == 10 && r.InitialBackoff.D() == 100*time.Millisecond && r.MaxBackoff.D() == 30*s && slices.Equal(r.RetryStatuses, []int{408, 425, 429, 500, 502, 503, 504}),
 		"http.breaker": b.Enabled && b.FailureRatio == 0.5 && b.MinRequests == 20 && b.ConsecutiveFailures == 10 && b.OpenTimeout.D() == 15*s && b.HalfOpenRequests == 3,
@@ -786,7 +786,7 @@ when = 'value.id'
 	if len(es) != len(want) {
 		t.Errorf("%d errors, want %d:\n%v", len(es), len(want), err)
 	}
-	if checked.Dispatch.CommitInterval.D() != time.Second || checked.Dispatch.MaxInFlight != 10000 {
+	if checked.Dispatch.CommitInterval.D() != 5*time.Millisecond || checked.Dispatch.MaxInFlight != 10000 {
 		t.Errorf("left-out values: %+v", checked.Dispatch)
 	}
 

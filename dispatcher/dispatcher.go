@@ -6,7 +6,11 @@
 //
 // Goroutines and their owners:
 //   - Run's goroutine is the poll loop; it alone calls the consumer (Poll,
-//     Pause, Resume, CommitOffsets, Close) and owns the partition map.
+//     Pause, Resume, Close), but for the committer, and owns the partition
+//     map.
+//   - The committer goroutine (commit.go) sends the commits the poll loop
+//     prepares, one at a time; Run starts it and stops it after the last
+//     commit.
 //   - Each partition's worker is started by the poll loop when the partition
 //     is assigned and stopped by it on revoke or shutdown, after which the
 //     partition's lanes are drained, then abandoned (see partition.stop).
@@ -96,8 +100,12 @@ type Dispatcher struct {
 	// Owned by the poll loop.
 	consumer   *kafka.Consumer
 	parts      map[partKey]*partition
+	commits    *committer // sends the poll loop's commits (commit.go)
 	lastCommit time.Time
-	anyPaused  bool // some partition is paused
+	lastGauges time.Time
+	// lastCommitWarn is when a failed commit was last logged (commitWarn).
+	lastCommitWarn time.Time
+	anyPaused      bool // some partition is paused
 
 	dlq *dlq.Writer // nil when dlq.topic is ""
 	// records writes the records of topic requests; nil when no route has
@@ -110,8 +118,9 @@ type Dispatcher struct {
 	quarantine   *dlq.Quarantine
 	onQuarantine func(*dlq.Quarantine)
 	// commitSoon asks the poll loop to commit at its next turn (at most
-	// every 25 ms); commitNow, set once a message is dead-lettered, asks it
-	// to commit at once (at most every 5 ms), and while DLQ writes are under
+	// every 25 ms, where commit_interval is longer); commitNow, set once a
+	// message is dead-lettered, asks it to commit at once (at most every
+	// 5 ms), and while DLQ writes are under
 	// way (dlqWriting) it polls every 5 ms: a crash between the DLQ's
 	// acknowledgement and the commit that records the message dead-letters
 	// it again.
@@ -255,8 +264,10 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	d.log.Info("consuming", "brokers", d.brokers, "group", d.cfg.Kafka.GroupID, "topics", d.cfg.Kafka.Topics)
 
+	d.startCommitter()
 	runErr := d.pollLoop(ctx)
 	d.shutdown()
+	d.stopCommitter()
 	d.senders.close()
 	if err := c.Close(); err != nil {
 		d.log.Warn("closing the consumer", "error", err)
@@ -329,9 +340,10 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 		switch {
 		case d.anyPaused, d.dlqWriting.Load() > 0 || d.commitNow.Load():
 			timeout = 5
-		case d.commitSoon.Load() || d.held.Load() > 0:
-			// Messages may finish any moment: come back in time to commit them.
-			timeout = int(soonest / time.Millisecond)
+		case d.commitSoon.Load() || d.held.Load() > 0 || d.commits.busy:
+			// Messages may finish any moment: come back in time to commit
+			// them (or to take the answer to the commit in flight).
+			timeout = max(1, int(min(d.cfg.Dispatch.CommitInterval.D(), soonest)/time.Millisecond))
 		}
 		switch e := d.consumer.Poll(timeout).(type) {
 		case nil:
@@ -355,29 +367,12 @@ func (d *Dispatcher) pollLoop(ctx context.Context) error {
 	return nil
 }
 
-// soonest is the shortest time between two commits asked for by commitSoon.
-// A commit is sent only for partitions where messages finished since the
-// last one, so an idle dispatcher sends none.
-const soonest = 25 * time.Millisecond
-
-// commitNowEvery spaces the commits of dead-lettered messages (commitNow).
-const commitNowEvery = 5 * time.Millisecond
-
-// afterPoll resumes what may resume and commits every commit_interval, or
-// sooner (at most every 25 ms) after a message was dead-lettered or when
-// there was nothing to consume: the sooner what finished is committed, the
-// less a crash sends (or dead-letters) twice. commit sends nothing when
-// nothing changed.
+// afterPoll resumes what may resume, looks for partitions that want a pass
+// over deferred messages, and commits when it is time (commit.go).
 func (d *Dispatcher) afterPoll() {
 	d.maybeResume()
 	d.rewind()
-	since, every := time.Since(d.lastCommit), d.cfg.Dispatch.CommitInterval.D()
-	if since >= every || since >= min(every, soonest) && d.commitSoon.Load() || since >= commitNowEvery && d.commitNow.Load() {
-		d.commitSoon.Store(false)
-		d.commitNow.Store(false)
-		d.commit(d.ownedPartitions())
-		d.lastCommit = time.Now()
-	}
+	d.maybeCommit()
 }
 
 func (d *Dispatcher) handleMessage(m *kafka.Message) {
@@ -492,96 +487,6 @@ func (d *Dispatcher) ownedPartitions() []*partition {
 		ps = append(ps, p)
 	}
 	return ps
-}
-
-// commit commits the completed prefix of each given partition, with the
-// record of what finished beyond it (offsets.Tracker.Progress) as the
-// commit's metadata, where either changed. Only partitions in d.parts are
-// ever passed: the poll loop removes a partition after its final commit on
-// revoke, so no commit is sent for a partition this member no longer owns;
-// one reported lost while its revoke drains is skipped (its new owner may
-// have committed already).
-func (d *Dispatcher) commit(ps []*partition) {
-	var offs []kafka.TopicPartition
-	var which []*partition
-	var finishedAt []int64 // each committed partition's finished count when its progress was taken
-	now := time.Now()
-	for _, p := range ps {
-		if p.lost {
-			continue
-		}
-		p.inFlightGauge.Set(float64(p.holding.Load()))
-		p.spanGauge.Set(float64(p.tracker.Span()))
-		p.oldestGauge.Set(p.tracker.OldestPending(now).Seconds())
-		committable := p.tracker.Committable()
-		if _, high, err := d.consumer.GetWatermarkOffsets(p.topic, p.id); err == nil && high >= 0 {
-			if base := max(p.committed, committable); base >= 0 {
-				p.lagGauge.Set(float64(max(high-base, 0)))
-			}
-		}
-		finished := p.finished.Load()
-		if finished == p.committedFinished && committable <= p.committed {
-			continue // nothing finished since the last commit
-		}
-		c, meta, truncated := p.tracker.Progress(p.budget)
-		if c >= 0 && (c > p.committed || c == p.committed && meta != p.committedMeta) {
-			offs = append(offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c), Metadata: &meta})
-			which = append(which, p)
-			finishedAt = append(finishedAt, finished)
-			if truncated {
-				d.metrics.ProgressTruncated.Inc()
-			}
-		} else if c == p.committed {
-			p.committedFinished = finished // the record did not change: nothing to send
-		}
-	}
-	if len(offs) == 0 {
-		return
-	}
-	res, err := d.consumer.CommitOffsets(offs)
-	if err != nil {
-		d.metrics.CommitErrors.Inc()
-		var ke kafka.Error
-		if errors.As(err, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
-			// The client reports one error for the request: every partition
-			// that sent a record shrinks it.
-			for i, p := range which {
-				if n := len(*offs[i].Metadata); n > 0 {
-					d.metadataRefused(p, n)
-				}
-			}
-			return
-		}
-		d.log.Warn("commit failed, will retry", "error", err)
-		return
-	}
-	for i, r := range res {
-		p := which[i]
-		if r.Error != nil {
-			d.metrics.CommitErrors.Inc()
-			var ke kafka.Error
-			if errors.As(r.Error, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
-				d.metadataRefused(p, len(*offs[i].Metadata))
-				continue
-			}
-			d.log.Warn("commit failed for a partition, will retry", "topic", *r.Topic, "partition", r.Partition, "error", r.Error)
-			continue
-		}
-		p.committed = int64(offs[i].Offset)
-		p.committedMeta = *offs[i].Metadata
-		p.committedFinished = finishedAt[i]
-		p.committedGauge.Set(float64(p.committed))
-	}
-}
-
-// metadataRefused halves p's progress budget after a broker refused a
-// record of size bytes as too large (its offset.metadata.max.bytes is
-// lower than dispatch.commit_metadata_max_bytes); the next commit fits.
-func (d *Dispatcher) metadataRefused(p *partition, size int) {
-	d.metrics.ProgressRefused.Inc()
-	p.budget = offsets.RefusedBudget(p.budget, size)
-	d.log.Warn("the broker refused the commit's progress record as too large: lower dispatch.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes",
-		"topic", p.topic, "partition", p.id, "bytes", size, "budget_now", p.budget)
 }
 
 // onRebalance runs inside Poll, on the poll loop. The library performs the

@@ -12,6 +12,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
+	"github.com/orderly-dispatch/orderly/config"
 	"github.com/orderly-dispatch/orderly/dlq"
 	"github.com/orderly-dispatch/orderly/internal/kafkatest"
 	"github.com/orderly-dispatch/orderly/internal/testkit"
@@ -202,4 +203,54 @@ func TestEagerRebalance(t *testing.T) {
 		}
 	}
 	t.Logf("eager rebalance at %d of %d delivered: %s", atRevoke.Load(), n, rep)
+}
+
+// TestSlowCommitDoesNotHoldBackConsumption: the broker holds the first
+// offset commit until 300 more messages were delivered. The committer
+// sends commits off the poll loop, so meanwhile the poll loop goes on
+// consuming, resuming and handing messages out; had the commit blocked it,
+// no more than max_in_flight per partition could be delivered and the
+// commit would be released only by its 1.5 s bound.
+func TestSlowCommitDoesNotHoldBackConsumption(t *testing.T) {
+	h := newHarness(t, 2)
+	gen := &testkit.Generator{Keys: 20}
+	if err := h.Prod.Produce(context.Background(), h.Topic, gen.Records(2000)); err != nil {
+		t.Fatal(err)
+	}
+	cl := h.Broker.Cluster()
+	var held, released atomic.Bool
+	cl.ControlKey(int16(kmsg.OffsetCommit), func(kmsg.Request) (kmsg.Response, error, bool) {
+		if held.Swap(true) {
+			return nil, nil, false // only the first commit is held
+		}
+		from := h.Sink.Distinct()
+		cl.SleepControl(func() {
+			// Below the session timeout: heartbeats wait behind the commit.
+			deadline := time.Now().Add(1500 * time.Millisecond)
+			for time.Now().Before(deadline) {
+				if h.Sink.Distinct() >= from+300 {
+					released.Store(true)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+		return nil, nil, false
+	})
+	cfg := h.Config("slow-commit", "max_in_flight = 20", "")
+	cfg.Dispatch.CommitInterval = config.Duration{Duration: 5 * time.Millisecond}
+	_, m, stop := h.run(cfg, nil)
+	testkit.WaitFor(t, time.Minute, "every message committed", func() bool { return m.Sum("orderly_committed_offset") == 2000 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if !held.Load() {
+		t.Fatal("no commit was held")
+	}
+	if !released.Load() {
+		t.Fatal("fewer than 300 messages were delivered while a commit was under way: the commit held the poll loop back")
+	}
+	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
+		t.Fatal(rep)
+	}
 }

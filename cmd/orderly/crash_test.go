@@ -147,7 +147,11 @@ func TestStuckKeySIGKILLRedeliversOnlyRecentWork(t *testing.T) {
 // the other keys' backlog is still being delivered, at full speed: commits
 // go out every commit_interval (5 ms by default) also while every poll
 // returns messages, so what is sent again after the restart is what
-// finished in the last few milliseconds, at most 1% of what was delivered.
+// finished in the last few milliseconds plus a commit's round trip. That
+// depends on the machine's load (51 of 19,900 on an idle 2-core machine,
+// 221 with other tests running): the bound here, 5%, only catches a
+// commit path or progress record that stopped working (a quarter of the
+// delivered messages sit beyond the stuck key's committed offset).
 func TestStuckKeySIGKILLMidBacklog(t *testing.T) {
 	if testing.Short() {
 		t.Skip("process crash test: skipped with -short")
@@ -166,8 +170,8 @@ func TestStuckKeySIGKILLMidBacklog(t *testing.T) {
 	e.settled(t, parts, "the restarted process to settle")
 	dup := e.sink.Delivered() - others
 	t.Logf("SIGKILL at %d of %d delivered: %d sent again", atKill, others, dup)
-	if dup > others/100 {
-		t.Fatalf("%d of %d delivered messages sent again after a SIGKILL mid-backlog (more than 1%%)", dup, others)
+	if dup > others/20 {
+		t.Fatalf("%d of %d delivered messages sent again after a SIGKILL mid-backlog (more than 5%%)", dup, others)
 	}
 	if rep := e.sink.Check(withoutKey(e.gen.Expected(), "key-0")); !rep.OK() {
 		t.Fatal(rep)

@@ -31,6 +31,14 @@ const soonest = 25 * time.Millisecond
 // when commit_interval is longer.
 const commitNowEvery = 5 * time.Millisecond
 
+// recordEvery spaces the commits of a partition whose committed offset
+// stands still (a key holds it back) and whose progress record alone
+// changed: that record may be 4 KB, and every 5 ms it would write 800 KB a
+// second per partition to __consumer_offsets. A crash resends at most
+// this much more of such a partition's work. A dead letter's commit is
+// not spaced.
+const recordEvery = 25 * time.Millisecond
+
 // gaugesEvery spaces the updates of the per-partition gauges (lag, span,
 // in flight, oldest unfinished), which cost a client call per partition.
 const gaugesEvery = 100 * time.Millisecond
@@ -99,9 +107,12 @@ func (d *Dispatcher) maybeCommit() {
 		return
 	}
 	d.commitSoon.Store(false)
-	d.commitNow.Store(false)
+	spacing := recordEvery
+	if d.commitNow.Swap(false) {
+		spacing = 0
+	}
 	d.lastCommit = now
-	if job, ok := d.prepareCommit(d.ownedPartitions()); ok {
+	if job, ok := d.prepareCommit(d.ownedPartitions(), now, spacing); ok {
 		d.commits.busy = true
 		d.commits.jobs <- job // never blocks: the committer is idle
 	}
@@ -121,7 +132,7 @@ func (d *Dispatcher) awaitCommit() {
 // right after.
 func (d *Dispatcher) commit(ps []*partition) {
 	d.awaitCommit()
-	if job, ok := d.prepareCommit(ps); ok {
+	if job, ok := d.prepareCommit(ps, time.Now(), 0); ok {
 		res, err := d.consumer.CommitOffsets(job.offs)
 		d.applyCommit(commitResult{job, res, err})
 	}
@@ -130,12 +141,14 @@ func (d *Dispatcher) commit(ps []*partition) {
 // prepareCommit returns the commit of the completed prefix of each given
 // partition, with the record of what finished beyond it
 // (offsets.Tracker.Progress) as the commit's metadata, where either
-// changed; false when none changed. Only partitions in d.parts are ever
+// changed; false when none changed. A partition whose progress record
+// alone changed is left out when one was committed less than spacing ago.
+// Only partitions in d.parts are ever
 // passed: the poll loop removes a partition after its final commit on
 // revoke, so no commit is sent for a partition this member no longer owns;
 // one reported lost while its revoke drains is skipped (its new owner may
 // have committed already).
-func (d *Dispatcher) prepareCommit(ps []*partition) (commitJob, bool) {
+func (d *Dispatcher) prepareCommit(ps []*partition, now time.Time, spacing time.Duration) (commitJob, bool) {
 	var job commitJob
 	for _, p := range ps {
 		if p.lost {
@@ -146,8 +159,14 @@ func (d *Dispatcher) prepareCommit(ps []*partition) (commitJob, bool) {
 		if finished == p.committedFinished && committable <= p.committed {
 			continue // nothing finished since the last commit
 		}
+		if committable <= p.committed && now.Sub(p.recordAt) < spacing {
+			continue // the record alone changes: not yet
+		}
 		c, meta, truncated := p.tracker.Progress(p.budget)
 		if c >= 0 && (c > p.committed || c == p.committed && meta != p.committedMeta) {
+			if c == p.committed {
+				p.recordAt = now
+			}
 			job.offs = append(job.offs, kafka.TopicPartition{Topic: p.tp.Topic, Partition: p.id, Offset: kafka.Offset(c), Metadata: &meta})
 			job.which = append(job.which, p)
 			job.finishedAt = append(job.finishedAt, finished)

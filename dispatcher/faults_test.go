@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -253,4 +254,70 @@ func TestSlowCommitDoesNotHoldBackConsumption(t *testing.T) {
 	if rep := h.Sink.Check(gen.Expected()); !rep.OK() {
 		t.Fatal(rep)
 	}
+}
+
+// TestStandingOffsetRecordIsSpaced: key-0's first message never succeeds,
+// so its partition's committed offset stands still while the other keys'
+// messages finish and its progress record changes with each. Commits go
+// out every 5 ms, but those that carry only a changed record (up to 4 KB
+// each) are spaced by recordEvery.
+func TestStandingOffsetRecordIsSpaced(t *testing.T) {
+	h := newHarness(t, 1)
+	gen := &testkit.Generator{Keys: 20}
+	recs := gen.Records(3000)
+	stuck := string(recs[0].Key)
+	if err := h.Prod.Produce(context.Background(), h.Topic, recs); err != nil {
+		t.Fatal(err)
+	}
+	h.Sink.Status = func(d *testkit.Delivery) int {
+		if d.Key == stuck {
+			return http.StatusServiceUnavailable
+		}
+		return 0
+	}
+	cl := h.Broker.Cluster()
+	var mu sync.Mutex
+	var recordOnly []time.Time // commits that kept the offset and changed the record
+	lastOffset, lastMeta := int64(-1), ""
+	cl.ControlKey(int16(kmsg.OffsetCommit), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+		cl.KeepControl()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, tp := range kreq.(*kmsg.OffsetCommitRequest).Topics {
+			for _, p := range tp.Partitions {
+				meta := ""
+				if p.Metadata != nil {
+					meta = *p.Metadata
+				}
+				if p.Offset == lastOffset && meta != lastMeta {
+					recordOnly = append(recordOnly, time.Now())
+				}
+				lastOffset, lastMeta = p.Offset, meta
+			}
+		}
+		return nil, nil, false
+	})
+	cfg := h.Config("spaced", "", "")
+	cfg.Dispatch.CommitInterval = config.Duration{Duration: 5 * time.Millisecond}
+	cfg.HTTP.Retry.MaxAttempts = 0 // the stuck message is retried for good
+	cfg.Dispatch.DrainTimeout = config.Duration{Duration: 100 * time.Millisecond}
+	_, _, stop := h.run(cfg, nil)
+	others := 3000 - 3000/20
+	testkit.WaitFor(t, time.Minute, "every other key delivered", func() bool { return h.Sink.Distinct() == others })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(recordOnly) < 2 {
+		t.Fatalf("%d commits changed only the progress record, want several", len(recordOnly))
+	}
+	// The broker sees each a commit's latency after it was made, so a
+	// single gap may be short; over the run they average recordEvery at
+	// least (the last may be shutdown's, which is not spaced).
+	span := recordOnly[len(recordOnly)-1].Sub(recordOnly[0])
+	if n := len(recordOnly); span < time.Duration(n-3)*recordEvery {
+		t.Fatalf("%d commits changed only the progress record within %v: more than one per %v", n, span, recordEvery)
+	}
+	t.Logf("%d record-only commits over %v", len(recordOnly), recordOnly[len(recordOnly)-1].Sub(recordOnly[0]))
 }

@@ -248,9 +248,12 @@ type partition struct {
 	committedMeta string
 	// committedFinished is finished as of the last successful commit.
 	committedFinished int64
-	budget            int
-	revoking          bool // revoked and draining: its messages are dropped
-	lost              bool // lost while draining: nothing more is committed
+	// recordAt is when a commit last carried a changed progress record
+	// without a new offset (spaced by recordEvery).
+	recordAt time.Time
+	budget   int
+	revoking bool // revoked and draining: its messages are dropped
+	lost     bool // lost while draining: nothing more is committed
 
 	labels         prometheus.Labels
 	inFlightGauge  prometheus.Gauge

@@ -62,6 +62,7 @@ type committer struct {
 	jobs    chan commitJob
 	results chan commitResult
 	busy    bool
+	stopped bool // poll loop: after stopCommitter, commits are synchronous (commit) only
 	wg      sync.WaitGroup
 }
 
@@ -79,6 +80,7 @@ func (d *Dispatcher) startCommitter() {
 
 func (d *Dispatcher) stopCommitter() {
 	d.awaitCommit()
+	d.commits.stopped = true // Close may still run a rebalance callback
 	close(d.commits.jobs)
 	d.commits.wg.Wait()
 }
@@ -88,6 +90,14 @@ func (d *Dispatcher) stopCommitter() {
 // (soonest) when the poll loop found nothing to consume; sooner still
 // (commitNowEvery) after a dead letter.
 func (d *Dispatcher) maybeCommit() {
+	now := time.Now()
+	if now.Sub(d.lastGauges) >= gaugesEvery {
+		d.lastGauges = now
+		d.updateGauges(d.ownedPartitions(), now)
+	}
+	if d.commits.stopped {
+		return
+	}
 	if d.commits.busy {
 		select {
 		case r := <-d.commits.results:
@@ -96,11 +106,6 @@ func (d *Dispatcher) maybeCommit() {
 		default:
 			return
 		}
-	}
-	now := time.Now()
-	if now.Sub(d.lastGauges) >= gaugesEvery {
-		d.lastGauges = now
-		d.updateGauges(d.ownedPartitions(), now)
 	}
 	since, every := now.Sub(d.lastCommit), d.cfg.Dispatch.CommitInterval.D()
 	if since < every && (since < min(every, soonest) || !d.commitSoon.Load()) && (since < commitNowEvery || !d.commitNow.Load()) {
@@ -200,7 +205,15 @@ func (d *Dispatcher) applyCommit(r commitResult) {
 		d.commitWarn("commit failed, will retry", "error", r.err)
 		return
 	}
-	for i, res := range r.res {
+	at := make(map[partKey]int, len(which))
+	for i, p := range which {
+		at[partKey{p.topic, p.id}] = i
+	}
+	for _, res := range r.res {
+		i, ok := at[partKey{*res.Topic, res.Partition}]
+		if !ok {
+			continue
+		}
 		p := which[i]
 		if res.Error != nil {
 			d.metrics.CommitErrors.Inc()

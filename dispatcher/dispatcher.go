@@ -504,6 +504,10 @@ func (d *Dispatcher) onRebalance(c *kafka.Consumer, ev kafka.Event) error {
 		kind := "revoked"
 		if lost {
 			kind = "lost"
+			// A commit under way may include these partitions: let it be
+			// answered before anyone else may own them (it may still be
+			// refused), and send none for them after.
+			d.awaitCommit()
 		}
 		d.metrics.Rebalances.WithLabelValues(kind).Add(float64(len(e.Partitions)))
 		var ps []*partition

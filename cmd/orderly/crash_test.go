@@ -37,7 +37,11 @@ func newCrashEnv(t *testing.T, partitions, n, keys int, group string) *crashEnv 
 	// The chaos configuration ends with its one route, to the sink: the
 	// stuck route goes first, and attempts are not limited.
 	// The default commit_interval: what a crash sends again depends on it.
-	cfg = []byte(strings.Replace(string(cfg), "commit_interval = \"100ms\"\n", "", 1))
+	interval := "commit_interval = \"100ms\"\n"
+	if !strings.Contains(string(cfg), interval) {
+		t.Fatalf("the chaos configuration has no %q to leave out", interval)
+	}
+	cfg = []byte(strings.Replace(string(cfg), interval, "", 1))
 	at := strings.Index(string(cfg), "[[routes]]")
 	os.WriteFile(e.cfg, []byte(string(cfg[:at])+fmt.Sprintf(`[http.retry]
 max_attempts = 0

@@ -85,10 +85,10 @@ func (d *Dispatcher) stopCommitter() {
 	d.commits.wg.Wait()
 }
 
-// maybeCommit applies the answer to the commit in flight, if it came, and
-// starts the next commit when it is time: every commit_interval; sooner
-// (soonest) when the poll loop found nothing to consume; sooner still
-// (commitNowEvery) after a dead letter.
+// maybeCommit updates the gauges every gaugesEvery, applies the answer to
+// the commit in flight, if it came, and starts the next commit when it is
+// time: every commit_interval; sooner (soonest) when the poll loop found
+// nothing to consume; sooner still (commitNowEvery) after a dead letter.
 func (d *Dispatcher) maybeCommit() {
 	now := time.Now()
 	if now.Sub(d.lastGauges) >= gaugesEvery {
@@ -126,7 +126,7 @@ func (d *Dispatcher) maybeCommit() {
 // awaitCommit waits for the commit in flight, if any, and applies its
 // answer.
 func (d *Dispatcher) awaitCommit() {
-	if d.commits != nil && d.commits.busy {
+	if d.commits.busy {
 		d.commits.busy = false
 		d.applyCommit(<-d.commits.results)
 	}
@@ -148,11 +148,10 @@ func (d *Dispatcher) commit(ps []*partition) {
 // (offsets.Tracker.Progress) as the commit's metadata, where either
 // changed; false when none changed. A partition whose progress record
 // alone changed is left out when one was committed less than spacing ago.
-// Only partitions in d.parts are ever
-// passed: the poll loop removes a partition after its final commit on
-// revoke, so no commit is sent for a partition this member no longer owns;
-// one reported lost while its revoke drains is skipped (its new owner may
-// have committed already).
+// Only partitions in d.parts are ever passed: the poll loop removes a
+// partition after its final commit on revoke, so no commit is sent for a
+// partition this member no longer owns; one reported lost while its revoke
+// drains is skipped (its new owner may have committed already).
 func (d *Dispatcher) prepareCommit(ps []*partition, now time.Time, spacing time.Duration) (commitJob, bool) {
 	var job commitJob
 	for _, p := range ps {
@@ -191,8 +190,7 @@ func (d *Dispatcher) applyCommit(r commitResult) {
 	offs, which := r.job.offs, r.job.which
 	if r.err != nil {
 		d.metrics.CommitErrors.Inc()
-		var ke kafka.Error
-		if errors.As(r.err, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+		if metadataTooLarge(r.err) {
 			// The client reports one error for the request: every partition
 			// that sent a record shrinks it.
 			for i, p := range which {
@@ -217,8 +215,7 @@ func (d *Dispatcher) applyCommit(r commitResult) {
 		p := which[i]
 		if res.Error != nil {
 			d.metrics.CommitErrors.Inc()
-			var ke kafka.Error
-			if errors.As(res.Error, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge {
+			if metadataTooLarge(res.Error) {
 				d.metadataRefused(p, len(*offs[i].Metadata))
 				continue
 			}
@@ -230,6 +227,13 @@ func (d *Dispatcher) applyCommit(r commitResult) {
 		p.committedFinished = r.job.finishedAt[i]
 		p.committedGauge.Set(float64(p.committed))
 	}
+}
+
+// metadataTooLarge reports whether a commit (or one partition's) was
+// refused for its metadata's size (OFFSET_METADATA_TOO_LARGE).
+func metadataTooLarge(err error) bool {
+	var ke kafka.Error
+	return errors.As(err, &ke) && ke.Code() == kafka.ErrOffsetMetadataTooLarge
 }
 
 // commitWarnEvery spaces the warnings of failed commits: they are retried

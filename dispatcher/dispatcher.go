@@ -120,10 +120,9 @@ type Dispatcher struct {
 	// commitSoon asks the poll loop to commit at its next turn (at most
 	// every 25 ms, where commit_interval is longer); commitNow, set once a
 	// message is dead-lettered, asks it to commit at once (at most every
-	// 5 ms), and while DLQ writes are under
-	// way (dlqWriting) it polls every 5 ms: a crash between the DLQ's
-	// acknowledgement and the commit that records the message dead-letters
-	// it again.
+	// 5 ms), and while DLQ writes are under way (dlqWriting) it polls every
+	// 5 ms: a crash between the DLQ's acknowledgement and the commit that
+	// records the message dead-letters it again.
 	commitSoon atomic.Bool
 	commitNow  atomic.Bool
 	dlqWriting atomic.Int64

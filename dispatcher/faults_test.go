@@ -319,5 +319,5 @@ func TestStandingOffsetRecordIsSpaced(t *testing.T) {
 	if n := len(recordOnly); span < time.Duration(n-3)*recordEvery {
 		t.Fatalf("%d commits changed only the progress record within %v: more than one per %v", n, span, recordEvery)
 	}
-	t.Logf("%d record-only commits over %v", len(recordOnly), recordOnly[len(recordOnly)-1].Sub(recordOnly[0]))
+	t.Logf("%d record-only commits over %v", len(recordOnly), span)
 }

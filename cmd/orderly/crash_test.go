@@ -114,20 +114,13 @@ func kill(t *testing.T, p *proc) {
 // after the traffic stopped. The same holds when the partitions then move
 // to a second process.
 func TestStuckKeySIGKILLRedeliversOnlyRecentWork(t *testing.T) {
-	if testing.Short() {
-		t.Skip("process crash test: skipped with -short")
-	}
-	const parts, keys, perKey = 4, 200, 50
-	const n = keys * perKey
-	const others = n - perKey
-	e := newCrashEnv(t, parts, n, keys, "stuck")
-	p := start(t, "run", "--config", e.cfg)
+	e, p, others := startStuckKey(t, "stuck", 50)
 	testkit.WaitFor(t, 2*time.Minute, "every other key delivered", func() bool { return e.sink.Distinct() == others })
 	kill(t, p) // at once: what finished last may not be committed yet
 
 	p = start(t, "run", "--config", e.cfg)
-	e.settled(t, parts, "the restarted process to settle")
-	dup := e.sink.Delivered() - others
+	e.settled(t, stuckKeyParts, "the restarted process to settle")
+	dup := int(e.sink.Delivered()) - others
 	t.Logf("after a SIGKILL and a restart: %d of %d redelivered", dup, others)
 	if dup > others/100 {
 		t.Fatalf("%d of %d delivered messages sent again after a SIGKILL (more than 1%%)", dup, others)
@@ -136,8 +129,8 @@ func TestStuckKeySIGKILLRedeliversOnlyRecentWork(t *testing.T) {
 	// A second process joins, the first is killed: the partitions move.
 	start(t, "run", "--config", e.cfg)
 	kill(t, p)
-	e.settled(t, parts, "the second process to settle with every partition")
-	dup = e.sink.Delivered() - others
+	e.settled(t, stuckKeyParts, "the second process to settle with every partition")
+	dup = int(e.sink.Delivered()) - others
 	t.Logf("after moving to a second process: %d of %d redelivered in all", dup, others)
 	if dup > others/100 {
 		t.Fatalf("%d of %d delivered messages sent again in all (more than 1%%)", dup, others)
@@ -157,22 +150,15 @@ func TestStuckKeySIGKILLRedeliversOnlyRecentWork(t *testing.T) {
 // commit path or progress record that stopped working (a quarter of the
 // delivered messages sit beyond the stuck key's committed offset).
 func TestStuckKeySIGKILLMidBacklog(t *testing.T) {
-	if testing.Short() {
-		t.Skip("process crash test: skipped with -short")
-	}
-	const parts, keys, perKey = 4, 200, 100
-	const n = keys * perKey
-	const others = n - perKey
-	e := newCrashEnv(t, parts, n, keys, "midway")
-	p := start(t, "run", "--config", e.cfg)
+	e, p, others := startStuckKey(t, "midway", 100)
 	testkit.WaitFor(t, 2*time.Minute, "half of the other keys' messages delivered", func() bool { return e.sink.Distinct() >= others/2 })
 	kill(t, p)
 	atKill := e.sink.Distinct()
 
 	start(t, "run", "--config", e.cfg)
 	testkit.WaitFor(t, 2*time.Minute, "every other key delivered", func() bool { return e.sink.Distinct() == others })
-	e.settled(t, parts, "the restarted process to settle")
-	dup := e.sink.Delivered() - others
+	e.settled(t, stuckKeyParts, "the restarted process to settle")
+	dup := int(e.sink.Delivered()) - others
 	t.Logf("SIGKILL at %d of %d delivered: %d sent again", atKill, others, dup)
 	if dup > others/20 {
 		t.Fatalf("%d of %d delivered messages sent again after a SIGKILL mid-backlog (more than 5%%)", dup, others)
@@ -180,6 +166,21 @@ func TestStuckKeySIGKILLMidBacklog(t *testing.T) {
 	if rep := e.sink.Check(withoutKey(e.gen.Expected(), "key-0")); !rep.OK() {
 		t.Fatal(rep)
 	}
+}
+
+// stuckKeyParts and stuckKeyKeys shape the stuck-key crash tests' topic.
+const stuckKeyParts, stuckKeyKeys = 4, 200
+
+// startStuckKey skips under -short, otherwise starts a process on a crash
+// env of perKey messages for each of stuckKeyKeys keys; others is how many
+// of them the keys but key-0 hold.
+func startStuckKey(t *testing.T, group string, perKey int) (e *crashEnv, p *proc, others int) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("process crash test: skipped with -short")
+	}
+	e = newCrashEnv(t, stuckKeyParts, stuckKeyKeys*perKey, stuckKeyKeys, group)
+	return e, start(t, "run", "--config", e.cfg), (stuckKeyKeys - 1) * perKey
 }
 
 func withoutKey(m map[string][]int64, key string) map[string][]int64 {

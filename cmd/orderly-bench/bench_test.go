@@ -56,7 +56,7 @@ func TestHelp(t *testing.T) {
 				t.Errorf("%s: help does not show %q:\n%s", h, w, out.String())
 			}
 		}
-		for _, w := range []string{"serve-broker", "serve-dispatcher", "serve-plainloop", "-brokers", "-config", "internal"} {
+		for _, w := range []string{"serve-broker", "serve-dispatcher", "serve-plainloop", "serve-ceiling", "-brokers", "-config", "internal"} {
 			if strings.Contains(out.String(), w) {
 				t.Errorf("%s: help shows %q:\n%s", h, w, out.String())
 			}
@@ -426,6 +426,15 @@ func TestBenchDispatcherProcess(t *testing.T) {
 	// min(keys 100, 8 x 50, 256) = 100, and the smaller counts tried.
 	if c := num("ceiling_concurrency"); !slices.Contains([]float64{100, 64, 32, 16}, c) {
 		t.Errorf("ceiling concurrency %v, want one of 100, 64, 32, 16", c)
+	}
+	// The plain client ran in a process of its own, as Orderly did: its
+	// CPU and allocations came back from the child.
+	if !strings.Contains(errb.String(), "plain net/http (own process), 100 goroutines") {
+		t.Errorf("the ceiling did not run in a process of its own:\n%s", errb.String())
+	}
+	if num("ceiling_msgs_per_s") <= 0 || num("ceiling_cpu_s_per_10k") <= 0 || num("client_allocs_per_request") <= 0 {
+		t.Errorf("ceiling %v msg/s, cpu %v s/10k, client allocs/request %v: want them positive",
+			r["ceiling_msgs_per_s"], r["ceiling_cpu_s_per_10k"], r["client_allocs_per_request"])
 	}
 	// The kernel's RSS counters are approximate (per-CPU batches of pages),
 	// so a sample may exceed VmHWM read later by a little.

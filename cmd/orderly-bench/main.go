@@ -10,8 +10,9 @@
 // default the broker and Orderly each run in a child process, this executable
 // started again with -serve-broker or -serve-dispatcher (see dispatcher.go),
 // so that Orderly's figures are those of the Orderly process alone, as
-// deployed; the sink, the recorder, the producer and the ceiling client stay
-// in the harness's process. The transform scenario (transform.go) compares
+// deployed; the ceiling client then runs in a child process too
+// (-serve-ceiling, ceiling.go), while the sink, the recorder and the
+// producer stay in the harness's process. The transform scenario (transform.go) compares
 // Orderly's Kafka-to-Kafka transform with a plain consume, md5, produce loop
 // instead, which runs as a child too (-serve-plainloop).
 //
@@ -48,7 +49,7 @@ transform scenario compares Orderly's Kafka-to-Kafka transform with a plain cons
 loop instead.`
 
 // hiddenFlags are the helper processes' flags, left out of the help.
-var hiddenFlags = []string{"serve-broker", "serve-dispatcher", "config", "serve-plainloop", "brokers"}
+var hiddenFlags = []string{"serve-broker", "serve-dispatcher", "config", "serve-plainloop", "brokers", "serve-ceiling"}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -66,6 +67,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	config := fs.String("config", "", "internal: the configuration file of -serve-dispatcher")
 	servePlainFlag := fs.Bool("serve-plainloop", false, "internal: run only the transform scenario's plain loop, answering the bench's commands on stdin, until stdin closes")
 	brokers := fs.String("brokers", "", "internal: the brokers of -serve-plainloop")
+	serveCeilingFile := fs.String("serve-ceiling", "", "internal: send the plain client's job in this file once a line comes on stdin, then report its cost")
 	switch err := fs.Parse(args); {
 	case errors.Is(err, flag.ErrHelp):
 		printHelp(fs, stdout)
@@ -89,6 +91,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if *servePlainFlag {
 		return servePlainLoop(*brokers, os.Stdin, stdout, stderr)
+	}
+	if *serveCeilingFile != "" {
+		return serveCeiling(*serveCeilingFile, os.Stdin, stdout, stderr)
 	}
 	var set []*flag.Flag
 	fs.Visit(func(fl *flag.Flag) { set = append(set, fl) })

@@ -3,19 +3,14 @@ package main
 // The run of the HTTP scenarios: Orderly against a plain net/http client.
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"math"
-	"net"
-	"net/http"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/orderly-dispatch/orderly/config"
@@ -668,113 +663,6 @@ func (b *bencher) bestCeiling(ctx context.Context, r benchRun, sink *sinkServer,
 	*res = best
 	b.printf("   ceiling   best: %d goroutines, %.0f msg/s\n", res.CeilingConcurrency, res.Ceiling)
 	return nil
-}
-
-// ceiling drives a plain net/http client with the same transport tuning as
-// Orderly's sender against a fresh recorder on the same sink server: conc
-// goroutines, each sending a message's requests in order, for the same
-// number of messages.
-func (b *bencher) ceiling(ctx context.Context, r benchRun, sink *sinkServer, res *benchResult, conc int) error {
-	f := r.f
-	m := r.messages()
-	// Bodies like the messages' (the sink parses them), cycled.
-	gen := r.generator()
-	type msg struct {
-		url  string
-		body []byte
-	}
-	pool := make([]msg, min(m, 10000))
-	for i := range pool {
-		k, v := gen.Next()
-		pool[i] = msg{url: "http://" + sink.addr() + "/people/" + k, body: v}
-	}
-	rec := newRecorder(m*f.requests, f.latency, f.failureRate, "")
-	sink.cur.Store(rec)
-
-	idle := f.maxConns
-	if idle <= 0 {
-		idle = 1024 // as httpclient does when max_conns_per_host is unlimited
-	}
-	var protocols http.Protocols
-	protocols.SetHTTP1(true)
-	tr := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		Protocols:           &protocols,
-		MaxIdleConnsPerHost: idle,
-		MaxConnsPerHost:     f.maxConns,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
-	}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr}
-
-	settleMemory()
-	var next atomic.Int64
-	var firstErr error
-	var errOnce sync.Once
-	var wg sync.WaitGroup
-	s0 := snap()
-	for g := 0; g < conc; g++ {
-		wg.Go(func() {
-			h := http.Header{
-				"Content-Type":    {"application/json"},
-				"Idempotency-Key": {fmt.Sprintf("%s-%d-%d-0", benchTopic, g%f.partitions, g)},
-				"User-Agent":      {"orderly-bench-ceiling"},
-			}
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(m) || ctx.Err() != nil {
-					return
-				}
-				mg := pool[i%int64(len(pool))]
-				for range f.requests {
-					if err := sendUntilOK(ctx, client, mg.url, mg.body, h); err != nil {
-						errOnce.Do(func() { firstErr = err })
-						return
-					}
-				}
-			}
-		})
-	}
-	wg.Wait()
-	s1 := snap()
-	if firstErr != nil {
-		return firstErr
-	}
-	el := s1.at.Sub(s0.at)
-	res.CeilingConcurrency = conc
-	res.Ceiling = float64(m) / el.Seconds()
-	res.CeilingCPUPer10k = (s1.cpu - s0.cpu).Seconds() / float64(m) * 10000
-	res.CeilingAllocsPerMsg = float64(s1.mallocs-s0.mallocs) / float64(m)
-	res.CeilingAllocsPerReq = res.CeilingAllocsPerMsg / float64(f.requests)
-	res.CeilingSinkMaxInFlow = rec.sink.MaxInFlight()
-	b.printf("   ceiling   plain net/http, %d goroutines: %d messages (%d requests) in %.2fs = %.0f msg/s; cpu %.2f s/10k; %.1f allocs/msg; sink concurrency max %d\n",
-		conc, m, m*f.requests, el.Seconds(), res.Ceiling, res.CeilingCPUPer10k, res.CeilingAllocsPerMsg, res.CeilingSinkMaxInFlow)
-	return nil
-}
-
-// sendUntilOK posts body to url until the sink answers 2xx, retrying its
-// 503s at once; any other answer is an error.
-func sendUntilOK(ctx context.Context, c *http.Client, url string, body []byte, h http.Header) error {
-	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-		if err != nil {
-			return err
-		}
-		req.Header = h
-		resp, err := c.Do(req)
-		if err != nil {
-			return err
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-			return nil
-		}
-		if resp.StatusCode != http.StatusServiceUnavailable {
-			return fmt.Errorf("the sink answered %d", resp.StatusCode)
-		}
-	}
 }
 
 // benchConfig is the Orderly configuration of a run: one route with

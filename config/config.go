@@ -73,7 +73,7 @@ func Defaults() Config {
 			EmbeddedPartitions: 8,
 		},
 		Dispatch: Dispatch{
-			MaxInFlight:    10000,
+			MaxInFlight:    2000,
 			CommitInterval: dur(5 * time.Millisecond),
 			DrainTimeout:   dur(30 * time.Second),
 			Unkeyed:        UnkeyedPartition,

@@ -78,7 +78,7 @@ func TestDefaults(t *testing.T) {
 	s := time.Second
 	dp, h, r, b := c.Dispatch, c.HTTP, c.HTTP.Retry, c.HTTP.Breaker
 	for name, ok := range map[string]bool{
-		"dispatch":     dp.MaxInFlight == 10000 && dp.CommitInterval.D() == 5*time.Millisecond && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.MaxKeyInFlight == 0 && dp.CommitMetadataMaxBytes == 4096,
+		"dispatch":     dp.MaxInFlight == 2000 && dp.CommitInterval.D() == 5*time.Millisecond && dp.DrainTimeout.D() == 30*s && dp.Unkeyed == "partition" && dp.Unmatched == "skip" && dp.MaxLanes == 10000 && dp.LaneIdle.D() == 10*s && dp.MaxSpan == 1_000_000 && dp.MaxKeyInFlight == 0 && dp.CommitMetadataMaxBytes == 4096,
 		"http":         h.Timeout.D() == 10*s && h.MaxConnsPerHost == 256 && h.MaxConnAge.D() == 60*s && h.IdleConnTimeout.D() == 90*s,
 		"http.retry":   r.MaxAttempts == 10 && r.InitialBackoff.D() == 100*time.Millisecond && r.MaxBackoff.D() == 30*s && slices.Equal(r.RetryStatuses, []int{408, 425, 429, 500, 502, 503, 504}),
 		"http.breaker": b.Enabled && b.FailureRatio == 0.5 && b.MinRequests == 20 && b.ConsecutiveFailures == 10 && b.OpenTimeout.D() == 15*s && b.HalfOpenRequests == 3,
@@ -315,7 +315,7 @@ func TestValidationNamesKeyAndLine(t *testing.T) {
 		{"[dispatch]\nlane_idle = \"0s\"\n", "t.toml:2:1: dispatch.lane_idle: must be positive"},
 		{"[dlq]\ntopic = \"\"\nquarantine_keys = true\n", `t.toml:3:1: dlq.quarantine_keys: needs a dead-letter topic, but dlq.topic is ""`},
 		{"[dlq]\nquarantine_topic = \"orderly.dlq\"\n", `t.toml:2:1: dlq.quarantine_topic: "orderly.dlq" must differ from dlq.topic and kafka.topics`},
-		{"[dispatch]\nmax_span = 10\n", "t.toml:2:1: dispatch.max_span: must be at least dispatch.max_in_flight (10000), not 10"},
+		{"[dispatch]\nmax_span = 10\n", "t.toml:2:1: dispatch.max_span: must be at least dispatch.max_in_flight (2000), not 10"},
 		{"[dispatch]\ncommit_metadata_max_bytes = -1\n", "t.toml:2:1: dispatch.commit_metadata_max_bytes: must not be negative (0 = record no progress), not -1"},
 		{"[dispatch]\ndrain_timeout = \"296s\"\n", "t.toml:2:1: dispatch.drain_timeout: 4m56s does not fit in max.poll.interval.ms (5m0s) with 5s to spare"},
 		{"[dispatch]\ndrain_timeout = \"30s\"\n[kafka.properties]\n\"max.poll.interval.ms\" = 20000\n", "t.toml:2:1: dispatch.drain_timeout: 30s does not fit in max.poll.interval.ms (20s) with 5s to spare"},
@@ -786,7 +786,7 @@ when = 'value.id'
 	if len(es) != len(want) {
 		t.Errorf("%d errors, want %d:\n%v", len(es), len(want), err)
 	}
-	if checked.Dispatch.CommitInterval.D() != 5*time.Millisecond || checked.Dispatch.MaxInFlight != 10000 {
+	if checked.Dispatch.CommitInterval.D() != 5*time.Millisecond || checked.Dispatch.MaxInFlight != 2000 {
 		t.Errorf("left-out values: %+v", checked.Dispatch)
 	}
 

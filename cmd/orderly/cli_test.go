@@ -180,7 +180,7 @@ func TestValidatePrintRedacts(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d:\n%s", code, errOut)
 	}
-	for _, w := range []string{"max_in_flight = 10000", "X-Trace = 'visible'", "REDACTED"} {
+	for _, w := range []string{"max_in_flight = 2000", "X-Trace = 'visible'", "REDACTED"} {
 		if !strings.Contains(out, w) {
 			t.Errorf("--print does not show %q:\n%s", w, out)
 		}
@@ -205,7 +205,7 @@ func TestRunLogsRedactedConfig(t *testing.T) {
 		return strings.Contains(p.output(), "effective configuration")
 	})
 	out := p.output()
-	if !regexp.MustCompile(`"level":"INFO","msg":"effective configuration \(secrets redacted\)","config":"[^"]*max_in_flight = 10000`).MatchString(out) {
+	if !regexp.MustCompile(`"level":"INFO","msg":"effective configuration \(secrets redacted\)","config":"[^"]*max_in_flight = 2000`).MatchString(out) {
 		t.Errorf("no info line with the configuration:\n%s", out)
 	}
 	for _, s := range secrets {

@@ -59,7 +59,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&f.size, "size", 200, "approximate event size in bytes")
 	fs.DurationVar(&f.latency, "latency", 0, "time the sink takes per request (HTTP only)")
 	fs.Float64Var(&f.failureRate, "failure-rate", 0, "share of requests the sink answers 503, retried (HTTP only)")
-	fs.IntVar(&f.maxInFlight, "max-in-flight", 10000, "dispatch.max_in_flight")
+	fs.IntVar(&f.maxInFlight, "max-in-flight", 2000, "dispatch.max_in_flight")
 	fs.DurationVar(&f.timeout, "timeout", 2*time.Minute, "give up after this long")
 	fs.BoolVar(&f.verbose, "v", false, "log the service's info lines to stderr")
 	fs.BoolVar(&f.transform, "transform", false, "produce the hashed events to the topic names_hashed instead of calling HTTP")

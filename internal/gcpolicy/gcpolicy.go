@@ -1,7 +1,7 @@
 // Package gcpolicy sizes the Go garbage collector's headroom for a process
 // that holds a bounded, long-lived working set: Orderly's messages in
-// flight (up to dispatch.max_in_flight per partition, 80 MB with 8
-// partitions of 10,000 1 KB messages).
+// flight (up to dispatch.max_in_flight per partition, 16 MB with 8
+// partitions of the default 2,000 1 KB messages).
 //
 // Go's collector lets the heap grow by GOGC percent (100 by default) of the
 // live heap before it collects again. For messages held until they are

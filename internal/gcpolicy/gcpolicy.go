@@ -13,15 +13,19 @@
 // live heap plus the scannable goroutine stacks and globals (roots), so:
 //
 //	headroom = max(MinHeadroom, (live + roots) / 4, live - held + roots)
-//	GOGC     = 100 * headroom / (live + roots)   (25 to 100)
-//
-// The quarter keeps a heap of gigabytes held from collecting almost
-// continuously (a fixed floor meant GOGC 2 with 550 MB held: 240
-// collections for a run that GOGC=100 does in 19).
+//	GOGC     = 100 * headroom / (live + roots)   (25 to 400)
 //
 // where live is the heap the last collection found live and held is what
-// the caller reports. With nothing held this is plain GOGC=100; with many
-// goroutines (thousands of connections) their stacks keep it near 100.
+// the caller reports. The quarter keeps a heap of gigabytes held from
+// collecting almost continuously (a fixed floor meant GOGC 2 with 550 MB
+// held: 240 collections for a run that GOGC=100 does in 19). MinHeadroom
+// (32 MiB) gives a small heap more than GOGC=100 would, as a memory
+// ballast does: a dispatcher whose live heap is 10-15 MB allocates a few
+// KB per message (mostly net/http's), so GOGC=100 collected every few
+// hundred milliseconds at full speed and the collector took a tenth of the
+// CPU. With nothing held and a heap above MinHeadroom this is plain
+// GOGC=100; with many goroutines (thousands of connections) their stacks
+// keep it near 100.
 //
 // After a burst, Run returns the freed memory to the operating system at
 // once (debug.FreeOSMemory) rather than leaving it to the background
@@ -59,7 +63,7 @@ import (
 type Options struct {
 	// Held returns the bytes the process holds on purpose (required).
 	Held func() int64
-	// MinHeadroom is the least headroom; 0 means 16 MiB.
+	// MinHeadroom is the least headroom; 0 means 32 MiB.
 	MinHeadroom int64
 	// Interval is how often Run looks at the collector; 0 means 100ms.
 	Interval time.Duration
@@ -73,7 +77,7 @@ type Options struct {
 var running atomic.Bool
 
 const (
-	defaultMinHeadroom = 16 << 20
+	defaultMinHeadroom = 32 << 20
 	defaultInterval    = 100 * time.Millisecond
 	defaultIdleAfter   = 5 * time.Second
 	// releaseAbove is the held peak below which a fall is not worth an
@@ -188,15 +192,17 @@ func (g *governor) tick() {
 // percent is the GOGC that gives a heap of live bytes, held of them held on
 // purpose, with roots bytes of stacks and globals to scan, the headroom
 // max(minHeadroom, base/4, base-held), base = live+roots: between 25 and
-// 100.
+// 400.
 func percent(live, roots, held, minHeadroom int64) int {
 	base := live + roots
 	headroom := max(minHeadroom, base/4, base-min(held, live))
-	if headroom >= base {
-		return 100
-	}
-	return int(max(minPercent, 100*headroom/base))
+	return int(min(maxPercent, max(minPercent, 100*headroom/base)))
 }
 
 // minPercent is the least GOGC percent sets: the quarter of the heap.
-const minPercent = 25
+// maxPercent is the most: a heap of a few MB (an idle process) grows to
+// five times itself, not to MinHeadroom, between collections.
+const (
+	minPercent = 25
+	maxPercent = 400
+)

@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,7 +45,6 @@ type plainMsg struct {
 type plainCost struct {
 	CPU     time.Duration `json:"cpu_ns"`
 	Mallocs uint64        `json:"mallocs"`
-	Err     string        `json:"error,omitempty"`
 }
 
 // ceiling drives the plain client at conc goroutines against a fresh
@@ -90,10 +90,7 @@ func ceilingHere(ctx context.Context, job plainJob) (time.Duration, plainCost, e
 	c := newPlainClient(job)
 	defer c.close()
 	settleMemory()
-	s0 := snap()
-	err := c.send(ctx)
-	s1 := snap()
-	return s1.at.Sub(s0.at), plainCost{CPU: s1.cpu - s0.cpu, Mallocs: s1.mallocs - s0.mallocs}, err
+	return c.timedSend(ctx)
 }
 
 // ceilingChild sends job from a child process (-serve-ceiling): the time
@@ -112,54 +109,26 @@ func (b *bencher) ceilingChild(ctx context.Context, job plainJob) (time.Duration
 	if err := errors.Join(werr, fh.Close()); err != nil {
 		return fail(err)
 	}
-	cmd, stdin, stdout, err := startChild("plain client", b.stderr, "-serve-ceiling", fh.Name())
-	if err != nil {
-		return fail(err)
+	c := newChild("plain client", b.stderr, "-serve-ceiling", fh.Name())
+	defer c.shutdown()
+	if err := c.start(ctx); err != nil {
+		return 0, plainCost{}, err
 	}
-	defer func() {
-		_ = stdin.Close()
-		_ = cmd.Wait()
-	}()
-	lines := make(chan string, 2)
-	go func() {
-		defer close(lines)
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		_, _ = io.Copy(io.Discard, stdout)
-	}()
-	next := func() (string, error) {
-		select {
-		case l, ok := <-lines:
-			if !ok {
-				return "", errors.New("exited early")
-			}
-			return l, nil
-		case <-ctx.Done():
-			_ = cmd.Process.Kill()
-			return "", ctx.Err()
-		}
-	}
-	if l, err := next(); err != nil || l != "ready" {
-		return fail(fmt.Errorf("said %q (%v), want ready", l, err))
+	// The answer comes when the job is sent: allow it the run's time.
+	within := childCallTimeout
+	if d, ok := ctx.Deadline(); ok {
+		within = time.Until(d)
 	}
 	settleMemory()
 	s0 := snap()
-	if _, err := io.WriteString(stdin, "go\n"); err != nil {
-		return fail(err)
-	}
-	l, err := next()
+	l, err := c.callWithin("go", within)
 	s1 := snap()
 	if err != nil {
-		return fail(err)
+		return 0, plainCost{}, err
 	}
 	var cost plainCost
 	if err := json.Unmarshal([]byte(l), &cost); err != nil {
 		return fail(fmt.Errorf("reading its report %q: %w", l, err))
-	}
-	if cost.Err != "" {
-		return fail(errors.New(cost.Err))
 	}
 	cost.CPU += s1.cpu - s0.cpu
 	cost.Mallocs += s1.mallocs - s0.mallocs
@@ -167,8 +136,8 @@ func (b *bencher) ceilingChild(ctx context.Context, job plainJob) (time.Duration
 }
 
 // serveCeiling is `orderly-bench -serve-ceiling FILE`: it reads the job in
-// FILE, says ready, sends the job once a line comes on stdin, reports its
-// cost as a JSON line and exits.
+// FILE, says ready, sends the job once a line comes on stdin and answers
+// with its cost as a JSON line (or `error: ...`), then exits at EOF.
 func serveCeiling(path string, stdin io.Reader, stdout, stderr io.Writer) int {
 	fail := func(err error) int {
 		fmt.Fprintln(stderr, "orderly-bench -serve-ceiling:", err)
@@ -186,18 +155,18 @@ func serveCeiling(path string, stdin io.Reader, stdout, stderr io.Writer) int {
 	defer c.close()
 	settleMemory()
 	fmt.Fprintln(stdout, "ready")
-	if _, err := bufio.NewReader(stdin).ReadString('\n'); err != nil {
+	in := bufio.NewReader(stdin)
+	if _, err := in.ReadString('\n'); err != nil {
 		return fail(errors.New("no go on stdin"))
 	}
-	s0 := snap()
-	err = c.send(context.Background())
-	s1 := snap()
-	cost := plainCost{CPU: s1.cpu - s0.cpu, Mallocs: s1.mallocs - s0.mallocs}
+	_, cost, err := c.timedSend(context.Background())
 	if err != nil {
-		cost.Err = err.Error()
+		fmt.Fprintln(stdout, "error: "+strings.ReplaceAll(err.Error(), "\n", "; "))
+	} else {
+		line, _ := json.Marshal(cost)
+		fmt.Fprintln(stdout, string(line))
 	}
-	line, _ := json.Marshal(cost)
-	fmt.Fprintln(stdout, string(line))
+	_, _ = io.Copy(io.Discard, in) // until the parent closes stdin
 	return 0
 }
 
@@ -228,6 +197,15 @@ func newPlainClient(job plainJob) *plainClient {
 }
 
 func (c *plainClient) close() { c.tr.CloseIdleConnections() }
+
+// timedSend sends the job and returns the time it took and what it cost
+// this process.
+func (c *plainClient) timedSend(ctx context.Context) (time.Duration, plainCost, error) {
+	s0 := snap()
+	err := c.send(ctx)
+	s1 := snap()
+	return s1.at.Sub(s0.at), plainCost{CPU: s1.cpu - s0.cpu, Mallocs: s1.mallocs - s0.mallocs}, err
+}
 
 // send sends the job: each goroutine takes the next message and sends its
 // requests in order, each until the sink answers 2xx.

@@ -382,8 +382,10 @@ func serveSide(l orderlySide, stdin io.Reader, stdout io.Writer, fail func(error
 // profile of a large heap takes a GC and a while to write.
 const childCallTimeout = time.Minute
 
-// childOrderly is the parent's end of `orderly-bench -serve-dispatcher`, or
-// of `orderly-bench -serve-plainloop` (newChildPlain).
+// childOrderly is the parent's end of `orderly-bench -serve-dispatcher`, of
+// `orderly-bench -serve-plainloop` (newChildPlain), or of `orderly-bench
+// -serve-ceiling` (ceiling.go). Each says ready once it can work: the
+// services once their partitions are assigned.
 type childOrderly struct {
 	what   string   // "dispatcher" or "plain loop", in errors
 	args   []string // of the child
@@ -454,13 +456,13 @@ func (c *childOrderly) start(ctx context.Context) error {
 	case l, ok := <-c.lines:
 		switch {
 		case !ok:
-			return fmt.Errorf("the %s process exited before its partitions were assigned: %v", c.what, c.waitExit())
+			return fmt.Errorf("the %s process exited before it was ready: %v", c.what, c.waitExit())
 		case l != "ready":
 			return fmt.Errorf("the %s process said %q, want ready", c.what, l)
 		}
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("timed out waiting for the %s process's partition assignment", c.what)
+		return fmt.Errorf("timed out waiting for the %s process to be ready", c.what)
 	}
 }
 
@@ -502,6 +504,12 @@ func (c *childOrderly) peakRSS() int64     { return processPeakRSS(c.pid()) }
 // call sends one command and returns the child's answer; `error: ...`
 // answers are returned as errors.
 func (c *childOrderly) call(command string) (string, error) {
+	return c.callWithin(command, childCallTimeout)
+}
+
+// callWithin is call with a timeout of its own, for a command whose answer
+// takes as long as the work it starts.
+func (c *childOrderly) callWithin(command string, timeout time.Duration) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	verb, _, _ := strings.Cut(command, " ")
@@ -514,7 +522,7 @@ func (c *childOrderly) call(command string) (string, error) {
 	if _, err := io.WriteString(c.stdin, command+"\n"); err != nil {
 		return "", fmt.Errorf("sending %s to the %s process: %w", verb, c.what, err)
 	}
-	t := time.NewTimer(childCallTimeout)
+	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
 	case l, ok := <-c.lines:
@@ -526,7 +534,7 @@ func (c *childOrderly) call(command string) (string, error) {
 		}
 		return l, nil
 	case <-t.C:
-		c.broken = fmt.Errorf("the %s process did not answer %s within %s", c.what, verb, childCallTimeout)
+		c.broken = fmt.Errorf("the %s process did not answer %s within %s", c.what, verb, timeout)
 		return "", c.broken
 	}
 }

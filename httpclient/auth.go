@@ -386,11 +386,11 @@ func (c *Call) attemptHeader() http.Header {
 }
 
 // transportFor returns the transport of c's target.
-func (s *Sender) transportFor(c *Call) *http.Transport {
+func (s *Sender) transportFor(c *Call) http.RoundTripper {
 	if bt := c.named.bt; bt != nil && bt.transport != nil {
 		return bt.transport
 	}
-	return s.transport
+	return s.plain
 }
 
 // unauthorized handles a 401 answer to an attempt with an OAuth2 token, the

@@ -54,7 +54,7 @@ func BenchmarkSendInMemory(b *testing.B) {
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			s, _ := newTestSender(b, bc.h(), nil)
-			s.transport.RegisterProtocol("http", memoryRoundTripper{})
+			s.plain = memoryRoundTripper{}
 			r := post("http://sink.invalid:8080/people/key-17", []byte(benchBody))
 			ctx := context.Background()
 			b.ReportAllocs()
@@ -69,7 +69,7 @@ func BenchmarkSendInMemory(b *testing.B) {
 		// As a dispatcher sender makes its attempts: one after another in
 		// a Slot, each call reset in place.
 		s, _ := newTestSender(b, benchDefaultHTTP(), nil)
-		s.transport.RegisterProtocol("http", memoryRoundTripper{})
+		s.plain = memoryRoundTripper{}
 		sl := s.NewSlot()
 		defer sl.Close()
 		r := post("http://sink.invalid:8080/people/key-17", []byte(benchBody))

@@ -165,14 +165,17 @@
 // keeps as many idle (1024 when unlimited), closes idle ones after
 // idle_conn_timeout, bounds dialing and TLS handshakes at 10 s and honours
 // HTTP_PROXY/HTTPS_PROXY/NO_PROXY. There is no response-header timeout: the
-// per-attempt context covers it.
+// per-attempt context covers it. Plain-http requests make their round trip
+// on the calling goroutine (h1.go); https and proxied ones go through
+// net/http's Transport with the same policy.
 //
 // With max_conn_age > 0 every dialed connection records its birth. When the
 // pool hands a reused connection older than max_conn_age to an attempt (seen
 // through an httptrace GotConn hook), that attempt's request carries
 // "Connection: close": it is the connection's last. The server answers and
 // closes (RFC 9112 requires it; net/http's client then sees the answer's
-// Connection: close and does not pool the connection), and the next request
+// Connection: close and does not pool the connection, and the plain-http
+// transport closes it after the answer anyway), and the next request
 // dials. Nothing fails, nothing is retried, no request is sent twice. Should
 // a server ignore the close and the connection come back, its next write
 // fails before a byte is written and net/http replays that request on
@@ -359,7 +362,9 @@ type Sender struct {
 	breaker        config.Breaker
 	breakerPoll    time.Duration
 
-	transport *http.Transport
+	transport *http.Transport         // https, proxies: see h1
+	h1        *h1Transport            // plain HTTP; falls back to transport (h1.go)
+	plain     http.RoundTripper       // h1 (benchmarks replace it)
 	named     map[string]*boundTarget // by target name, read-only (auth.go)
 	callIDs   atomic.Uint64           // the last id given to a failing call
 
@@ -436,12 +441,13 @@ func New(o Options) *Sender {
 		s.maxRetryAfter = defaultMaxRetryAfter
 	}
 
-	s.transport = s.newTransport(h)
+	s.transport, s.h1 = s.newTransport(h)
+	s.plain = s.h1
 	s.named = s.bindTargets(o.Targets)
 	return s
 }
 
-func (s *Sender) newTransport(h config.HTTP) *http.Transport {
+func (s *Sender) newTransport(h config.HTTP) (*http.Transport, *h1Transport) {
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
 	dial := dialer.DialContext
 	if s.maxConnAge > 0 {
@@ -463,7 +469,7 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
-	return &http.Transport{
+	tr := &http.Transport{
 		Proxy:               http.ProxyFromEnvironment,
 		DialContext:         dial,
 		Protocols:           &protocols,
@@ -476,6 +482,7 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 		// inflate it for nothing.
 		DisableCompression: true,
 	}
+	return tr, newH1Transport(tr, dial)
 }
 
 // Close closes the idle connections of the Sender's pool and, once every
@@ -483,7 +490,7 @@ func (s *Sender) newTransport(h config.HTTP) *http.Transport {
 // goroutine, to exit (it does within a tick of the last Close). An attempt
 // after Close still works, on new connections.
 func (s *Sender) Close() {
-	s.transport.CloseIdleConnections()
+	s.h1.CloseIdleConnections() // and s.transport's
 	s.closeTargets()
 	s.slotsMu.Lock()
 	open := len(s.slots)

@@ -1047,8 +1047,8 @@ func TestOneWritePerRequest(t *testing.T) {
 	rec := newRecorder(t, nil)
 	s, _ := newTestSender(t, baseHTTP(), nil)
 	var writes atomic.Int64
-	dial := s.transport.DialContext
-	s.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	dial := s.h1.dial
+	s.h1.dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dial(ctx, network, addr)
 		if err != nil {
 			return nil, err
@@ -1081,8 +1081,8 @@ func TestAnswerBodiesAreDrainedForReuse(t *testing.T) {
 		}))
 		s, _ := newTestSender(t, baseHTTP(), nil)
 		var dials atomic.Int64
-		dial := s.transport.DialContext
-		s.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dial := s.h1.dial
+		s.h1.dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			dials.Add(1)
 			return dial(ctx, network, addr)
 		}

@@ -64,6 +64,7 @@ type h1Conn struct {
 	bw     *bufio.Writer
 	idleAt time.Time // when it was put back in the pool
 	reused bool      // it carried a request before this one
+	cut    func()    // stops the exchange under way: what a canceled attempt runs
 }
 
 // aLongTimeAgo is a deadline that makes blocked reads and writes return at
@@ -241,7 +242,9 @@ func (h *h1Host) dial(ctx context.Context) (*h1Conn, error) {
 		}
 		return nil, err
 	}
-	return &h1Conn{h: h, nc: nc, br: bufio.NewReaderSize(nc, 4096), bw: bufio.NewWriterSize(nc, 4096)}, nil
+	pc := &h1Conn{h: h, nc: nc, br: bufio.NewReaderSize(nc, 4096), bw: bufio.NewWriterSize(nc, 4096)}
+	pc.cut = func() { _ = nc.SetDeadline(aLongTimeAgo) }
+	return pc, nil
 }
 
 // put returns a connection whose answer was read in full to the pool (or to
@@ -326,7 +329,7 @@ func (h *h1Host) expire() {
 // connections (replayed only when the request is idempotent or carries an
 // Idempotency-Key, as net/http does).
 func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.Response, stale bool, err error) {
-	stop := context.AfterFunc(ctx, func() { _ = pc.nc.SetDeadline(aLongTimeAgo) })
+	stop := context.AfterFunc(ctx, pc.cut)
 	fail := func(err error, stale bool) (*http.Response, bool, error) {
 		stop()
 		_ = pc.nc.Close()
@@ -404,8 +407,9 @@ func (pc *h1Conn) write(req *http.Request) error {
 	}
 	switch {
 	case req.ContentLength > 0:
+		var n [24]byte
 		_, _ = w.WriteString("Content-Length: ")
-		_, _ = w.WriteString(strconv.FormatInt(req.ContentLength, 10))
+		_, _ = w.Write(strconv.AppendInt(n[:0], req.ContentLength, 10))
 		_, _ = w.WriteString("\r\n")
 	case req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch:
 		_, _ = w.WriteString("Content-Length: 0\r\n")

@@ -70,10 +70,13 @@ type benchResult struct {
 	AllocsPerMsg       float64 `json:"allocs_per_msg"`                      // the Orderly process
 	SinkAllocsPerReq   float64 `json:"sink_allocs_per_request,omitempty"`   // -dispatcher process: this process per successful request
 	ClientAllocsPerReq float64 `json:"client_allocs_per_request,omitempty"` // -dispatcher process: ceiling_allocs_per_request - sink_allocs_per_request
-	OwnAllocsPerMsg    float64 `json:"own_allocs_per_msg,omitempty"`        // process: allocs_per_msg - client_allocs_per_request x requests; in-process: allocs_per_msg - ceiling_allocs_per_msg
-	SinkMaxInFlow      int64   `json:"sink_max_concurrent"`
-	Retries            float64 `json:"retries"`
-	Pauses             float64 `json:"pauses"`
+	// OwnAllocsPerMsg is what Orderly allocates per message beyond the
+	// plain client ("vs plain"; the name is from when Orderly sent through
+	// net/http's Transport and this was its own code's share).
+	OwnAllocsPerMsg float64 `json:"own_allocs_per_msg,omitempty"` // process: allocs_per_msg - client_allocs_per_request x requests; in-process: allocs_per_msg - ceiling_allocs_per_msg
+	SinkMaxInFlow   int64   `json:"sink_max_concurrent"`
+	Retries         float64 `json:"retries"`
+	Pauses          float64 `json:"pauses"`
 
 	// Memory of the Orderly process (with -dispatcher in-process, of this one).
 	RSSBaselineMB  float64 `json:"rss_baseline_mb"`   // process: the child right after the assignment and a GC; in-process: before the dispatcher started, after a GC

@@ -57,7 +57,7 @@ var scenarios = []scenario{
 		f.messages, f.keys, f.partitions, f.size, f.latency, f.maxInFlight = 120000, 10000, 8, 1024, 0, 10000
 		f.settle = 12 * time.Second
 	}},
-	{num: "5", name: "allocs", target: "at most 30 allocations per delivered message in Orderly's own code (net/http excluded)", apply: func(f *benchFlags) {
+	{num: "5", name: "allocs", target: "at most 30 allocations per delivered message beyond what a plain net/http client allocates for its request", apply: func(f *benchFlags) {
 		f.messages, f.keys, f.partitions, f.size, f.latency = 50000, 1000, 8, 200, 0
 	}},
 	{num: "6", name: "transform", target: "the transform route (Kafka to Kafka) >= 0.8 of a plain consume, md5, produce loop's rate, keeping order per key, commit behind the acknowledged produce and the DLQ",

@@ -65,6 +65,13 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 		"enable.metrics.push":    false,
 		"go.logs.channel.enable": true,
 		"go.logs.channel":        logs,
+		// confluent-kafka-go's defaults buffer a million events and a
+		// million records on channels allocated up front (24 MB of heap
+		// per producer, scanned by every GC). Delivery reports go to
+		// Produce's own channel and ProduceChannel is not used: Events()
+		// carries only client errors (and statistics, if configured).
+		"go.events.channel.size":  1024,
+		"go.produce.channel.size": 1,
 	}
 	for k, v := range extra {
 		cm[k] = v

@@ -2,6 +2,7 @@ package producer_test
 
 import (
 	"context"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -81,4 +82,36 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 		t.Fatal("Close did not return")
 	}
 	close(logs)
+}
+
+// TestProducerHeapIsSmall: a Producer keeps little Go heap. With
+// confluent-kafka-go's channel defaults each librdkafka producer held 24 MB
+// (a million-slot events channel and produce channel), which every GC
+// scanned, in every Orderly process (the DLQ writer and the job store).
+func TestProducerHeapIsSmall(t *testing.T) {
+	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	logs := make(chan kafka.LogEvent, 64)
+	go func() {
+		for range logs {
+		}
+	}()
+	heap := func() uint64 {
+		var ms runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	pr, err := producer.New(b.Addr(), "orderly-test", nil, nil, kafkatest.Logger(t), logs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	if after := heap(); after > before+4<<20 {
+		t.Errorf("a Producer holds %d MB of heap, want under 4", (after-before)>>20)
+	}
 }

@@ -669,7 +669,10 @@ func (b *bencher) bestCeiling(ctx context.Context, r benchRun, sink *sinkServer,
 }
 
 // benchConfig is the Orderly configuration of a run: one route with
-// f.requests requests to the sink, no DLQ and no admin server.
+// f.requests requests to the sink, on the defaults as deployed (the DLQ
+// writer and its producers, the admin server, on a port of its own per
+// instance), but for the flags' settings, a short drain and retries that
+// never give up, with short backoffs (what -failure-rate measures).
 func benchConfig(f benchFlags, brokers, sink string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `
@@ -694,11 +697,8 @@ max_attempts = 0
 initial_backoff = "10ms"
 max_backoff = "1s"
 
-[dlq]
-topic = ""
-
 [admin]
-listen = ""
+listen = "127.0.0.1:0"
 
 [log]
 level = "warn"

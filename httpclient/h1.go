@@ -23,11 +23,11 @@ import (
 // goroutine that calls RoundTrip: it writes the request and reads the
 // answer on a pooled connection, with no goroutine per connection and no
 // hand-off between goroutines per request, which cost net/http's Transport
-// more CPU than the rest of a request (docs/DESIGN.md, "Plain-HTTP round
-// trips on the sender's goroutine"). It keeps the shared transport's connection policy
-// (max_conns_per_host, idle_conn_timeout, its dialer and so max_conn_age)
-// and hands everything else to that transport: https, proxied hosts,
-// bodies of unknown length, trailers.
+// more CPU than the rest of a request (docs/DESIGN.md, Decisions,
+// "Plain-HTTP round trips on the sender's goroutine"). It keeps the shared
+// transport's connection policy (max_conns_per_host, idle_conn_timeout, its
+// dialer and so max_conn_age) and hands everything else to that transport:
+// https, proxied hosts, bodies of unknown length, trailers.
 //
 // Of httptrace it calls GotConn only, before writing the request (the
 // Sender's connection hook, which may add Connection: close to its headers).

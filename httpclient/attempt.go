@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
@@ -326,6 +327,11 @@ func (s *Sender) roundTrip(ctx context.Context, c *Call, sl *Slot) (resp *http.R
 	c.sending = h // for gotConn
 
 	resp, err = s.send(actx, c, h) // follows redirects if the target allows (redirects.go)
+	if err != nil && dialFailed(err) {
+		// A pooled connection found dead, then no new one: as good as
+		// none (h1.go replays on a new connection).
+		c.connected = false
+	}
 	if err == nil {
 		var cut error
 		if c.capture {
@@ -440,6 +446,12 @@ func (s *Sender) withConnTrace(ctx context.Context, c *Call) context.Context {
 		tr = &cp
 	}
 	return httptrace.WithClientTrace(ctx, tr)
+}
+
+// dialFailed reports whether err is a failure to open a connection.
+func dialFailed(err error) bool {
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "dial"
 }
 
 // urlErrorOp is the Op of a *url.Error for method, as http.Client spells

@@ -342,3 +342,26 @@ func TestInvalidHeaderIsRefused(t *testing.T) {
 		t.Fatalf("got %v, want an invalid header error", err)
 	}
 }
+
+// TestTargetGoneIsAConnectionFailure: when the target goes away, an attempt
+// that takes a pooled connection (now dead), replays on a new one and
+// cannot connect got no connection: like a refused dial, it does not count
+// toward max_attempts.
+func TestTargetGoneIsAConnectionFailure(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}))
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	url := srv.URL + "/x"
+	if _, err := s.Send(context.Background(), post(url, []byte(`{}`)), "k-0"); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close() // the pooled connection dies with the listener
+	st, c := attemptOnce(s, post(url, []byte(`{}`)))
+	if st.Outcome != Retry {
+		t.Fatalf("outcome %v (%v), want Retry", st.Outcome, st.Err)
+	}
+	if c.Counted() != 0 {
+		t.Errorf("the attempt counted toward max_attempts (%v): the target refused the connection", st.Err)
+	}
+}

@@ -16,6 +16,31 @@ import (
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
+// startBroker starts an embedded broker with the topic "out", and returns
+// its address and a channel for librdkafka's logs, drained until the test
+// ends.
+func startBroker(t *testing.T) (string, chan kafka.LogEvent) {
+	t.Helper()
+	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	logs := make(chan kafka.LogEvent, 64)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-logs:
+			case <-done:
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { close(done) })
+	return b.Addr(), logs
+}
+
 // TestProducerRecoversFromFatalError: after a fatal error of its librdkafka
 // producer (raised with rd_kafka_test_fatal_error, against the embedded
 // broker), which writes nothing more, the Producer starts a new one: every
@@ -23,19 +48,10 @@ import (
 // lost, the purged ones included), later records are delivered, the
 // restart is counted, and Close returns.
 func TestProducerRecoversFromFatalError(t *testing.T) {
-	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.Close)
-	logs := make(chan kafka.LogEvent, 64)
-	go func() {
-		for range logs {
-		}
-	}()
+	addr, logs := startBroker(t)
 	// No linger: many records in flight when the error comes.
 	m := telemetry.NewMetrics()
-	pr, err := producer.New(b.Addr(), "orderly-test", nil, kafka.ConfigMap{"linger.ms": 0}, kafkatest.Logger(t), logs, m)
+	pr, err := producer.New(addr, "orderly-test", nil, kafka.ConfigMap{"linger.ms": 0}, kafkatest.Logger(t), logs, m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,16 +105,7 @@ func TestProducerRecoversFromFatalError(t *testing.T) {
 // (a million-slot events channel and produce channel), which every GC
 // scanned, in every Orderly process (the DLQ writer and the job store).
 func TestProducerHeapIsSmall(t *testing.T) {
-	b, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", Partitions: 1, Topics: []string{"out"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.Close)
-	logs := make(chan kafka.LogEvent, 64)
-	go func() {
-		for range logs {
-		}
-	}()
+	addr, logs := startBroker(t)
 	heap := func() uint64 {
 		var ms runtime.MemStats
 		runtime.GC()
@@ -106,7 +113,7 @@ func TestProducerHeapIsSmall(t *testing.T) {
 		return ms.HeapAlloc
 	}
 	before := heap()
-	pr, err := producer.New(b.Addr(), "orderly-test", nil, nil, kafkatest.Logger(t), logs, nil)
+	pr, err := producer.New(addr, "orderly-test", nil, nil, kafkatest.Logger(t), logs, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -151,6 +151,7 @@ func loadTarget(t *config.Target) (*namedTarget, error) {
 type boundTarget struct {
 	*namedTarget
 	transport *http.Transport // nil: the Sender's shared transport
+	h1        *h1Transport    // over transport; nil with it
 	tokens    *tokenCache     // nil unless oauth2
 	flow      *flow           // nil: no rate or concurrency limit of its own (limits.go)
 	// tokenLogged is when a token failure was last logged (unix nanoseconds).
@@ -170,6 +171,7 @@ func (s *Sender) bindTargets(ts *Targets) map[string]*boundTarget {
 		if nt.tls != nil {
 			bt.transport = s.transport.Clone()
 			bt.transport.TLSClientConfig = nt.tls.Clone()
+			bt.h1 = newH1Transport(bt.transport, s.h1.dial)
 		}
 		if nt.oauth != nil {
 			timeout := s.timeout
@@ -188,8 +190,8 @@ func (s *Sender) bindTargets(ts *Targets) map[string]*boundTarget {
 // closeTargets closes the idle connections of the targets' transports.
 func (s *Sender) closeTargets() {
 	for _, bt := range s.named {
-		if bt.transport != nil {
-			bt.transport.CloseIdleConnections()
+		if bt.h1 != nil {
+			bt.h1.CloseIdleConnections() // and bt.transport's
 		}
 		if bt.tokens != nil {
 			bt.tokens.close()
@@ -387,8 +389,8 @@ func (c *Call) attemptHeader() http.Header {
 
 // transportFor returns the transport of c's target.
 func (s *Sender) transportFor(c *Call) http.RoundTripper {
-	if bt := c.named.bt; bt != nil && bt.transport != nil {
-		return bt.transport
+	if bt := c.named.bt; bt != nil && bt.h1 != nil {
+		return bt.h1
 	}
 	return s.plain
 }

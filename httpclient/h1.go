@@ -3,6 +3,7 @@ package httpclient
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -19,15 +20,16 @@ import (
 	"golang.org/x/net/http/httpguts"
 )
 
-// h1Transport makes the round trips of plain-HTTP requests itself, on the
-// goroutine that calls RoundTrip: it writes the request and reads the
+// h1Transport makes the round trips of HTTP/1.1 requests (http and https)
+// itself, on the goroutine that calls RoundTrip: it writes the request and reads the
 // answer on a pooled connection, with no goroutine per connection and no
 // hand-off between goroutines per request, which cost net/http's Transport
 // more CPU than the rest of a request (docs/DESIGN.md, Decisions,
-// "Plain-HTTP round trips on the sender's goroutine"). It keeps the shared
+// "HTTP/1.1 round trips on the sender's goroutine"). It keeps the shared
 // transport's connection policy (max_conns_per_host, idle_conn_timeout, its
-// dialer and so max_conn_age) and hands everything else to that transport:
-// https, proxied hosts, bodies of unknown length, trailers.
+// dialer and so max_conn_age, its TLS configuration and handshake timeout,
+// HTTP/1.1 only) and hands everything else to that transport: proxied
+// hosts, bodies of unknown length, trailers.
 //
 // Of httptrace it calls GotConn only, before writing the request (the
 // Sender's connection hook, which may add Connection: close to its headers).
@@ -43,11 +45,13 @@ type h1Transport struct {
 	hosts map[string]*h1Host
 }
 
-// h1Host is the connection pool of one host:port.
+// h1Host is the connection pool of one scheme://host:port.
 type h1Host struct {
 	t       *h1Transport
-	addr    string
-	proxied bool // its requests go through a proxy: fallback's
+	key     string      // scheme://host:port
+	addr    string      // host:port
+	tls     *tls.Config // https: the handshake's; nil for http
+	proxied bool        // its requests go through a proxy: fallback's
 
 	mu      sync.Mutex
 	idle    []*h1Conn // oldest first; the newest is reused first
@@ -86,7 +90,7 @@ func newH1Transport(fallback *http.Transport, dial func(context.Context, string,
 
 // RoundTrip implements http.RoundTripper. It closes req.Body.
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme != "http" || len(req.TransferEncoding) > 0 || req.Trailer != nil ||
+	if (req.URL.Scheme != "http" && req.URL.Scheme != "https") || len(req.TransferEncoding) > 0 || req.Trailer != nil ||
 		(req.ContentLength <= 0 && req.Body != nil && req.Body != http.NoBody) ||
 		!plainHost(req.URL.Host) || !plainHost(req.Host) {
 		return t.fallback.RoundTrip(req)
@@ -130,30 +134,51 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// host returns the pool of req's host:port.
+// host returns the pool of req's scheme://host:port.
 func (t *h1Transport) host(req *http.Request) *h1Host {
+	https := req.URL.Scheme == "https"
 	addr := req.URL.Host
 	if req.URL.Port() == "" {
-		addr = net.JoinHostPort(req.URL.Hostname(), "80")
+		port := "80"
+		if https {
+			port = "443"
+		}
+		addr = net.JoinHostPort(req.URL.Hostname(), port)
+	}
+	key := addr
+	if https {
+		key = "https://" + addr
 	}
 	t.mu.RLock()
-	h := t.hosts[addr]
+	h := t.hosts[key]
 	t.mu.RUnlock()
 	if h != nil {
 		return h
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	h = t.hosts[addr]
+	h = t.hosts[key]
 	if h == nil {
-		h = &h1Host{t: t, addr: addr}
+		h = &h1Host{t: t, key: key, addr: addr}
+		if https {
+			// As net/http configures its handshakes: the fallback's
+			// settings, the URL's host name, HTTP/1.1 only.
+			h.tls = &tls.Config{}
+			if t.fallback.TLSClientConfig != nil {
+				h.tls = t.fallback.TLSClientConfig.Clone()
+			}
+			if h.tls.ServerName == "" {
+				h.tls.ServerName = req.URL.Hostname()
+			}
+			h.tls.NextProtos = []string{"http/1.1"}
+		}
 		if t.proxy != nil {
 			// The environment's proxy settings are read once per process,
 			// so whether a host is proxied does not change.
 			p, err := t.proxy(req)
 			h.proxied = p != nil || err != nil
 		}
-		t.hosts[addr] = h
+		t.hosts[key] = h
 	}
 	return h
 }
@@ -232,9 +257,13 @@ func (h *h1Host) get(ctx context.Context) (*h1Conn, error) {
 	}
 }
 
-// dial opens a connection in a place get reserved.
+// dial opens a connection in a place get reserved, with its TLS handshake
+// for https (bounded by the fallback's TLSHandshakeTimeout).
 func (h *h1Host) dial(ctx context.Context) (*h1Conn, error) {
 	nc, err := h.t.dial(ctx, "tcp", h.addr)
+	if err == nil && h.tls != nil {
+		nc, err = h.handshake(ctx, nc)
+	}
 	if err != nil {
 		h.closed()
 		if ctx.Err() != nil {
@@ -246,6 +275,32 @@ func (h *h1Host) dial(ctx context.Context) (*h1Conn, error) {
 	pc.cut = func() { _ = nc.SetDeadline(aLongTimeAgo) }
 	return pc, nil
 }
+
+// handshake runs the TLS handshake on nc, and closes nc if it fails.
+func (h *h1Host) handshake(ctx context.Context, nc net.Conn) (net.Conn, error) {
+	tc := tls.Client(nc, h.tls)
+	if d := h.t.fallback.TLSHandshakeTimeout; d > 0 {
+		hctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		if err := tc.HandshakeContext(hctx); err != nil {
+			_ = nc.Close()
+			if hctx.Err() != nil && ctx.Err() == nil {
+				return nil, errTLSHandshakeTimeout
+			}
+			return nil, err
+		}
+		return tc, nil
+	}
+	if err := tc.HandshakeContext(ctx); err != nil {
+		_ = nc.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// errTLSHandshakeTimeout is net/http's error for a handshake that took
+// longer than TLSHandshakeTimeout.
+var errTLSHandshakeTimeout = errors.New("net/http: TLS handshake timeout")
 
 // put returns a connection whose answer was read in full to the pool (or to
 // a waiter).
@@ -310,8 +365,8 @@ func (h *h1Host) expire() {
 	switch {
 	case len(h.idle) > 0:
 		h.sweep = time.AfterFunc(t.idleTimeout-time.Since(h.idle[0].idleAt), h.expire)
-	case h.conns == 0 && len(h.waiters) == 0 && t.hosts[h.addr] == h:
-		delete(t.hosts, h.addr)
+	case h.conns == 0 && len(h.waiters) == 0 && t.hosts[h.key] == h:
+		delete(t.hosts, h.key)
 	}
 	h.mu.Unlock()
 	t.mu.Unlock()

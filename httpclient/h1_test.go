@@ -365,3 +365,40 @@ func TestTargetGoneIsAConnectionFailure(t *testing.T) {
 		t.Errorf("the attempt counted toward max_attempts (%v): the target refused the connection", st.Err)
 	}
 }
+
+// TestHTTPSUsesTheTransport: https requests make their round trips on the
+// calling goroutine too, over a TLS handshake with the fallback's settings,
+// and reuse their connection.
+func TestHTTPSUsesTheTransport(t *testing.T) {
+	srv, conns := countingServer(t, true, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+	})
+	s, _ := newTestSender(t, baseHTTP(), nil)
+	trustServer(s, srv)
+	for i := range 5 {
+		if _, err := s.Send(context.Background(), post(srv.URL+"/x", []byte(`{}`)), fmt.Sprintf("k-%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.h1.mu.RLock()
+	_, ok := s.h1.hosts["https://"+srv.Listener.Addr().String()]
+	s.h1.mu.RUnlock()
+	if !ok {
+		t.Error("the https requests did not go through the HTTP/1.1 transport")
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections for 5 sequential requests, want 1", n)
+	}
+}
+
+// TestTLSHandshakeTimeout: a server that accepts and never answers the
+// handshake costs the attempt TLSHandshakeTimeout, with net/http's error.
+func TestTLSHandshakeTimeout(t *testing.T) {
+	addr := rawServer(t, func(c net.Conn, _ int) { _, _ = io.Copy(io.Discard, c) })
+	tr := newH1Transport(&http.Transport{TLSHandshakeTimeout: 50 * time.Millisecond, IdleConnTimeout: time.Minute}, (&net.Dialer{}).DialContext)
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequest(http.MethodGet, "https://"+addr+"/x", nil)
+	if _, err := tr.RoundTrip(req); !errors.Is(err, errTLSHandshakeTimeout) {
+		t.Fatalf("got %v, want %v", err, errTLSHandshakeTimeout)
+	}
+}

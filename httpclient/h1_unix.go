@@ -17,6 +17,9 @@ func alive(nc net.Conn, idleAt time.Time) bool {
 	if time.Since(idleAt) < time.Second {
 		return true
 	}
+	if tc, ok := nc.(interface{ NetConn() net.Conn }); ok { // *tls.Conn: its socket
+		nc = tc.NetConn()
+	}
 	if ac, ok := nc.(*agedConn); ok {
 		nc = ac.Conn
 	}

@@ -165,8 +165,8 @@
 // keeps as many idle (1024 when unlimited), closes idle ones after
 // idle_conn_timeout, bounds dialing and TLS handshakes at 10 s and honours
 // HTTP_PROXY/HTTPS_PROXY/NO_PROXY. There is no response-header timeout: the
-// per-attempt context covers it. Plain-http requests make their round trip
-// on the calling goroutine (h1.go); https and proxied ones go through
+// per-attempt context covers it. Requests make their round trip on the
+// calling goroutine (h1.go), over TLS for https; proxied ones go through
 // net/http's Transport with the same policy.
 //
 // With max_conn_age > 0 every dialed connection records its birth. When the
@@ -174,8 +174,8 @@
 // through an httptrace GotConn hook), that attempt's request carries
 // "Connection: close": it is the connection's last. The server answers and
 // closes (RFC 9112 requires it; net/http's client then sees the answer's
-// Connection: close and does not pool the connection, and the plain-http
-// transport closes it after the answer anyway), and the next request
+// Connection: close and does not pool the connection, and h1.go closes it
+// after the answer anyway), and the next request
 // dials. Nothing fails, nothing is retried, no request is sent twice. Should
 // a server ignore the close and the connection come back, its next write
 // fails before a byte is written and net/http replays that request on
@@ -362,8 +362,8 @@ type Sender struct {
 	breaker        config.Breaker
 	breakerPoll    time.Duration
 
-	transport *http.Transport         // https, proxies: see h1
-	h1        *h1Transport            // plain HTTP; falls back to transport (h1.go)
+	transport *http.Transport         // proxies and the like: see h1
+	h1        *h1Transport            // HTTP/1.1 round trips; falls back to transport (h1.go)
 	plain     http.RoundTripper       // h1 (benchmarks replace it)
 	named     map[string]*boundTarget // by target name, read-only (auth.go)
 	callIDs   atomic.Uint64           // the last id given to a failing call

@@ -278,21 +278,18 @@ func (h *h1Host) dial(ctx context.Context) (*h1Conn, error) {
 
 // handshake runs the TLS handshake on nc, and closes nc if it fails.
 func (h *h1Host) handshake(ctx context.Context, nc net.Conn) (net.Conn, error) {
-	tc := tls.Client(nc, h.tls)
+	hctx := ctx
 	if d := h.t.fallback.TLSHandshakeTimeout; d > 0 {
-		hctx, cancel := context.WithTimeout(ctx, d)
+		var cancel context.CancelFunc
+		hctx, cancel = context.WithTimeout(ctx, d)
 		defer cancel()
-		if err := tc.HandshakeContext(hctx); err != nil {
-			_ = nc.Close()
-			if hctx.Err() != nil && ctx.Err() == nil {
-				return nil, errTLSHandshakeTimeout
-			}
-			return nil, err
-		}
-		return tc, nil
 	}
-	if err := tc.HandshakeContext(ctx); err != nil {
+	tc := tls.Client(nc, h.tls)
+	if err := tc.HandshakeContext(hctx); err != nil {
 		_ = nc.Close()
+		if hctx.Err() != nil && ctx.Err() == nil {
+			return nil, errTLSHandshakeTimeout
+		}
 		return nil, err
 	}
 	return tc, nil
@@ -387,8 +384,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 	stop := context.AfterFunc(ctx, pc.cut)
 	fail := func(err error, stale bool) (*http.Response, bool, error) {
 		stop()
-		_ = pc.nc.Close()
-		pc.h.closed()
+		pc.drop()
 		if ctx.Err() != nil {
 			return nil, false, ctxErr(ctx)
 		}
@@ -424,21 +420,23 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 // back to the pool, unless it was its last or the attempt was canceled.
 func (pc *h1Conn) done(stop func() bool, last bool) {
 	if !stop() || last {
-		_ = pc.nc.Close()
-		pc.h.closed()
+		pc.drop()
 		return
 	}
 	pc.h.put(pc)
+}
+
+// drop closes pc and frees its place in the pool.
+func (pc *h1Conn) drop() {
+	_ = pc.nc.Close()
+	pc.h.closed()
 }
 
 // write writes req's head and body, with one write when they fit the
 // buffer, and closes the body.
 func (pc *h1Conn) write(req *http.Request) error {
 	w := pc.bw
-	host := req.Host
-	if host == "" {
-		host = req.URL.Host
-	}
+	host := hostHeader(req)
 	_, _ = w.WriteString(req.Method)
 	_ = w.WriteByte(' ')
 	_, _ = w.WriteString(req.URL.RequestURI())
@@ -521,8 +519,7 @@ func (b *h1Body) Close() error {
 		return nil
 	}
 	b.stop()
-	_ = b.pc.nc.Close()
-	b.pc.h.closed()
+	b.pc.drop()
 	return nil
 }
 
@@ -539,14 +536,18 @@ func validRequest(req *http.Request) error {
 			}
 		}
 	}
-	host := req.Host
-	if host == "" {
-		host = req.URL.Host
-	}
-	if !httpguts.ValidHostHeader(host) {
+	if !httpguts.ValidHostHeader(hostHeader(req)) {
 		return errors.New("http: invalid Host header")
 	}
 	return nil
+}
+
+// hostHeader is the Host req is sent with: its own, or its URL's.
+func hostHeader(req *http.Request) string {
+	if req.Host != "" {
+		return req.Host
+	}
+	return req.URL.Host
 }
 
 // plainHost reports whether a host needs none of the rewriting net/http

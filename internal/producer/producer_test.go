@@ -31,7 +31,10 @@ func startBroker(t *testing.T) (string, chan kafka.LogEvent) {
 	go func() {
 		for {
 			select {
-			case <-logs:
+			case _, ok := <-logs:
+				if !ok {
+					return // closed by the test
+				}
 			case <-done:
 				return
 			}

@@ -3,7 +3,6 @@ package httpclient
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -99,25 +98,9 @@ func loadTarget(t *config.Target) (*namedTarget, error) {
 		}
 		nt.redirectOrigin = origin(u)
 	}
-	if c := t.TLS; c != (config.TargetTLS{}) {
-		nt.tls = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: c.InsecureSkipVerify} // only when this target asks
-		if c.CAFile != "" {
-			pem, err := os.ReadFile(c.CAFile)
-			if err != nil {
-				return nil, fmt.Errorf("unable to read tls.ca_file: %w", err)
-			}
-			nt.tls.RootCAs = x509.NewCertPool()
-			if !nt.tls.RootCAs.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("tls.ca_file %q holds no PEM certificate", c.CAFile)
-			}
-		}
-		if c.CertFile != "" || c.KeyFile != "" {
-			cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
-			if err != nil {
-				return nil, fmt.Errorf("unable to load the client certificate: %w", err)
-			}
-			nt.tls.Certificates = []tls.Certificate{cert}
-		}
+	var err error
+	if nt.tls, err = t.TLS.ClientConfig(); err != nil { // nil: the system's defaults
+		return nil, err
 	}
 	switch a := t.Auth; a.Type {
 	case config.AuthNone:
@@ -174,11 +157,7 @@ func (s *Sender) bindTargets(ts *Targets) map[string]*boundTarget {
 			bt.h1 = newH1Transport(bt.transport, s.h1.dial)
 		}
 		if nt.oauth != nil {
-			timeout := s.timeout
-			if timeout <= 0 {
-				timeout = 10 * time.Second
-			}
-			client := &http.Client{Transport: s.transport, Timeout: timeout,
+			client := &http.Client{Transport: s.transport, Timeout: positiveOr(s.timeout, 10*time.Second),
 				CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 			bt.tokens = newTokenCache(nt.oauth, client, ts.earlyExpiry)
 		}

@@ -76,16 +76,9 @@ type h1Conn struct {
 var aLongTimeAgo = time.Unix(1, 0)
 
 func newH1Transport(fallback *http.Transport, dial func(context.Context, string, string) (net.Conn, error)) *h1Transport {
-	idle := fallback.MaxIdleConnsPerHost
-	if idle <= 0 {
-		idle = http.DefaultMaxIdleConnsPerHost
-	}
-	timeout := fallback.IdleConnTimeout
-	if timeout <= 0 {
-		timeout = defaultIdleConnTimeout
-	}
 	return &h1Transport{fallback: fallback, dial: dial, proxy: fallback.Proxy, maxConns: fallback.MaxConnsPerHost,
-		maxIdle: idle, idleTimeout: timeout, hosts: make(map[string]*h1Host)}
+		maxIdle:     positiveOr(fallback.MaxIdleConnsPerHost, http.DefaultMaxIdleConnsPerHost),
+		idleTimeout: positiveOr(fallback.IdleConnTimeout, defaultIdleConnTimeout), hosts: make(map[string]*h1Host)}
 }
 
 // RoundTrip implements http.RoundTripper. It closes req.Body.

@@ -421,25 +421,12 @@ func New(o Options) *Sender {
 		}
 	}
 	if s.breaker.Enabled {
-		if s.breaker.OpenTimeout.D() <= 0 {
-			s.breaker.OpenTimeout = config.Duration{Duration: defaultOpenTimeout}
-		}
-		s.breakerPoll = min(s.breaker.OpenTimeout.D()/10, 100*time.Millisecond)
-		s.breakerPoll = max(s.breakerPoll, time.Millisecond)
+		s.breaker.OpenTimeout = config.Duration{Duration: positiveOr(s.breaker.OpenTimeout.D(), defaultOpenTimeout)}
+		s.breakerPoll = max(min(s.breaker.OpenTimeout.D()/10, 100*time.Millisecond), time.Millisecond)
 	}
-	s.initialBackoff = h.Retry.InitialBackoff.D()
-	if s.initialBackoff <= 0 {
-		s.initialBackoff = defaultInitialBackoff
-	}
-	s.maxBackoff = h.Retry.MaxBackoff.D()
-	if s.maxBackoff <= 0 {
-		s.maxBackoff = defaultMaxBackoff
-	}
-	s.maxBackoff = max(s.maxBackoff, s.initialBackoff)
-	s.maxRetryAfter = h.Retry.MaxRetryAfter.D()
-	if s.maxRetryAfter <= 0 {
-		s.maxRetryAfter = defaultMaxRetryAfter
-	}
+	s.initialBackoff = positiveOr(h.Retry.InitialBackoff.D(), defaultInitialBackoff)
+	s.maxBackoff = max(positiveOr(h.Retry.MaxBackoff.D(), defaultMaxBackoff), s.initialBackoff)
+	s.maxRetryAfter = positiveOr(h.Retry.MaxRetryAfter.D(), defaultMaxRetryAfter)
 
 	s.transport, s.h1 = s.newTransport(h)
 	s.plain = s.h1
@@ -459,14 +446,8 @@ func (s *Sender) newTransport(h config.HTTP) (*http.Transport, *h1Transport) {
 			return &agedConn{Conn: c, born: time.Now(), maxAge: s.maxConnAge}, nil
 		}
 	}
-	idlePerHost := h.MaxConnsPerHost
-	if idlePerHost <= 0 {
-		idlePerHost = unlimitedIdlePerHost
-	}
-	idleTimeout := h.IdleConnTimeout.D()
-	if idleTimeout <= 0 {
-		idleTimeout = defaultIdleConnTimeout
-	}
+	idlePerHost := positiveOr(h.MaxConnsPerHost, unlimitedIdlePerHost)
+	idleTimeout := positiveOr(h.IdleConnTimeout.D(), defaultIdleConnTimeout)
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	tr := &http.Transport{
@@ -760,3 +741,11 @@ func drain(body io.ReadCloser) {
 }
 
 var drainBufs = sync.Pool{New: func() any { b := make([]byte, 4096); return &b }}
+
+// positiveOr returns v, or def when v is not positive (unset or invalid).
+func positiveOr[T int | time.Duration](v, def T) T {
+	if v > 0 {
+		return v
+	}
+	return def
+}

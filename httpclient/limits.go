@@ -97,13 +97,8 @@ func newFlow(name string, cfg flowConfig, maxConns int, m *telemetry.Metrics) *f
 		f.rateLimited = m.TargetRateLimited.WithLabelValues(name)
 	}
 	if cfg.maxConcurrency > 0 || cfg.adaptive {
-		ceiling := cfg.maxConcurrency
-		if ceiling <= 0 {
-			ceiling = maxConns
-		}
-		if ceiling <= 0 {
-			ceiling = unlimitedIdlePerHost // validation asks for a ceiling; a hand-built Options gets this one
-		}
+		// Validation asks for a ceiling; a hand-built Options gets the last one.
+		ceiling := positiveOr(cfg.maxConcurrency, positiveOr(maxConns, unlimitedIdlePerHost))
 		f.conc = &concurrency{max: ceiling, adaptive: cfg.adaptive, limit: float64(ceiling),
 			gauge: m.TargetConcurrencyLimit.WithLabelValues(name)}
 		f.conc.gauge.Set(float64(ceiling))

@@ -353,11 +353,7 @@ func (a *Admin) consumer(group string) (*kafka.Consumer, error) {
 	cm := kafka.ConfigMap{"bootstrap.servers": a.brokers, "group.id": group, "enable.auto.commit": false,
 		"enable.auto.offset.store": false, "auto.offset.reset": "earliest", "enable.metrics.push": false,
 		"enable.partition.eof": true, "log_level": 3}
-	for k, v := range a.cfg.Kafka.Properties {
-		if producer.ClientProperty(k) {
-			cm[k] = v
-		}
-	}
+	producer.CopyClientProperties(cm, a.cfg.Kafka.Properties)
 	return kafka.NewConsumer(&cm)
 }
 

@@ -48,11 +48,7 @@ func openCompacted(ctx context.Context, what, topic, brokers, readerGroup string
 	m *telemetry.Metrics, apply func(*kafka.Message)) (*compacted, error) {
 	c := &compacted{topic: topic, what: what, log: log, apply: apply, read: map[int32]int64{}, changed: make(chan struct{})}
 	common := kafka.ConfigMap{"bootstrap.servers": brokers, "enable.metrics.push": false, "log_level": 3}
-	for k, v := range cfg.Kafka.Properties {
-		if producer.ClientProperty(k) {
-			common[k] = v
-		}
-	}
+	producer.CopyClientProperties(common, cfg.Kafka.Properties)
 	if err := c.ensure(ctx, common); err != nil {
 		return nil, err
 	}

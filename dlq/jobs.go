@@ -133,10 +133,6 @@ func openJobStore(ctx context.Context, brokers string, cfg *config.Config, log *
 	return s, nil
 }
 
-func (s *jobStore) close()                                         { s.store.close() }
-func (s *jobStore) follow(ctx context.Context)                     { s.store.follow(ctx) }
-func (s *jobStore) catchUp(ctx context.Context, step func()) error { return s.store.catchUp(ctx, step) }
-
 // apply takes a record read from the topic into the map.
 func (s *jobStore) apply(m *kafka.Message) {
 	var j *ReplayJob
@@ -322,12 +318,12 @@ func (a *Admin) runJobs(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
-	defer s.close()
+	defer s.store.close()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	fctx, stopFollow := context.WithCancel(context.Background())
 	defer stopFollow() // runs before wg.Wait: the follower stops once the runner is done
-	wg.Go(func() { s.follow(fctx) })
+	wg.Go(func() { s.store.follow(fctx) })
 	a.mu.Lock()
 	a.store = s
 	a.mu.Unlock()
@@ -367,11 +363,7 @@ func (r *runner) loop(ctx context.Context) error {
 	cc := kafka.ConfigMap{"bootstrap.servers": a.brokers, "group.id": a.jobsGroup(), "enable.auto.commit": false,
 		"auto.offset.reset": "latest", "enable.metrics.push": false, "log_level": 3, "client.id": "orderly-dlq-runner",
 		"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
-	for k, v := range a.cfg.Kafka.Properties {
-		if producer.ClientProperty(k) {
-			cc[k] = v
-		}
-	}
+	producer.CopyClientProperties(cc, a.cfg.Kafka.Properties)
 	var err error
 	if r.c, err = kafka.NewConsumer(&cc); err != nil {
 		return fmt.Errorf("dlq jobs: unable to create the runner: %w", err)
@@ -436,7 +428,7 @@ func (r *runner) step(ctx context.Context) {
 	if r.fresh {
 		// What the previous owner wrote before giving the partition up.
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := r.s.catchUp(cctx, nil)
+		err := r.s.store.catchUp(cctx, nil)
 		cancel()
 		if err != nil {
 			r.a.log.Warn("dlq jobs: catching up", "error", err)

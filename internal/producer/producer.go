@@ -52,7 +52,7 @@ const (
 
 // New returns a Producer to brokers named clientID in the brokers' logs.
 // The connection and security settings among props (kafka.properties, see
-// ClientProperty) apply; extra sets or overrides librdkafka properties.
+// CopyClientProperties) apply; extra sets or overrides librdkafka properties.
 // librdkafka's logs go to logs, client errors to log; its restarts after a
 // fatal error are counted in m (nil: not counted).
 func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMap, log *slog.Logger, logs chan kafka.LogEvent, m *telemetry.Metrics) (*Producer, error) {
@@ -76,11 +76,7 @@ func New(brokers, clientID string, props map[string]string, extra kafka.ConfigMa
 	for k, v := range extra {
 		cm[k] = v
 	}
-	for k, v := range props {
-		if ClientProperty(k) {
-			cm[k] = v
-		}
-	}
+	CopyClientProperties(cm, props)
 	p, err := kafka.NewProducer(&cm)
 	if err != nil {
 		return nil, err
@@ -275,15 +271,17 @@ func code(err error) kafka.ErrorCode {
 	return ke.Code()
 }
 
-// ClientProperty reports whether a kafka.properties key also applies to
-// Orderly's other clients (producers, readers of its own topics):
+// CopyClientProperties copies into cm the kafka.properties that also apply
+// to Orderly's other clients (producers, readers of its own topics):
 // connection, security and client identity settings do; consumer tuning
 // does not.
-func ClientProperty(k string) bool {
-	for _, prefix := range []string{"security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "api.version", "metadata.", "reconnect.", "debug", "log_level", "topic.metadata", "allow.auto.create.topics"} {
-		if strings.HasPrefix(k, prefix) {
-			return true
+func CopyClientProperties(cm kafka.ConfigMap, props map[string]string) {
+	for k, v := range props {
+		for _, prefix := range []string{"security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "api.version", "metadata.", "reconnect.", "debug", "log_level", "topic.metadata", "allow.auto.create.topics"} {
+			if strings.HasPrefix(k, prefix) {
+				cm[k] = v
+				break
+			}
 		}
 	}
-	return false
 }

@@ -2,7 +2,6 @@ package producer
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"maps"
 	"slices"
@@ -60,11 +59,7 @@ func NewRecords(brokers string, topics []string, props map[string]string, timeou
 // none is known).
 func maxMessageBytes(brokers string, topics []string, props map[string]string, timeout time.Duration) (int, error) {
 	cm := kafka.ConfigMap{"bootstrap.servers": brokers, "log_level": 3}
-	for k, v := range props {
-		if ClientProperty(k) {
-			cm[k] = v
-		}
-	}
+	CopyClientProperties(cm, props)
 	a, err := kafka.NewAdminClient(&cm)
 	if err != nil {
 		return 0, err
@@ -121,12 +116,9 @@ func Permanent(err error) bool {
 	if TooLarge(err) || UnknownTopic(err) {
 		return true
 	}
-	var ke kafka.Error
-	if errors.As(err, &ke) {
-		switch ke.Code() {
-		case kafka.ErrInvalidRecord, kafka.ErrPolicyViolation, kafka.ErrTopicException, kafka.ErrInvalidMsg:
-			return true
-		}
+	switch code(err) {
+	case kafka.ErrInvalidRecord, kafka.ErrPolicyViolation, kafka.ErrTopicException, kafka.ErrInvalidMsg:
+		return true
 	}
 	return false
 }

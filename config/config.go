@@ -202,39 +202,14 @@ func flatten(err error) []error {
 // at p, inside it or around it (package filters and Validate both check
 // route names, topics, URLs and header names).
 func covered(p keyPath, blanked []keyPath, errs Errors) bool {
-	if p == nil {
-		return false
-	}
-	if under(p, blanked) {
-		return true
-	}
-	for _, e := range errs {
-		if e.path != nil && (p.hasPrefix(e.path) || e.path.hasPrefix(p)) {
-			return true
-		}
-	}
-	return false
+	return p != nil && (under(p, blanked) || slices.ContainsFunc(errs, func(e *FieldError) bool {
+		return e.path != nil && (p.hasPrefix(e.path) || e.path.hasPrefix(p))
+	}))
 }
 
 // under reports whether p is one of paths or inside one.
 func under(p keyPath, paths []keyPath) bool {
-	for _, q := range paths {
-		if q != nil && p.hasPrefix(q) {
-			return true
-		}
-	}
-	return false
-}
-
-// sortByPosition orders errs by line and column, keeping the order of
-// those at the same place (or without one).
-func sortByPosition(errs Errors) {
-	slices.SortStableFunc(errs, func(a, b *FieldError) int {
-		if a.Line != b.Line {
-			return a.Line - b.Line
-		}
-		return a.Col - b.Col
-	})
+	return slices.ContainsFunc(paths, func(q keyPath) bool { return q != nil && p.hasPrefix(q) })
 }
 
 // ErrorAt returns a FieldError about the key at path, written as in

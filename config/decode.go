@@ -2,10 +2,12 @@ package config
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"math"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 
 	toml "github.com/pelletier/go-toml/v2"
@@ -55,7 +57,8 @@ func (s *source) decode(data []byte) (cfg Config, errs Errors, left []keyPath, o
 	for _, e := range errs {
 		e.Key = e.path.display(names)
 	}
-	sortByPosition(errs)
+	// By line and column, keeping the order of those at the same place.
+	slices.SortStableFunc(errs, func(a, b *FieldError) int { return cmp.Or(a.Line-b.Line, a.Col-b.Col) })
 	return cfg, errs, left, ok
 }
 

@@ -1,6 +1,7 @@
 package dlq
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -95,10 +96,7 @@ type Quarantine struct {
 
 // QuarantineTopic is the topic a configuration keeps its quarantine in.
 func QuarantineTopic(cfg *config.Config) string {
-	if cfg.DLQ.QuarantineTopic != "" {
-		return cfg.DLQ.QuarantineTopic
-	}
-	return cfg.DLQ.Topic + ".quarantine"
+	return cmp.Or(cfg.DLQ.QuarantineTopic, cfg.DLQ.Topic+".quarantine")
 }
 
 // NewQuarantine connects to brokers, creates the quarantine topic if it

@@ -43,9 +43,6 @@ type Failure struct {
 	QuarantinedBy *Cause
 }
 
-// TooLarge reports whether a DLQ write failed for the record's size.
-func TooLarge(err error) bool { return producer.TooLarge(err) }
-
 // Build returns the DLQ record of m: its key, value and headers plus the
 // orderly.* headers. keep >= 0 cuts the value to that many bytes and says
 // so in orderly.value_truncated.

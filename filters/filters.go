@@ -486,12 +486,7 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		rq.headers = append(rq.headers, header{name: cn, val: tx})
 	}
 	slices.SortFunc(rq.headers, func(a, b header) int { return strings.Compare(a.name, b.name) })
-	if len(rq.headers) > 0 && !slices.ContainsFunc(rq.headers, func(h header) bool { return !h.val.static }) {
-		rq.staticHeader = make(http.Header, len(rq.headers))
-		for _, h := range rq.headers {
-			rq.staticHeader[h.name] = []string{h.val.str}
-		}
-	}
+	rq.shareStaticHeaders()
 
 	if cr.Body != nil {
 		tx, err := compileText("body", *cr.Body)
@@ -501,17 +496,6 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		rq.body = tx
 		use("body", tx)
 	}
-}
-
-// NeedsJSON reports whether some route decodes message values as JSON.
-func (r *Router) NeedsJSON() bool {
-	for i := range r.routes {
-		rt := &r.routes[i]
-		if rt.needs&needValue != 0 || (rt.when != nil && rt.when.needs&needValue != 0) {
-			return true
-		}
-	}
-	return false
 }
 
 // Plan returns the requests of the first route that takes m. It returns
@@ -769,6 +753,16 @@ func checkHeaderValue(v string) error {
 		return fmt.Errorf("%w: header value contains a control character", ErrInvalidRequest)
 	}
 	return nil
+}
+
+// shareStaticHeaders sets staticHeader when every header of rq is static.
+func (rq *request) shareStaticHeaders() {
+	if len(rq.headers) > 0 && !slices.ContainsFunc(rq.headers, func(h header) bool { return !h.val.static }) {
+		rq.staticHeader = make(http.Header, len(rq.headers))
+		for _, h := range rq.headers {
+			rq.staticHeader[h.name] = []string{h.val.str}
+		}
+	}
 }
 
 // setURL makes tx rq's URL (key names it in errors): a static URL is

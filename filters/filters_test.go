@@ -641,12 +641,6 @@ func TestNonJSONOnPassthroughRoute(t *testing.T) {
 			t.Errorf("%q: %+v", v, p.Requests[0])
 		}
 	}
-	if r.NeedsJSON() {
-		t.Errorf("NeedsJSON = true")
-	}
-	if !mustCompile(t, req1("j", "", "http://sink/{{ .Value }}", nil)).NeedsJSON() {
-		t.Errorf("NeedsJSON = false")
-	}
 }
 
 func TestNonUTF8Headers(t *testing.T) {

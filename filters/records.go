@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/http"
 	"slices"
 	"strconv"
 
@@ -59,12 +58,7 @@ func (rt *Route) compileRecord(rq *request, j int, cr *config.Request, fail func
 		use(field, tx)
 		rq.headers = append(rq.headers, header{name: name, val: tx})
 	}
-	if len(rq.headers) > 0 && !slices.ContainsFunc(rq.headers, func(h header) bool { return !h.val.static }) {
-		rq.staticHeader = make(http.Header, len(rq.headers))
-		for _, h := range rq.headers {
-			rq.staticHeader[h.name] = []string{h.val.str}
-		}
-	}
+	rq.shareStaticHeaders()
 }
 
 // renderRecord renders the record request rq into out; on error it returns

@@ -3,8 +3,12 @@
 package telemetry
 
 import (
+	"slices"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // Message outcomes counted in orderly_messages_total.
@@ -87,92 +91,86 @@ func NewMetrics() *Metrics {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	pl := []string{"topic", "partition"}
-	m := &Metrics{
+	f := promauto.With(reg)
+	return &Metrics{
 		Registry: reg,
-		Messages: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_messages_total",
+		Messages: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_messages_total",
 			Help: "Messages finished, by outcome (delivered, dead_lettered, skipped, stalled)."}, []string{"outcome"}),
-		HTTPRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_requests_total",
+		HTTPRequests: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_requests_total",
 			Help: "HTTP attempts by target host and status code (\"error\" for transport errors)."}, []string{"host", "status"}),
-		HTTPDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "orderly_http_request_duration_seconds",
+		HTTPDuration: f.NewHistogramVec(prometheus.HistogramOpts{Name: "orderly_http_request_duration_seconds",
 			Help: "Duration of one HTTP attempt by target host.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"host"}),
-		HTTPRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retries_total",
+		HTTPRetries: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retries_total",
 			Help: "HTTP attempts that were retries, by target host."}, []string{"host"}),
-		HTTPUncounted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_attempts_uncounted_total",
+		HTTPUncounted: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_attempts_uncounted_total",
 			Help: "Failed HTTP attempts that spent none of http.retry.max_attempts because the target was failing as a whole, by target host."}, []string{"host"}),
-		HTTPPauses: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retry_after_pauses_total",
+		HTTPPauses: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_http_retry_after_pauses_total",
 			Help: "Answers (429 or 503 with Retry-After) that paused every request to their target host, by target host."}, []string{"host"}),
-		BreakerState: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_breaker_state",
+		BreakerState: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_breaker_state",
 			Help: "Circuit breaker state per target host: 0 closed, 1 half-open, 2 open."}, []string{"host"}),
-		BreakerChanges: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_breaker_transitions_total",
+		BreakerChanges: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_breaker_transitions_total",
 			Help: "Circuit breaker state changes per target host and new state."}, []string{"host", "to"}),
-		TargetConcurrencyLimit: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_target_concurrency_limit",
+		TargetConcurrencyLimit: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_target_concurrency_limit",
 			Help: "Requests a named target may have under way on this instance (max_concurrency, or its adaptive limit now)."}, []string{"target"}),
-		TargetRateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_target_rate_limited_total",
+		TargetRateLimited: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_target_rate_limited_total",
 			Help: "Attempts to a named target that waited for its rate limiter (parked, no attempt spent)."}, []string{"target"}),
-		InFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_in_flight",
+		InFlight: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_in_flight",
 			Help: "Messages held (begun, not finished) per partition."}, pl),
-		Paused: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_paused",
+		Paused: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_paused",
 			Help: "1 while a partition is paused for back-pressure."}, pl),
-		Pauses: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_partition_pauses_total",
+		Pauses: f.NewCounter(prometheus.CounterOpts{Name: "orderly_partition_pauses_total",
 			Help: "Times a partition was paused because it held max_in_flight messages or spanned max_span offsets."}),
-		Committed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_committed_offset",
+		Committed: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_committed_offset",
 			Help: "Last committed offset per partition."}, pl),
-		Lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_consumer_lag",
+		Lag: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_consumer_lag",
 			Help: "High watermark minus committed offset per partition."}, pl),
-		ActiveLanes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_active_lanes",
+		ActiveLanes: f.NewGauge(prometheus.GaugeOpts{Name: "orderly_active_lanes",
 			Help: "Key lanes alive across all partitions."}),
-		Senders: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_senders",
+		Senders: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_senders",
 			Help: "Sender goroutines per target host (at most http.max_conns_per_host)."}, []string{"host"}),
-		QueuedLanes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_queued_lanes",
+		QueuedLanes: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_queued_lanes",
 			Help: "Key lanes with a request ready for a target host, waiting for one of its senders."}, []string{"host"}),
-		SenderLimit: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_sender_limit",
+		SenderLimit: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_http_sender_limit",
 			Help: "How many senders a target host may have now: http.max_conns_per_host, or below it where http.adaptive_conns_per_host has taken it."}, []string{"host"}),
-		Rebalances: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_rebalances_total",
+		Rebalances: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_rebalances_total",
 			Help: "Partition assignment changes by kind (assigned, revoked, lost)."}, []string{"kind"}),
-		CommitErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_errors_total",
+		CommitErrors: f.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_errors_total",
 			Help: "Offset commits that failed."}),
-		DLQProduced: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_produced_total",
+		DLQProduced: f.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_produced_total",
 			Help: "Records acknowledged by the dead-letter topic."}),
-		DLQErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_errors_total",
+		DLQErrors: f.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_errors_total",
 			Help: "Dead-letter writes that failed and will be retried."}),
-		Records: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_records_total",
+		Records: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_records_total",
 			Help: "Records of topic requests by topic and result: produced (acknowledged), retried (a failed write, written again after a backoff) or failed (refused for good: dead-lettered)."},
 			[]string{"topic", "result"}),
-		ReplayMessages: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_replay_messages_total",
+		ReplayMessages: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_replay_messages_total",
 			Help: "DLQ records handled by replay jobs, by outcome."}, []string{"outcome"}),
-		ReplayJobsActive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_replay_jobs_active",
+		ReplayJobsActive: f.NewGauge(prometheus.GaugeOpts{Name: "orderly_replay_jobs_active",
 			Help: "Replay jobs running (0 or 1)."}),
-		Span: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_span_offsets",
+		Span: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_span_offsets",
 			Help: "Offsets from the oldest unfinished message to the newest fetched one, per partition; the partition pauses at dispatch.max_span."}, pl),
-		OldestUnfinished: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_oldest_unfinished_seconds",
+		OldestUnfinished: f.NewGaugeVec(prometheus.GaugeOpts{Name: "orderly_partition_oldest_unfinished_seconds",
 			Help: "Age of the oldest unfinished message per partition (since it was fetched); 0 when none."}, pl),
-		ProgressTruncated: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_progress_truncated_total",
+		ProgressTruncated: f.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_progress_truncated_total",
 			Help: "Commits whose record of finished offsets did not fit dispatch.commit_metadata_max_bytes and kept only the offsets nearest the commit point."}),
-		ProgressRefused: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_metadata_refused_total",
+		ProgressRefused: f.NewCounter(prometheus.CounterOpts{Name: "orderly_commit_metadata_refused_total",
 			Help: "Commits a broker refused with OFFSET_METADATA_TOO_LARGE; the partition's budget is halved."}),
-		DLQTruncated: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_truncated_total",
+		DLQTruncated: f.NewCounter(prometheus.CounterOpts{Name: "orderly_dlq_truncated_total",
 			Help: "Dead-letter records written with their value cut because the DLQ topic refused the whole record for its size."}),
-		DLQFailing: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
+		DLQFailing: f.NewGauge(prometheus.GaugeOpts{Name: "orderly_dlq_failing",
 			Help: "1 while dead-letter writes fail (the keys concerned wait), 0 once one succeeds."}),
-		ProducerRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "orderly_producer_restarts_total",
+		ProducerRestarts: f.NewCounterVec(prometheus.CounterOpts{Name: "orderly_producer_restarts_total",
 			Help: "Kafka producers (dlq, records, quarantine, dlq-jobs) started anew after a fatal error; the records the old one held are written again."},
 			[]string{"producer"}),
-		QuarantinedKeys: prometheus.NewGauge(prometheus.GaugeOpts{Name: "orderly_quarantined_keys",
+		QuarantinedKeys: f.NewGauge(prometheus.GaugeOpts{Name: "orderly_quarantined_keys",
 			Help: "Keys quarantined or being replayed (dlq.quarantine_keys), as this instance knows them."}),
-		QuarantinedMessages: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_quarantined_messages_total",
+		QuarantinedMessages: f.NewCounter(prometheus.CounterOpts{Name: "orderly_quarantined_messages_total",
 			Help: "Messages dead-lettered without an attempt because their key was quarantined."}),
-		Deferred: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_deferred_total",
+		Deferred: f.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_deferred_total",
 			Help: "Messages let go because their key held dispatch.max_key_in_flight; they are read again once it has room."}),
-		Rereads: prometheus.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_reread_total",
+		Rereads: f.NewCounter(prometheus.CounterOpts{Name: "orderly_messages_reread_total",
 			Help: "Messages read again to fetch deferred ones (the cost of hot keys)."}),
 	}
-	reg.MustRegister(m.Messages, m.HTTPRequests, m.HTTPDuration, m.HTTPRetries, m.HTTPUncounted, m.HTTPPauses, m.BreakerState, m.BreakerChanges,
-		m.TargetConcurrencyLimit, m.TargetRateLimited,
-		m.InFlight, m.Paused, m.Pauses, m.Committed, m.Lag, m.ActiveLanes, m.Senders, m.QueuedLanes, m.SenderLimit, m.Rebalances, m.CommitErrors,
-		m.DLQProduced, m.DLQErrors, m.Records, m.ReplayMessages, m.ReplayJobsActive,
-		m.Span, m.OldestUnfinished, m.ProgressTruncated, m.ProgressRefused, m.DLQTruncated, m.DLQFailing, m.ProducerRestarts,
-		m.QuarantinedKeys, m.QuarantinedMessages, m.Deferred, m.Rereads)
-	return m
 }
 
 // Sum gathers the registry and returns the sum of every series of the named
@@ -195,14 +193,7 @@ func (m *Metrics) SumWhere(name string, labels map[string]string) float64 {
 	series:
 		for _, mt := range mf.GetMetric() {
 			for k, v := range labels {
-				found := false
-				for _, lp := range mt.GetLabel() {
-					if lp.GetName() == k {
-						found = lp.GetValue() == v
-						break
-					}
-				}
-				if !found {
+				if !slices.ContainsFunc(mt.GetLabel(), func(lp *dto.LabelPair) bool { return lp.GetName() == k && lp.GetValue() == v }) {
 					continue series
 				}
 			}

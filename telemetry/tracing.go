@@ -100,9 +100,6 @@ type Tracing struct {
 var w3c propagation.TextMapPropagator = propagation.NewCompositeTextMapPropagator(
 	propagation.TraceContext{}, propagation.Baggage{})
 
-// disabledTracing backs the nil *Tracing.
-var disabledTracing = &Tracing{Tracer: noop.NewTracerProvider().Tracer(tracerName), Propagator: w3c}
-
 // SetupTracing returns the tracing c asks for. Disabled, it returns a no-op
 // Tracing at once. Enabled, it builds an OTLP/HTTP exporter to c.Endpoint
 // (http:// means plain HTTP; the path defaults to /v1/traces), a batch span
@@ -115,7 +112,7 @@ var disabledTracing = &Tracing{Tracer: noop.NewTracerProvider().Tracer(tracerNam
 // OpenTelemetry providers are left alone.
 func SetupTracing(ctx context.Context, c config.Tracing, serviceName, version string) (*Tracing, error) {
 	if !c.Enabled {
-		return &Tracing{Tracer: disabledTracing.Tracer, Propagator: w3c}, nil
+		return &Tracing{Tracer: noop.NewTracerProvider().Tracer(tracerName), Propagator: w3c}, nil
 	}
 	opts, err := exporterOptions(c.Endpoint)
 	if err != nil {
@@ -184,14 +181,6 @@ func (t *Tracing) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("tracing: shutdown: %w", err)
 	}
 	return nil
-}
-
-// ForceFlush exports the finished spans not yet exported, within ctx.
-func (t *Tracing) ForceFlush(ctx context.Context) error {
-	if t == nil || t.provider == nil {
-		return nil
-	}
-	return t.provider.ForceFlush(ctx)
 }
 
 // HeaderCarrier adapts Kafka record headers to propagation.TextMapCarrier.

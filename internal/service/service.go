@@ -185,14 +185,6 @@ func (s *Service) Brokers() string { return s.brokers }
 // Broker returns the embedded broker, or nil.
 func (s *Service) Broker() *embedded.Broker { return s.broker }
 
-// AdminAddr returns the admin server's address, or "" without one.
-func (s *Service) AdminAddr() string {
-	if s.admin == nil {
-		return ""
-	}
-	return s.admin.Addr()
-}
-
 // Metrics returns the service's metrics.
 func (s *Service) Metrics() *telemetry.Metrics { return s.metrics }
 

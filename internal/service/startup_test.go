@@ -69,8 +69,8 @@ name = "r"
 				t.Fatal(err)
 			}
 			defer s.Close()
-			if s.AdminAddr() != held.Addr().String() {
-				t.Fatalf("admin on %s, want %s", s.AdminAddr(), held.Addr())
+			if s.admin.Addr() != held.Addr().String() {
+				t.Fatalf("admin on %s, want %s", s.admin.Addr(), held.Addr())
 			}
 		case <-time.After(10 * time.Second):
 			t.Fatal("NewContext still retrying 10 s after the address was freed")

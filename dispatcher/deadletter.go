@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/orderly-dispatch/orderly/dlq"
+	"github.com/orderly-dispatch/orderly/internal/producer"
 	"github.com/orderly-dispatch/orderly/telemetry"
 )
 
@@ -55,23 +56,19 @@ func (d *Dispatcher) dlqAcked(p *partition, l *lane, it *item, err error) {
 	}
 	// Only the goroutine holding l touches its dlq* fields: here, the
 	// acknowledgement of the write it started.
-	if err != nil && dlq.TooLarge(err) {
+	if err != nil && producer.TooLarge(err) {
 		size := len(it.msg.Value)
 		if l.dlqCut {
 			size = l.dlqKeep
 		}
 		if size > 0 {
 			l.dlqCut, l.dlqKeep = true, size/2
-			p.handing++ // as in advance: stop waits while this goroutine produces
-			p.mu.Unlock()
-			d.log.Warn("the DLQ refused a record for its size: writing it with its value cut",
-				"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "dlq", d.dlq.Topic(),
-				"value_bytes", len(it.msg.Value), "keep_bytes", l.dlqKeep, "error", err)
-			d.deadLetter(p, l, it)
-			p.mu.Lock()
-			p.handing--
-			p.checkQuietLocked()
-			p.mu.Unlock()
+			p.handOffLocked(func() {
+				d.log.Warn("the DLQ refused a record for its size: writing it with its value cut",
+					"topic", p.topic, "partition", p.id, "offset", it.msg.Offset, "dlq", d.dlq.Topic(),
+					"value_bytes", len(it.msg.Value), "keep_bytes", l.dlqKeep, "error", err)
+				d.deadLetter(p, l, it)
+			})
 			return
 		}
 	}

@@ -625,15 +625,8 @@ func (p *partition) advance(l *lane) *pool {
 				return nil
 			}
 			p.parkLocked(l, parkDLQ) // before the write: its acknowledgement may come at once
-			// The lane is the DLQ writer's now, but stop must not return
-			// (and the writer close) while this goroutine is producing.
-			p.handing++
-			p.mu.Unlock()
-			p.d.deadLetter(p, l, it)
-			p.mu.Lock()
-			p.handing--
-			p.checkQuietLocked()
-			p.mu.Unlock()
+			// The lane is the DLQ writer's now.
+			p.handOffLocked(func() { p.d.deadLetter(p, l, it) })
 			return nil
 		case l.next < len(l.plan.Requests) && l.plan.Requests[l.next].Pending:
 			p.mu.Unlock()
@@ -649,13 +642,7 @@ func (p *partition) advance(l *lane) *pool {
 			if rq.Topic != "" {
 				// A record: no sender, the lane waits for its acknowledgement.
 				p.parkLocked(l, parkRecord)
-				p.handing++ // as for the DLQ: stop waits while this goroutine produces
-				p.mu.Unlock()
-				p.d.produce(p, l, it, rq, l.next)
-				p.mu.Lock()
-				p.handing--
-				p.checkQuietLocked()
-				p.mu.Unlock()
+				p.handOffLocked(func() { p.d.produce(p, l, it, rq, l.next) })
 				return nil
 			}
 			if l.call.Request() != rq {
@@ -860,6 +847,20 @@ func (p *partition) checkQuietLocked() {
 		close(p.idleCh)
 		p.idleCh = nil
 	}
+}
+
+// handOffLocked runs produce (a write to the DLQ or a route's topic) with
+// p.mu released and returns with it released. The lane is the writer's
+// now, but stop must not return (and the writer close) while this
+// goroutine is producing: p.handing counts it.
+func (p *partition) handOffLocked(produce func()) {
+	p.handing++
+	p.mu.Unlock()
+	produce()
+	p.mu.Lock()
+	p.handing--
+	p.checkQuietLocked()
+	p.mu.Unlock()
 }
 
 // finish marks m done with the given outcome.

@@ -66,12 +66,6 @@ func (p *partition) replyLocked(l *lane, it *item, failed bool) bool {
 	}
 	rq := l.reply
 	p.parkLocked(l, parkRecord)
-	p.handing++ // as for the DLQ: stop waits while this goroutine produces
-	p.mu.Unlock()
-	p.d.produce(p, l, it, rq, len(l.plan.Requests))
-	p.mu.Lock()
-	p.handing--
-	p.checkQuietLocked()
-	p.mu.Unlock()
+	p.handOffLocked(func() { p.d.produce(p, l, it, rq, len(l.plan.Requests)) })
 	return true
 }

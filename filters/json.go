@@ -288,7 +288,7 @@ func (d *decoder) object(p *pathTrie) (t, e any, split bool, err error) {
 		}
 		return d.makeObject(base, false)
 	}
-	for {
+	for more := true; more; {
 		d.skipSpace()
 		if d.i >= len(d.s) {
 			return nil, nil, false, d.errEOF()
@@ -325,23 +325,32 @@ func (d *decoder) object(p *pathTrie) (t, e any, split bool, err error) {
 			split = split || vsplit
 			d.mems = append(d.mems, member{key: key, t: vt, e: ve})
 		}
-		d.skipSpace()
-		if d.i >= len(d.s) {
-			return nil, nil, false, d.errEOF()
-		}
-		switch d.s[d.i] {
-		case ',':
-			d.i++
-		case '}':
-			d.i++
-			if p == nil {
-				return nil, nil, false, nil
-			}
-			return d.makeObject(base, split)
-		default:
-			return nil, nil, false, d.errChar("after object key:value pair")
+		if more, err = d.more('}', "after object key:value pair"); err != nil {
+			return nil, nil, false, err
 		}
 	}
+	if p == nil {
+		return nil, nil, false, nil
+	}
+	return d.makeObject(base, split)
+}
+
+// more reads the separator after a member or element: true after a comma,
+// false after close (the end of the object or array).
+func (d *decoder) more(close byte, context string) (bool, error) {
+	d.skipSpace()
+	if d.i >= len(d.s) {
+		return false, d.errEOF()
+	}
+	switch d.s[d.i] {
+	case ',':
+		d.i++
+		return true, nil
+	case close:
+		d.i++
+		return false, nil
+	}
+	return false, d.errChar(context)
 }
 
 // makeObject builds the map(s) of the members above base.
@@ -389,7 +398,7 @@ func (d *decoder) array(p *pathTrie) (t, e any, split bool, err error) {
 		a := []any{}
 		return a, a, false, nil
 	}
-	for {
+	for more := true; more; {
 		vt, ve, vsplit, err := d.value(p)
 		if err != nil {
 			return nil, nil, false, err
@@ -401,28 +410,19 @@ func (d *decoder) array(p *pathTrie) (t, e any, split bool, err error) {
 				d.exprs = append(d.exprs, ve)
 			}
 		}
-		d.skipSpace()
-		if d.i >= len(d.s) {
-			return nil, nil, false, d.errEOF()
-		}
-		switch d.s[d.i] {
-		case ',':
-			d.i++
-		case ']':
-			d.i++
-			if p == nil {
-				return nil, nil, false, nil
-			}
-			ta := append([]any(nil), d.elems[base:]...)
-			if !both || !split {
-				return ta, ta, false, nil
-			}
-			ea := append([]any(nil), d.exprs[ebase:]...)
-			return ta, ea, true, nil
-		default:
-			return nil, nil, false, d.errChar("after array element")
+		if more, err = d.more(']', "after array element"); err != nil {
+			return nil, nil, false, err
 		}
 	}
+	if p == nil {
+		return nil, nil, false, nil
+	}
+	ta := append([]any(nil), d.elems[base:]...)
+	if !both || !split {
+		return ta, ta, false, nil
+	}
+	ea := append([]any(nil), d.exprs[ebase:]...)
+	return ta, ea, true, nil
 }
 
 // number decodes a number literal, or with build false only checks it.

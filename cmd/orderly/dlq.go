@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -43,6 +42,29 @@ func (f *dlqFilterFlags) add(fs *flag.FlagSet) {
 	fs.Int64Var(&f.to, "to", -1, "last DLQ offset, inclusive (-1: the end)")
 	fs.StringVar(&f.route, "route", "", "only records of this route")
 	fs.StringVar(&f.key, "key", "", "only records with this key")
+}
+
+// each calls set with the API name and value of every filter flag given:
+// offsets are from and to in a query, from_offset and to_offset in a body.
+func (f *dlqFilterFlags) each(offsetSuffix string, set func(name string, v any)) {
+	if f.partition >= 0 {
+		set("partition", f.partition)
+	}
+	if f.from >= 0 {
+		set("from"+offsetSuffix, f.from)
+	}
+	if f.to >= 0 {
+		set("to"+offsetSuffix, f.to)
+	}
+	if f.route != "" {
+		set("route", f.route)
+	}
+	if f.key != "" {
+		set("key", f.key)
+	}
+	if f.limit > 0 {
+		set("limit", f.limit)
+	}
 }
 
 const dlqTokenHelp = `
@@ -139,48 +161,14 @@ func cmdDLQ(args []string, stdout, stderr io.Writer) int {
 	switch sub {
 	case "list":
 		q := url.Values{}
-		if filter.partition >= 0 {
-			q.Set("partition", strconv.Itoa(filter.partition))
-		}
-		if filter.from >= 0 {
-			q.Set("from", strconv.FormatInt(filter.from, 10))
-		}
-		if filter.to >= 0 {
-			q.Set("to", strconv.FormatInt(filter.to, 10))
-		}
-		if filter.route != "" {
-			q.Set("route", filter.route)
-		}
-		if filter.key != "" {
-			q.Set("key", filter.key)
-		}
-		if filter.limit > 0 {
-			q.Set("limit", strconv.Itoa(filter.limit))
-		}
+		filter.each("", func(name string, v any) { q.Set(name, fmt.Sprint(v)) })
 		if cursor != "" {
 			q.Set("cursor", cursor)
 		}
 		return c.call("GET", "/dlq/messages?"+q.Encode(), nil, nil)
 	case "replay", "release":
 		body := map[string]any{"dry_run": dryRun}
-		if filter.partition >= 0 {
-			body["partition"] = filter.partition
-		}
-		if filter.from >= 0 {
-			body["from_offset"] = filter.from
-		}
-		if filter.to >= 0 {
-			body["to_offset"] = filter.to
-		}
-		if filter.route != "" {
-			body["route"] = filter.route
-		}
-		if filter.key != "" {
-			body["key"] = filter.key
-		}
-		if filter.limit > 0 {
-			body["limit"] = filter.limit
-		}
+		filter.each("_offset", func(name string, v any) { body[name] = v })
 		if rate != 0 {
 			body["rate"] = rate
 		}

@@ -160,10 +160,23 @@ func (c *command) help(fs *flag.FlagSet, w io.Writer) {
 	}
 }
 
-// loadConfig loads a configuration and compiles its routes, returning every
-// problem found, each with its file, line and key.
-func loadConfig(path string) (*config.Config, error) {
-	return config.Load(path, compileRoutes)
+// load parses args and loads the --config file, printing its problems on
+// stderr, one per line. Without a configuration the command exits with
+// code; err is the configuration's error when it is the cause.
+func (c *command) load(fs *flag.FlagSet, path *string, args []string, stdout, stderr io.Writer) (*config.Config, int, error) {
+	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
+		return nil, code, nil
+	}
+	if *path == "" {
+		c.usageError(stderr, "--config FILE is required")
+		return nil, 2, nil
+	}
+	cfg, err := config.Load(*path, compileRoutes)
+	if err != nil {
+		fmt.Fprintln(stderr, strings.TrimSpace(err.Error()))
+		return nil, 2, err
+	}
+	return cfg, 0, nil
 }
 
 // compileRoutes is the config.Check that compiles the routes' `when`
@@ -232,17 +245,9 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 	fs := c.flags(stderr)
 	path := configFlag(fs)
 	printCfg := fs.Bool("print", false, "print the effective configuration, secrets redacted")
-	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
+	cfg, code, _ := c.load(fs, path, args, stdout, stderr)
+	if cfg == nil {
 		return code
-	}
-	if *path == "" {
-		c.usageError(stderr, "--config FILE is required")
-		return 2
-	}
-	cfg, err := loadConfig(*path)
-	if err != nil {
-		printErrors(stderr, err)
-		return 2
 	}
 	status := stdout
 	if *printCfg {
@@ -252,13 +257,6 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(status, "%s: ok (%d routes, topics %s)\n", *path, len(cfg.Routes), strings.Join(cfg.Kafka.Topics, ", "))
 	return 0
-}
-
-// printErrors prints one error per line.
-func printErrors(w io.Writer, err error) {
-	for _, line := range strings.Split(strings.TrimSpace(err.Error()), "\n") {
-		fmt.Fprintln(w, line)
-	}
 }
 
 var runCommand = command{
@@ -285,23 +283,17 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	c := &runCommand
 	fs := c.flags(stderr)
 	path := configFlag(fs)
-	if code, ok := c.parse(fs, args, stdout, stderr); !ok {
-		return code
-	}
-	if *path == "" {
-		c.usageError(stderr, "--config FILE is required")
-		return 2
-	}
-	cfg, err := loadConfig(*path)
+	cfg, code, err := c.load(fs, path, args, stdout, stderr)
 	if err != nil {
-		printErrors(stderr, err)
-		// The problems above as validate prints them, and one line at error
-		// level for whoever reads the log (in the default log format: the
+		// The problems as validate prints them, and one line at error level
+		// for whoever reads the log (in the default log format: the
 		// configured one is not known).
 		problems := strings.Count(strings.TrimSpace(err.Error()), "\n") + 1
 		newLogger(config.Log{Format: "json"}, stderr).Error("invalid configuration: not starting; check it with 'orderly validate'",
 			"config", *path, "problems", problems, "error", err)
-		return 2
+	}
+	if cfg == nil {
+		return code
 	}
 	log := newLogger(cfg.Log, stderr)
 	log.Info("orderly starting", "version", version, "config", *path)

@@ -359,7 +359,7 @@ func TestBenchChildCommands(t *testing.T) {
 		{"heap " + filepath.Join(dir, "heap.pprof"), "ok"},
 		{"allocs " + filepath.Join(dir, "allocs.pprof"), "ok"},
 	} {
-		got, stop := l.command(c.line)
+		got, stop := command(l, c.line)
 		if stop || !strings.HasPrefix(got, c.want) {
 			t.Errorf("%q: answer %q (stop %v), want %q", c.line, got, stop, c.want)
 		}
@@ -369,7 +369,7 @@ func TestBenchChildCommands(t *testing.T) {
 			t.Errorf("%s: %v, want a profile", name, err)
 		}
 	}
-	if _, stop := l.command("stop"); !stop {
+	if _, stop := command(l, "stop"); !stop {
 		t.Error("stop did not stop")
 	}
 }

@@ -30,8 +30,7 @@ func startBenchBroker(partitions int) (*embedded.Broker, error) {
 func serveBroker(partitions int, stdout, stderr io.Writer) int {
 	b, err := startBenchBroker(partitions)
 	if err != nil {
-		fmt.Fprintln(stderr, "orderly-bench -serve-broker:", err)
-		return 1
+		return failer("serve-broker", stderr)(err)
 	}
 	defer b.Close()
 	fmt.Fprintln(stdout, b.Addr())
@@ -97,8 +96,31 @@ func startBrokerProcess(partitions int, stderr io.Writer) (*brokerProcess, error
 	return b, nil
 }
 
-// cpu returns the child's user+system CPU time so far (/proc/PID/stat).
-func (b *brokerProcess) cpu() time.Duration { return processCPU(b.cmd.Process.Pid) }
+// startBroker starts the bench broker where f.broker says and returns its
+// address, the child (nil: in this process) and the function that stops it.
+func startBroker(f benchFlags, stderr io.Writer) (string, *brokerProcess, func(), error) {
+	if f.broker == "process" {
+		bp, err := startBrokerProcess(f.partitions, stderr)
+		if err != nil {
+			return "", nil, nil, err
+		}
+		return bp.addr, bp, bp.close, nil
+	}
+	eb, err := startBenchBroker(f.partitions)
+	if err != nil {
+		return "", nil, nil, fmt.Errorf("starting the broker: %w", err)
+	}
+	return eb.Addr(), nil, eb.Close, nil
+}
+
+// cpu returns the child's user+system CPU time so far (/proc/PID/stat); 0
+// for a nil b, a broker in this process.
+func (b *brokerProcess) cpu() time.Duration {
+	if b == nil {
+		return 0
+	}
+	return processCPU(b.cmd.Process.Pid)
+}
 
 // close closes the child's stdin and waits for it to exit, killing it
 // after 10 seconds.

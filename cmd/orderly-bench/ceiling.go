@@ -1,12 +1,7 @@
 package main
 
-// The ceiling: a plain net/http client sending the run's requests to the
-// sink. It runs where Orderly runs: with -dispatcher process in a child
-// process of its own (-serve-ceiling), so that both sides pay the same
-// process boundary to the sink (on 2 cores a client sharing the sink's
-// process sends about 15% faster than one in a process of its own, a
-// speed no deployed dispatcher can have), and in this process with
-// -dispatcher in-process.
+// The ceiling: a plain net/http client sending the run's requests to the sink,
+// from a -serve-ceiling child when Orderly runs in one: both cross a process boundary.
 
 import (
 	"bufio"
@@ -100,16 +95,12 @@ func (b *bencher) ceilingChild(ctx context.Context, job plainJob) (time.Duration
 	fail := func(err error) (time.Duration, plainCost, error) {
 		return 0, plainCost{}, fmt.Errorf("the plain client's process: %w", err)
 	}
-	fh, err := os.CreateTemp("", "orderly-bench-ceiling-*.json")
+	file, err := writeTemp("orderly-bench-ceiling-*.json", func(w io.Writer) error { return json.NewEncoder(w).Encode(job) })
 	if err != nil {
 		return fail(err)
 	}
-	defer os.Remove(fh.Name())
-	werr := json.NewEncoder(fh).Encode(job)
-	if err := errors.Join(werr, fh.Close()); err != nil {
-		return fail(err)
-	}
-	c := newChild("plain client", b.stderr, "-serve-ceiling", fh.Name())
+	defer os.Remove(file)
+	c := newChild("plain client", b.stderr, "-serve-ceiling", file)
 	defer c.shutdown()
 	if err := c.start(ctx); err != nil {
 		return 0, plainCost{}, err
@@ -121,7 +112,7 @@ func (b *bencher) ceilingChild(ctx context.Context, job plainJob) (time.Duration
 	}
 	settleMemory()
 	s0 := snap()
-	l, err := c.callWithin("go", within)
+	l, err := c.call("go", within)
 	s1 := snap()
 	if err != nil {
 		return 0, plainCost{}, err
@@ -139,10 +130,7 @@ func (b *bencher) ceilingChild(ctx context.Context, job plainJob) (time.Duration
 // FILE, says ready, sends the job once a line comes on stdin and answers
 // with its cost as a JSON line (or `error: ...`), then exits at EOF.
 func serveCeiling(path string, stdin io.Reader, stdout, stderr io.Writer) int {
-	fail := func(err error) int {
-		fmt.Fprintln(stderr, "orderly-bench -serve-ceiling:", err)
-		return 1
-	}
+	fail := failer("serve-ceiling", stderr)
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return fail(err)

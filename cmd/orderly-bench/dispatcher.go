@@ -1,14 +1,8 @@
 package main
 
-// The Orderly side of a bench run, behind one interface: the service in this
-// process (-dispatcher in-process), or in a child process (-dispatcher
-// process: `orderly-bench -serve-dispatcher -config FILE`), so that the CPU,
-// memory and allocation figures reported for Orderly are those of the
-// process it runs in, as deployed, without the sink, the recorder, the
-// producer and the ceiling client of the harness. The transform scenario's
-// plain loop (transform.go) is measured through the same interface and runs
-// as `orderly-bench -serve-plainloop -brokers ADDR`, answering the same
-// protocol.
+// The Orderly side of a bench run (or the transform's plain loop), in this
+// process or in a child (-serve-dispatcher, -serve-plainloop), so that its
+// figures are its own process's, without the harness's.
 //
 // The child and the bench process talk over the child's stdin and stdout,
 // one line each way:
@@ -171,17 +165,75 @@ func (p *procTools) profile(kind, file string) error {
 	return nil
 }
 
-// localOrderly is the service in this process: the bench process with
-// -dispatcher in-process, or the child itself with -dispatcher process.
-type localOrderly struct {
+// localSide is what the sides served in this process share: procTools, and
+// a loop run in a goroutine until shutdown.
+type localSide struct {
 	procTools
-	svc     *service.Service
-	stopRun context.CancelFunc
-	done    chan struct{} // closed when Run returned; runErr is then set
+	what    string             // "the service" or "the plain loop", in errors
+	stopRun context.CancelFunc // nil until run
+	done    chan struct{}      // closed when the loop returned; runErr is then set
 	runErr  error
 
 	once    sync.Once
 	shutErr error
+}
+
+// run starts loop in a goroutine, on a context that stopLoop cancels.
+func (l *localSide) run(loop func(context.Context) error) {
+	ctx, stop := context.WithCancel(context.Background())
+	l.stopRun = stop
+	go func() {
+		defer close(l.done)
+		l.runErr = loop(ctx)
+	}()
+}
+
+func (l *localSide) exited() <-chan struct{} { return l.done }
+
+func (l *localSide) exitErr() error {
+	select {
+	case <-l.done:
+		return l.runErr
+	default:
+		return nil
+	}
+}
+
+// stopped is the error of start when the loop returned first.
+func (l *localSide) stopped() error { return fmt.Errorf("%s stopped: %v", l.what, l.runErr) }
+
+// stopLoop stops the CPU profile and the loop, then calls release (which
+// may be nil) unless the loop did not stop within stopTimeout: release
+// would pull things from under it. It returns the loop's error.
+func (l *localSide) stopLoop(release func()) error {
+	l.once.Do(func() {
+		if l.stopCPU != nil {
+			_ = l.stopCPUProfile()
+		}
+		if l.stopRun != nil {
+			l.stopRun()
+			select {
+			case <-l.done:
+				if l.runErr != nil && !errors.Is(l.runErr, context.Canceled) {
+					l.shutErr = l.runErr
+				}
+			case <-time.After(stopTimeout):
+				l.shutErr = fmt.Errorf("%s did not stop within %s", l.what, stopTimeout)
+				return
+			}
+		}
+		if release != nil {
+			release()
+		}
+	})
+	return l.shutErr
+}
+
+// localOrderly is the service in this process: the bench process with
+// -dispatcher in-process, or the child itself with -dispatcher process.
+type localOrderly struct {
+	localSide
+	svc *service.Service
 }
 
 func newLocalOrderly(cfg *config.Config, verbose bool, stderr io.Writer) (*localOrderly, error) {
@@ -189,37 +241,21 @@ func newLocalOrderly(cfg *config.Config, verbose bool, stderr io.Writer) (*local
 	if err != nil {
 		return nil, fmt.Errorf("starting the service: %w", err)
 	}
-	return &localOrderly{svc: svc, done: make(chan struct{})}, nil
+	return &localOrderly{localSide: localSide{what: "the service", done: make(chan struct{})}, svc: svc}, nil
 }
 
 func (l *localOrderly) start(ctx context.Context) error {
-	runCtx, stop := context.WithCancel(context.Background())
-	l.stopRun = stop
-	go func() {
-		defer close(l.done)
-		l.runErr = l.svc.Run(runCtx)
-	}()
+	l.run(l.svc.Run)
 	for !l.svc.Ready() {
 		select {
 		case <-l.done:
-			return fmt.Errorf("the service stopped: %v", l.runErr)
+			return l.stopped()
 		case <-ctx.Done():
 			return errors.New("timed out waiting for the partition assignment")
 		case <-time.After(time.Millisecond):
 		}
 	}
 	return nil
-}
-
-func (l *localOrderly) exited() <-chan struct{} { return l.done }
-
-func (l *localOrderly) exitErr() error {
-	select {
-	case <-l.done:
-		return l.runErr
-	default:
-		return nil
-	}
 }
 
 // stats reads the runtime's counters and the service's metrics.
@@ -234,31 +270,7 @@ func (l *localOrderly) stats() (orderlyStats, error) {
 	}), nil
 }
 
-func (l *localOrderly) shutdown() error {
-	l.once.Do(func() {
-		if l.stopCPU != nil {
-			_ = l.stopCPUProfile()
-		}
-		if l.stopRun != nil {
-			l.stopRun()
-			select {
-			case <-l.done:
-				if l.runErr != nil && !errors.Is(l.runErr, context.Canceled) {
-					l.shutErr = l.runErr
-				}
-			case <-time.After(stopTimeout):
-				l.shutErr = fmt.Errorf("the service did not stop within %s", stopTimeout)
-				return // Close would pull the sender from under the running service
-			}
-		}
-		l.svc.Close()
-	})
-	return l.shutErr
-}
-
-// command executes one line of the protocol and returns the answer, and
-// whether it was stop.
-func (l *localOrderly) command(line string) (answer string, stop bool) { return command(l, line) }
+func (l *localOrderly) shutdown() error { return l.stopLoop(l.svc.Close) }
 
 // command executes one line of the protocol on the side served in this
 // process and returns the answer, and whether it was stop.
@@ -306,10 +318,7 @@ func command(l orderlySide, line string) (answer string, stop bool) {
 // Orderly service alone, built and run as `orderly run` and the in-process
 // bench do, answering the protocol above on stdin and stdout.
 func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr io.Writer) int {
-	fail := func(err error) int {
-		fmt.Fprintln(stderr, "orderly-bench -serve-dispatcher:", err)
-		return 1
-	}
+	fail := failer("serve-dispatcher", stderr)
 	if path == "" {
 		return fail(errors.New("-config FILE is required"))
 	}
@@ -322,6 +331,15 @@ func serveDispatcher(path string, verbose bool, stdin io.Reader, stdout, stderr 
 		return fail(err)
 	}
 	return serveSide(l, stdin, stdout, fail)
+}
+
+// failer returns the function that reports an error of the -serve-MODE
+// process on stderr and returns its exit status.
+func failer(mode string, stderr io.Writer) func(error) int {
+	return func(err error) int {
+		fmt.Fprintln(stderr, "orderly-bench -"+mode+":", err)
+		return 1
+	}
 }
 
 // serveSide starts l, says ready on stdout once it is, and answers the
@@ -408,22 +426,31 @@ type childOrderly struct {
 // newChildOrderly writes the configuration to a temporary file for the
 // child; start starts it.
 func newChildOrderly(toml string, verbose bool, stderr io.Writer) (*childOrderly, error) {
-	fh, err := os.CreateTemp("", "orderly-bench-*.toml")
+	file, err := writeTemp("orderly-bench-*.toml", func(w io.Writer) error { _, err := io.WriteString(w, toml); return err })
 	if err != nil {
 		return nil, fmt.Errorf("writing the dispatcher's configuration: %w", err)
 	}
-	_, werr := fh.WriteString(toml)
-	if err := errors.Join(werr, fh.Close()); err != nil {
-		os.Remove(fh.Name())
-		return nil, fmt.Errorf("writing the dispatcher's configuration: %w", err)
-	}
-	args := []string{"-serve-dispatcher", "-config", fh.Name()}
+	args := []string{"-serve-dispatcher", "-config", file}
 	if verbose {
 		args = append(args, "-v")
 	}
 	c := newChild("dispatcher", stderr, args...)
-	c.config = fh.Name()
+	c.config = file
 	return c, nil
+}
+
+// writeTemp writes a new temporary file, named after pattern as
+// os.CreateTemp does, and returns its name.
+func writeTemp(pattern string, write func(io.Writer) error) (string, error) {
+	fh, err := os.CreateTemp("", pattern)
+	if err != nil {
+		return "", err
+	}
+	if err := errors.Join(write(fh), fh.Close()); err != nil {
+		os.Remove(fh.Name())
+		return "", err
+	}
+	return fh.Name(), nil
 }
 
 // newChild returns the parent's end of `orderly-bench args...`, a child
@@ -501,15 +528,9 @@ func (c *childOrderly) cpu() time.Duration { return processCPU(c.pid()) }
 func (c *childOrderly) rss() int64         { return processRSS(c.pid()) }
 func (c *childOrderly) peakRSS() int64     { return processPeakRSS(c.pid()) }
 
-// call sends one command and returns the child's answer; `error: ...`
-// answers are returned as errors.
-func (c *childOrderly) call(command string) (string, error) {
-	return c.callWithin(command, childCallTimeout)
-}
-
-// callWithin is call with a timeout of its own, for a command whose answer
-// takes as long as the work it starts.
-func (c *childOrderly) callWithin(command string, timeout time.Duration) (string, error) {
+// call sends one command and returns the child's answer, waiting up to
+// timeout for it; `error: ...` answers are returned as errors.
+func (c *childOrderly) call(command string, timeout time.Duration) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	verb, _, _ := strings.Cut(command, " ")
@@ -541,7 +562,7 @@ func (c *childOrderly) callWithin(command string, timeout time.Duration) (string
 
 // callOK sends a command whose answer is ok.
 func (c *childOrderly) callOK(command string) error {
-	l, err := c.call(command)
+	l, err := c.call(command, childCallTimeout)
 	if err == nil && l != "ok" {
 		err = fmt.Errorf("the %s process answered %q to %s, want ok", c.what, l, command)
 	}
@@ -550,7 +571,7 @@ func (c *childOrderly) callOK(command string) error {
 
 func (c *childOrderly) stats() (orderlyStats, error) {
 	var st orderlyStats
-	l, err := c.call("stats")
+	l, err := c.call("stats", childCallTimeout)
 	if err != nil {
 		return st, err
 	}
@@ -617,32 +638,27 @@ func (c *childOrderly) shutdown() error {
 }
 
 // startProfiles starts what -cpuprofile and -memprofile ask for at the
-// start of Orderly's backlog phase.
-func startProfiles(side orderlySide, f benchFlags, name func(string) string) error {
+// start of Orderly's backlog phase and returns the function that ends them.
+func startProfiles(side orderlySide, f benchFlags, name func(string) string) (stop func() error, err error) {
 	if f.cpuProfile != "" {
 		if err := side.startCPUProfile(name(f.cpuProfile)); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if f.memProfile != "" {
 		if err := side.profile("allocs", name(f.memProfile)+".base"); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return nil
-}
-
-// stopProfiles ends them at the end of the backlog phase.
-func stopProfiles(side orderlySide, f benchFlags, name func(string) string) error {
-	if f.cpuProfile != "" {
-		if err := side.stopCPUProfile(); err != nil {
-			return err
+	return func() error {
+		if f.cpuProfile != "" {
+			if err := side.stopCPUProfile(); err != nil {
+				return err
+			}
 		}
-	}
-	if f.memProfile != "" {
-		if err := side.profile("allocs", name(f.memProfile)); err != nil {
-			return err
+		if f.memProfile != "" {
+			return side.profile("allocs", name(f.memProfile))
 		}
-	}
-	return nil
+		return nil
+	}, nil
 }

@@ -96,27 +96,19 @@ func (in *instances) exitErr() error {
 	return errors.Join(errs...)
 }
 
-func (in *instances) cpu() (d time.Duration) {
-	for _, c := range in.children {
-		d += c.cpu()
-	}
-	return d
-}
-
-func (in *instances) rss() (n int64) {
-	for _, c := range in.children {
-		n += c.rss()
+// sum adds up a measure of each child.
+func sum[T ~int64](children []*childOrderly, measure func(*childOrderly) T) (n T) {
+	for _, c := range children {
+		n += measure(c)
 	}
 	return n
 }
+
+func (in *instances) cpu() time.Duration { return sum(in.children, (*childOrderly).cpu) }
+func (in *instances) rss() int64         { return sum(in.children, (*childOrderly).rss) }
 
 // peakRSS is the sum of the instances' peaks (not necessarily at once).
-func (in *instances) peakRSS() (n int64) {
-	for _, c := range in.children {
-		n += c.peakRSS()
-	}
-	return n
-}
+func (in *instances) peakRSS() int64 { return sum(in.children, (*childOrderly).peakRSS) }
 
 func (in *instances) stats() (orderlyStats, error) {
 	var sum orderlyStats

@@ -1,22 +1,6 @@
 // Command orderly-bench is the benchmark harness of the README's Performance
-// section: Orderly against a plain net/http client on a local HTTP sink.
-//
-//	orderly-bench [-scenario NAME|all] [flags]
-//
-// Each run pre-produces a backlog to a fresh embedded broker, drives a plain
-// net/http client against a local sink (the ceiling), then lets Orderly drain
-// the same backlog to the same kind of sink, and reports throughput, the ratio
-// to the ceiling, latencies, CPU, memory and allocations side by side. By
-// default the broker and Orderly each run in a child process, this executable
-// started again with -serve-broker or -serve-dispatcher (see dispatcher.go),
-// so that Orderly's figures are those of the Orderly process alone, as
-// deployed; the ceiling client then runs in a child process too
-// (-serve-ceiling, ceiling.go), while the sink, the recorder and the
-// producer stay in the harness's process. The transform scenario (transform.go) compares
-// Orderly's Kafka-to-Kafka transform with a plain consume, md5, produce loop
-// instead, which runs as a child too (-serve-plainloop).
-//
-// The scenarios are listed in scenarios.go; `make bench` runs them all.
+// section (see description). The broker, Orderly and the ceiling client run in
+// child processes of this executable by default; the scenarios are in scenarios.go.
 package main
 
 import (
@@ -144,9 +128,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	printBenchTable(stdout, results)
+	var httpResults, transform []*benchResult
+	for _, r := range results {
+		if r.Transform != nil {
+			transform = append(transform, r)
+		} else {
+			httpResults = append(httpResults, r)
+		}
+	}
+	printBenchTable(stdout, httpResults)
+	printTransformTable(stdout, transform)
 	if f.repeat > 1 {
-		printBenchMedians(stdout, results)
+		printBenchMedians(stdout, httpResults)
+		printTransformMedians(stdout, transform)
 	}
 	return 0
 }
@@ -159,17 +153,14 @@ func repeatRuns(runs []benchRun, f benchFlags) []benchRun {
 		for i := range f.repeat {
 			if f.repeat > 1 {
 				r.name = fmt.Sprintf("%s#%d", strings.Split(r.name, "#")[0], i+1)
-				if r.hotCompare != nil {
-					c := *r.hotCompare
-					c.name = r.name + "-nohot"
-					r.hotCompare = &c
-				}
 			}
-			r.f.broker, r.f.dispatcher = f.broker, f.dispatcher
-			r.rep = i
+			r.f.broker, r.f.dispatcher, r.rep = f.broker, f.dispatcher, i
 			if r.hotCompare != nil {
 				c := *r.hotCompare
 				c.f.broker, c.f.dispatcher = f.broker, f.dispatcher
+				if f.repeat > 1 {
+					c.name = r.name + "-nohot"
+				}
 				r.hotCompare = &c
 			}
 			repeated = append(repeated, r)
@@ -183,15 +174,15 @@ func repeatRuns(runs []benchRun, f benchFlags) []benchRun {
 func (b *bencher) runAll(runs []benchRun) ([]*benchResult, error) {
 	var results []*benchResult
 	for _, r := range runs {
-		res, err := r.exec(b)
+		res, err := r.run(b, r)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", r.name, err)
 		}
 		results = append(results, res)
-		if r.hotCompare != nil {
-			base, err := r.hotCompare.exec(b)
+		if h := r.hotCompare; h != nil {
+			base, err := h.run(b, *h)
 			if err != nil {
-				return nil, fmt.Errorf("%s: %w", r.hotCompare.name, err)
+				return nil, fmt.Errorf("%s: %w", h.name, err)
 			}
 			res.attachHotBaseline(base)
 			results = append(results, base)

@@ -14,23 +14,23 @@ import (
 	"time"
 )
 
-// cpuTime is the process's user+system CPU time so far.
-func cpuTime() time.Duration {
+// rusage is this process's getrusage, zero if it fails.
+func rusage() syscall.Rusage {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
+		return syscall.Rusage{}
 	}
+	return ru
+}
+
+// cpuTime is the process's user+system CPU time so far.
+func cpuTime() time.Duration {
+	ru := rusage()
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// maxRSS is the process's peak resident set size in bytes (getrusage).
-func maxRSS() int64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return ru.Maxrss * 1024 // kilobytes on Linux
-}
+// maxRSS is the process's peak resident set size in bytes (kilobytes on Linux).
+func maxRSS() int64 { return rusage().Maxrss * 1024 }
 
 // currentRSS is this process's resident set size now, in bytes.
 func currentRSS() int64 { return processRSS(0) }

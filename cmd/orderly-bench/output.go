@@ -95,16 +95,9 @@ var benchDefinitions = map[string]string{
 	"allocs/msg": "runtime.MemStats.Mallocs delta of the Orderly process / messages delivered over the backlog; vs plain: what Orderly allocates per message beyond what the plain net/http client allocates for the same requests (negative: fewer; Orderly's HTTP/1.1 round trips do not go through net/http's Transport, see httpclient/h1.go): with -dispatcher process allocs/msg - the net/http client's per request x requests, the client's per request being the bench process's during the ceiling run (client + sink side) - the bench process's during Orderly's run (sink side and harness only; with -broker in-process the broker too); with -dispatcher in-process allocs/msg - the ceiling run's per message (net/http client and server, the sink; the broker with -broker in-process is counted as Orderly's)",
 }
 
-// printBenchTable prints one row per run and the definitions of the columns.
+// printBenchTable prints one row per HTTP run and the definitions of the
+// columns.
 func printBenchTable(w io.Writer, results []*benchResult) {
-	var transform []*benchResult
-	results = slices.DeleteFunc(slices.Clone(results), func(r *benchResult) bool {
-		if r.Transform != nil {
-			transform = append(transform, r)
-		}
-		return r.Transform != nil
-	})
-	defer printTransformTable(w, transform)
 	if len(results) == 0 {
 		return
 	}
@@ -183,43 +176,63 @@ func median(rs []*benchResult, f func(*benchResult) float64) float64 {
 	return (v[len(v)/2-1] + v[len(v)/2]) / 2
 }
 
-// spread returns the median of f over rs with its minimum and maximum, as
-// "median (min–max)".
-func spread(rs []*benchResult, f func(*benchResult) float64, format string) string {
-	lo, hi := math.Inf(1), math.Inf(-1)
+// minMax returns the least and the largest of f over rs.
+func minMax(rs []*benchResult, f func(*benchResult) float64) (lo, hi float64) {
+	lo, hi = math.Inf(1), math.Inf(-1)
 	for _, r := range rs {
 		lo, hi = min(lo, f(r)), max(hi, f(r))
 	}
+	return lo, hi
+}
+
+// spread returns the median of f over rs with its minimum and maximum, as
+// "median (min–max)".
+func spread(rs []*benchResult, f func(*benchResult) float64, format string) string {
+	lo, hi := minMax(rs, f)
 	return fmt.Sprintf(format+" ("+format+"–"+format+")", median(rs, f), lo, hi)
 }
 
+// groupRepeats groups repeated runs (named NAME#k) by name, in order.
+func groupRepeats(results []*benchResult) (order []string, groups map[string][]*benchResult) {
+	groups = map[string][]*benchResult{}
+	for _, r := range results {
+		name, _, _ := strings.Cut(r.Name, "#")
+		if strings.HasSuffix(r.Name, "-nohot") {
+			name += "-nohot"
+		}
+		if groups[name] == nil {
+			order = append(order, name)
+		}
+		groups[name] = append(groups[name], r)
+	}
+	return order, groups
+}
+
 // printTransformMedians summarises repeated transform runs.
-func printTransformMedians(w io.Writer, order []string, groups map[string][]*benchResult) {
-	if !slices.ContainsFunc(order, func(name string) bool { return groups[name][0].Transform != nil }) {
+func printTransformMedians(w io.Writer, results []*benchResult) {
+	if len(results) == 0 {
 		return
 	}
 	fmt.Fprintln(w, "\ntransform: medians (min–max) over the repetitions")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "run\truns\torderly msg/s\tplain loop msg/s\tratio\tcpu s orderly\tplain\tmaxrss MB orderly\tplain\tviolations orderly\tplain\t")
+	plain := func(f func(*transformSide) float64) func(*benchResult) float64 {
+		return func(r *benchResult) float64 {
+			if r.Transform.Plain == nil {
+				return 0
+			}
+			return f(r.Transform.Plain)
+		}
+	}
+	orderly := func(f func(*transformSide) float64) func(*benchResult) float64 {
+		return func(r *benchResult) float64 { return f(&r.Transform.Orderly) }
+	}
+	rate := func(s *transformSide) float64 { return s.Throughput }
+	cpu := func(s *transformSide) float64 { return s.CPUSeconds }
+	rss := func(s *transformSide) float64 { return s.MaxRSS }
+	order, groups := groupRepeats(results)
 	for _, name := range order {
 		rs := groups[name]
-		if rs[0].Transform == nil {
-			continue
-		}
-		plain := func(f func(*transformSide) float64) func(*benchResult) float64 {
-			return func(r *benchResult) float64 {
-				if r.Transform.Plain == nil {
-					return 0
-				}
-				return f(r.Transform.Plain)
-			}
-		}
-		orderly := func(f func(*transformSide) float64) func(*benchResult) float64 {
-			return func(r *benchResult) float64 { return f(&r.Transform.Orderly) }
-		}
-		rate := func(s *transformSide) float64 { return s.Throughput }
-		cpu := func(s *transformSide) float64 { return s.CPUSeconds }
-		rss := func(s *transformSide) float64 { return s.MaxRSS }
 		var vo, vp int
 		for _, r := range rs {
 			vo += r.Transform.Orderly.Violations
@@ -236,59 +249,40 @@ func printTransformMedians(w io.Writer, order []string, groups map[string][]*ben
 	tw.Flush()
 }
 
-// printBenchMedians summarises repeated runs (named NAME#k): the median of
-// each figure over the repetitions.
+// printBenchMedians summarises repeated HTTP runs: the median of each
+// figure over the repetitions.
 func printBenchMedians(w io.Writer, results []*benchResult) {
-	groups := map[string][]*benchResult{}
-	var order []string
-	for _, r := range results {
-		name, _, _ := strings.Cut(r.Name, "#")
-		if strings.HasSuffix(r.Name, "-nohot") {
-			name += "-nohot"
-		}
-		if groups[name] == nil {
-			order = append(order, name)
-		}
-		groups[name] = append(groups[name], r)
-	}
-	med := median
-	defer printTransformMedians(w, order, groups)
-	if !slices.ContainsFunc(results, func(r *benchResult) bool { return r.Transform == nil }) {
+	if len(results) == 0 {
 		return
 	}
 	fmt.Fprintln(w, "\nmedians over the repetitions")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "run\truns\tmsg/s\tceiling (goroutines)\tratio\tratio min\tmax\tlive p50\tp99\tcpu s/10k\trss steady\tpeak\tallocs/msg\tvs plain\t")
+	ratio := func(r *benchResult) float64 {
+		if r.OtherKeys != nil {
+			return r.OtherKeys.Ratio
+		}
+		return r.Ratio
+	}
+	order, groups := groupRepeats(results)
 	for _, name := range order {
 		rs := groups[name]
-		if rs[0].Transform != nil {
-			continue
-		}
-		ratio := func(r *benchResult) float64 {
-			if r.OtherKeys != nil {
-				return r.OtherKeys.Ratio
-			}
-			return r.Ratio
-		}
-		lo, hi := math.Inf(1), math.Inf(-1)
-		for _, r := range rs {
-			lo, hi = min(lo, ratio(r)), max(hi, ratio(r))
-		}
+		lo, hi := minMax(rs, ratio)
 		live50, live99 := "-", "-"
 		if rs[0].LiveMessages > 0 {
-			live50 = fmt.Sprintf("%.1fms", med(rs, func(r *benchResult) float64 { return r.LiveP50MS }))
-			live99 = fmt.Sprintf("%.1fms", med(rs, func(r *benchResult) float64 { return r.LiveP99MS }))
+			live50 = fmt.Sprintf("%.1fms", median(rs, func(r *benchResult) float64 { return r.LiveP50MS }))
+			live99 = fmt.Sprintf("%.1fms", median(rs, func(r *benchResult) float64 { return r.LiveP99MS }))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f (%.0f)\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.2f\t%.0f\t%.0f\t%.1f\t%.1f\t\n", name, len(rs),
-			med(rs, func(r *benchResult) float64 { return r.Throughput }),
-			med(rs, func(r *benchResult) float64 { return r.Ceiling }),
-			med(rs, func(r *benchResult) float64 { return float64(r.CeilingConcurrency) }),
-			med(rs, ratio), lo, hi, live50, live99,
-			med(rs, func(r *benchResult) float64 { return r.CPUPer10k }),
-			med(rs, func(r *benchResult) float64 { return r.RSSSteadyMB }),
-			med(rs, func(r *benchResult) float64 { return r.RSSPeakMB }),
-			med(rs, func(r *benchResult) float64 { return r.AllocsPerMsg }),
-			med(rs, func(r *benchResult) float64 { return r.OwnAllocsPerMsg }))
+			median(rs, func(r *benchResult) float64 { return r.Throughput }),
+			median(rs, func(r *benchResult) float64 { return r.Ceiling }),
+			median(rs, func(r *benchResult) float64 { return float64(r.CeilingConcurrency) }),
+			median(rs, ratio), lo, hi, live50, live99,
+			median(rs, func(r *benchResult) float64 { return r.CPUPer10k }),
+			median(rs, func(r *benchResult) float64 { return r.RSSSteadyMB }),
+			median(rs, func(r *benchResult) float64 { return r.RSSPeakMB }),
+			median(rs, func(r *benchResult) float64 { return r.AllocsPerMsg }),
+			median(rs, func(r *benchResult) float64 { return r.OwnAllocsPerMsg }))
 	}
 	tw.Flush()
 }

@@ -99,8 +99,6 @@ type benchResult struct {
 	// (Throughput and the figures above are Orderly's, Ceiling the plain
 	// loop's rate).
 	Transform *transformResult `json:"transform,omitempty"`
-
-	partHot int32 // partition of the hot key
 }
 
 // hotKey is the hot-key scenario's result.
@@ -151,7 +149,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	m := r.messages()
 	res := &benchResult{Name: r.name, Target: r.target, Messages: m, Keys: f.keys, Partitions: f.partitions,
 		Size: f.size, LatencyMS: ms(f.latency), Requests: f.requests, FailureRate: f.failureRate, HotKey: f.hotKey,
-		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, Instances: f.instances, partHot: -1}
+		MaxInFlight: f.maxInFlight, MaxConns: f.maxConns, Broker: f.broker, Dispatcher: f.dispatcher, Instances: f.instances}
 	b.printf("\n== %s: %d messages, %d keys, %d partitions, %d B, sink latency %s, %d request(s)/message, failure rate %.2f",
 		r.name, m, f.keys, f.partitions, f.size, f.latency, f.requests, f.failureRate)
 	if f.hotKey > 0 {
@@ -194,23 +192,14 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	var brokerChild *brokerProcess
 	brokers := config.EmbeddedBrokers
 	inProcess := f.dispatcher == "in-process"
-	switch {
-	case f.broker == "process":
-		brokerChild, err = startBrokerProcess(f.partitions, b.stderr)
-		if err != nil {
+	if f.broker == "process" || !inProcess {
+		// With -broker in-process and -dispatcher process, the broker is in
+		// this process, beside the sink; the child connects to it.
+		var stopBroker func()
+		if brokers, brokerChild, stopBroker, err = startBroker(f, b.stderr); err != nil {
 			return nil, err
 		}
-		defer brokerChild.close()
-		brokers = brokerChild.addr
-	case !inProcess:
-		// -broker in-process, -dispatcher process: the broker in this
-		// process, beside the sink; the child connects to it.
-		eb, err := startBenchBroker(f.partitions)
-		if err != nil {
-			return nil, fmt.Errorf("starting the broker: %w", err)
-		}
-		defer eb.Close()
-		brokers = eb.Addr()
+		defer stopBroker()
 	}
 	toml := benchConfig(f, brokers, sink.addr())
 	cfg, err := config.Parse([]byte(toml), "bench.toml")
@@ -282,12 +271,13 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	}
 	profName := func(file string) string { return b.profileName(file, r.name) }
 
+	var stopProfiles func() error
 	if inProcess {
 		// The baseline before the dispatcher starts: once started, it
 		// consumes at once.
 		settleMemory()
 		res.RSSBaselineMB = mb(currentRSS())
-		if err := startProfiles(side, f, profName); err != nil {
+		if stopProfiles, err = startProfiles(side, f, profName); err != nil {
 			return nil, err
 		}
 	} else if multi == nil {
@@ -311,7 +301,6 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		}
 		res.StartupMS = ms(base.s0.at.Sub(started))
 	}
-	s0, cpu0, brokerCPU0, st0 := base.s0, base.cpu, base.brokerCPU, base.stats
 	if !inProcess {
 		// The child is consuming already: its baseline is the process
 		// at start-up.
@@ -319,7 +308,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 			return nil, err
 		}
 		res.RSSBaselineMB = mb(side.rss())
-		if err := startProfiles(side, f, profName); err != nil {
+		if stopProfiles, err = startProfiles(side, f, profName); err != nil {
 			return nil, err
 		}
 	}
@@ -346,10 +335,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	}
 	s1 := snap()
 	cpu1 := side.cpu()
-	var brokerCPU time.Duration
-	if brokerChild != nil {
-		brokerCPU = brokerChild.cpu() - brokerCPU0
-	}
+	brokerCPU := brokerChild.cpu() - base.brokerCPU
 	st1, err := side.stats()
 	if err != nil {
 		return nil, err
@@ -361,13 +347,13 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	res.Delivered = int(okRequests) / f.requests
 	res.HeapInUseMB, res.StackInUseMB, res.GoSysMB = mb(int64(st1.HeapInuse)), mb(int64(st1.StackInuse)), mb(int64(st1.Sys))
 	steady, peak := rss.end()
-	if err := stopProfiles(side, f, profName); err != nil {
+	if err := stopProfiles(); err != nil {
 		return nil, err
 	}
 	res.RSSSteadyMB, res.RSSPeakMB = mb(steady), mb(peak)
 	res.BrokerCPUPer10k = brokerCPU.Seconds() / delivered * 10000
-	res.CPUPer10k = (cpu1 - cpu0).Seconds() / delivered * 10000
-	res.AllocsPerMsg = float64(st1.Mallocs-st0.Mallocs) / delivered
+	res.CPUPer10k = (cpu1 - base.cpu).Seconds() / delivered * 10000
+	res.AllocsPerMsg = float64(st1.Mallocs-base.stats.Mallocs) / delivered
 	if inProcess {
 		if res.CeilingAllocsPerMsg > 0 {
 			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.CeilingAllocsPerMsg
@@ -376,8 +362,8 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		// This process served the sink: its allocations per request
 		// are the server's side of net/http (and the harness's), which
 		// the ceiling run's per request has too, beside the client's.
-		res.SinkCPUPer10k = (s1.cpu - s0.cpu).Seconds() / delivered * 10000
-		res.SinkAllocsPerReq = float64(s1.mallocs-s0.mallocs) / float64(okRequests)
+		res.SinkCPUPer10k = (s1.cpu - base.s0.cpu).Seconds() / delivered * 10000
+		res.SinkAllocsPerReq = float64(s1.mallocs-base.s0.mallocs) / float64(okRequests)
 		if res.CeilingAllocsPerReq > 0 {
 			res.ClientAllocsPerReq = res.CeilingAllocsPerReq - res.SinkAllocsPerReq
 			res.OwnAllocsPerMsg = res.AllocsPerMsg - res.ClientAllocsPerReq*float64(f.requests)
@@ -409,7 +395,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		res.CeilingBefore, res.CeilingAfter = before.Ceiling, after
 		res.Ceiling = (before.Ceiling + after) / 2
 	}
-	b.analyse(res, samples, s0.at, f)
+	b.analyse(res, samples, base.s0.at, f)
 
 	// 4. Live messages: produce-to-request latency.
 	if f.live > 0 && f.hotKey == 0 {
@@ -469,10 +455,7 @@ type measureBase struct {
 }
 
 func takeBase(side orderlySide, broker *brokerProcess) (measureBase, error) {
-	b := measureBase{s0: snap(), cpu: side.cpu()}
-	if broker != nil {
-		b.brokerCPU = broker.cpu()
-	}
+	b := measureBase{s0: snap(), cpu: side.cpu(), brokerCPU: broker.cpu()}
 	var err error
 	b.stats, err = side.stats()
 	return b, err
@@ -492,12 +475,13 @@ func (b *bencher) analyse(res *benchResult, samples []sample, assigned time.Time
 	var last, first int64 = 0, math.MaxInt64
 	disp := make([]time.Duration, 0, len(samples))
 	var hk *hotKey
+	partHot := int32(-1) // partition of the hot key
 	if f.hotKey > 0 {
 		hk = &hotKey{}
 		res.OtherKeys = hk
 		for _, s := range samples {
 			if s.hot {
-				res.partHot = s.part
+				partHot = s.part
 				break
 			}
 		}
@@ -513,7 +497,7 @@ func (b *bencher) analyse(res *benchResult, samples []sample, assigned time.Time
 		last = max(last, s.recv)
 		disp = append(disp, time.Duration(s.recv-t0))
 		if hk != nil {
-			if s.part == res.partHot {
+			if s.part == partHot {
 				nSame++
 				lastSame = max(lastSame, s.recv)
 			} else {
@@ -530,7 +514,7 @@ func (b *bencher) analyse(res *benchResult, samples []sample, assigned time.Time
 		hk.HotDelivered /= f.requests
 		hk.Others = msgs
 		hk.OthersThroughput = float64(msgs) / window.Seconds()
-		hk.HotPartition = res.partHot
+		hk.HotPartition = partHot
 		if nSame > 0 {
 			hk.OthersSamePartitionMS = ms(time.Duration(lastSame - t0))
 		}
@@ -675,20 +659,11 @@ func (b *bencher) bestCeiling(ctx context.Context, r benchRun, sink *sinkServer,
 // never give up, with short backoffs (what -failure-rate measures).
 func benchConfig(f benchFlags, brokers, sink string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, `
-[kafka]
-brokers = %q
-group_id = "orderly-bench"
-topics = [%q]
-`, brokers, benchTopic)
+	b.WriteString(configHead(f, brokers, benchTopic))
 	if brokers == config.EmbeddedBrokers {
 		fmt.Fprintf(&b, "embedded_listen = \"127.0.0.1:0\"\nembedded_partitions = %d\n", f.partitions)
 	}
 	fmt.Fprintf(&b, `
-[dispatch]
-max_in_flight = %d
-drain_timeout = "2s"
-
 [http]
 max_conns_per_host = %d
 
@@ -700,13 +675,9 @@ max_backoff = "1s"
 [admin]
 listen = "127.0.0.1:0"
 
-[log]
-level = "warn"
-format = "text"
-
 [[routes]]
 name = "bench"
-`, f.maxInFlight, f.maxConns)
+`, f.maxConns)
 	for i := range f.requests {
 		path := "/people/{{ .Key }}"
 		if i > 0 {
@@ -720,4 +691,23 @@ name = "bench"
 `, sink, path)
 	}
 	return b.String()
+}
+
+// configHead is what the bench's configurations share: the [log] and
+// [dispatch] sections, then [kafka] on topic, left open for more keys.
+func configHead(f benchFlags, brokers, topic string) string {
+	return fmt.Sprintf(`
+[log]
+level = "warn"
+format = "text"
+
+[dispatch]
+max_in_flight = %d
+drain_timeout = "2s"
+
+[kafka]
+brokers = %q
+group_id = "orderly-bench"
+topics = [%q]
+`, f.maxInFlight, brokers, topic)
 }

@@ -61,7 +61,7 @@ var scenarios = []scenario{
 		f.messages, f.keys, f.partitions, f.size, f.latency = 50000, 1000, 8, 200, 0
 	}},
 	{num: "6", name: "transform", target: "the transform route (Kafka to Kafka) >= 0.8 of a plain consume, md5, produce loop's rate, keeping order per key, commit behind the acknowledged produce and the DLQ",
-		run: func(b *bencher, r benchRun) (*benchResult, error) { return b.transformRun(r) },
+		run: (*bencher).transformRun,
 		apply: func(f *benchFlags) {
 			// The 200 keys on 8 partitions; 100,000 name events
 			// rather than its 20,000, which the plain loop writes in a
@@ -178,7 +178,7 @@ type benchRun struct {
 	name   string // row name
 	target string // the scenario's target, for the output
 	f      benchFlags
-	run    func(b *bencher, r benchRun) (*benchResult, error) // nil: httpRun
+	run    func(b *bencher, r benchRun) (*benchResult, error) // the scenario's, or httpRun
 	// baselineOf, for a hot-key comparison run: produce only the other
 	// keys' messages of a run with this hot-key share (no hot key at all).
 	baselineOf float64
@@ -217,6 +217,9 @@ func benchRuns(f benchFlags, set []*flag.Flag) ([]benchRun, error) {
 	}
 	var runs []benchRun
 	add := func(name, target string, g benchFlags, run func(*bencher, benchRun) (*benchResult, error)) {
+		if run == nil {
+			run = (*bencher).httpRun
+		}
 		r := benchRun{name: name, target: target, f: g, run: run}
 		if g.hotKey > 0 {
 			c := benchRun{name: name + "-nohot", target: "comparison run: the same other-key messages, no hot key", f: g, run: run, baselineOf: g.hotKey}
@@ -295,13 +298,4 @@ func (r benchRun) messages() int {
 		return r.f.messages - hotCount(r.f.messages, r.baselineOf)
 	}
 	return r.f.messages
-}
-
-// exec measures the run with its scenario's run function, httpRun by
-// default.
-func (r benchRun) exec(b *bencher) (*benchResult, error) {
-	if r.run != nil {
-		return r.run(b, r)
-	}
-	return b.httpRun(r)
 }

@@ -77,7 +77,7 @@ func (b *bencher) transformRun(r benchRun) (*benchResult, error) {
 	f := r.f
 	m := r.messages()
 	res := &benchResult{Name: r.name, Target: r.target, Messages: m, Keys: f.keys, Partitions: f.partitions,
-		Size: f.size, Requests: 1, MaxInFlight: f.maxInFlight, Broker: f.broker, Dispatcher: f.dispatcher, partHot: -1}
+		Size: f.size, Requests: 1, MaxInFlight: f.maxInFlight, Broker: f.broker, Dispatcher: f.dispatcher}
 	b.printf("\n== %s: %d name events, %d keys, %d partitions, %d B, topic %s to %s (orderly) and %s (plain loop), max_in_flight %d, broker %s, orderly and plain loop %s\n",
 		r.name, m, f.keys, f.partitions, f.size, transformInput, transformOutput, transformPlainOutput, f.maxInFlight, f.broker, f.dispatcher)
 	if r.target != "" {
@@ -86,23 +86,11 @@ func (b *bencher) transformRun(r benchRun) (*benchResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
 	defer cancel()
 
-	var brokers string
-	var brokerCPU func() time.Duration // nil: the broker is in this process
-	if f.broker == "process" {
-		bp, err := startBrokerProcess(f.partitions, b.stderr)
-		if err != nil {
-			return nil, err
-		}
-		defer bp.close()
-		brokers, brokerCPU = bp.addr, bp.cpu
-	} else {
-		eb, err := startBenchBroker(f.partitions)
-		if err != nil {
-			return nil, fmt.Errorf("starting the broker: %w", err)
-		}
-		defer eb.Close()
-		brokers = eb.Addr()
+	brokers, brokerChild, stopBroker, err := startBroker(f, b.stderr)
+	if err != nil {
+		return nil, err
 	}
+	defer stopBroker()
 
 	gen := r.generator()
 	recs := gen.Records(m)
@@ -133,7 +121,7 @@ func (b *bencher) transformRun(r benchRun) (*benchResult, error) {
 			run += "-plain"
 		}
 		profName := func(file string) string { return b.profileName(file, run) }
-		s, err := b.measureTransform(ctx, f, side, system, brokers, brokerCPU, topic, recs, profName)
+		s, err := b.measureTransform(ctx, f, side, system, brokers, brokerChild, topic, recs, profName)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", system, err)
 		}
@@ -208,20 +196,12 @@ func produceRecords(ctx context.Context, brokers, topic string, recs []testkit.R
 	return nil
 }
 
-// measureTransform starts side and measures it until its output topic
-// holds a record of every event (the sum of its partitions' end offsets,
-// polled every transformPoll, reaches the events' count); then it stops the
-// side and reads the topic back to check the records. The rate's window runs
-// from the poll that saw the first record to the one that saw the last, so
-// that the side's start-up (joining the group, the first fetch) is left out;
-// the CPU is the side's from its partition assignment (every event is
-// consumable) on. The check reads after the window, so that the reader does
-// not compete with the side for the CPU.
+// measureTransform starts side and measures it until its output topic's end
+// offsets (polled every transformPoll) count every event, then stops it and
+// reads the topic back to check it. The rate's window runs from the first
+// record to the last (start-up left out), the CPU from the assignment.
 func (b *bencher) measureTransform(ctx context.Context, f benchFlags, side orderlySide, system, brokers string,
-	brokerCPU func() time.Duration, topic string, recs []testkit.Record, profName func(string) string) (*transformSide, error) {
-	if brokerCPU == nil {
-		brokerCPU = func() time.Duration { return 0 }
-	}
+	broker *brokerProcess, topic string, recs []testkit.Record, profName func(string) string) (*transformSide, error) {
 	s := &transformSide{System: system, Topic: topic}
 	ends, err := newEndOffsets(brokers, topic, f.partitions)
 	if err != nil {
@@ -235,8 +215,9 @@ func (b *bencher) measureTransform(ctx context.Context, f benchFlags, side order
 		return nil, err
 	}
 	assigned := time.Now()
-	cpu0, bcpu0 := side.cpu(), brokerCPU()
-	if err := startProfiles(side, f, profName); err != nil {
+	cpu0, bcpu0 := side.cpu(), broker.cpu()
+	stopProfiles, err := startProfiles(side, f, profName)
+	if err != nil {
 		return nil, err
 	}
 	rss := sampleRSS(100*time.Millisecond, side.rss)
@@ -265,9 +246,9 @@ func (b *bencher) measureTransform(ctx context.Context, f benchFlags, side order
 			done = now
 		}
 	}
-	cpu, bcpu := side.cpu()-cpu0, brokerCPU()-bcpu0
+	cpu, bcpu := side.cpu()-cpu0, broker.cpu()-bcpu0
 	steady, peak := rss.end()
-	if err := stopProfiles(side, f, profName); err != nil {
+	if err := stopProfiles(); err != nil {
 		return nil, err
 	}
 	s.MaxRSS = mb(side.peakRSS())
@@ -393,68 +374,37 @@ func readHashed(ctx context.Context, brokers, topic string, recs []testkit.Recor
 // with one topic request, testkit.HashedValue to names_hashed, and the DLQ
 // on (the plain loop has none).
 func transformConfig(f benchFlags, brokers string) string {
-	return fmt.Sprintf(`
-[kafka]
-brokers = %q
-group_id = "orderly-bench"
-topics = [%q]
-
-[dispatch]
-max_in_flight = %d
-drain_timeout = "2s"
-
+	return configHead(f, brokers, transformInput) + fmt.Sprintf(`
 [dlq]
 topic = %q
 
 [admin]
 listen = ""
 
-[log]
-level = "warn"
-format = "text"
-
 [[routes]]
 name = "hash-names"
   [[routes.requests]]
   topic = %q
   value = '%s'
-`, brokers, transformInput, f.maxInFlight, transformDLQ, transformOutput, testkit.HashedValue)
+`, transformDLQ, transformOutput, testkit.HashedValue)
 }
 
 // --- the plain loop -----------------------------------------------------------
 
-// localPlain is the transform's baseline in this process: the loop of the
-// write-ups, one consumer group member reading the name events, and for
-// each, in the order consumed, its transform produced under the same key
-// by an idempotent producer (acks=all) without waiting for it; delivery
-// reports are drained by a goroutine of their own, offsets auto-committed
-// every 5 s whether the records were acknowledged or not. The transform and
-// the produce call run in a goroutine per input partition, fed in order by
-// the consume loop: a key's events stay in order (one partition, one
-// goroutine, and the idempotent producer keeps a partition's records in
-// order), and on this machine it beat a single loop doing everything by
-// about a fifth. It has no retry beyond librdkafka's, no DLQ, and no commit
-// that waits for the produce. Its methods are those of orderlySide; the
-// measurement ones come from procTools.
+// localPlain is the transform's baseline in this process, the write-ups'
+// loop: consume, then transform and produce (idempotent, acks=all, not waited
+// for) in a goroutine per input partition, which keeps keys in order and beat
+// one loop by a fifth here; auto-commit whether acknowledged or not, no DLQ.
 type localPlain struct {
-	procTools
+	localSide
 	brokers string
-
-	stop   context.CancelFunc
-	done   chan struct{} // closed when the loop returned; runErr is then set
-	runErr error
 	// bad counts events the transform could not read (skipped: no DLQ);
 	// failed, records whose delivery failed (lost).
 	bad, failed atomic.Int64
-
-	once    sync.Once
-	shutErr error
 }
 
-var _ orderlySide = (*localPlain)(nil)
-
 func newLocalPlain(brokers string) *localPlain {
-	return &localPlain{brokers: brokers, done: make(chan struct{})}
+	return &localPlain{localSide: localSide{what: "the plain loop", done: make(chan struct{})}, brokers: brokers}
 }
 
 func (l *localPlain) start(ctx context.Context) error {
@@ -502,17 +452,12 @@ func (l *localPlain) start(ctx context.Context) error {
 		p.Close()
 		return fmt.Errorf("unable to subscribe: %w", err)
 	}
-	runCtx, stop := context.WithCancel(context.Background())
-	l.stop = stop
-	go func() {
-		defer close(l.done)
-		l.runErr = l.loop(runCtx, c, p)
-	}()
+	l.run(func(ctx context.Context) error { return l.loop(ctx, c, p) })
 	select {
 	case <-assigned:
 		return nil
 	case <-l.done:
-		return fmt.Errorf("the plain loop stopped: %v", l.runErr)
+		return l.stopped()
 	case <-ctx.Done():
 		return errors.New("timed out waiting for the partition assignment")
 	}
@@ -612,45 +557,14 @@ func (l *localPlain) work(ctx context.Context, p *kafka.Producer, q <-chan *kafk
 	return nil
 }
 
-func (l *localPlain) exited() <-chan struct{} { return l.done }
-
-func (l *localPlain) exitErr() error {
-	select {
-	case <-l.done:
-		return l.runErr
-	default:
-		return nil
-	}
-}
-
 func (l *localPlain) stats() (orderlyStats, error) { return l.readStats(nil), nil }
 
-func (l *localPlain) shutdown() error {
-	l.once.Do(func() {
-		if l.stopCPU != nil {
-			_ = l.stopCPUProfile()
-		}
-		if l.stop == nil {
-			return
-		}
-		l.stop()
-		select {
-		case <-l.done:
-			l.shutErr = l.runErr
-		case <-time.After(stopTimeout):
-			l.shutErr = fmt.Errorf("the plain loop did not stop within %s", stopTimeout)
-		}
-	})
-	return l.shutErr
-}
+func (l *localPlain) shutdown() error { return l.stopLoop(nil) }
 
 // servePlainLoop is `orderly-bench -serve-plainloop -brokers ADDR`: the plain
 // loop alone, answering the protocol of -serve-dispatcher (dispatcher.go).
 func servePlainLoop(brokers string, stdin io.Reader, stdout, stderr io.Writer) int {
-	fail := func(err error) int {
-		fmt.Fprintln(stderr, "orderly-bench -serve-plainloop:", err)
-		return 1
-	}
+	fail := failer("serve-plainloop", stderr)
 	if brokers == "" {
 		return fail(errors.New("-brokers ADDR is required"))
 	}

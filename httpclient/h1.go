@@ -383,8 +383,9 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 		}
 		return nil, stale && pc.reused, err
 	}
-	if err := pc.write(req); err != nil {
-		return fail(err, true)
+	writeErr := pc.write(req)
+	if writeErr != nil && !pc.answered(ctx) {
+		return fail(writeErr, true)
 	}
 	if _, err := pc.br.Peek(1); err != nil {
 		return fail(err, replayable(req))
@@ -399,7 +400,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 	if err != nil {
 		return fail(err, false)
 	}
-	last := resp.Close || req.Close || resp.StatusCode == http.StatusSwitchingProtocols ||
+	last := writeErr != nil || resp.Close || req.Close || resp.StatusCode == http.StatusSwitchingProtocols ||
 		httpguts.HeaderValuesContainsToken(req.Header["Connection"], "close")
 	if resp.Body == http.NoBody {
 		pc.done(stop, last)
@@ -408,6 +409,24 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 	resp.Body = &h1Body{rc: resp.Body, ctx: ctx, pc: pc, stop: stop, last: last}
 	return resp, false, nil
 }
+
+// answered reports whether the server sent something before writing to it
+// failed: a server may answer before it has read the whole request and
+// close (a 413 for a body over its limit), and its answer is then in the
+// socket's buffer. net/http reads answers while it writes and returns
+// that one; so does roundTrip, reading what came within earlyAnswerWait.
+func (pc *h1Conn) answered(ctx context.Context) bool {
+	if pc.nc.SetReadDeadline(time.Now().Add(earlyAnswerWait)) != nil {
+		return false
+	}
+	_, err := pc.br.Peek(1)
+	// Clearing the deadline may undo a cut: a canceled attempt stops here.
+	return pc.nc.SetReadDeadline(time.Time{}) == nil && ctx.Err() == nil && err == nil
+}
+
+// earlyAnswerWait bounds how long a failed write waits for an answer the
+// server sent before it closed.
+const earlyAnswerWait = 50 * time.Millisecond
 
 // done ends a round trip whose answer was read in full: the connection goes
 // back to the pool, unless it was its last or the attempt was canceled.

@@ -402,3 +402,31 @@ func TestTLSHandshakeTimeout(t *testing.T) {
 		t.Fatalf("got %v, want %v", err, errTLSHandshakeTimeout)
 	}
 }
+
+// TestEarlyAnswerToALargeBody: a server that answers before reading a body
+// larger than the socket buffers (a 413 from a size limit) and closes gets
+// its answer through, as net/http returns it, not the write error.
+func TestEarlyAnswerToALargeBody(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		w.WriteHeader(http.StatusRequestEntityTooLarge)
+		_, _ = io.WriteString(w, "too large")
+	}))
+	defer srv.Close()
+	tr := newH1Transport(&http.Transport{IdleConnTimeout: time.Minute}, (&net.Dialer{}).DialContext)
+	defer tr.CloseIdleConnections()
+	body := strings.Repeat("x", 64<<20)
+	req, err := http.NewRequest(http.MethodPost, srv.URL+"/upload", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("round trip: %v, want the server's 413", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || string(b) != "too large" {
+		t.Errorf("answer %d %q, want 413 \"too large\"", resp.StatusCode, b)
+	}
+}

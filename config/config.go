@@ -307,15 +307,9 @@ func propertyString(v any) (string, error) {
 		return "", errors.New(`is a table: librdkafka properties are flat; quote a dotted name ("security.protocol" = "SSL", not security.protocol = "SSL")`)
 	case []any:
 		return "", errors.New(`is an array: librdkafka takes lists as one comma-separated string ("a,b")`)
-	default:
-		return "", fmt.Errorf("must be a string, number or boolean, not %s", tomlKind(v))
-	}
-}
-
-func tomlKind(v any) string {
-	switch v.(type) {
 	case toml.LocalDate, toml.LocalDateTime, toml.LocalTime, time.Time:
-		return "a date or time (quote it)"
+		return "", errors.New("must be a string, number or boolean, not a date or time (quote it)")
+	default:
+		return "", fmt.Errorf("must be a string, number or boolean, not %T", v)
 	}
-	return fmt.Sprintf("%T", v)
 }

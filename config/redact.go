@@ -1,6 +1,7 @@
 package config
 
 import (
+	"slices"
 	"strings"
 
 	toml "github.com/pelletier/go-toml/v2"
@@ -64,12 +65,7 @@ var (
 
 func secretName(name string, parts []string) bool {
 	name = strings.ToLower(name)
-	for _, p := range parts {
-		if strings.Contains(name, p) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(parts, func(p string) bool { return strings.Contains(name, p) })
 }
 
 // redactURL replaces the password of a URL's userinfo, textually so that

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"slices"
 	"strings"
 )
 
@@ -38,15 +37,6 @@ const (
 	FormatProtobuf   = "protobuf"    // Schema Registry framing, Protobuf
 	FormatJSONSchema = "json_schema" // Schema Registry framing, JSON Schema
 )
-
-// Formats lists the values of value_format and key_format.
-var Formats = []string{FormatJSON, FormatString, FormatBytes, FormatAvro, FormatProtobuf, FormatJSONSchema}
-
-// SchemaFramed reports whether format reads bytes framed for a schema
-// registry (magic byte, schema id, payload), which needs [schema_registry].
-func SchemaFramed(format string) bool {
-	return format == FormatAvro || format == FormatProtobuf || format == FormatJSONSchema
-}
 
 // ClientConfig returns the *tls.Config t describes, nil for the zero
 // TargetTLS (the system's defaults): certificates verified against CAFile
@@ -133,12 +123,14 @@ func (v *validator) schemaRegistry() {
 
 // format checks a value_format or key_format ("" is the default).
 func (v *validator) format(p keyPath, f string) {
-	switch {
-	case f == "":
-	case !slices.Contains(Formats, f):
-		v.fail(p, "must be %s, not %q", orList(Formats), f)
-	case SchemaFramed(f) && v.c.SchemaRegistry.URL == "":
-		v.failAt(p, key("schema_registry", "url"), "%q reads schemas from a Schema Registry: set [schema_registry] url", f)
+	switch f {
+	case "", FormatJSON, FormatString, FormatBytes:
+	case FormatAvro, FormatProtobuf, FormatJSONSchema:
+		if v.c.SchemaRegistry.URL == "" {
+			v.failAt(p, key("schema_registry", "url"), "%q reads schemas from a Schema Registry: set [schema_registry] url", f)
+		}
+	default:
+		v.fail(p, `must be "json", "string", "bytes", "avro", "protobuf" or "json_schema", not %q`, f)
 	}
 }
 
@@ -190,16 +182,4 @@ func redactSchemaRegistry(s SchemaRegistry) SchemaRegistry {
 	}
 	s.URL = strings.Join(urls, ",")
 	return s
-}
-
-// orList renders list as `"a", "b" or "c"`.
-func orList(list []string) string {
-	q := make([]string, len(list))
-	for i, s := range list {
-		q[i] = fmt.Sprintf("%q", s)
-	}
-	if len(q) < 2 {
-		return strings.Join(q, "")
-	}
-	return strings.Join(q[:len(q)-1], ", ") + " or " + q[len(q)-1]
 }

@@ -119,10 +119,8 @@ const (
 
 // Target returns the target called name, or nil.
 func (c *Config) Target(name string) *Target {
-	for i := range c.Targets {
-		if c.Targets[i].Name == name {
-			return &c.Targets[i]
-		}
+	if i := slices.IndexFunc(c.Targets, func(t Target) bool { return t.Name == name }); i >= 0 {
+		return &c.Targets[i]
 	}
 	return nil
 }
@@ -294,7 +292,7 @@ func (v *validator) targetAuth(p keyPath, a *TargetAuth, headers map[string]stri
 		}
 	}
 	for name := range headers {
-		if a.Type != AuthNone && http.CanonicalHeaderKey(name) == "Authorization" {
+		if http.CanonicalHeaderKey(name) == "Authorization" {
 			v.failAt(p.key("type"), p, "sets the Authorization header, which targets[].headers sets too: keep one")
 		}
 	}

@@ -122,14 +122,9 @@ func (v *validator) kafka() {
 
 	// Properties: RawProperties as decoded, or Properties of a Config built
 	// in code.
-	names := map[string]bool{}
-	for name := range k.RawProperties {
-		names[name] = true
-	}
-	for name := range k.Properties {
-		names[name] = true
-	}
-	for _, name := range slices.Sorted(maps.Keys(names)) {
+	names := slices.AppendSeq(slices.Collect(maps.Keys(k.RawProperties)), maps.Keys(k.Properties))
+	slices.Sort(names)
+	for _, name := range slices.Compact(names) {
 		p := key("kafka", "properties", name)
 		if raw, ok := k.RawProperties[name]; ok {
 			if _, err := propertyString(raw); err != nil {
@@ -208,14 +203,12 @@ const drainMargin = 5 * time.Second
 // (reported elsewhere).
 func (c *Config) maxPollInterval() (time.Duration, bool) {
 	v, set := c.Kafka.Properties["max.poll.interval.ms"]
-	if !set {
-		if raw, ok := c.Kafka.RawProperties["max.poll.interval.ms"]; ok {
-			s, err := propertyString(raw)
-			if err != nil {
-				return 0, false
-			}
-			v, set = s, true
+	if raw, ok := c.Kafka.RawProperties["max.poll.interval.ms"]; ok && !set {
+		s, err := propertyString(raw)
+		if err != nil {
+			return 0, false
 		}
+		v, set = s, true
 	}
 	if !set {
 		return 300 * time.Second, true
@@ -430,10 +423,8 @@ func (v *validator) record(p keyPath, rq *Request) {
 			v.fail(p.key(k.name), "is set with topic: %s", k.use)
 		}
 	}
-	for _, name := range slices.Sorted(maps.Keys(rq.Headers)) {
-		if name == "" {
-			v.fail(p.key("headers", name), "a record header needs a name")
-		}
+	if _, ok := rq.Headers[""]; ok {
+		v.fail(p.key("headers", ""), "a record header needs a name")
 	}
 }
 

@@ -320,7 +320,10 @@ type header struct {
 // every problem it finds, each as a *CompileError, joined with errors.Join;
 // the Router is nil then. Requests may name the targets given WithTargets.
 func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOption) (*Router, error) {
-	o := newCompileOptions(opts)
+	o := &compileOptions{targets: map[string]*config.Target{}}
+	for _, opt := range opts {
+		opt(o)
+	}
 	r := &Router{
 		routes: make([]Route, len(routes)),
 		byName: make(map[string]*Route, len(routes)),
@@ -378,23 +381,13 @@ func Compile(routes []config.Route, consumedTopics []string, opts ...CompileOpti
 			n |= rt.when.needs
 			paths = union(paths, rt.when.value)
 			matchSpec.paths = union(rt.when.value, matchSpec.paths)
-			if rt.when.needs&needValueExpr != 0 {
-				matchSpec.mode |= modeExpr
-			}
+			matchSpec.mode |= modeOf(rt.when.needs)
 		}
 		spec.paths = union(paths, spec.paths)
-		if n&needValueTpl != 0 {
-			spec.mode |= modeTemplate
-		}
-		if n&needValueExpr != 0 {
-			spec.mode |= modeExpr
-		}
+		spec.mode |= modeOf(n)
+		spec.codec, matchSpec.codec = rt.codec, rt.codec
 		rt.spec, rt.matchSpec = spec, matchSpec
-		rt.renderSpec = valueSpec{paths: rt.value}
-		if rt.needs&needValueTpl != 0 {
-			rt.renderSpec.mode = modeTemplate
-		}
-		rt.spec.codec, rt.matchSpec.codec, rt.renderSpec.codec = rt.codec, rt.codec, rt.codec
+		rt.renderSpec = valueSpec{paths: rt.value, mode: modeOf(rt.needs), codec: rt.codec}
 	}
 	return r, nil
 }
@@ -417,20 +410,24 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 		rq.responses = max(rq.responses, tx.responses)
 		rt.chained = rt.chained || tx.responses > 0
 	}
+	// compile compiles the template src of field; nil when it fails.
+	compile := func(field, src string) *text {
+		tx, err := compileText(field, src)
+		if err != nil {
+			fail(at(field), err)
+		}
+		use(field, tx)
+		return tx
+	}
 
 	if cr.Topic != "" || cr.Key != nil || cr.Value != nil {
-		rt.compileRecord(rq, j, cr, fail, use) // records.go
+		compileRecord(rq, cr, at, fail, compile) // records.go
 		return
 	}
 
 	switch m := cr.Method; {
 	case strings.Contains(m, "{{"):
-		tx, err := compileText("method", m)
-		if err != nil {
-			fail(at("method"), err)
-		}
-		rq.method = tx
-		use("method", tx)
+		rq.method = compile("method", m)
 	case m == "":
 		rq.methodStr = http.MethodPost
 	case !httpguts.ValidHeaderFieldName(m):
@@ -449,52 +446,43 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 	default:
 		rq.setURL(tx, at("url"), at("url"), errors.New("a url template must start with a literal scheme://host[:port] followed by /, ? or #: "+
 			"the scheme, host and port of a request come from the configuration only"), fail)
-		if !tx.static {
-			use("url", tx)
-		}
+		use("url", tx)
 	}
 
 	names := slices.Sorted(maps.Keys(cr.Headers))
 	canon := make(map[string]string, len(names))
 	for _, name := range names {
-		field := at(fmt.Sprintf("headers[%q]", name))
+		field := fmt.Sprintf("headers[%q]", name)
 		cn := http.CanonicalHeaderKey(name)
 		if !httpguts.ValidHeaderFieldName(name) {
-			fail(field, fmt.Errorf("%q is not a valid header name", name))
+			fail(at(field), fmt.Errorf("%q is not a valid header name", name))
 			continue
 		}
 		if prev, dup := canon[cn]; dup {
-			fail(field, fmt.Errorf("header %q is also set as %q", name, prev))
+			fail(at(field), fmt.Errorf("header %q is also set as %q", name, prev))
 			continue
 		}
 		canon[cn] = name
-		tx, err := compileText(fmt.Sprintf("headers[%q]", name), cr.Headers[name])
+		tx, err := compileText(field, cr.Headers[name])
+		switch {
+		case err != nil:
+		case tx.static:
+			err = checkHeaderValue(tx.str)
+		case cn == "Host":
+			err = errors.New("the Host header cannot be a template: the host of a request comes from the configuration only")
+		}
 		if err != nil {
-			fail(field, err)
+			fail(at(field), err)
 			continue
 		}
-		if tx.static {
-			if err := checkHeaderValue(tx.str); err != nil {
-				fail(field, err)
-				continue
-			}
-		} else if cn == "Host" {
-			fail(field, errors.New("the Host header cannot be a template: the host of a request comes from the configuration only"))
-			continue
-		}
-		use(fmt.Sprintf("headers[%q]", name), tx)
+		use(field, tx)
 		rq.headers = append(rq.headers, header{name: cn, val: tx})
 	}
 	slices.SortFunc(rq.headers, func(a, b header) int { return strings.Compare(a.name, b.name) })
 	rq.shareStaticHeaders()
 
 	if cr.Body != nil {
-		tx, err := compileText("body", *cr.Body)
-		if err != nil {
-			fail(at("body"), err)
-		}
-		rq.body = tx
-		use("body", tx)
+		rq.body = compile("body", *cr.Body)
 	}
 }
 
@@ -504,13 +492,10 @@ func (rt *Route) compileRequest(j int, cr *config.Request, o *compileOptions, fa
 // *UnavailableError when the schema registry that a key or value format
 // needs could not be asked (an outage: try again later). Plan does not
 // modify m; the returned Plan may alias m.Value in Request.Body.
-func (r *Router) Plan(m *Message) (Plan, error) { return r.PlanInto(m, nil) }
+func (r *Router) Plan(m *Message) (Plan, error) { return r.planInto(m, nil) }
 
-// PlanInto is Plan rendering the requests into buf when it has room for them
-// (cap(buf) >= the route's request count): a caller that keeps one or two
-// Requests of storage beside the message saves the allocation of the slice.
-// Plan.Requests then aliases buf.
-func (r *Router) PlanInto(m *Message, buf []Request) (Plan, error) {
+// planInto is Plan rendering the requests into buf when it has room (see Render).
+func (r *Router) planInto(m *Message, buf []Request) (Plan, error) {
 	st := getState(m)
 	defer putState(st)
 	rt, err := r.match(st, false)
@@ -595,12 +580,13 @@ func (rt *Route) FirstTarget() string {
 }
 
 // Render renders the requests of rt for m, whatever its topics and `when`
-// say, into buf when it has room (see PlanInto). It fails with a
+// say, into buf when it has room (cap(buf) >= its request count; the
+// Plan's Requests then alias buf, saving their allocation). It fails with a
 // *BadMessageError or an *UnavailableError as Plan does; a Pending route
 // is matched again (see Pending).
 func (rt *Route) Render(m *Message, buf []Request) (Plan, error) {
 	if rt.rematch != nil {
-		return rt.rematch.PlanInto(m, buf) // Pending
+		return rt.rematch.planInto(m, buf) // Pending
 	}
 	st := getState(m)
 	defer putState(st)
@@ -623,19 +609,16 @@ func (r *Router) PlanRoute(name string, m *Message) (Plan, error) {
 	return rt.Render(m, nil)
 }
 
-// reasonOf formats a BadMessageError reason: where, then what.
-func reasonOf(where string, err error) string {
-	return where + ": " + err.Error()
+// bad is the *BadMessageError of request i of rt failing at where.
+func (rt *Route) bad(i int, where string, err error) *BadMessageError {
+	return &BadMessageError{Route: rt.name, Index: i, Reason: where + ": " + err.Error(), Err: err}
 }
 
 // render renders every request of rt for the message in st, into buf when
 // it has room, decoding the value as spec says if it is not decoded yet.
 func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error) {
-	bad := func(i int, where string, err error) (Plan, error) {
-		return Plan{}, &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf(where, err), Err: err}
-	}
 	if err := st.need(rt.needs, spec); err != nil {
-		return bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
+		return Plan{}, rt.bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
 	}
 	var reqs []Request
 	if cap(buf) >= len(rt.reqs) {
@@ -652,7 +635,7 @@ func (rt *Route) render(st *state, buf []Request, spec *valueSpec) (Plan, error)
 			continue
 		}
 		if field, err := rt.renderRequest(st, i, out); err != nil {
-			return bad(i, "requests["+strconv.Itoa(i)+"]."+field, err)
+			return Plan{}, rt.bad(i, "requests["+strconv.Itoa(i)+"]."+field, err)
 		}
 	}
 	return Plan{Route: rt.name, Requests: reqs}, nil

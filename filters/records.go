@@ -5,16 +5,15 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strconv"
 
 	"github.com/orderly-dispatch/orderly/config"
 )
 
 // compileRecord compiles a request that produces a Kafka record: its topic
-// (literal), and its key, value and header templates. Header names are kept
-// as written: Kafka header keys are case-sensitive.
-func (rt *Route) compileRecord(rq *request, j int, cr *config.Request, fail func(string, error), use func(string, *text)) {
-	at := func(field string) string { return "requests[" + strconv.Itoa(j) + "]." + field }
+// (literal), and its key, value and header templates (see compileRequest
+// for at and compile). Header names are kept as written: Kafka header keys
+// are case-sensitive.
+func compileRecord(rq *request, cr *config.Request, at func(string) string, fail func(string, error), compile func(field, src string) *text) {
 	switch {
 	case cr.Topic == "":
 		fail(at("topic"), errors.New("a request with a key or value produces a record and needs a topic"))
@@ -28,35 +27,19 @@ func (rt *Route) compileRecord(rq *request, j int, cr *config.Request, fail func
 		return
 	}
 	rq.topic = cr.Topic
-	for _, t := range []struct {
-		field string
-		src   *string
-		dst   **text
-	}{{"key", cr.Key, &rq.key}, {"value", cr.Value, &rq.body}} {
-		if t.src == nil {
-			continue
-		}
-		tx, err := compileText(t.field, *t.src)
-		if err != nil {
-			fail(at(t.field), err)
-			continue
-		}
-		*t.dst = tx
-		use(t.field, tx)
+	if cr.Key != nil {
+		rq.key = compile("key", *cr.Key)
+	}
+	if cr.Value != nil {
+		rq.body = compile("value", *cr.Value)
 	}
 	for _, name := range slices.Sorted(maps.Keys(cr.Headers)) {
 		field := fmt.Sprintf("headers[%q]", name)
 		if name == "" {
 			fail(at(field), errors.New("a record header needs a name"))
-			continue
+		} else if tx := compile(field, cr.Headers[name]); tx != nil {
+			rq.headers = append(rq.headers, header{name: name, val: tx})
 		}
-		tx, err := compileText(field, cr.Headers[name])
-		if err != nil {
-			fail(at(field), err)
-			continue
-		}
-		use(field, tx)
-		rq.headers = append(rq.headers, header{name: name, val: tx})
 	}
 	rq.shareStaticHeaders()
 }

@@ -73,12 +73,12 @@ func (rt *Route) RenderRequest(m *Message, i int, responses []Response, out *Req
 		return err
 	}
 	if err := st.need(rt.needs, &rt.renderSpec); err != nil {
-		return &BadMessageError{Route: rt.name, Index: rt.valueReq, Reason: reasonOf(rt.valueUser+" needs the value as JSON", err), Err: err}
+		return rt.bad(rt.valueReq, rt.valueUser+" needs the value as JSON", err)
 	}
 	st.data.Responses = newTplResponses(responses)
 	*out = Request{}
 	if field, err := rt.renderRequest(st, i, out); err != nil {
-		return &BadMessageError{Route: rt.name, Index: i, Reason: reasonOf("requests["+strconv.Itoa(i)+"]."+field, err), Err: err}
+		return rt.bad(i, "requests["+strconv.Itoa(i)+"]."+field, err)
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -12,20 +13,10 @@ import (
 )
 
 // This file holds how a route reads values and keys that are not JSON
-// (value_format, key_format). "string" and "bytes" values are handed over as
-// they are. A schema-framed value (Confluent Schema Registry framing: magic
-// byte, schema id, payload; "avro", "protobuf", "json_schema") is turned into
-// JSON by the SchemaDecoder given WithSchemaRegistry, and that JSON goes
-// through the JSON decoder as a JSON value would: `value` and .Value see
-// the decoded value, while .Raw and a request without body keep the
-// original bytes. A schema-framed key becomes .Key and `key`: the decoded
-// key when it is a string, else its JSON.
-//
-// A value or key that cannot be decoded is a bad message (ErrUndecodable);
-// a registry that cannot be asked is not the message's fault: Plan and
-// Render return the *UnavailableError itself (never inside a
-// *BadMessageError), and Match, when a `when` needs such a value, returns a
-// route that matches again when it is rendered (Pending).
+// (value_format, key_format: see "Value and key formats" in the package
+// doc). A registry that cannot be asked is not the message's fault: Plan
+// and Render return the *UnavailableError itself (never inside a
+// *BadMessageError), and Match returns a Pending route.
 
 // ErrUnavailable is matched (errors.Is) by an *UnavailableError.
 var ErrUnavailable = errors.New("schema registry unavailable")
@@ -125,10 +116,8 @@ func parseFormat(s string, def format) (format, error) {
 	if s == "" {
 		return def, nil
 	}
-	for f, name := range formatNames {
-		if name == s {
-			return format(f), nil
-		}
+	if f := slices.Index(formatNames[:], s); f >= 0 {
+		return format(f), nil
 	}
 	return 0, fmt.Errorf("must be %q, %q, %q, %q, %q or %q, not %q", config.FormatJSON, config.FormatString,
 		config.FormatBytes, config.FormatAvro, config.FormatProtobuf, config.FormatJSONSchema, s)
@@ -255,9 +244,9 @@ func (rt *Route) prepare(st *state, spec *valueSpec) error {
 		var de *decodeError
 		errors.As(err, &de)
 		if de != nil && de.key {
-			return &BadMessageError{Route: rt.name, Index: 0, Reason: "the key: " + err.Error(), Err: err}
+			return rt.bad(0, "the key", err)
 		}
-		return &BadMessageError{Route: rt.name, Index: rt.valueReq, Reason: rt.valueUser + " needs the value: " + err.Error(), Err: err}
+		return rt.bad(rt.valueReq, rt.valueUser+" needs the value", err)
 	}
 	return nil
 }

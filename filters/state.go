@@ -139,12 +139,7 @@ func (st *state) need(n needs, spec *valueSpec) error {
 	if spec != nil && spec.paths != nil {
 		paths, mode = spec.paths, spec.mode
 	}
-	if miss&needValueTpl != 0 {
-		mode |= modeTemplate
-	}
-	if miss&needValueExpr != 0 {
-		mode |= modeExpr
-	}
+	mode |= modeOf(miss)
 	t, e, err := st.dec.decode(src, mode, paths)
 	if err != nil {
 		st.decErr = err
@@ -159,6 +154,17 @@ func (st *state) need(n needs, spec *valueSpec) error {
 		st.have |= needValueExpr
 	}
 	return nil
+}
+
+// modeOf is how to decode the value for what n reads of it.
+func modeOf(n needs) (m decodeMode) {
+	if n&needValueTpl != 0 {
+		m |= modeTemplate
+	}
+	if n&needValueExpr != 0 {
+		m |= modeExpr
+	}
+	return m
 }
 
 // setCodec makes c the formats st builds with, forgetting what it built

@@ -29,14 +29,6 @@ func WithTargets(targets []config.Target) CompileOption {
 	}
 }
 
-func newCompileOptions(opts []CompileOption) *compileOptions {
-	o := &compileOptions{targets: map[string]*config.Target{}}
-	for _, opt := range opts {
-		opt(o)
-	}
-	return o
-}
-
 // compileTarget compiles where a request that names a target goes: the
 // target's base_url followed by the path template, compiled as one URL
 // template, so that the path is escaped exactly as a url's path is (each
@@ -68,17 +60,14 @@ func (rt *Route) compileTarget(rq *request, j int, cr *config.Request, o *compil
 	}
 	rq.targetName = t.Name
 	tx, err := compileText("path", base+cr.Path)
-	switch {
-	case err != nil:
+	if err != nil {
 		fail(at+".path", err)
-	default:
-		// base_url is literal scheme://host[:port][/path] and path starts
-		// with "/": only an invalid base_url fails to fix the origin.
-		rq.setURL(tx, at+".path", at+".target", fmt.Errorf("the base_url of target %q is not scheme://host[:port][/path]", t.Name), fail)
-		if !tx.static {
-			use("path", tx)
-		}
+		return
 	}
+	// base_url is literal scheme://host[:port][/path] and path starts with
+	// "/": only an invalid base_url fails to fix the origin.
+	rq.setURL(tx, at+".path", at+".target", fmt.Errorf("the base_url of target %q is not scheme://host[:port][/path]", t.Name), fail)
+	use("path", tx)
 }
 
 // urlKey is the key of rq's URL template in errors: "url", or "path" for a

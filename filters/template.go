@@ -63,10 +63,9 @@ type tplResponse struct {
 func (r *tplResponse) JSON() (any, error) {
 	if !r.decoded {
 		r.decoded = true
-		switch {
-		case r.r.Truncated:
+		if r.r.Truncated {
 			r.jsonErr = fmt.Errorf("the response body is over %d bytes: not decoded", MaxResponseBody)
-		default:
+		} else {
 			d := json.NewDecoder(bytes.NewReader(r.r.Body))
 			d.UseNumber()
 			if err := d.Decode(&r.json); err != nil {

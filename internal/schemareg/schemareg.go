@@ -537,54 +537,25 @@ type versionKey struct {
 // GetBySubjectAndID returns the schema of id (the writer schema of a
 // message), from what it fetched before when it can.
 func (c *client) GetBySubjectAndID(subject string, id int) (schemaregistry.SchemaInfo, error) {
-	k := idKey{subject, id}
-	if v, ok := c.byID.Load(k); ok {
-		return v.(schemaregistry.SchemaInfo), nil
-	}
-	var info schemaregistry.SchemaInfo
-	err := c.do(func() (err error) {
-		info, err = c.Client.GetBySubjectAndID(subject, id)
-		return err
+	return cached(c, &c.byID, idKey{subject, id}, func() (schemaregistry.SchemaInfo, error) {
+		return c.Client.GetBySubjectAndID(subject, id)
 	}, func() string { return fmt.Sprintf("unknown schema id %d", id) })
-	if err == nil {
-		c.byID.Store(k, info)
-	}
-	return info, err
 }
 
 // GetByGUID returns the schema of guid, from what it fetched before when
 // it can.
 func (c *client) GetByGUID(guid string) (schemaregistry.SchemaInfo, error) {
-	if v, ok := c.byGUID.Load(guid); ok {
-		return v.(schemaregistry.SchemaInfo), nil
-	}
-	var info schemaregistry.SchemaInfo
-	err := c.do(func() (err error) {
-		info, err = c.Client.GetByGUID(guid)
-		return err
+	return cached(c, &c.byGUID, guid, func() (schemaregistry.SchemaInfo, error) {
+		return c.Client.GetByGUID(guid)
 	}, func() string { return "unknown schema guid " + guid })
-	if err == nil {
-		c.byGUID.Store(guid, info)
-	}
-	return info, err
 }
 
 // GetSchemaMetadataIncludeDeleted returns a version of a subject (a
 // schema's reference), from what it fetched before when it can.
 func (c *client) GetSchemaMetadataIncludeDeleted(subject string, version int, deleted bool) (schemaregistry.SchemaMetadata, error) {
-	k := versionKey{subject, version, deleted}
-	if v, ok := c.version.Load(k); ok {
-		return v.(schemaregistry.SchemaMetadata), nil
-	}
-	var meta schemaregistry.SchemaMetadata
-	err := c.do(func() (err error) {
-		meta, err = c.Client.GetSchemaMetadataIncludeDeleted(subject, version, deleted)
-		return err
+	return cached(c, &c.version, versionKey{subject, version, deleted}, func() (schemaregistry.SchemaMetadata, error) {
+		return c.Client.GetSchemaMetadataIncludeDeleted(subject, version, deleted)
 	}, func() string { return fmt.Sprintf("unknown version %d of subject %q (a reference)", version, subject) })
-	if err == nil {
-		c.version.Store(k, meta)
-	}
-	return meta, err
 }
 
 // GetSchemaMetadata is GetSchemaMetadataIncludeDeleted without deleted
@@ -595,21 +566,39 @@ func (c *client) GetSchemaMetadata(subject string, version int) (schemaregistry.
 
 // GetLatestSchemaMetadata asks the registry through do (the deserializers
 // ask only when configured to read with the latest schema).
-func (c *client) GetLatestSchemaMetadata(subject string) (meta schemaregistry.SchemaMetadata, err error) {
-	err = c.do(func() (err error) {
-		meta, err = c.Client.GetLatestSchemaMetadata(subject)
-		return err
+func (c *client) GetLatestSchemaMetadata(subject string) (schemaregistry.SchemaMetadata, error) {
+	return ask(c, func() (schemaregistry.SchemaMetadata, error) {
+		return c.Client.GetLatestSchemaMetadata(subject)
 	}, func() string { return fmt.Sprintf("no latest version of subject %q", subject) })
-	return meta, err
 }
 
 // GetLatestWithMetadata is GetLatestSchemaMetadata by metadata.
-func (c *client) GetLatestWithMetadata(subject string, metadata map[string]string, deleted bool) (meta schemaregistry.SchemaMetadata, err error) {
-	err = c.do(func() (err error) {
-		meta, err = c.Client.GetLatestWithMetadata(subject, metadata, deleted)
-		return err
+func (c *client) GetLatestWithMetadata(subject string, metadata map[string]string, deleted bool) (schemaregistry.SchemaMetadata, error) {
+	return ask(c, func() (schemaregistry.SchemaMetadata, error) {
+		return c.Client.GetLatestWithMetadata(subject, metadata, deleted)
 	}, func() string { return fmt.Sprintf("no version of subject %q with metadata %v", subject, metadata) })
-	return meta, err
+}
+
+// cached returns what cache holds under k, else what ask returns for fetch,
+// kept in cache when it succeeds.
+func cached[K comparable, V any](c *client, cache *sync.Map, k K, fetch func() (V, error), notFound func() string) (V, error) {
+	if v, ok := cache.Load(k); ok {
+		return v.(V), nil
+	}
+	v, err := ask(c, fetch, notFound)
+	if err == nil {
+		cache.Store(k, v)
+	}
+	return v, err
+}
+
+// ask returns what fetch returns, asked through c.do.
+func ask[V any](c *client, fetch func() (V, error), notFound func() string) (v V, err error) {
+	err = c.do(func() (err error) {
+		v, err = fetch()
+		return err
+	}, notFound)
+	return v, err
 }
 
 // do makes the request fn unless an outage holds requests back, and sorts
@@ -698,12 +687,9 @@ func (c *client) outage(err error) bool {
 	for status >= 1000 {
 		status /= 10 // 40403 -> 404
 	}
-	switch {
-	case status == http.StatusRequestTimeout, status == http.StatusTooManyRequests,
-		status == http.StatusUnauthorized, status == http.StatusForbidden:
+	switch status {
+	case http.StatusRequestTimeout, http.StatusTooManyRequests, http.StatusUnauthorized, http.StatusForbidden:
 		return true
-	case status >= 400 && status < 500:
-		return false
 	}
-	return true
+	return status < 400 || status >= 500
 }

@@ -56,8 +56,7 @@ func (s *Server) SetStatus(status int) {
 	s.mu.Unlock()
 }
 
-// Requests returns how many requests arrived; Refused how many of them were
-// answered with the SetStatus status.
+// Requests returns how many requests arrived.
 func (s *Server) Requests() int64 { return s.requests.Load() }
 
 // Refused returns how many requests were answered with the SetStatus status.

@@ -122,7 +122,7 @@ func (p *procTools) readStats(gather func(*orderlyStats)) orderlyStats {
 }
 
 func (p *procTools) cpu() time.Duration { return cpuTime() }
-func (p *procTools) rss() int64         { return currentRSS() }
+func (p *procTools) rss() int64         { return processRSS(0) }
 func (p *procTools) peakRSS() int64     { return maxRSS() }
 
 func (p *procTools) settle() error {
@@ -165,18 +165,45 @@ func (p *procTools) profile(kind, file string) error {
 	return nil
 }
 
+// ending is how a side ends, in this process or in a child: done is closed
+// once its loop returned or its process exited, endErr then says why; the
+// side's shutdown runs once.
+type ending struct {
+	done    chan struct{}
+	endErr  error
+	once    sync.Once
+	shutErr error
+}
+
+func newEnding() ending { return ending{done: make(chan struct{})} }
+
+func (e *ending) exited() <-chan struct{} { return e.done }
+
+func (e *ending) exitErr() error {
+	select {
+	case <-e.done:
+		return e.endErr
+	default:
+		return nil
+	}
+}
+
+// shutdownOnce runs stop the first time and returns its error every time.
+func (e *ending) shutdownOnce(stop func() error) error {
+	e.once.Do(func() { e.shutErr = stop() })
+	return e.shutErr
+}
+
 // localSide is what the sides served in this process share: procTools, and
 // a loop run in a goroutine until shutdown.
 type localSide struct {
 	procTools
+	ending
 	what    string             // "the service" or "the plain loop", in errors
 	stopRun context.CancelFunc // nil until run
-	done    chan struct{}      // closed when the loop returned; runErr is then set
-	runErr  error
-
-	once    sync.Once
-	shutErr error
 }
+
+func newLocalSide(what string) localSide { return localSide{what: what, ending: newEnding()} }
 
 // run starts loop in a goroutine, on a context that stopLoop cancels.
 func (l *localSide) run(loop func(context.Context) error) {
@@ -184,49 +211,38 @@ func (l *localSide) run(loop func(context.Context) error) {
 	l.stopRun = stop
 	go func() {
 		defer close(l.done)
-		l.runErr = loop(ctx)
+		l.endErr = loop(ctx)
 	}()
 }
 
-func (l *localSide) exited() <-chan struct{} { return l.done }
-
-func (l *localSide) exitErr() error {
-	select {
-	case <-l.done:
-		return l.runErr
-	default:
-		return nil
-	}
-}
-
 // stopped is the error of start when the loop returned first.
-func (l *localSide) stopped() error { return fmt.Errorf("%s stopped: %v", l.what, l.runErr) }
+func (l *localSide) stopped() error { return fmt.Errorf("%s stopped: %v", l.what, l.endErr) }
 
 // stopLoop stops the CPU profile and the loop, then calls release (which
 // may be nil) unless the loop did not stop within stopTimeout: release
 // would pull things from under it. It returns the loop's error.
 func (l *localSide) stopLoop(release func()) error {
-	l.once.Do(func() {
+	return l.shutdownOnce(func() error {
 		if l.stopCPU != nil {
 			_ = l.stopCPUProfile()
 		}
+		var err error
 		if l.stopRun != nil {
 			l.stopRun()
 			select {
 			case <-l.done:
-				if l.runErr != nil && !errors.Is(l.runErr, context.Canceled) {
-					l.shutErr = l.runErr
+				if !errors.Is(l.endErr, context.Canceled) {
+					err = l.endErr
 				}
 			case <-time.After(stopTimeout):
-				l.shutErr = fmt.Errorf("%s did not stop within %s", l.what, stopTimeout)
-				return
+				return fmt.Errorf("%s did not stop within %s", l.what, stopTimeout)
 			}
 		}
 		if release != nil {
 			release()
 		}
+		return err
 	})
-	return l.shutErr
 }
 
 // localOrderly is the service in this process: the bench process with
@@ -241,7 +257,7 @@ func newLocalOrderly(cfg *config.Config, verbose bool, stderr io.Writer) (*local
 	if err != nil {
 		return nil, fmt.Errorf("starting the service: %w", err)
 	}
-	return &localOrderly{localSide: localSide{what: "the service", done: make(chan struct{})}, svc: svc}, nil
+	return &localOrderly{localSide: newLocalSide("the service"), svc: svc}, nil
 }
 
 func (l *localOrderly) start(ctx context.Context) error {
@@ -405,22 +421,18 @@ const childCallTimeout = time.Minute
 // -serve-ceiling` (ceiling.go). Each says ready once it can work: the
 // services once their partitions are assigned.
 type childOrderly struct {
+	ending          // done: the child has exited
 	what   string   // "dispatcher" or "plain loop", in errors
 	args   []string // of the child
-	config string   // the configuration file, removed by shutdown ("": none)
+	file   string   // its input file (configuration, job), removed by shutdown ("": none)
 	stderr io.Writer
 
-	mu      sync.Mutex // one call at a time
-	cmd     *exec.Cmd
-	stdin   io.WriteCloser
-	lines   chan string   // the child's stdout line by line, closed at EOF
-	quit    chan struct{} // closed by shutdown: nobody reads lines any more
-	done    chan struct{} // closed once the child has exited; waitErr is then set
-	waitErr error
-	broken  error // set when an answer did not come: the protocol is out of step
-
-	once    sync.Once
-	shutErr error
+	mu     sync.Mutex // one call at a time
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	lines  chan string   // the child's stdout line by line, closed at EOF
+	quit   chan struct{} // closed by shutdown: nobody reads lines any more
+	broken error         // set when an answer did not come: the protocol is out of step
 }
 
 // newChildOrderly writes the configuration to a temporary file for the
@@ -435,7 +447,7 @@ func newChildOrderly(toml string, verbose bool, stderr io.Writer) (*childOrderly
 		args = append(args, "-v")
 	}
 	c := newChild("dispatcher", stderr, args...)
-	c.config = file
+	c.file = file
 	return c, nil
 }
 
@@ -456,8 +468,8 @@ func writeTemp(pattern string, write func(io.Writer) error) (string, error) {
 // newChild returns the parent's end of `orderly-bench args...`, a child
 // that answers the protocol; start starts it.
 func newChild(what string, stderr io.Writer, args ...string) *childOrderly {
-	return &childOrderly{what: what, args: args, stderr: stderr,
-		lines: make(chan string, 1), quit: make(chan struct{}), done: make(chan struct{})}
+	return &childOrderly{ending: newEnding(), what: what, args: args, stderr: stderr,
+		lines: make(chan string, 1), quit: make(chan struct{})}
 }
 
 func (c *childOrderly) start(ctx context.Context) error {
@@ -477,7 +489,7 @@ func (c *childOrderly) start(ctx context.Context) error {
 		}
 		close(c.lines)
 		_, _ = io.Copy(io.Discard, stdout)
-		c.waitErr = cmd.Wait()
+		c.endErr = cmd.Wait()
 	}()
 	select {
 	case l, ok := <-c.lines:
@@ -497,23 +509,12 @@ func (c *childOrderly) start(ctx context.Context) error {
 func (c *childOrderly) waitExit() error {
 	select {
 	case <-c.done:
-		if c.waitErr == nil {
+		if c.endErr == nil {
 			return errors.New("exit status 0")
 		}
-		return c.waitErr
+		return c.endErr
 	case <-time.After(5 * time.Second):
 		return errors.New("stdout closed, but the process did not exit")
-	}
-}
-
-func (c *childOrderly) exited() <-chan struct{} { return c.done }
-
-func (c *childOrderly) exitErr() error {
-	select {
-	case <-c.done:
-		return c.waitErr
-	default:
-		return nil
 	}
 }
 
@@ -583,58 +584,51 @@ func (c *childOrderly) stats() (orderlyStats, error) {
 
 func (c *childOrderly) settle() error { return c.callOK("gc") }
 
-// fileArg makes a profile's file name absolute and refuses what the line
-// protocol cannot carry.
-func fileArg(file string) (string, error) {
+// callFile sends command with a profile's file name, made absolute; it
+// refuses what the line protocol cannot carry.
+func (c *childOrderly) callFile(command, file string) error {
 	if strings.ContainsAny(file, "\r\n") {
-		return "", fmt.Errorf("profile file name %q: no line breaks, please", file)
+		return fmt.Errorf("profile file name %q: no line breaks, please", file)
 	}
-	return filepath.Abs(file)
+	abs, err := filepath.Abs(file)
+	if err != nil {
+		return err
+	}
+	return c.callOK(command + " " + abs)
 }
 
 func (c *childOrderly) startCPUProfile(file string) error {
-	abs, err := fileArg(file)
-	if err != nil {
-		return err
-	}
-	return c.callOK("cpuprofile start " + abs)
+	return c.callFile("cpuprofile start", file)
 }
 
-func (c *childOrderly) stopCPUProfile() error { return c.callOK("cpuprofile stop") }
-
-func (c *childOrderly) profile(kind, file string) error {
-	abs, err := fileArg(file)
-	if err != nil {
-		return err
-	}
-	return c.callOK(kind + " " + abs)
-}
+func (c *childOrderly) stopCPUProfile() error           { return c.callOK("cpuprofile stop") }
+func (c *childOrderly) profile(kind, file string) error { return c.callFile(kind, file) }
 
 // shutdown closes the child's stdin (a graceful drain, svc.Close, exit),
-// kills it if it has not exited within stopTimeout, and removes the
-// configuration file.
+// kills it if it has not exited within stopTimeout, and removes its input
+// file.
 func (c *childOrderly) shutdown() error {
-	c.once.Do(func() {
-		if c.config != "" {
-			defer os.Remove(c.config)
+	return c.shutdownOnce(func() error {
+		if c.file != "" {
+			defer os.Remove(c.file)
 		}
 		if c.cmd == nil {
-			return
+			return nil
 		}
 		close(c.quit)
 		_ = c.stdin.Close()
 		select {
 		case <-c.done:
-			if c.waitErr != nil {
-				c.shutErr = fmt.Errorf("the %s process: %w", c.what, c.waitErr)
+			if c.endErr != nil {
+				return fmt.Errorf("the %s process: %w", c.what, c.endErr)
 			}
+			return nil
 		case <-time.After(stopTimeout):
 			_ = c.cmd.Process.Kill()
 			<-c.done // killed: stdout closes, Wait returns
-			c.shutErr = fmt.Errorf("the %s process did not stop within %s: killed", c.what, stopTimeout)
+			return fmt.Errorf("the %s process did not stop within %s: killed", c.what, stopTimeout)
 		}
 	})
-	return c.shutErr
 }
 
 // startProfiles starts what -cpuprofile and -memprofile ask for at the

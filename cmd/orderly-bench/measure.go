@@ -32,9 +32,6 @@ func cpuTime() time.Duration {
 // maxRSS is the process's peak resident set size in bytes (kilobytes on Linux).
 func maxRSS() int64 { return rusage().Maxrss * 1024 }
 
-// currentRSS is this process's resident set size now, in bytes.
-func currentRSS() int64 { return processRSS(0) }
-
 // procFile is the path of a /proc file of process pid, 0 being this one.
 func procFile(pid int, name string) string {
 	if pid == 0 {
@@ -43,14 +40,16 @@ func procFile(pid int, name string) string {
 	return fmt.Sprintf("/proc/%d/%s", pid, name)
 }
 
+// readProc returns a /proc file of process pid; "" if it cannot be read.
+func readProc(pid int, name string) string {
+	b, _ := os.ReadFile(procFile(pid, name))
+	return string(b)
+}
+
 // processRSS is the resident set size of process pid now
 // (/proc/PID/statm), in bytes; 0 if unknown.
 func processRSS(pid int) int64 {
-	b, err := os.ReadFile(procFile(pid, "statm"))
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b))
+	f := strings.Fields(readProc(pid, "statm"))
 	if len(f) < 2 {
 		return 0
 	}
@@ -61,11 +60,7 @@ func processRSS(pid int) int64 {
 // processPeakRSS is the peak resident set size of process pid so far
 // (VmHWM in /proc/PID/status), in bytes; 0 if unknown.
 func processPeakRSS(pid int) int64 {
-	b, err := os.ReadFile(procFile(pid, "status"))
-	if err != nil {
-		return 0
-	}
-	for line := range strings.Lines(string(b)) {
+	for line := range strings.Lines(readProc(pid, "status")) {
 		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
 			f := strings.Fields(v) // "1234 kB"
 			if len(f) == 0 {
@@ -81,11 +76,7 @@ func processPeakRSS(pid int) int64 {
 // processCPU is the user+system CPU time of process pid so far
 // (/proc/PID/stat, in clock ticks of 10ms); 0 if unknown.
 func processCPU(pid int) time.Duration {
-	data, err := os.ReadFile(procFile(pid, "stat"))
-	if err != nil {
-		return 0
-	}
-	s := string(data)
+	s := readProc(pid, "stat")
 	// Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
@@ -100,6 +91,9 @@ func processCPU(pid int) time.Duration {
 	const clkTck = 100 // USER_HZ on Linux
 	return time.Duration(ut+st) * time.Second / clkTck
 }
+
+// per10k is d in seconds per 10,000 of n (messages, records).
+func per10k(d time.Duration, n float64) float64 { return d.Seconds() / n * 10000 }
 
 // mallocs is how many heap objects this process has allocated so far.
 func mallocs() uint64 {

@@ -37,7 +37,9 @@ func (b *bencher) printRun(res *benchResult) {
 	if res.LiveMessages > 0 {
 		b.printf("; live e2e (produce to request received, %d messages at %.0f msg/s) p50 %.2fms p99 %.2fms", res.LiveMessages, res.LiveRate, res.LiveP50MS, res.LiveP99MS)
 	}
+	where := "this process"
 	if res.Dispatcher == "process" {
+		where = "orderly process"
 		b.printf("\n             cpu %.2f s/10k (orderly process) + sink/harness %.2f s/10k", res.CPUPer10k, res.SinkCPUPer10k)
 	} else {
 		b.printf("\n             cpu %.2f s/10k (this process: orderly, sink and harness)", res.CPUPer10k)
@@ -60,10 +62,6 @@ func (b *bencher) printRun(res *benchResult) {
 			res.OwnAllocsPerMsg, res.SinkAllocsPerReq, res.CeilingAllocsPerReq)
 	default:
 		b.printf("\n             allocs %.1f/msg in the orderly process; sink side %.1f/request", res.AllocsPerMsg, res.SinkAllocsPerReq)
-	}
-	where := "this process"
-	if res.Dispatcher == "process" {
-		where = "orderly process"
 	}
 	b.printf("\n             rss MB (%s): baseline %.0f, steady %.0f, peak %.0f, after %.0f, after FreeOSMemory %.0f (maxrss %.0f)\n             Go heap in use / goroutine stacks / runtime Sys MB: %.0f / %.0f / %.0f at the end of the backlog; heap / stacks %.0f / %.0f after the run and a GC\n",
 		where, res.RSSBaselineMB, res.RSSSteadyMB, res.RSSPeakMB, res.RSSAfterMB, res.RSSAfterFreeMB, res.MaxRSSMB,

@@ -175,10 +175,6 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		return nil, err
 	}
 	defer sink.close()
-	hotKeyName := ""
-	if f.hotKey > 0 {
-		hotKeyName = "key-0"
-	}
 
 	// 1. The ceiling.
 	if f.ceiling {
@@ -206,19 +202,39 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bench configuration: %w", err)
 	}
+	// Orderly: in this process, as several instances in one group, or in a
+	// child; none of them started yet.
 	var side orderlySide
-	if inProcess {
+	var multi *instances
+	switch {
+	case inProcess:
 		l, err := newLocalOrderly(cfg, f.verbose, b.stderr)
 		if err != nil {
 			return nil, err
 		}
 		defer l.shutdown()
 		side, brokers = l, l.svc.Brokers()
+	case f.instances > 1:
+		if multi, err = newInstances(f.instances, f.partitions, toml, f.verbose, b); err != nil {
+			return nil, err
+		}
+		defer multi.shutdown()
+		side = multi
+	default:
+		c, err := newChildOrderly(toml, f.verbose, b.stderr)
+		if err != nil {
+			return nil, err
+		}
+		defer c.shutdown()
+		side = c
 	}
 
-	// The recorder is in place before anything can send.
-	liveCap := 0
-	if f.live > 0 && f.hotKey == 0 {
+	// The recorder is in place before anything can send. A hot-key run has
+	// no live phase.
+	liveCap, hotKeyName := 0, ""
+	if f.hotKey > 0 {
+		hotKeyName = "key-0"
+	} else if f.live > 0 {
 		liveCap = 200000
 	}
 	rec := newRecorder(m*f.requests+liveCap*f.requests+1024, f.latency, f.failureRate, hotKeyName)
@@ -227,23 +243,16 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	// Several instances start on the empty topic and settle into one group
 	// first: their window is from the backlog's first produce to the last
 	// request (see instances).
-	var multi *instances
 	var base measureBase
-	if f.instances > 1 && !inProcess {
-		in, err := newInstances(f.instances, f.partitions, toml, f.verbose, b)
-		if err != nil {
-			return nil, err
-		}
-		defer in.shutdown()
+	if multi != nil {
 		started := time.Now()
-		if err := in.start(ctx); err != nil {
+		if err := multi.start(ctx); err != nil {
 			return nil, err
 		}
 		res.StartupMS = ms(time.Since(started))
-		if base, err = takeBase(in, brokerChild); err != nil {
+		if base, err = takeBase(multi, brokerChild); err != nil {
 			return nil, err
 		}
-		multi, side = in, in
 	}
 
 	gen := r.generator()
@@ -255,7 +264,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		return nil, err
 	}
 	defer prod.Close() // before an in-process service and its broker
-	if err := produceBacklog(ctx, prod, gen, m); err != nil {
+	if err := produceChunks(ctx, prod, benchTopic, m, func(i, j int) []testkit.Record { return gen.Records(j - i) }); err != nil {
 		return nil, fmt.Errorf("producing the backlog: %w", err)
 	}
 	res.ProduceSeconds = time.Since(t0).Seconds()
@@ -263,30 +272,27 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 
 	// 3. Orderly drains the backlog.
 
-	want := int64(m * f.requests)
-	done := func() bool { return rec.ok.Load() >= want }
+	want, counted := int64(m*f.requests), &rec.ok
 	if f.hotKey > 0 {
-		want = int64((m - hotCount(m, f.hotKey)) * f.requests)
-		done = func() bool { return rec.okOthers.Load() >= want }
+		want, counted = int64((m-hotCount(m, f.hotKey))*f.requests), &rec.okOthers
 	}
 	profName := func(file string) string { return b.profileName(file, r.name) }
 
+	// The RSS baseline, after a GC, then the profiles: in this process
+	// before the dispatcher starts (once started, it consumes at once); a
+	// child is consuming already: its baseline is the process at start-up.
 	var stopProfiles func() error
+	baseline := func() (err error) {
+		if err = side.settle(); err == nil {
+			res.RSSBaselineMB = mb(side.rss())
+			stopProfiles, err = startProfiles(side, f, profName)
+		}
+		return err
+	}
 	if inProcess {
-		// The baseline before the dispatcher starts: once started, it
-		// consumes at once.
-		settleMemory()
-		res.RSSBaselineMB = mb(currentRSS())
-		if stopProfiles, err = startProfiles(side, f, profName); err != nil {
+		if err := baseline(); err != nil {
 			return nil, err
 		}
-	} else if multi == nil {
-		c, err := newChildOrderly(toml, f.verbose, b.stderr)
-		if err != nil {
-			return nil, err
-		}
-		defer c.shutdown()
-		side = c
 	}
 	if multi != nil {
 		base.s0.at = t0 // the instances consume as the backlog is produced
@@ -302,13 +308,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		res.StartupMS = ms(base.s0.at.Sub(started))
 	}
 	if !inProcess {
-		// The child is consuming already: its baseline is the process
-		// at start-up.
-		if err := side.settle(); err != nil {
-			return nil, err
-		}
-		res.RSSBaselineMB = mb(side.rss())
-		if stopProfiles, err = startProfiles(side, f, profName); err != nil {
+		if err := baseline(); err != nil {
 			return nil, err
 		}
 	}
@@ -318,7 +318,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	if f.heapProfile == "" {
 		heapAt = math.MaxInt64
 	}
-	for !done() {
+	for counted.Load() < want {
 		if rec.ok.Load() >= heapAt {
 			heapAt = math.MaxInt64
 			if err := side.profile("heap", profName(f.heapProfile)); err != nil {
@@ -351,8 +351,8 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		return nil, err
 	}
 	res.RSSSteadyMB, res.RSSPeakMB = mb(steady), mb(peak)
-	res.BrokerCPUPer10k = brokerCPU.Seconds() / delivered * 10000
-	res.CPUPer10k = (cpu1 - base.cpu).Seconds() / delivered * 10000
+	res.BrokerCPUPer10k = per10k(brokerCPU, delivered)
+	res.CPUPer10k = per10k(cpu1-base.cpu, delivered)
 	res.AllocsPerMsg = float64(st1.Mallocs-base.stats.Mallocs) / delivered
 	if inProcess {
 		if res.CeilingAllocsPerMsg > 0 {
@@ -362,7 +362,7 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 		// This process served the sink: its allocations per request
 		// are the server's side of net/http (and the harness's), which
 		// the ceiling run's per request has too, beside the client's.
-		res.SinkCPUPer10k = (s1.cpu - base.s0.cpu).Seconds() / delivered * 10000
+		res.SinkCPUPer10k = per10k(s1.cpu-base.s0.cpu, delivered)
 		res.SinkAllocsPerReq = float64(s1.mallocs-base.s0.mallocs) / float64(okRequests)
 		if res.CeilingAllocsPerReq > 0 {
 			res.ClientAllocsPerReq = res.CeilingAllocsPerReq - res.SinkAllocsPerReq
@@ -378,27 +378,23 @@ func (b *bencher) httpRun(r benchRun) (*benchResult, error) {
 	// own: in a hot-key run the hot key is still being delivered to
 	// Orderly's.
 	if f.ceiling {
-		before := *res
 		sink2, err := startSink()
 		if err != nil {
 			return nil, err
 		}
-		err = b.ceiling(ctx, r, sink2, res, before.CeilingConcurrency)
+		after := *res // its figures but the rate are the run's before
+		err = b.ceiling(ctx, r, sink2, &after, res.CeilingConcurrency)
 		sink2.close()
 		if err != nil {
 			return nil, fmt.Errorf("ceiling after: %w", err)
 		}
-		after := res.Ceiling
-		res.CeilingConcurrency, res.CeilingCPUPer10k = before.CeilingConcurrency, before.CeilingCPUPer10k
-		res.CeilingAllocsPerMsg, res.CeilingAllocsPerReq = before.CeilingAllocsPerMsg, before.CeilingAllocsPerReq
-		res.CeilingSinkMaxInFlow = before.CeilingSinkMaxInFlow
-		res.CeilingBefore, res.CeilingAfter = before.Ceiling, after
-		res.Ceiling = (before.Ceiling + after) / 2
+		res.CeilingBefore, res.CeilingAfter = res.Ceiling, after.Ceiling
+		res.Ceiling = (res.CeilingBefore + res.CeilingAfter) / 2
 	}
 	b.analyse(res, samples, base.s0.at, f)
 
 	// 4. Live messages: produce-to-request latency.
-	if f.live > 0 && f.hotKey == 0 {
+	if liveCap > 0 {
 		if err := b.livePhase(ctx, prod, gen, rec, res, f, liveCap); err != nil {
 			return nil, fmt.Errorf("live phase: %w", err)
 		}
@@ -548,16 +544,14 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 	return sorted[int(p/100*float64(len(sorted)-1))]
 }
 
-// produceBacklog produces n generated messages in chunks, so that the
-// generated values are not all held at once.
-func produceBacklog(ctx context.Context, p *testkit.Producer, gen *testkit.Generator, n int) error {
+// produceChunks produces n records to topic in chunks, records(i, j) being
+// those from i to j, so that generated values need not all be held at once.
+func produceChunks(ctx context.Context, p *testkit.Producer, topic string, n int, records func(i, j int) []testkit.Record) error {
 	const chunk = 20000
-	for done := 0; done < n; {
-		c := min(chunk, n-done)
-		if err := p.Produce(ctx, benchTopic, gen.Records(c)); err != nil {
+	for i := 0; i < n; i += chunk {
+		if err := p.Produce(ctx, topic, records(i, min(i+chunk, n))); err != nil {
 			return err
 		}
-		done += c
 	}
 	return nil
 }
@@ -610,45 +604,6 @@ func (b *bencher) livePhase(ctx context.Context, p *testkit.Producer, gen *testk
 	slices.Sort(lat)
 	res.LiveMessages, res.LiveRate = n, float64(n)/time.Since(start).Seconds()
 	res.LiveP50MS, res.LiveP99MS = ms(percentile(lat, 50)), ms(percentile(lat, 99))
-	return nil
-}
-
-// ceilingConcurrencies are the plain client's goroutine counts bestCeiling
-// tries (up to Orderly's own sending concurrency, which it always tries).
-var ceilingConcurrencies = []int{256, 128, 64, 32, 16}
-
-// bestCeiling runs the plain client (ceiling) at several concurrencies and
-// keeps the fastest in res: more goroutines than the machine can serve are
-// slower, so the ceiling is the best the plain client reaches, not the
-// rate at Orderly's concurrency. A count whose latency bound (goroutines /
-// latency) is below the best rate so far cannot win and is skipped.
-func (b *bencher) bestCeiling(ctx context.Context, r benchRun, sink *sinkServer, res *benchResult) error {
-	keys := r.f.keys
-	if r.baselineOf > 0 {
-		keys-- // the hot key's messages are left out
-	}
-	top := r.f.sendConcurrency(keys)
-	tries := []int{top}
-	for _, c := range ceilingConcurrencies {
-		if c < top {
-			tries = append(tries, c)
-		}
-	}
-	var best benchResult
-	for _, c := range tries {
-		if lat := r.f.latency.Seconds(); lat > 0 && best.Ceiling > 0 && float64(c)/lat < best.Ceiling {
-			continue
-		}
-		trial := *res
-		if err := b.ceiling(ctx, r, sink, &trial, c); err != nil {
-			return err
-		}
-		if trial.Ceiling > best.Ceiling {
-			best = trial
-		}
-	}
-	*res = best
-	b.printf("   ceiling   best: %d goroutines, %.0f msg/s\n", res.CeilingConcurrency, res.Ceiling)
 	return nil
 }
 

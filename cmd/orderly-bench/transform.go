@@ -101,7 +101,6 @@ func (b *bencher) transformRun(r benchRun) (*benchResult, error) {
 	res.ProduceSeconds = time.Since(t0).Seconds()
 	b.printf("   produced %d events in %.1fs\n", m, res.ProduceSeconds)
 
-	tr := &transformResult{}
 	systems := []string{"plain loop", "orderly"}
 	if r.rep%2 == 1 {
 		systems = []string{"orderly", "plain loop"}
@@ -109,7 +108,7 @@ func (b *bencher) transformRun(r benchRun) (*benchResult, error) {
 	if !f.ceiling {
 		systems = []string{"orderly"}
 	}
-	tr.First = systems[0]
+	tr := &transformResult{First: systems[0]}
 	var measured []*transformSide
 	for _, system := range systems {
 		side, topic, err := b.newTransformSide(f, system, brokers)
@@ -187,13 +186,7 @@ func produceRecords(ctx context.Context, brokers, topic string, recs []testkit.R
 		return err
 	}
 	defer p.Close()
-	const chunk = 20000
-	for i := 0; i < len(recs); i += chunk {
-		if err := p.Produce(ctx, topic, recs[i:min(i+chunk, len(recs))]); err != nil {
-			return err
-		}
-	}
-	return nil
+	return produceChunks(ctx, p, topic, len(recs), func(i, j int) []testkit.Record { return recs[i:j] })
 }
 
 // measureTransform starts side and measures it until its output topic's end
@@ -258,7 +251,7 @@ func (b *bencher) measureTransform(ctx context.Context, f benchFlags, side order
 	window := max(done.Sub(first), transformPoll) // within one poll: its resolution
 	s.StartupMS, s.FirstMS, s.Seconds = ms(assigned.Sub(started)), ms(first.Sub(assigned)), window.Seconds()
 	s.Throughput = float64(len(recs)) / window.Seconds()
-	s.CPUSeconds, s.CPUPer10k, s.BrokerCPU = cpu.Seconds(), cpu.Seconds()/float64(len(recs))*10000, bcpu.Seconds()
+	s.CPUSeconds, s.CPUPer10k, s.BrokerCPU = cpu.Seconds(), per10k(cpu, float64(len(recs))), bcpu.Seconds()
 	s.RSSSteady, s.RSSPeak = mb(steady), mb(peak)
 	b.printf("   %-9s %d records on %s in %.2fs (first record written to the last) = %.0f msg/s; assignment after %.0fms, first record %.0fms later\n",
 		system, len(recs), topic, s.Seconds, s.Throughput, s.StartupMS, s.FirstMS)
@@ -404,7 +397,7 @@ type localPlain struct {
 }
 
 func newLocalPlain(brokers string) *localPlain {
-	return &localPlain{localSide: localSide{what: "the plain loop", done: make(chan struct{})}, brokers: brokers}
+	return &localPlain{localSide: newLocalSide("the plain loop"), brokers: brokers}
 }
 
 func (l *localPlain) start(ctx context.Context) error {
@@ -479,7 +472,7 @@ func (l *localPlain) loop(ctx context.Context, c *kafka.Consumer, p *kafka.Produ
 	queues := map[int32]chan *kafka.Message{}
 	var failed atomic.Pointer[error] // the first produce error, which ends the loop
 	var err error
-	for ctx.Err() == nil && failed.Load() == nil {
+	for err == nil && ctx.Err() == nil && failed.Load() == nil {
 		switch e := c.Poll(100).(type) {
 		case *kafka.Message:
 			q := queues[e.TopicPartition.Partition]
@@ -499,9 +492,6 @@ func (l *localPlain) loop(ctx context.Context, c *kafka.Consumer, p *kafka.Produ
 			if e.IsFatal() {
 				err = fmt.Errorf("fatal consumer error: %w", e)
 			}
-		}
-		if err != nil {
-			break
 		}
 	}
 	for _, q := range queues {

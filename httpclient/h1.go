@@ -416,7 +416,8 @@ func (pc *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.
 // socket's buffer. net/http reads answers while it writes and returns
 // that one; so does roundTrip, reading what came within earlyAnswerWait.
 func (pc *h1Conn) answered(ctx context.Context) bool {
-	if pc.nc.SetReadDeadline(time.Now().Add(earlyAnswerWait)) != nil {
+	// A canceled attempt (its cut failed the write) does not wait.
+	if ctx.Err() != nil || pc.nc.SetReadDeadline(time.Now().Add(earlyAnswerWait)) != nil {
 		return false
 	}
 	_, err := pc.br.Peek(1)

@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
-	"net/url"
 	"slices"
 	"strconv"
 	"sync"
@@ -36,8 +35,6 @@ import (
 type h1Transport struct {
 	fallback    *http.Transport
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
-	proxy       func(*http.Request) (*url.URL, error)
-	maxConns    int // per host; 0 = unlimited
 	maxIdle     int // per host
 	idleTimeout time.Duration
 
@@ -76,7 +73,7 @@ type h1Conn struct {
 var aLongTimeAgo = time.Unix(1, 0)
 
 func newH1Transport(fallback *http.Transport, dial func(context.Context, string, string) (net.Conn, error)) *h1Transport {
-	return &h1Transport{fallback: fallback, dial: dial, proxy: fallback.Proxy, maxConns: fallback.MaxConnsPerHost,
+	return &h1Transport{fallback: fallback, dial: dial,
 		maxIdle:     positiveOr(fallback.MaxIdleConnsPerHost, http.DefaultMaxIdleConnsPerHost),
 		idleTimeout: positiveOr(fallback.IdleConnTimeout, defaultIdleConnTimeout), hosts: make(map[string]*h1Host)}
 }
@@ -165,10 +162,10 @@ func (t *h1Transport) host(req *http.Request) *h1Host {
 			}
 			h.tls.NextProtos = []string{"http/1.1"}
 		}
-		if t.proxy != nil {
+		if t.fallback.Proxy != nil {
 			// The environment's proxy settings are read once per process,
 			// so whether a host is proxied does not change.
-			p, err := t.proxy(req)
+			p, err := t.fallback.Proxy(req)
 			h.proxied = p != nil || err != nil
 		}
 		t.hosts[key] = h
@@ -200,7 +197,8 @@ func (t *h1Transport) CloseIdleConnections() {
 }
 
 // get returns an idle connection of h, or a new one, waiting for one while
-// h has max_conns_per_host open.
+// h has max_conns_per_host (the fallback's MaxConnsPerHost; 0: unlimited)
+// open.
 func (h *h1Host) get(ctx context.Context) (*h1Conn, error) {
 	h.mu.Lock()
 	for len(h.idle) > 0 {
@@ -215,7 +213,7 @@ func (h *h1Host) get(ctx context.Context) (*h1Conn, error) {
 		h.conns--
 		_ = pc.nc.Close()
 	}
-	if h.t.maxConns <= 0 || h.conns < h.t.maxConns {
+	if maxConns := h.t.fallback.MaxConnsPerHost; maxConns <= 0 || h.conns < maxConns {
 		h.conns++
 		h.mu.Unlock()
 		return h.dial(ctx)
